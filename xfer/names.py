@@ -1,0 +1,57 @@
+"""Stable names shared by training, tracking, attacks and reports: tags, metrics, stages, artifacts.
+
+Change a string here and every reader and writer changes with it; never spell these inline.
+"""
+
+# Stages: the value of the TAG_STAGE tag on every MLflow run xfer writes.
+PRETRAIN = "pretrain"
+FINETUNE = "finetune"
+SCRATCH = "scratch"
+ATTACK = "attack"
+ADDER = "adder"
+REPORT = "report"
+TUNE = "tune"
+STAGES = (PRETRAIN, FINETUNE, SCRATCH, ATTACK, ADDER, REPORT, TUNE)
+
+# Tags (MLflow run tags).
+TAG_STAGE = "xfer.stage"
+TAG_KEY = "xfer.key"                      # stable hash of the cell's canonical spec
+TAG_PRETRAIN_RUN = "xfer.pretrain_run"    # on finetune runs: the pretrain run id
+TAG_SURROGATE_RUN = "xfer.surrogate_run"  # on attack runs
+TAG_TARGET_RUN = "xfer.target_run"        # on per-target attack evaluations
+TAG_CHECKPOINT_SHA = "xfer.checkpoint_sha256"
+TAG_FAILURE = "xfer.failure"              # reason a run ended FAILED
+TAG_SOURCE = "source"                     # pretraining dataset ("" for scratch)
+TAG_ARCH = "arch"
+TAG_TARGET = "target"                     # dataset trained on in finetune/scratch
+TAG_SIZE = "size"
+TAG_FREEZE = "freeze_depth"
+TAG_LR = "lr"
+TAG_SEED = "seed"
+
+# Metrics. Errors are fractions in [0, 1]; accuracies likewise; seconds are wall-clock.
+TRAIN_ERROR = "train_error"   # running error over the last `log_every` steps
+TRAIN_LOSS = "train_loss"
+VAL_ERROR = "val_error"
+TEST_ERROR = "test_error"
+TEST_ACC = "test_acc"
+VAL_ACC = "val_acc"
+EPOCH = "epoch"
+SECONDS = "seconds"
+CLEAN_ACC = "clean_acc"
+ADV_ACC = "adv_acc"
+SUCCESS_RATE = "success_rate"
+WHITEBOX_SUCCESS = "whitebox_success"
+
+# Artifact paths inside a run.
+CHECKPOINT_DIR = "checkpoint"         # weights.safetensors + meta.json
+CURVE_FILE = "curve.parquet"          # long error curve: step, epoch, seconds, split, error
+ADVERSARIAL_DIR = "adversarial"       # adversarial examples (safetensors)
+
+# Attack-run tags. A *generation* run (stage attack, no TAG_TARGET_RUN) holds the adversarial set of one
+# (surrogate, attack setting); its child *evaluation* runs (one per target) carry both run ids.
+TAG_ATTACK = "attack"
+TAG_EPS = "eps"
+TAG_SAME_SOURCE = "same_source"   # "true" / "false": surrogate's pretraining source == target's
+TAG_IS_PARENT = "is_parent"       # "true" / "false": surrogate is exactly the target's pretrain run
+TAG_EXPERIMENT = "xfer.experiment"

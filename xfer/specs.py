@@ -1,0 +1,247 @@
+"""Typed cell specs: frozen dataclasses with a canonical JSON form, a stable key and flat dotted keys.
+
+A spec is the whole description of one unit of work. Its ``key`` (hash of the canonical JSON)
+is the MLflow tag ``xfer.key``: equal specs are the same cell, so a finished cell is never re-run.
+Dicts appear only at process edges (Ray's param_space, MLflow params): ``to_flat`` / ``from_flat``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from xfer import names
+from xfer.errors import XferError
+
+S = TypeVar("S")
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("cosine", "plateau", "none")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """One training run of the one loop: pretraining, fine-tuning and scratch differ only here."""
+
+    arch: str                       # models registry name
+    dataset: str                    # data registry name the model is trained on
+    size: int | None = None         # training examples (stratified subset of the pool); None = whole pool
+    val_size: int = 1000            # validation examples carved from the training pool, never from test
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "adamw"        # adamw | adam | sgd (with momentum)
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    momentum: float = 0.9           # sgd only
+    schedule: str = "cosine"        # cosine (per step) | plateau (ReduceLROnPlateau on val error) | none
+    label_smoothing: float = 0.0
+    head_lr_mult: float = 1.0       # the head's lr = lr * head_lr_mult (10 for the seed's recipe)
+    freeze_depth: int = 0           # the first `freeze_depth` layers of models.layers(model) are frozen
+    unfreeze_epoch: int | None = None  # freeze-then-unfreeze: at this epoch unfreeze all layers ...
+    unfreeze_lr_mult: float = 0.1   # ... and continue at lr * unfreeze_lr_mult
+    augment: bool = False           # random crop + flip on tensors (32x32 recipes)
+    seed: int = 0
+    log_every: int = 20             # train error is recorded every `log_every` steps
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if not (self.lr > 0 and self.lr < 10):
+            problems.append(f"lr {self.lr} must be in (0, 10)")
+        if self.epochs < 1 or self.batch_size < 1 or self.log_every < 1:
+            problems.append("epochs, batch_size and log_every must be positive")
+        if self.size is not None and self.size < 1:
+            problems.append(f"size {self.size} must be positive (or None for the whole pool)")
+        if self.val_size < 0 or self.freeze_depth < 0:
+            problems.append("val_size and freeze_depth must be >= 0")
+        if self.unfreeze_epoch is not None and not 0 < self.unfreeze_epoch < self.epochs:
+            problems.append(f"unfreeze_epoch {self.unfreeze_epoch} must lie in 1..epochs-1 ({self.epochs - 1})")
+        if not 0 <= self.label_smoothing < 1:
+            problems.append(f"label_smoothing {self.label_smoothing} must be in [0, 1)")
+        if problems:
+            raise XferError("invalid training spec: " + "; ".join(problems) + ".")
+
+
+@dataclass(frozen=True)
+class PretrainSpec:
+    """Train `arch` on a source dataset from random initialisation."""
+
+    train: TrainSpec
+
+    @property
+    def stage(self) -> str:
+        return names.PRETRAIN
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """Train on a target dataset, starting from `pretrain`'s weights; `pretrain=None` is scratch."""
+
+    train: TrainSpec
+    pretrain: PretrainSpec | None = None
+
+    @property
+    def stage(self) -> str:
+        return names.FINETUNE if self.pretrain is not None else names.SCRATCH
+
+    @property
+    def source(self) -> str:
+        return self.pretrain.train.dataset if self.pretrain is not None else ""
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One attack setting: which attack, its budget, and which examples of the target task it perturbs."""
+
+    attack: str = "pgd"             # attack registry name (xfer.attack)
+    eps: float = 0.3                # L-inf budget in [0, 1] pixel units (CW ignores it)
+    alpha: float | None = None      # step size; None = the attack's default for this eps
+    steps: int = 10                 # iterations of iterative attacks
+    targeted: bool = False          # targeted (random wrong label, seeded) or untargeted
+    n: int = 5000                   # examples drawn (stratified, seeded) from the task's test split
+    dataset: str = "mnist"          # the task whose test split is attacked
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.eps <= 1:
+            raise XferError(f"attack eps {self.eps} is outside [0, 1]; images are in [0, 1], so use e.g. 0.3 for MNIST or 8/255 for CIFAR.")
+        if self.alpha is not None and not 0 < self.alpha <= 1:
+            raise XferError(f"attack alpha {self.alpha} must lie in (0, 1].")
+        if self.steps < 1 or self.n < 1:
+            raise XferError("attack steps and n must be positive.")
+
+
+@dataclass(frozen=True)
+class AttackCellSpec:
+    """Generate adversarial examples once for one (surrogate run, attack setting); key = the cell's identity."""
+
+    surrogate_key: str              # xfer.key of the surrogate's run ("+"-joined, sorted, for an ensemble)
+    attack: AttackSpec
+
+
+def to_dict(spec: Any) -> dict[str, Any]:
+    """Nested plain dict of a spec (dataclasses become dicts, tuples lists)."""
+    return dataclasses.asdict(spec)
+
+
+def canonical_json(spec: Any) -> str:
+    """Canonical JSON: sorted keys, no whitespace, the spec's class name included."""
+    return json.dumps({"type": type(spec).__name__, "spec": to_dict(spec)}, sort_keys=True, separators=(",", ":"))
+
+
+def key(spec: Any) -> str:
+    """Stable content key of a spec: first 16 hex digits of sha256 of its canonical JSON."""
+    return hashlib.sha256(canonical_json(spec).encode()).hexdigest()[:16]
+
+
+def to_flat(spec: Any, prefix: str = "") -> dict[str, Any]:
+    """Flat dotted keys, e.g. ``{"train.lr": 0.001, "pretrain.train.dataset": "kmnist"}``.
+
+    A nested spec that is None is written as ``{"pretrain": None}``.
+    """
+    flat: dict[str, Any] = {}
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        if dataclasses.is_dataclass(value):
+            flat.update(to_flat(value, prefix + f.name + "."))
+        else:
+            flat[prefix + f.name] = value
+    return flat
+
+
+def from_flat(cls: type[S], flat: dict[str, Any]) -> S:
+    """Inverse of `to_flat`. Unknown or missing keys fail loudly with the list of expected ones."""
+    expected = _flat_fields(cls)
+    unknown = sorted(k for k in flat if k not in expected)
+    if unknown:
+        raise XferError(
+            f"unknown keys for {cls.__name__}: {', '.join(unknown)}; expected keys are "
+            f"{', '.join(sorted(expected))}."
+        )
+    return _build(cls, flat, "")
+
+
+def _flat_fields(cls: type, prefix: str = "") -> list[str]:
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        sub = _dataclass_in(hints[f.name])
+        if sub is not None:
+            out.append(prefix + f.name)  # allows the `{"pretrain": None}` form
+            out.extend(_flat_fields(sub, prefix + f.name + "."))
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def _build(cls: type[S], flat: dict[str, Any], prefix: str) -> S:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        sub = _dataclass_in(hints[f.name])
+        if sub is not None:
+            if name in flat and flat[name] is None:
+                kwargs[f.name] = None
+            elif any(k.startswith(name + ".") for k in flat):
+                kwargs[f.name] = _build(sub, flat, name + ".")
+        elif name in flat:
+            kwargs[f.name] = _coerce(flat[name], hints[f.name], name)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise XferError(f"incomplete {cls.__name__}: {exc}.") from None
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass inside a hint like `PretrainSpec` or `PretrainSpec | None`."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    for arg in typing.get_args(hint):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Values from MLflow params or CLI strings back to the field's type."""
+    if value is None or value == "None":
+        return None
+    types_ = [t for t in (typing.get_args(hint) if _is_union(hint) else (hint,)) if t is not type(None)]
+    target = types_[0] if types_ else str
+    try:
+        if target is bool:
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+        if target is int:
+            as_float = float(value)
+            if as_float != int(as_float):
+                raise ValueError
+            return int(as_float)
+        if target in (float, str):
+            return target(value)
+    except (TypeError, ValueError):
+        raise XferError(f"{name}={value!r} is not a valid {target.__name__}.") from None
+    return value
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def replace(spec: S, **changes: Any) -> S:
+    """A copy of a spec with some fields changed (re-validated)."""
+    return dataclasses.replace(spec, **changes)
+
+
+__all__ = [
+    "TrainSpec", "PretrainSpec", "FinetuneSpec", "AttackSpec", "AttackCellSpec", "key", "canonical_json", "to_dict", "to_flat",
+    "from_flat", "replace",
+]

@@ -1,0 +1,266 @@
+"""The one training loop: pretraining, fine-tuning and scratch training differ only by their TrainSpec.
+
+Knows nothing of Ray or MLflow: it reports through a callable it is handed and returns its metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from xfer import models, names
+from xfer.checkpoint import TrainState
+from xfer.data import Split, Splits, channel_stats
+from xfer.specs import TrainSpec
+
+Report = Callable[[dict[str, Any]], None]
+"""Receives one record per event: ``{"kind": "train" | "epoch", "step", "epoch", "seconds", <metric>: value}``."""
+
+EVAL_BATCH = 1024
+
+
+def noop(record: dict[str, Any]) -> None:
+    """The default report: discard."""
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a training run produced: status, final metrics and the error curve (long rows)."""
+
+    status: str                          # "ok" | "failed"
+    reason: str                          # why it failed ("" when ok)
+    metrics: dict[str, float]
+    curve: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def prepare_model(spec: TrainSpec, data: Splits, pretrained: models.XferModel | None = None) -> models.XferModel:
+    """A fresh model for `spec` (seeded), or `pretrained` with a new, freshly initialised head.
+
+    Fine-tuning always gets a new head (the "new head" that `head_lr_mult` speeds up), even when
+    source and target share a label set; the pretrained model keeps its own input normalisation,
+    since its features were learned on that scale.
+    """
+    torch.manual_seed(spec.seed)
+    if pretrained is None:
+        mean, std = channel_stats(data.train)
+        return models.build(spec.arch, data.in_shape, data.num_classes, mean=mean, std=std)
+    models.replace_head(pretrained, data.num_classes)
+    return pretrained
+
+
+def train(
+    spec: TrainSpec,
+    data: Splits,
+    model: models.XferModel,
+    report: Report = noop,
+    device: torch.device | str | None = None,
+    resume: TrainState | None = None,
+    on_epoch_end: Callable[[TrainState], None] | None = None,
+) -> Result:
+    """Train `model` on `data` as `spec` says; return final metrics and the error curve.
+
+    `on_epoch_end` receives the full training state after every epoch (the Ray adapter checkpoints it);
+    `resume` continues from such a state instead of epoch 0.
+    """
+    device = torch.device(device) if device is not None else _default_device()
+    cuda = device.type == "cuda"
+    model.to(device)
+    if cuda:
+        model.to(memory_format=torch.channels_last)  # NHWC convs are faster under bf16 on tensor cores
+    train_x, train_y = _to_device(data.train, device)
+    eval_sets = {"val": _to_device(data.val, device), "test": _to_device(data.test, device)}
+
+    phase = _Phase.build(spec, model, start_epoch=resume.epoch if resume else 0, steps_per_epoch=_steps(len(data.train), spec))
+    curve: list[dict[str, Any]] = list(resume.curve) if resume else []
+    step, seconds_before = (resume.step, resume.seconds) if resume else (0, 0.0)
+    if resume:
+        model.load_state_dict(resume.model)
+        phase.optimizer.load_state_dict(resume.optimizer)
+        if resume.scheduler is not None and phase.scheduler is not None:
+            phase.scheduler.load_state_dict(resume.scheduler)
+    start = time.perf_counter()
+
+    def now() -> float:
+        return seconds_before + time.perf_counter() - start
+
+    for epoch in range(resume.epoch if resume else 0, spec.epochs):
+        if spec.unfreeze_epoch is not None and epoch == spec.unfreeze_epoch:
+            phase = _Phase.build(spec, model, start_epoch=epoch, steps_per_epoch=phase.steps_per_epoch)
+        model.train()
+        # Per-epoch seeds make the batch order and dropout masks of epoch e the same with or without a resume.
+        torch.manual_seed(spec.seed * 100_003 + epoch)
+        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(spec.seed * 100_003 + epoch))
+        order = order.to(device)
+        correct = torch.zeros((), device=device)
+        loss_sum = torch.zeros((), device=device)
+        seen = 0
+        batch = min(spec.batch_size, len(order))
+        for begin in range(0, phase.steps_per_epoch * batch, batch):  # the last partial batch is dropped
+            idx = order[begin:begin + batch]
+            x = _as_float(train_x[idx], cuda)
+            if spec.augment:
+                x = augment_batch(x)
+            y = train_y[idx]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=spec.label_smoothing)
+            phase.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            phase.optimizer.step()
+            if phase.scheduler is not None and spec.schedule == "cosine":
+                phase.scheduler.step()
+            step += 1
+            # Accumulate on the device; read back (one sync) only every `log_every` steps.
+            correct += (logits.argmax(1) == y).sum()
+            loss_sum += loss.detach() * len(y)
+            seen += len(y)
+            if step % spec.log_every == 0:
+                mean_loss = loss_sum.item() / seen
+                if not math.isfinite(mean_loss):
+                    return _failed(spec, step, epoch, curve, now())
+                row = _row(step, epoch + (begin + len(idx)) / len(order), now(), "train", 1 - correct.item() / seen)
+                curve.append(row)
+                report({"kind": "train", **_metrics_of(row), names.TRAIN_LOSS: mean_loss})
+                correct.zero_()
+                loss_sum.zero_()
+                seen = 0
+        if seen and not math.isfinite(loss_sum.item()):
+            return _failed(spec, step, epoch, curve, now())
+        errors = {split: error(model, *tensors, cuda=cuda) for split, tensors in eval_sets.items()}
+        if phase.scheduler is not None and spec.schedule == "plateau":
+            phase.scheduler.step(errors["val"])
+        for split, err in errors.items():
+            curve.append(_row(step, epoch + 1, now(), split, err))
+        report({
+            "kind": "epoch", "step": step, names.EPOCH: epoch + 1, names.SECONDS: now(),
+            names.VAL_ERROR: errors["val"], names.TEST_ERROR: errors["test"],
+        })
+        if on_epoch_end is not None:
+            on_epoch_end(TrainState(
+                epoch=epoch + 1, step=step, seconds=now(), model=model.state_dict(),
+                optimizer=phase.optimizer.state_dict(),
+                scheduler=phase.scheduler.state_dict() if phase.scheduler is not None else None,
+                curve=list(curve),
+            ))
+    final = {split: error(model, *tensors, cuda=cuda) for split, tensors in eval_sets.items()}
+    last_train = [r["error"] for r in curve if r["split"] == "train"]
+    metrics = {
+        names.TEST_ERROR: final["test"], names.TEST_ACC: 1 - final["test"],
+        names.VAL_ERROR: final["val"], names.VAL_ACC: 1 - final["val"],
+        names.TRAIN_ERROR: last_train[-1] if last_train else math.nan,
+        names.EPOCH: float(spec.epochs), names.SECONDS: now(), "steps": float(step),
+    }
+    return Result("ok", "", metrics, curve)
+
+
+@dataclass
+class _Phase:
+    """Optimiser and schedule for one phase (before / after unfreezing)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    steps_per_epoch: int
+
+    @staticmethod
+    def build(spec: TrainSpec, model: models.XferModel, start_epoch: int, steps_per_epoch: int) -> _Phase:
+        unfrozen = spec.unfreeze_epoch is not None and start_epoch >= spec.unfreeze_epoch
+        models.unfreeze(model)
+        if not unfrozen:
+            models.freeze(model, spec.freeze_depth)
+        lr = spec.lr * (spec.unfreeze_lr_mult if unfrozen else 1.0)
+        head = [p for p in models.head_parameters(model) if p.requires_grad]
+        backbone = [p for p in models.backbone_parameters(model) if p.requires_grad]
+        groups = [g for g in ({"params": backbone, "lr": lr}, {"params": head, "lr": lr * spec.head_lr_mult}) if g["params"]]
+        optimizer = _optimizer(spec, groups)
+        phase_end = spec.unfreeze_epoch if (spec.unfreeze_epoch is not None and not unfrozen) else spec.epochs
+        phase_start = spec.unfreeze_epoch if unfrozen else 0
+        if spec.schedule == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, (phase_end - phase_start) * steps_per_epoch))
+        elif spec.schedule == "plateau":
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=1)
+        else:
+            scheduler = None
+        return _Phase(optimizer, scheduler, steps_per_epoch)
+
+
+def _optimizer(spec: TrainSpec, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    cls = torch.optim.AdamW if spec.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def _steps(n: int, spec: TrainSpec) -> int:
+    return max(1, n // min(spec.batch_size, n))
+
+
+@torch.no_grad()
+def error(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cuda: bool = False) -> float:
+    """Classification error of `model` on uint8 `images` (already on the model's device)."""
+    if len(labels) == 0:
+        return math.nan
+    was_training = model.training
+    model.eval()
+    wrong = torch.zeros((), device=labels.device)
+    for begin in range(0, len(labels), EVAL_BATCH):
+        x = _as_float(images[begin:begin + EVAL_BATCH], cuda)
+        with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=cuda):
+            wrong += (model(x).argmax(1) != labels[begin:begin + EVAL_BATCH]).sum()
+    model.train(was_training)
+    return wrong.item() / len(labels)
+
+
+def augment_batch(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """Random crop (zero padding `pad`) and horizontal flip of a float batch, as tensor arithmetic."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # n,1,h,1
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # n,1,1,w
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    cropped = padded[batch, chans, rows, cols]
+    flip = torch.rand(n, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
+
+
+def _to_device(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # The whole split moves once, as uint8 (4x smaller than float); batches are index slices on the device.
+    return split.images.to(device, non_blocking=True), split.labels.to(device, non_blocking=True)
+
+
+def _as_float(images: torch.Tensor, cuda: bool) -> torch.Tensor:
+    x = images.float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last) if cuda else x
+
+
+def _row(step: int, epoch: float, seconds: float, split: str, err: float) -> dict[str, Any]:
+    return {"step": step, "epoch": float(epoch), "seconds": float(seconds), "split": split, "error": float(err)}
+
+
+def _metrics_of(row: dict[str, Any]) -> dict[str, Any]:
+    key = {"train": names.TRAIN_ERROR, "val": names.VAL_ERROR, "test": names.TEST_ERROR}[row["split"]]
+    return {"step": row["step"], names.EPOCH: row["epoch"], names.SECONDS: row["seconds"], key: row["error"]}
+
+
+def _failed(spec: TrainSpec, step: int, epoch: int, curve: list[dict[str, Any]], seconds: float) -> Result:
+    reason = (
+        f"non-finite loss at step {step} (epoch {epoch + 1}) with lr {spec.lr} and optimizer {spec.optimizer}; "
+        "lower the learning rate or check the data"
+    )
+    return Result("failed", reason, {names.SECONDS: seconds, "steps": float(step)}, curve)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
