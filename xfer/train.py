@@ -5,6 +5,7 @@ Knows nothing of Ray or MLflow: it reports through a callable it is handed and r
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -80,7 +81,9 @@ def train(
     train_x, train_y = _to_device(data.train, device)
     eval_sets = {"val": _to_device(data.val, device), "test": _to_device(data.test, device)}
 
-    phase = _Phase.build(spec, model, start_epoch=resume.epoch if resume else 0, steps_per_epoch=_steps(len(data.train), spec))
+    rank, world = _world()
+    shard = len(data.train) // world
+    phase = _Phase.build(spec, model, start_epoch=resume.epoch if resume else 0, steps_per_epoch=_steps(shard, spec))
     curve: list[dict[str, Any]] = list(resume.curve) if resume else []
     step, seconds_before = (resume.step, resume.seconds) if resume else (0, 0.0)
     if resume:
@@ -100,7 +103,7 @@ def train(
         # Per-epoch seeds make the batch order and dropout masks of epoch e the same with or without a resume.
         torch.manual_seed(spec.seed * 100_003 + epoch)
         order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(spec.seed * 100_003 + epoch))
-        order = order.to(device)
+        order = order[rank::world][:shard].to(device)  # data-parallel ranks take disjoint shards of one permutation
         correct = torch.zeros((), device=device)
         loss_sum = torch.zeros((), device=device)
         seen = 0
@@ -116,6 +119,8 @@ def train(
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=spec.label_smoothing)
             phase.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if world > 1:
+                _average_gradients(model)
             phase.optimizer.step()
             if phase.scheduler is not None and spec.schedule == "cosine":
                 phase.scheduler.step()
@@ -146,10 +151,12 @@ def train(
             names.VAL_ERROR: errors["val"], names.TEST_ERROR: errors["test"],
         })
         if on_epoch_end is not None:
+            # A snapshot, not live references: training goes on mutating the model and optimiser tensors.
             on_epoch_end(TrainState(
-                epoch=epoch + 1, step=step, seconds=now(), model=model.state_dict(),
-                optimizer=phase.optimizer.state_dict(),
-                scheduler=phase.scheduler.state_dict() if phase.scheduler is not None else None,
+                epoch=epoch + 1, step=step, seconds=now(),
+                model={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+                optimizer=copy.deepcopy(phase.optimizer.state_dict()),
+                scheduler=copy.deepcopy(phase.scheduler.state_dict()) if phase.scheduler is not None else None,
                 curve=list(curve),
             ))
     final = {split: error(model, *tensors, cuda=cuda) for split, tensors in eval_sets.items()}
@@ -198,6 +205,24 @@ def _optimizer(spec: TrainSpec, groups: list[dict[str, Any]]) -> torch.optim.Opt
         return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
     cls = torch.optim.AdamW if spec.optimizer == "adamw" else torch.optim.Adam
     return cls(groups, lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) under torch.distributed (Ray Train's workers), else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _average_gradients(model: torch.nn.Module) -> None:
+    # One flat all-reduce per step instead of one per tensor; works across freeze/unfreeze phases,
+    # which DistributedDataParallel (fixed at wrap time) would not.
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        grad.copy_(synced)
 
 
 def _steps(n: int, spec: TrainSpec) -> int:
