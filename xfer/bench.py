@@ -1,0 +1,152 @@
+"""Benchmark: the seed's input pipeline against xfer's loop, side by side, same arch, data and epochs.
+
+    python -m xfer.bench [--arch resnet_mini] [--dataset mnist5k] [--epochs 10] [--target 0.97]
+
+Seed style = torchvision Dataset of PIL images + DataLoader + ToTensor/Normalize, batch 64, fp32.
+xfer = uint8 tensors on the device, permutation batches, per-batch normalisation (bf16 + channels_last
+on CUDA), batch 128. Each pipeline runs in its own process so peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from xfer import data, models
+from xfer import train as loop
+from xfer.specs import TrainSpec
+
+
+@dataclass
+class Measured:
+    pipeline: str
+    device: str
+    samples_per_s: float
+    seconds_to_target: float   # nan if never reached
+    final_acc: float
+    peak_mem_mb: float
+
+
+def _seed_style(ds: data.Dataset, arch: str, epochs: int, device: torch.device, target: float) -> tuple[float, float, float]:
+    """The seed's pipeline: every sample goes through PIL and ToTensor/Normalize in a DataLoader."""
+    import torchvision.transforms as T
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+
+    mean, std = data.channel_stats(ds.train)
+    transform = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+
+    class SeedDataset(Dataset):
+        def __init__(self, split: data.Split) -> None:
+            self.images, self.labels = split.images.numpy(), split.labels.numpy()
+
+        def __len__(self) -> int:
+            return len(self.labels)
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+            image = self.images[i]
+            pil = Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
+            return transform(pil), int(self.labels[i])
+
+    torch.manual_seed(0)
+    model = models.build(arch, ds.in_shape, ds.num_classes).to(device)  # normalisation is in the transform
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=5e-4)
+    train_loader = DataLoader(SeedDataset(ds.train), batch_size=64, shuffle=True)
+    test_loader = DataLoader(SeedDataset(ds.test), batch_size=1000)
+    seen, train_seconds, to_target, acc = 0, 0.0, float("nan"), 0.0
+    start = time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        epoch_start = time.perf_counter()
+        for x, y in train_loader:
+            x, y = x.to(device), y.to(device)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            seen += len(y)
+        train_seconds += time.perf_counter() - epoch_start
+        model.eval()
+        with torch.no_grad():
+            correct = sum((model(x.to(device)).argmax(1).cpu() == y).sum().item() for x, y in test_loader)
+        acc = correct / len(ds.test)
+        if acc >= target and to_target != to_target:
+            to_target = time.perf_counter() - start
+    return seen / train_seconds, to_target, acc
+
+
+def _xfer(ds: data.Dataset, arch: str, epochs: int, device: torch.device, target: float) -> tuple[float, float, float]:
+    spec = TrainSpec(arch=arch, dataset=ds.name, epochs=epochs, batch_size=128, lr=2e-3, val_size=0)
+    splits = data.make_splits(ds, None, 0, 0)
+    model = loop.prepare_model(spec, splits)
+    reached: list[float] = []
+
+    def report(record: dict) -> None:
+        if record["kind"] == "epoch" and 1 - record["test_error"] >= target and not reached:
+            reached.append(record["seconds"])
+
+    result = loop.train(spec, splits, model, report=report, device=device)
+    train_seconds = result.metrics["seconds"]
+    return result.metrics["steps"] * spec.batch_size / train_seconds, reached[0] if reached else float("nan"), result.metrics["test_acc"]
+
+
+def _child(name: str, dataset: str, arch: str, epochs: int, device: str, target: float, out: mp.Queue) -> None:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    ds = data.load(dataset)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    fn = _seed_style if name == "seed-style" else _xfer
+    rate, to_target, acc = fn(ds, arch, epochs, dev, target)
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    out.put(Measured(name, device, rate, to_target, acc, peak))
+
+
+def measure(dataset: str, arch: str, epochs: int, device: str, target: float) -> list[Measured]:
+    ctx = mp.get_context("spawn")
+    rows = []
+    for name in ("seed-style", "xfer"):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_child, args=(name, dataset, arch, epochs, device, target, queue))
+        proc.start()
+        rows.append(queue.get())
+        proc.join()
+    return rows
+
+
+def table(rows: list[Measured], target: float) -> str:
+    lines = [f"| pipeline | device | samples/s | s to {target:.0%} test acc | final test acc | peak memory (MiB) |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.pipeline} | {r.device} | {r.samples_per_s:,.0f} | {r.seconds_to_target:.1f} | "
+                     f"{r.final_acc:.4f} | {r.peak_mem_mb:,.0f} |")
+    base, ours = rows[0], rows[1]
+    lines.append(f"\nxfer / seed-style on {base.device}: {ours.samples_per_s / base.samples_per_s:.2f}× samples/s, "
+                 f"{ours.peak_mem_mb / base.peak_mem_mb:.2f}× peak memory ({'GPU allocated' if base.device.startswith('cuda') else 'process RSS'})")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="resnet_mini")
+    p.add_argument("--dataset", default="mnist5k")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--target", type=float, default=0.97)
+    p.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    args = p.parse_args()
+    for device in args.devices:
+        print(f"\n{args.arch} on {args.dataset}, {args.epochs} epochs, device {device}:")
+        print(table(measure(args.dataset, args.arch, args.epochs, device, args.target), args.target))
+
+
+if __name__ == "__main__":
+    main()
