@@ -1,0 +1,41 @@
+"""MLflow fixtures: a real `mlflow server` on 127.0.0.1 over SQLite, in a temporary runs folder.
+
+Import them into a test module: ``from tracking_fixtures import experiment, mlflow_server  # noqa: F401``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from xfer import tracking
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    root: Path   # the runs folder: mlflow.db, artifacts/, server.json, mlflow-server.log
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server for the session; $MLFLOW_TRACKING_URI and $XFER_RUNS point at it while tests run."""
+    root = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv(tracking.TRACKING_URI_ENV, raising=False)
+        env.setenv(tracking.RUNS_ENV, str(root))
+        url = tracking.ensure_server(root)  # also sets MLFLOW_TRACKING_URI, undone when the context ends
+        try:
+            yield Server(url, root)
+        finally:
+            tracking.stop_server(root)
+
+
+@pytest.fixture
+def experiment(mlflow_server: Server, request: pytest.FixtureRequest) -> str:
+    """A fresh experiment name on the session's server, so tests never see each other's runs."""
+    return f"{request.node.name}-{uuid.uuid4().hex[:8]}"
