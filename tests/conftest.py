@@ -159,3 +159,37 @@ def _write_cifar10(folder: Path, rng: np.random.Generator, monkeypatch: pytest.M
     monkeypatch.setattr(cls, "test_list", test_list)
     monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": meta_md5})
     return {"train": (train_images, train_labels), "test": (test_images, test_labels)}
+
+
+# ---- shared service fixtures: a real MLflow server and a real local Ray, one of each per session ----
+from tracking_fixtures import Server, experiment, mlflow_server  # noqa: E402,F401
+
+
+def start_local_ray():
+    """A 2-CPU local Ray whose workers log to the session's MLflow server (the env set by `mlflow_server`)."""
+    import ray
+
+    from xfer import tracking
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
+             runtime_env={"env_vars": tracking.worker_env()})
+    return ray
+
+
+@pytest.fixture
+def local_ray(mlflow_server: Server):
+    """Local Ray, started once and kept for the session; re-started if a test (the two-node one) shut it down."""
+    import ray
+
+    if not ray.is_initialized():
+        start_local_ray()
+    return ray
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shutdown_ray_at_exit():
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

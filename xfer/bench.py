@@ -1,10 +1,15 @@
 """Benchmark: the seed's input pipeline against xfer's loop, side by side, same arch, data and epochs.
 
     python -m xfer.bench [--arch resnet_mini] [--dataset mnist5k] [--epochs 10] [--target 0.97]
+    python -m xfer.bench --transfer [--sources glyph_digits glyph_letters] [--size 500] [--seeds 0 1 2]
 
 Seed style = torchvision Dataset of PIL images + DataLoader + ToTensor/Normalize, batch 64, fp32.
 xfer = uint8 tensors on the device, permutation batches, per-batch normalisation (bf16 + channels_last
 on CUDA), batch 128. Each pipeline runs in its own process so peak memory is its own.
+
+`--transfer` prints the foundation's transfer figure: `arch` pretrained on each glyph source, then
+fine-tuned (all layers, new head) on `size` MNIST-5k digits, against the same arch from scratch on the
+same digits, same epochs, per seed; test accuracy on MNIST-5k's 1,000 test digits.
 """
 
 from __future__ import annotations
@@ -135,6 +140,31 @@ def table(rows: list[Measured], target: float) -> str:
     return "\n".join(lines)
 
 
+def transfer(sources: list[str], arch: str, size: int, seeds: list[int], epochs: int, pretrain_epochs: int,
+             pretrain_size: int, target: str = "mnist5k") -> str:
+    """Fine-tuned-from-source vs scratch test accuracy on `size` target examples, per seed (a Markdown table)."""
+    tgt = data.load(target)
+    rows: dict[str, list[float]] = {"scratch": []}
+    for seed in seeds:
+        splits = data.make_splits(tgt, size, 300, seed)
+        spec = TrainSpec(arch=arch, dataset=target, size=size, val_size=300, epochs=epochs, batch_size=64, lr=2e-3, seed=seed)
+        rows["scratch"].append(loop.train(spec, splits, loop.prepare_model(spec, splits)).metrics["test_acc"])
+        for source in sources:
+            src = data.load(source)
+            pre_splits = data.make_splits(src, pretrain_size, 300, seed)
+            pre_spec = TrainSpec(arch=arch, dataset=source, size=pretrain_size, val_size=300, epochs=pretrain_epochs,
+                                 batch_size=128, lr=2e-3, seed=seed)
+            pretrained = loop.prepare_model(pre_spec, pre_splits)
+            loop.train(pre_spec, pre_splits, pretrained)
+            model = loop.prepare_model(spec, splits, pretrained)
+            rows.setdefault(f"{source} → {target}", []).append(loop.train(spec, splits, model).metrics["test_acc"])
+    lines = [f"| {arch}, {size} {target} digits, {epochs} epochs | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+             "|---|" + "---:|" * (len(seeds) + 1)]
+    for name, accs in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{a:.4f}" for a in accs) + f" | {sum(accs) / len(accs):.4f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet_mini")
@@ -142,7 +172,16 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--target", type=float, default=0.97)
     p.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    p.add_argument("--transfer", action="store_true", help="print the transfer figure instead of the pipeline comparison")
+    p.add_argument("--sources", nargs="+", default=["glyph_digits", "glyph_letters"])
+    p.add_argument("--size", type=int, default=500)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--pretrain-epochs", type=int, default=3)
+    p.add_argument("--pretrain-size", type=int, default=6000)
     args = p.parse_args()
+    if args.transfer:
+        print(transfer(args.sources, args.arch, args.size, args.seeds, args.epochs, args.pretrain_epochs, args.pretrain_size))
+        return
     for device in args.devices:
         print(f"\n{args.arch} on {args.dataset}, {args.epochs} epochs, device {device}:")
         print(table(measure(args.dataset, args.arch, args.epochs, device, args.target), args.target))

@@ -24,6 +24,9 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "plateau", "none")
 
 
+IMAGENET = "imagenet"  # the source of cells that start from published ImageNet weights (TrainSpec.weights)
+
+
 @dataclass(frozen=True)
 class TrainSpec:
     """One training run of the one loop: pretraining, fine-tuning and scratch differ only here."""
@@ -45,6 +48,7 @@ class TrainSpec:
     unfreeze_epoch: int | None = None  # freeze-then-unfreeze: at this epoch unfreeze all layers ...
     unfreeze_lr_mult: float = 0.1   # ... and continue at lr * unfreeze_lr_mult
     augment: bool = False           # random crop + flip on tensors (32x32 recipes)
+    weights: str | None = None      # resnet18: start the body from ImageNet weights (a local file, or "imagenet")
     seed: int = 0
     log_every: int = 20             # train error is recorded every `log_every` steps
 
@@ -90,11 +94,14 @@ class FinetuneSpec:
 
     @property
     def stage(self) -> str:
-        return names.FINETUNE if self.pretrain is not None else names.SCRATCH
+        # Starting from published ImageNet weights is fine-tuning too, with "imagenet" as the source.
+        return names.FINETUNE if self.pretrain is not None or self.train.weights else names.SCRATCH
 
     @property
     def source(self) -> str:
-        return self.pretrain.train.dataset if self.pretrain is not None else ""
+        if self.pretrain is not None:
+            return self.pretrain.train.dataset
+        return IMAGENET if self.train.weights else ""
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ def prepare_model(spec: TrainSpec, data: Splits, pretrained: models.XferModel | 
     torch.manual_seed(spec.seed)
     if pretrained is None:
         mean, std = channel_stats(data.train)
-        return models.build(spec.arch, data.in_shape, data.num_classes, mean=mean, std=std)
+        return models.build(spec.arch, data.in_shape, data.num_classes, mean=mean, std=std, weights=spec.weights)
     models.replace_head(pretrained, data.num_classes)
     return pretrained
 
@@ -81,7 +81,7 @@ def train(
     train_x, train_y = _to_device(data.train, device)
     eval_sets = {"val": _to_device(data.val, device), "test": _to_device(data.test, device)}
 
-    rank, world = _world()
+    rank, world = dist_world()
     shard = len(data.train) // world
     phase = _Phase.build(spec, model, start_epoch=resume.epoch if resume else 0, steps_per_epoch=_steps(shard, spec))
     curve: list[dict[str, Any]] = list(resume.curve) if resume else []
@@ -207,7 +207,7 @@ def _optimizer(spec: TrainSpec, groups: list[dict[str, Any]]) -> torch.optim.Opt
     return cls(groups, lr=spec.lr, weight_decay=spec.weight_decay)
 
 
-def _world() -> tuple[int, int]:
+def dist_world() -> tuple[int, int]:
     """(rank, world size) under torch.distributed (Ray Train's workers), else (0, 1)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()

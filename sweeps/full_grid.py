@@ -1,0 +1,131 @@
+"""The main job: the whole transfer study (pretrain → fine-tune/scratch → attack → report) on Ray Tune.
+
+    python sweeps/full_grid.py                  # the seed experiment (needs its torchvision data)
+    python sweeps/full_grid.py --preset smoke   # embedded offline data, minutes on a laptop CPU
+    python sweeps/full_grid.py --grid my.yaml --sizes 500 1000 --dry-run
+    python sweeps/full_grid.py --preset cifar10  # a target's grid file from sweeps/presets/ (see --preset)
+    python sweeps/full_grid.py --preset lenet --recipes plain head10x_sgd unfreeze --unfreeze-epoch 4
+
+Ray: RAY_ADDRESS / --address joins a cluster (`ray up cluster.yaml`), else Ray starts locally.
+MLflow: MLFLOW_TRACKING_URI is used as is, else a local server on 127.0.0.1 keeps the runs under ./runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a checkout
+
+from xfer import grid as grids  # noqa: E402
+from xfer import pipeline, tracking  # noqa: E402
+from xfer.cli import run_main  # noqa: E402
+from xfer.stages import RunOptions  # noqa: E402
+
+# Grid axes settable on the command line: flag → (Grid field, element type).
+AXES = {
+    "sources": str, "archs": str, "sizes": int, "lrs": float, "seeds": int, "recipes": str, "attacks": str, "eps": float,
+}
+SCALARS = {
+    "name": str, "target": str, "epochs": int, "pretrain_epochs": int, "pretrain_size": int, "batch_size": int,
+    "val_size": int, "optimizer": str, "unfreeze_epoch": int, "unfreeze_lr_mult": float, "weights": str,
+    "attack_n": int, "attack_steps": int,
+}
+HELP = {
+    "recipes": f"fine-tuning recipes: {', '.join(grids.RECIPES)}, or several joined with '+' (e.g. head10x_sgd+unfreeze)",
+    "unfreeze_epoch": "epoch at which the unfreeze recipe unfreezes every layer (0 = half of --epochs)",
+    "weights": "resnet18's ImageNet weights: a resnet18-f37072fd.pth file, or 'imagenet' (torchvision's cache or download)",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="seed", choices=grids.list_presets(), metavar="NAME",
+                   help=f"base grid (default: seed): {', '.join(grids.list_presets())}; built-ins are "
+                        f"{', '.join(grids.PRESETS)}, the others are the grid files in sweeps/presets/")
+    p.add_argument("--grid", type=Path, help="YAML or TOML file of grid settings, applied over the preset")
+    for axis, kind in AXES.items():
+        p.add_argument(f"--{axis}", nargs="+", type=kind, help=HELP.get(axis, f"override the {axis} axis"))
+    p.add_argument("--freeze", nargs="+", help="freeze depths in tensors: `0 8` for every arch or `resnet_mini=0,20,23`")
+    for name, kind in SCALARS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=HELP.get(name))
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random crop + flip on every training cell (default: the preset's)")
+    p.add_argument("--no-scratch", action="store_true", help="skip the scratch baselines")
+    p.add_argument("--data-root", default=None, help="torchvision data root (default $XFER_DATA or ./data)")
+    p.add_argument("--download", action="store_true", help="download missing torchvision datasets (needs network)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else local Ray)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=None, help="fractional GPUs per trial (default $XFER_GPUS_PER_TRIAL, else 1/4 when GPUs exist)")
+    p.add_argument("--workers-per-trial", type=int, default=1, help="data-parallel Ray Train workers per trial")
+    p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial (it resumes from its last epoch)")
+    p.add_argument("--storage-path", default=None, help="Ray storage for trial checkpoints (s3:// or NFS on a cluster)")
+    p.add_argument("--stages", nargs="+", default=list(pipeline.STAGE_ORDER), choices=pipeline.STAGE_ORDER)
+    p.add_argument("--tuned", action="store_true", help="use the best Optuna configuration per (arch, size) from MLflow")
+    p.add_argument("--force", action="store_true", help="re-run cells that already finished")
+    p.add_argument("--dry-run", action="store_true", help="print each stage's cells and what is finished; run nothing")
+    return p
+
+
+def grid_from_args(args: argparse.Namespace) -> grids.Grid:
+    values = grids.preset_values(args.preset)
+    if args.grid:
+        values.update(grids.load_file(args.grid))
+    for key in (*AXES, *SCALARS, "freeze", "augment"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.no_scratch:
+        values["scratch"] = False
+    return grids.make(**values)
+
+
+def connect_ray(address: str | None) -> Any:
+    """Join RAY_ADDRESS / --address, else start Ray locally; reuse a Ray this process already started."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": tracking.worker_env()},
+                 configure_logging=False)
+    return ray
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    grid = grid_from_args(args)
+    if args.tuned:
+        from xfer import tuning
+
+        grid = tuning.apply_best(grid, echo=print)
+    tracking.ensure_server()
+    ray = connect_ray(args.address)
+    gpus = args.gpus_per_trial
+    if gpus is None:
+        # An autoscaling cluster may have no GPU node up yet: cluster.yaml sets XFER_GPUS_PER_TRIAL so that
+        # trials ask for GPUs (and the autoscaler starts GPU workers) rather than running on their CPUs.
+        default = 0.25 if ray.cluster_resources().get("GPU", 0) else 0.0
+        gpus = float(os.environ.get("XFER_GPUS_PER_TRIAL", default))
+    options = RunOptions(
+        experiment=grid.name, data_root=args.data_root, download=args.download, cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=gpus, workers_per_trial=args.workers_per_trial, max_failures=args.max_failures,
+        storage_path=args.storage_path, force=args.force,
+    )
+    if args.dry_run:
+        pipeline.dry_run(grid, options)
+        return 0
+    outcome = pipeline.run_grid(grid, options, stages=tuple(args.stages))
+    print("\n== summary")
+    for summary in outcome.summaries:
+        print(summary.line())
+    for cell, reason in outcome.failed:
+        print(f"FAILED {cell}: {reason}")
+    print(f"MLflow UI: {tracking.ui_url()}  (experiment '{grid.name}')")
+    if outcome.report_dir:
+        print(f"report: {outcome.report_dir}/index.html")
+    return 1 if outcome.failed else 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,201 @@
+"""Grid settings: presets, grid files, CLI overrides, recipes, and everything refused before launch."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from xfer import data, models, pipeline, specs
+from xfer import grid as grids
+from xfer import train as loop
+from xfer.errors import XferError
+from xfer.specs import TrainSpec
+from xfer.stages import RunOptions
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _full_grid():
+    spec = importlib.util.spec_from_file_location("full_grid", ROOT / "sweeps" / "full_grid.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---- validation before launch (no Ray, no MLflow) -----------------------------------------------
+
+@pytest.mark.parametrize("override, message", [
+    (dict(sources=("kmnist2",)), "unknown dataset 'kmnist2'"),
+    (dict(archs=("vgg",)), "unknown arch 'vgg'"),
+    (dict(freeze={"resnet_mini": (31,)}), r"freeze depth \[31\] beyond resnet_mini's 30 body tensors"),
+    (dict(attacks=("deepfool2",)), "unknown attack 'deepfool2'"),
+    (dict(eps=(2.0,)), r"eps \(2.0,\) must lie in \[0, 1\]"),
+])
+def test_bad_grids_are_refused_before_launch(override: dict, message: str) -> None:
+    with pytest.raises(XferError, match=message):
+        grids.validate(grids.from_preset("smoke", **override))
+
+
+def test_size_beyond_the_pool_is_refused() -> None:
+    grid = grids.from_preset("smoke", sizes=(500, 4000))
+    with pytest.raises(XferError, match=r"size\(s\) \[4000\] exceed mnist5k's training pool of 3700"):
+        pipeline.prepare(grid, RunOptions(experiment="x"))
+
+
+def test_missing_torchvision_data_names_sets_and_remedies(tmp_path: Path) -> None:
+    grid = grids.from_preset("seed", sources=("kmnist", "svhn"), archs=("resnet_mini",))
+    with pytest.raises(XferError) as info:
+        pipeline.check_data(grid, RunOptions(experiment="x", data_root=str(tmp_path)))
+    text = str(info.value)
+    assert "kmnist" in text and "svhn" in text and "mnist" in text and str(tmp_path) in text
+    assert "--download" in text and "--preset smoke" in text
+
+
+def test_cli_overrides_and_grid_file(tmp_path: Path) -> None:
+    (tmp_path / "g.yaml").write_text("sizes: [100, 200]\nseeds: [0, 1, 2]\nfreeze: {resnet_mini: [0, 23]}\n")
+    args = _full_grid().parser().parse_args(["--preset", "smoke", "--grid", str(tmp_path / "g.yaml"), "--lrs", "0.01"])
+    grid = _full_grid().grid_from_args(args)
+    assert grid.sizes == (100, 200) and grid.seeds == (0, 1, 2) and grid.lrs == (0.01,)
+    cells = grids.cells(grid)
+    # 2 sources × 1 arch × 3 seeds pretrains; fine-tunes: 2 sizes × 3 seeds × 2 sources × 2 depths; scratch 2 × 3.
+    assert (len(cells.pretrain), len(cells.finetune), len(cells.scratch)) == (6, 24, 6)
+    assert {c.train.freeze_depth for c in cells.finetune} == {0, 23}
+    (tmp_path / "bad.toml").write_text("sizez = [1]\n")
+    with pytest.raises(XferError, match="unknown grid settings sizez"):
+        grids.make(**grids.load_file(tmp_path / "bad.toml"))
+
+
+# ---- fine-tuning recipes as a grid axis -----------------------------------------------------------
+
+RECIPE_GRID = dict(recipes=("plain", "sgd", "head10x_sgd", "unfreeze"), unfreeze_epoch=2)
+
+
+def _recipe_of(t: TrainSpec) -> tuple:
+    return (t.optimizer, t.head_lr_mult, t.unfreeze_epoch, t.schedule)
+
+
+def test_recipes_axis_expands_into_distinct_cells() -> None:
+    grid = grids.from_preset("smoke", **RECIPE_GRID)
+    grids.validate(grid)
+    cells = grids.cells(grid)
+    # 2 sources × (depth 0: plain, sgd, head10x_sgd; depth 20: those and unfreeze); scratch: one per optimizer.
+    assert (len(cells.pretrain), len(cells.finetune), len(cells.scratch)) == (2, 14, 2)
+    by_depth = {d: [_recipe_of(c.train) for c in cells.finetune if c.train.freeze_depth == d and c.source == "uci_digits"]
+                for d in (0, 20)}
+    plain, sgd, head10x = ("adamw", 1.0, None, "cosine"), ("sgd", 1.0, None, "cosine"), ("sgd", 10.0, None, "cosine")
+    assert by_depth[0] == [plain, sgd, head10x]
+    assert by_depth[20] == [plain, sgd, head10x, ("adamw", 1.0, 2, "plateau")]
+    assert {c.train.unfreeze_lr_mult for c in cells.finetune if c.train.unfreeze_epoch} == {grid.unfreeze_lr_mult}
+    # Scratch baselines have no pretrained body: only each recipe's optimizer reaches them.
+    assert [_recipe_of(c.train) + (c.train.freeze_depth,) for c in cells.scratch] == [plain + (0,), sgd + (0,)]
+    keys = [specs.key(c) for c in (*cells.pretrain, *cells.finetune, *cells.scratch)]
+    assert len(set(keys)) == len(keys)
+    # Adding recipes changes no key: the plain cells are exactly the plain-only grid's cells.
+    plain_only = grids.cells(grids.from_preset("smoke"))
+    assert {specs.key(c) for c in plain_only.finetune + plain_only.scratch} <= set(keys)
+
+
+def test_combined_recipe_and_the_unfreeze_defaults() -> None:
+    grid = grids.from_preset("smoke", recipes=("head10x_sgd+unfreeze",), epochs=4, unfreeze_lr_mult=0.2)
+    grids.validate(grid)
+    [t] = {c.train for c in grids.cells(grid).finetune if c.source == "uci_digits"}  # depth 0 has nothing to unfreeze
+    assert (t.freeze_depth, t.optimizer, t.head_lr_mult, t.schedule) == (20, "sgd", 10.0, "plateau")
+    assert (t.unfreeze_epoch, t.unfreeze_lr_mult) == (2, 0.2)  # unfreeze_epoch 0 = half of the 4 epochs
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(recipes=("plain", "head10x")), r"unknown recipe 'head10x'; known recipes are plain, sgd, head10x_sgd, unfreeze"),
+    (dict(recipes=("sgd+unfreez",)), r"unknown recipe 'unfreez' in 'sgd\+unfreez'"),
+    (dict(recipes=("plain", "sgd"), optimizer="sgd"), "recipes 'plain' and 'sgd' give the same cells"),
+    (dict(recipes=("unfreeze",), epochs=1), r"unfreezes at epoch 0, which must lie in 1..0"),
+    (dict(recipes=("unfreeze",), unfreeze_epoch=3), r"unfreezes at epoch 3, which must lie in 1..2"),
+    (dict(recipes=("unfreeze",), freeze={"resnet_mini": (0,)}), "no fine-tune cell has a freeze depth > 0"),
+    (dict(recipes=("plain", "unfreeze"), sources=()), "no fine-tune cell has a freeze depth > 0"),
+    (dict(recipes=()), "at least one recipe"),
+    (dict(optimizer="lion"), "optimizer 'lion' is not one of adamw, adam, sgd"),
+    (dict(sources=(), scratch=False), "the grid has no training cells"),
+])
+def test_bad_recipes_are_refused_before_launch(override: dict, message: str) -> None:
+    with pytest.raises(XferError, match=message):
+        grids.validate(grids.from_preset("smoke", **override))
+
+
+def test_a_recipe_setting_given_twice_must_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(grids.RECIPES, "adam", grids.Recipe(optimizer="adam"))
+    with pytest.raises(XferError, match="recipe 'adam\\+head10x_sgd' sets optimizer to both 'adam' and 'sgd'"):
+        grids.validate(grids.from_preset("smoke", recipes=("adam+head10x_sgd",)))
+
+
+def test_recipes_from_the_cli_and_grid_files(tmp_path: Path) -> None:
+    full_grid = _full_grid()
+    args = full_grid.parser().parse_args(["--preset", "smoke", "--recipes", "plain", "head10x_sgd+unfreeze",
+                                          "--unfreeze-epoch", "2", "--unfreeze-lr-mult", "0.5", "--augment"])
+    grid = full_grid.grid_from_args(args)
+    assert (grid.recipes, grid.unfreeze_epoch, grid.unfreeze_lr_mult, grid.augment) == (
+        ("plain", "head10x_sgd+unfreeze"), 2, 0.5, True)
+    (tmp_path / "g.yaml").write_text("recipes: [sgd, unfreeze]\nunfreeze_epoch: 1\n")
+    grid = full_grid.grid_from_args(full_grid.parser().parse_args(["--preset", "smoke", "--grid", str(tmp_path / "g.yaml")]))
+    assert grid.recipes == ("sgd", "unfreeze") and grid.unfreeze_epoch == 1
+    # A preset file's augment can be switched off on the command line.
+    assert full_grid.grid_from_args(full_grid.parser().parse_args(["--preset", "cifar10"])).augment is True
+    assert full_grid.grid_from_args(full_grid.parser().parse_args(["--preset", "cifar10", "--no-augment"])).augment is False
+
+
+def test_preset_files_are_presets(tmp_path: Path) -> None:
+    usage = _full_grid().parser().format_help()
+    for name in ("seed", "smoke", "cifar10", "lenet", "lenet_cifar10", "lenet_cifar10_gray", "resnet18", "hotdog"):
+        assert name in grids.list_presets() and name in usage
+    with pytest.raises(XferError, match=r"unknown preset 'cifar100'; known presets are cifar10, hotdog, lenet"):
+        grids.from_preset("cifar100")
+    (tmp_path / "mine.toml").write_text('name = "mine"\nsizes = [7]\n')
+    assert grids.list_presets(tmp_path) == ["mine", "seed", "smoke"]
+    assert grids.preset_values("mine", tmp_path) == {"name": "mine", "sizes": [7]}
+
+
+def test_weights_path_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert grids.make(weights="w/resnet18.pth").weights == str(tmp_path / "w" / "resnet18.pth")  # Ray trials run elsewhere
+    assert grids.make(weights="imagenet").weights == "imagenet" and grids.make(weights=None).weights == ""
+
+
+# ---- recipes reach the one loop: the head's lr, the frozen body, the epoch it unfreezes ------------
+
+def test_recipe_cells_train_as_their_recipe_says() -> None:
+    grid = grids.make(name="r", sources=("uci_digits",), archs=("lenet5",), target="mnist5k", sizes=(400,),
+                      freeze={"lenet5": (0, 4)}, lrs=(0.01,), seeds=(0,), epochs=3, val_size=100, batch_size=50,
+                      recipes=("head10x_sgd", "unfreeze"), unfreeze_epoch=2, attacks=("fgsm",))
+    grids.validate(grid)
+    by_recipe = {(c.train.optimizer, c.train.freeze_depth): c.train for c in grids.cells(grid).finetune}
+    # The mechanics need gradients, not a learnable task: noise images in mnist5k's shape stand in for it.
+    images = torch.randint(0, 256, (600, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(600) % 10
+    noise = data.Dataset("noise", data.Split(images[:500], labels[:500]), data.Split(images[500:], labels[500:]),
+                         tuple("0123456789"))
+    splits = data.make_splits(noise, 400, 100, seed=0)
+
+    def run(spec: TrainSpec) -> tuple[dict[str, torch.Tensor], list[loop.TrainState]]:
+        """The initial values of the 4 frozen tensors (lenet5's convolutions), and the state after each epoch."""
+        model = loop.prepare_model(spec, splits)
+        convs = {f"body.{n}": p.detach().clone() for n, p in models.layers(model)[:4]}
+        states: list[loop.TrainState] = []
+        assert loop.train(spec, splits, model, on_epoch_end=states.append).ok
+        return convs, states
+
+    _, states = run(by_recipe[("sgd", 4)])
+    groups = states[0].optimizer["param_groups"]
+    assert [len(g["params"]) for g in groups] == [4, 2]  # the unfrozen body tensors (fc1, fc2), then the head
+    assert [g["initial_lr"] for g in groups] == [pytest.approx(0.01), pytest.approx(0.1)]
+    assert groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"]) and groups[0]["momentum"] == 0.9  # SGD, cosine-decayed
+
+    convs, states = run(by_recipe[("adamw", 4)])
+    for epoch in (0, 1):  # epochs 1 and 2: the convolutions stay frozen; the rest of the body and the head at lr
+        assert all(torch.equal(states[epoch].model[name], value) for name, value in convs.items())
+        assert [(len(g["params"]), g["lr"]) for g in states[epoch].optimizer["param_groups"]] == [(4, 0.01), (2, 0.01)]
+    # Epoch 3: every layer unfrozen at lr × 0.1 under ReduceLROnPlateau, and the convolutions move.
+    unfrozen = [(len(g["params"]), g["lr"]) for g in states[2].optimizer["param_groups"]]
+    assert unfrozen == [(8, pytest.approx(0.001)), (2, pytest.approx(0.001))]
+    assert "patience" in states[2].scheduler
+    assert not any(torch.equal(states[2].model[name], value) for name, value in convs.items())
