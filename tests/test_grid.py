@@ -42,7 +42,7 @@ def test_bad_grids_are_refused_before_launch(override: dict, message: str) -> No
 def test_size_beyond_the_pool_is_refused() -> None:
     grid = grids.from_preset("smoke", sizes=(500, 4000))
     with pytest.raises(XferError, match=r"size\(s\) \[4000\] exceed mnist5k's training pool of 3700"):
-        pipeline.prepare(grid, RunOptions(experiment="x"))
+        pipeline.prepare(grid, RunOptions(experiment="x", data_root=str(tiny_root.path)))
 
 
 def test_missing_torchvision_data_names_sets_and_remedies(tmp_path: Path) -> None:
@@ -199,3 +199,10 @@ def test_recipe_cells_train_as_their_recipe_says() -> None:
     assert unfrozen == [(8, pytest.approx(0.001)), (2, pytest.approx(0.001))]
     assert "patience" in states[2].scheduler
     assert not any(torch.equal(states[2].model[name], value) for name, value in convs.items())
+
+
+def test_sources_of_another_image_shape_are_refused_before_launch(tiny_root) -> None:
+    grid = grids.from_preset("smoke", sources=("glyph_letters",), target="cifar10_gray", sizes=(10,), val_size=5,
+                             pretrain_size=100, freeze={"resnet_mini": (0,)})
+    with pytest.raises(XferError, match=r"glyph_letters \(1, 28, 28\) do not share the target cifar10_gray's image shape \(1, 32, 32\)"):
+        pipeline.prepare(grid, RunOptions(experiment="x", data_root=str(tiny_root.path)))

@@ -46,6 +46,12 @@ def prepare(grid: grids.Grid, options: RunOptions) -> tuple[grids.Cells, dict[st
     grids.validate(grid)
     datasets = check_data(grid, options)
     grids.validate(grid, {name: len(ds.train) for name, ds in datasets.items()})
+    target = datasets[grid.target]
+    odd = [f"{name} {ds.in_shape}" for name, ds in datasets.items() if name in grid.sources and ds.in_shape != target.in_shape]
+    if odd:
+        raise XferError(f"source(s) {', '.join(odd)} do not share the target {grid.target}'s image shape {target.in_shape}, "
+                        "so their models cannot be fine-tuned on it; pick sources of the target's shape (digit and "
+                        "character sets are 1×28×28, CIFAR-10 3×32×32, cifar10_gray 1×32×32). Nothing was launched.")
     return grids.cells(grid), datasets
 
 

@@ -92,7 +92,11 @@ def tags_of(spec: TrainingCell, pretrain_run: str | None = None) -> dict[str, st
 def label(spec: TrainingCell) -> str:
     t = spec.train
     src = f"{spec.source}→" if isinstance(spec, FinetuneSpec) and spec.source else ""
-    return f"{spec.stage}:{src}{t.dataset}/{t.arch}/n={t.size or 'all'}/freeze={t.freeze_depth}/lr={t.lr}/seed={t.seed}"
+    recipe = "".join([f"/{t.optimizer}" if t.optimizer != "adamw" else "",
+                      f"/head×{t.head_lr_mult:g}" if t.head_lr_mult != 1 else "",
+                      f"/unfreeze@{t.unfreeze_epoch}" if t.unfreeze_epoch else ""])
+    return (f"{spec.stage}:{src}{t.dataset}/{t.arch}/n={t.size or 'all'}/freeze={t.freeze_depth}/lr={t.lr}"
+            f"{recipe}/seed={t.seed}")
 
 
 def train_cell(spec: TrainingCell, experiment: str, dataset: data.Dataset, session: Session | None = None,
