@@ -1,0 +1,30 @@
+"""Reports: one experiment's MLflow runs → Parquet tables, figures, Markdown tables, verdicts and an index page.
+
+    python -m reports --experiment NAME [--out DIR] [--no-mlflow]
+    build_report(experiment, out=None, log_to_mlflow=True) -> ReportResult(out, files, missing, run_id, verdicts)
+
+The report folder (default ``<runs folder>/reports/<experiment>``, runs folder = ``$XFER_RUNS`` or ``./runs``):
+
+    index.html      opens from disk (relative links): missing parts, verdicts, every figure and table
+    SCHEMA.md       the tables' schema below
+    data/           runs, pretrain, finetune, adder, curves, transfer, verdicts (.parquet), verdicts.json,
+                    transfer_matrix_<attack>_eps<eps>.parquet (one per attack setting)
+    figures/        curves_<target>_n<size>, curves_adder_n<size>, accuracy_vs_size, freeze_depth,
+                    transfer_<attack>_eps<eps> (heatmaps), each as .png and .svg
+    tables/         pretrain.md, finetune.md, attacks.md, verdicts.md
+
+The same files are logged as artifacts of a run with stage ``report`` in the experiment.
+Every Parquet table is written, empty if need be, with the schema below (`reports.schema.SCHEMAS`);
+units: "fraction" is in [0, 1], "s" is wall-clock seconds.
+
+Schema
+------
+"""
+
+from reports.build import ReportResult, build_report
+from reports.schema import SCHEMAS, markdown_doc
+
+# Generated from SCHEMAS, the one definition writers and tests use, so this documentation cannot drift.
+__doc__ += markdown_doc()
+
+__all__ = ["ReportResult", "SCHEMAS", "build_report"]

@@ -1,0 +1,166 @@
+"""`build_report`: one experiment's MLflow runs → Parquet, figures, Markdown, verdicts, index.html, a `report` run.
+
+Every part is made from whatever runs exist; a part whose inputs are absent is named in `missing`
+(and on the index page) instead of failing the report, so a half-finished grid still gets one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from reports import figures, markdown, schema, tables
+from reports.html import index_page
+from reports.tables import Tables
+from reports.verdicts import all_verdicts
+from xfer import names, tracking
+
+DATA, FIGURES, TABLES = "data", "figures", "tables"   # sub-folders of the report folder
+SCHEMA_FILE = "SCHEMA.md"
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """Where the report went, what it wrote, what it could not make, its MLflow run (None if not logged), and its
+    verdicts (the `verdicts` table: one row per claim and scope, with its printable `line`)."""
+
+    out: Path
+    files: list[Path]
+    missing: list[str]
+    run_id: str | None = None
+    verdicts: pd.DataFrame | None = None
+
+
+def build_report(experiment: str, out: Path | None = None, log_to_mlflow: bool = True) -> ReportResult:
+    """Build the report of `experiment` in `out` (default ``<runs folder>/reports/<experiment>``).
+
+    Raises XferError, naming the known experiments, when `experiment` does not exist. Files an earlier
+    report left in `out` that this one does not write are left alone, and neither linked nor logged.
+    """
+    tables.ensure_experiment(experiment)
+    out = Path(out) if out is not None else tracking.runs_dir() / "reports" / experiment
+    out.mkdir(parents=True, exist_ok=True)
+    found = tables.collect(experiment)
+    verdicts = all_verdicts(found.finetune, found.adder, found.transfer)
+    missing = missing_inputs(experiment, found)
+    files = write_data(found, verdicts, out) + write_figures(found, out) + write_markdown(found, verdicts, out)
+    index = out / "index.html"
+    index.write_text(index_page(experiment, out, files, missing, list(verdicts["line"])))
+    files.append(index)
+    run_id = log_report(experiment, out, files, found.runs["run_id"]) if log_to_mlflow else None
+    return ReportResult(out, files, missing, run_id, verdicts)
+
+
+def missing_inputs(experiment: str, found: Tables) -> list[str]:
+    """The inputs that are absent, each with the parts of the report it leaves empty."""
+    unmatched = len(found.finetune) > 0 and found.finetune["scratch_run_id"].isna().all()
+    checks = [
+        (found.runs.empty, f"no runs at all in experiment {experiment!r}: every table is empty"),
+        (found.pretrain.empty, "no finished pretrain runs: the pretrain table and pretrain accuracy table are empty"),
+        (found.finetune.empty, "no finished finetune runs: the finetune table, accuracy-vs-size and freeze-depth "
+                               "figures, fine-tune accuracy table and fine-tune-vs-scratch verdicts are not made"),
+        (unmatched, "no fine-tune run has a matching finished scratch run (same target, arch, size, seed, lr): "
+                    "the scratch_* columns are empty and fine-tuning is not compared with scratch"),
+        (found.curves.empty, f"no training run has a {names.CURVE_FILE} artifact: curve figures are not made"),
+        (found.without_curve and not found.curves.empty,
+         f"{len(found.without_curve)} finished training run(s) have no {names.CURVE_FILE} artifact and are absent "
+         f"from the curves: {', '.join(found.without_curve[:5])}{' ...' if len(found.without_curve) > 5 else ''}"),
+        (found.transfer.empty, "no finished attack evaluation runs: the transfer table, transfer matrices, heatmaps, "
+                               "attack table and attack verdicts are not made"),
+        (found.adder.empty, "no finished adder transfer runs (stage adder, variant transfer): the adder table is "
+                            "empty and adder transfer is not compared with scratch"),
+    ]
+    return [message for absent, message in checks if absent]
+
+
+def write_data(found: Tables, verdicts: pd.DataFrame, out: Path) -> list[Path]:
+    """Every table as Parquet with its documented schema (empty tables too), the matrices, verdicts as JSON."""
+    data = out / DATA
+    data.mkdir(exist_ok=True)
+    files = []
+    for table, frame, extra in (("runs", found.runs, found.params), ("pretrain", found.pretrain, []),
+                                ("finetune", found.finetune, []), ("adder", found.adder, []),
+                                ("curves", found.curves, []), ("transfer", found.transfer, []),
+                                ("verdicts", verdicts, [])):
+        files.append(data / f"{table}.parquet")
+        pq.write_table(schema.to_arrow(frame, table, extra), files[-1])
+    for (attack, eps), (matrix, _same) in tables.matrices(found.transfer).items():
+        files.append(data / f"{schema.MATRIX_PREFIX}{_slug(attack)}_eps{eps:g}.parquet")
+        pq.write_table(pa.Table.from_pandas(matrix.reset_index(), preserve_index=False), files[-1])
+    files.append(data / "verdicts.json")
+    files[-1].write_text(json.dumps(json.loads(verdicts.to_json(orient="records")), indent=2))
+    files.append(out / SCHEMA_FILE)
+    files[-1].write_text("# Report tables\n\n" + schema.markdown_doc() + "\n")
+    return files
+
+
+def write_figures(found: Tables, out: Path) -> list[Path]:
+    """Curves (transfer vs scratch), accuracy vs size, freeze depth, one heatmap per attack setting."""
+    directory = out / FIGURES
+    files = []
+    for (stem, title), curves in curve_sets(found).items():
+        files += figures.save(figures.error_curves(curves, title), directory, stem)
+    if len(found.finetune):
+        files += figures.save(figures.accuracy_vs_size(found.finetune), directory, "accuracy_vs_size")
+        files += figures.save(figures.freeze_effect(found.finetune), directory, "freeze_depth")
+    for (attack, eps), (matrix, same) in tables.matrices(found.transfer).items():
+        fig = figures.transfer_heatmap(matrix, same, f"{attack}, eps={eps:g}: adversarial accuracy")
+        files += figures.save(fig, directory, f"transfer_{_slug(attack)}_eps{eps:g}")
+    return files
+
+
+def curve_sets(found: Tables) -> dict[tuple[str, str], pd.DataFrame]:
+    """Curves of each transfer-vs-scratch comparison keyed by (file stem, title); `group` says a run's side.
+
+    Fine-tune vs scratch: one figure per (target, size); adder transfer vs scratch: one per size.
+    """
+    runs = found.runs.set_index("run_id")[["stage", "target", "size", "variant"]]
+    curves = found.curves.join(runs, on="run_id")
+    training = curves[curves["stage"].isin([names.FINETUNE, names.SCRATCH])]
+    training = training.assign(group=training["stage"].map({names.FINETUNE: tables.TRANSFER, names.SCRATCH: names.SCRATCH}))
+    adder = curves[(curves["stage"] == names.ADDER) & curves["variant"].isin([names.VARIANT_TRANSFER, names.VARIANT_SCRATCH])]
+    sets = {}
+    for (target, size), rows in training.groupby(["target", "size"], sort=True):
+        n = tables.size_text(size)
+        sets[(f"curves_{_slug(target)}_n{n}", f"{target}, n={n}: fine-tuned (transfer) vs scratch")] = rows
+    for size, rows in adder.assign(group=adder["variant"]).groupby("size", sort=True):
+        n = tables.size_text(size)
+        sets[(f"curves_adder_n{n}", f"adder, n={n}: transfer vs scratch")] = rows
+    return sets
+
+
+def write_markdown(found: Tables, verdicts: pd.DataFrame, out: Path) -> list[Path]:
+    """The seed-shaped tables; a table whose input is empty is left out (its absence is already in `missing`)."""
+    directory = out / TABLES
+    made = {"pretrain": (found.pretrain, markdown.pretrain_table), "finetune": (found.finetune, markdown.finetune_table),
+            "attacks": (found.transfer, markdown.attacks_table), "verdicts": (verdicts, markdown.verdicts_list)}
+    files = []
+    for name, (frame, render) in made.items():
+        if len(frame):
+            directory.mkdir(exist_ok=True)
+            files.append(directory / f"{name}.md")
+            files[-1].write_text(render(frame))
+    return files
+
+
+def log_report(experiment: str, out: Path, files: list[Path], run_ids: pd.Series) -> str:
+    """Log the report's files as artifacts of a `report` run (same layout as on disk); its run id.
+
+    The run's key hashes the runs the report read, so reports of the same runs share one key.
+    """
+    key = hashlib.sha256("\n".join([experiment, *sorted(run_ids)]).encode()).hexdigest()[:16]
+    with tracking.start_run(experiment, names.REPORT, key, run_name=f"report-{experiment}") as run:
+        for path in files:
+            folder = path.parent.relative_to(out).as_posix()
+            run.log_artifact(path, None if folder == "." else folder)
+    return run.run_id
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in str(text))

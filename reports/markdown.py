@@ -1,0 +1,77 @@
+"""Markdown tables in the shape of the seed study's tables, built from the report tables.
+
+Cells read "mean ± sd" over seeds, in percent; sizes of 0 (the whole training pool) read "all".
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from reports.tables import size_order, size_text
+from xfer import names
+
+
+def render(df: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table of `df` (index included when named)."""
+    if any(df.index.names):
+        df = df.reset_index()
+    header = "| " + " | ".join(str(c) for c in df.columns) + " |"
+    rule = "|" + "---|" * len(df.columns)
+    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+def mean_sd(values: pd.Series) -> str:
+    """Percent "mean ± sd (n)"; a single value has no spread to show."""
+    values = values.dropna()
+    if values.empty:
+        return ""
+    if len(values) == 1:
+        return f"{100 * values.iloc[0]:.2f}"
+    return f"{100 * values.mean():.2f} ± {100 * values.std():.2f} ({len(values)})"
+
+
+def pretrain_table(pretrain: pd.DataFrame) -> str:
+    """Pretrain test accuracy (%): rows source datasets, columns archs."""
+    table = pretrain.pivot_table(index="source", columns="arch", values="test_acc", aggfunc=mean_sd, fill_value="")
+    return "## Pretraining: test accuracy (%) per source × arch\n\n" + render(table.rename_axis(columns=None))
+
+
+def finetune_table(finetune: pd.DataFrame) -> str:
+    """Fine-tune test accuracy (%): rows (arch, source, freeze depth) plus each arch's scratch row, columns sizes."""
+    scratch = (finetune.dropna(subset=["scratch_run_id"]).drop_duplicates("scratch_run_id")
+               .assign(source="scratch", freeze_depth="–", test_acc=lambda d: d["scratch_test_acc"]))
+    rows = pd.concat([finetune.assign(freeze_depth=finetune["freeze_depth"].astype("string")), scratch])
+    table = rows.pivot_table(index=["target", "arch", "source", "freeze_depth"], columns="size", values="test_acc",
+                             aggfunc=mean_sd, fill_value="")
+    table = table[size_order(rows["size"])].rename(columns=size_text).rename_axis(columns=None)
+    return "## Fine-tuning: test accuracy (%) per size (columns) and freeze depth\n\n" + render(table)
+
+
+def attacks_table(transfer: pd.DataFrame) -> str:
+    """Attacks from A (pretrained on the target's source) vs B (other sources) on C (the fine-tuned target), in %.
+
+    A includes C's parent; the white-box column is C attacked on itself, the reference for how much an attack
+    can do at all.
+    """
+    def side(mask: pd.Series, name: str) -> pd.Series:
+        return transfer[mask].groupby(keys)["adv_acc"].mean().rename(name)
+
+    keys = ["target_label", "attack", "eps"]
+    pretrained = transfer["surrogate_stage"].eq(names.PRETRAIN)
+    table = pd.concat([
+        transfer.groupby(keys)["clean_acc"].mean().rename("clean"),
+        side(pretrained & transfer["same_source"].eq(True), "A: same source"),
+        side(pretrained & transfer["is_parent"].eq(True), "A: parent"),
+        side(pretrained & transfer["same_source"].eq(False), "B: other sources"),
+        side(transfer["surrogate_run_id"] == transfer["target_run_id"], "C itself (white-box)"),
+    ], axis=1)
+    table["A − B (pp)"] = table["A: same source"] - table["B: other sources"]
+    table = (100 * table).round(2).astype(object).where(table.notna(), "")
+    return ("## Attacks: target C's accuracy (%) on adversarial examples from A (same source) vs B (other sources)"
+            "\n\n" + render(table.rename_axis(index=["C (target)", "attack", "eps"])))
+
+
+def verdicts_list(verdicts: pd.DataFrame) -> str:
+    """The verdict lines as a Markdown list."""
+    return "## Verdicts\n\n" + "".join(f"- {line}\n" for line in verdicts["line"])

@@ -1,0 +1,161 @@
+"""The Parquet schema of every report table: column names, Arrow types, units and meaning, defined once.
+
+Writers conform their DataFrames to these schemas (`to_arrow`), tests read the files back and compare
+against them, and the package docstring is generated from them, so the documentation cannot drift.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class Column:
+    """One documented column of a report table."""
+
+    name: str
+    type: pa.DataType
+    unit: str   # "fraction" (in [0, 1]), "s" (wall-clock seconds), "examples", "id", ... or "" for labels
+    doc: str
+
+
+STR, I64, F64, BOOL = pa.string(), pa.int64(), pa.float64(), pa.bool_()
+TIME = pa.timestamp("ms", tz="UTC")
+
+RUN_ID = Column("run_id", STR, "id", "MLflow run id of this row's run")
+KEY = Column("key", STR, "id", "xfer.key: content hash of the cell's spec")
+SOURCE = Column("source", STR, "", "pretraining dataset ('' for scratch)")
+TARGET = Column("target", STR, "", "dataset trained on (fine-tune / scratch)")
+ARCH = Column("arch", STR, "", "architecture registry name")
+SIZE = Column("size", I64, "examples", "training-set size; 0 = the whole training pool (tag 'all')")
+FREEZE = Column("freeze_depth", I64, "layers", "leading layers frozen during fine-tuning")
+LR = Column("lr", F64, "", "base learning rate")
+SEED = Column("seed", I64, "", "random seed of the cell")
+
+# Final metrics of a training run (also on adder runs).
+TRAIN_METRICS = (
+    Column("test_error", F64, "fraction", "final test error"),
+    Column("test_acc", F64, "fraction", "final test accuracy"),
+    Column("val_error", F64, "fraction", "final validation error"),
+    Column("val_acc", F64, "fraction", "final validation accuracy"),
+    Column("train_error", F64, "fraction", "final running training error"),
+    Column("seconds", F64, "s", "wall-clock training time"),
+)
+ATTACK_METRICS = (
+    Column("clean_acc", F64, "fraction", "target accuracy on the clean examples"),
+    Column("adv_acc", F64, "fraction", "target accuracy on the surrogate's adversarial examples"),
+    Column("success_rate", F64, "fraction", "share of clean-correct examples the attack flips"),
+    Column("whitebox_success", F64, "fraction", "attack success on the surrogate itself (generation run)"),
+)
+# The matched scratch baseline, joined onto transfer rows: the same columns, prefixed.
+BASELINE = (Column("scratch_run_id", STR, "id", "matched scratch run (null when none was found)"),) + tuple(
+    Column("scratch_" + c.name, c.type, c.unit, "matched scratch run's " + c.doc) for c in TRAIN_METRICS
+)
+
+SCHEMAS: dict[str, tuple[Column, ...]] = {
+    "runs": (
+        RUN_ID,
+        Column("stage", STR, "", "xfer.stage: pretrain, finetune, scratch, attack, adder, tune"),
+        KEY,
+        Column("status", STR, "", "MLflow run status (FINISHED, FAILED, ...)"),
+        Column("run_name", STR, "", "MLflow run name"),
+        Column("start_time", TIME, "UTC", "run start"),
+        Column("end_time", TIME, "UTC", "run end (null while running)"),
+        SOURCE, TARGET, ARCH, SIZE, FREEZE, LR, SEED,
+        Column("variant", STR, "", "adder runs: transfer or scratch"),
+        Column("attack", STR, "", "attack runs: attack registry name"),
+        Column("eps", F64, "pixel [0,1]", "attack runs: L-inf budget"),
+        Column("same_source", BOOL, "", "attack evaluations: surrogate and target share a pretraining source"),
+        Column("is_parent", BOOL, "", "attack evaluations: surrogate is the target's own pretrain run"),
+        Column("pretrain_run_id", STR, "id", "fine-tune runs: the pretrain run it started from"),
+        Column("surrogate_run_id", STR, "id", "attack runs: the surrogate model's run"),
+        Column("target_run_id", STR, "id", "attack evaluations: the attacked model's run"),
+        Column("parent_run_id", STR, "id", "MLflow parent run (attack evaluations: their generation run)"),
+        *TRAIN_METRICS,
+        *ATTACK_METRICS,
+    ),
+    "pretrain": (RUN_ID, KEY, SOURCE, ARCH, SIZE, LR, SEED, *TRAIN_METRICS),
+    "finetune": (RUN_ID, KEY, Column("pretrain_run_id", STR, "id", "the pretrain run it started from"),
+                 SOURCE, TARGET, ARCH, SIZE, FREEZE, LR, SEED, *TRAIN_METRICS, *BASELINE),
+    "adder": (RUN_ID, SIZE, SEED, *TRAIN_METRICS, *BASELINE),
+    "curves": (
+        RUN_ID,
+        Column("step", I64, "optimizer steps", "iteration the point was recorded at"),
+        Column("epoch", F64, "epochs", "fractional epoch (null when read from metric history)"),
+        Column("seconds", F64, "s", "wall-clock seconds since the run started"),
+        Column("split", STR, "", "train, val or test"),
+        Column("error", F64, "fraction", "error on that split"),
+    ),
+    "transfer": (
+        RUN_ID,
+        Column("generation_run_id", STR, "id", "the run that generated the adversarial examples"),
+        Column("surrogate_run_id", STR, "id", "model the examples were made on"),
+        Column("target_run_id", STR, "id", "model evaluated on them"),
+        Column("surrogate_stage", STR, "", "stage of the surrogate's run: pretrain, scratch, or finetune for a "
+                                           "white-box reference (surrogate = target); null for an ensemble"),
+        Column("surrogate_label", STR, "", "readable surrogate, seed left out: source/arch for a pretrained model"),
+        Column("target_label", STR, "", "readable target, seed left out: source>target/arch/n<size>/f<freeze>"),
+        Column("target_seed", I64, "", "the target run's seed (the unit verdicts resample)"),
+        Column("attack", STR, "", "attack registry name"),
+        Column("eps", F64, "pixel [0,1]", "L-inf budget"),
+        *ATTACK_METRICS,
+        Column("same_source", BOOL, "", "surrogate and target share a pretraining source"),
+        Column("is_parent", BOOL, "", "surrogate is the target's own pretrain run"),
+    ),
+    "verdicts": (
+        Column("claim", STR, "", "which claim: finetune_beats_scratch, adder_transfer_beats_scratch, "
+                                   "same_source_lowers_more or parent_beats_unrelated"),
+        Column("scope", STR, "", "the slice the claim is tested on, e.g. 'target=mnist size=1000'"),
+        Column("n_seeds", I64, "seeds", "independent seeds (pairs) the bootstrap resamples"),
+        Column("effect", F64, "fraction", "mean paired difference; > 0 favours the claim"),
+        Column("ci_low", F64, "fraction", "95% paired-bootstrap interval, lower end (null if insufficient)"),
+        Column("ci_high", F64, "fraction", "95% paired-bootstrap interval, upper end (null if insufficient)"),
+        Column("measure", STR, "", "what `effect` is a difference of"),
+        Column("verdict", STR, "", "supported, contradicted, inconclusive or insufficient seeds"),
+        Column("line", STR, "", "the verdict as one sentence"),
+    ),
+}
+
+MATRIX_PREFIX = "transfer_matrix_"
+MATRIX_DOC = (
+    f"`{MATRIX_PREFIX}<attack>_eps<eps>.parquet`, one per attack setting: column `surrogate` (string, "
+    "surrogate_label), then one float64 column per target_label holding the mean `adv_acc` (fraction) over "
+    "the evaluations in that cell (seeds pooled); null where the pair was not evaluated. White-box references "
+    "(surrogate = target) are left out."
+)
+PARAMS_DOC = (
+    "`runs` also carries every MLflow param as a string column named by its flat dotted key "
+    "(e.g. `train.lr`), as logged; a param whose name equals a fixed column is written as `params.<name>`."
+)
+
+
+def arrow_schema(table: str, extra: Sequence[str] = ()) -> pa.Schema:
+    """The Arrow schema of `table`; `extra` string columns (params) follow the documented ones."""
+    fields = [pa.field(c.name, c.type, metadata={"unit": c.unit, "doc": c.doc}) for c in SCHEMAS[table]]
+    return pa.schema(fields + [pa.field(name, STR) for name in extra])
+
+
+def to_arrow(df: pd.DataFrame, table: str, extra: Sequence[str] = ()) -> pa.Table:
+    """`df` as an Arrow table with exactly the documented columns, in order; absent columns become null."""
+    schema = arrow_schema(table, extra)
+    arrays = []
+    for f in schema:
+        values = df[f.name] if f.name in df.columns else pd.Series([None] * len(df), dtype=object)
+        if pa.types.is_timestamp(f.type):
+            values = pd.to_datetime(values, utc=True)
+        arrays.append(pa.array(values, type=f.type, from_pandas=True))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def markdown_doc() -> str:
+    """The schema as Markdown: one section per table, one row per column."""
+    parts = []
+    for table, columns in SCHEMAS.items():
+        rows = "\n".join(f"| `{c.name}` | {c.type} | {c.unit} | {c.doc} |" for c in columns)
+        parts.append(f"### `{table}.parquet`\n\n| column | type | unit | meaning |\n|---|---|---|---|\n{rows}")
+    parts.append(f"### transfer matrices\n\n{MATRIX_DOC}\n\n{PARAMS_DOC}")
+    return "\n\n".join(parts)

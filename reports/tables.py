@@ -1,0 +1,223 @@
+"""MLflow runs → the report's DataFrames: runs, pretrain, finetune (+ scratch baseline), adder, curves, transfer.
+
+Joins go through run ids recorded as lineage tags (pretrain run, surrogate run, target run, MLflow parent),
+never through names; the only join on values is a transfer run with its scratch baseline, which by design
+shares no lineage with it.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from reports.schema import ATTACK_METRICS, SCHEMAS, TRAIN_METRICS
+from xfer import names, tracking
+from xfer.errors import XferError
+
+# The treated side of every transfer-vs-scratch comparison (fine-tune runs, adder transfer runs) in figures.
+TRANSFER = names.VARIANT_TRANSFER
+
+TRAINING_STAGES = (names.PRETRAIN, names.FINETUNE, names.SCRATCH, names.ADDER)
+METRIC_NAMES = [c.name for c in TRAIN_METRICS + ATTACK_METRICS]
+FINISHED = "FINISHED"
+ENSEMBLE_JOIN = "+"    # xfer.attack joins an ensemble surrogate's run ids with this
+DOWNLOAD_THREADS = 8   # curve downloads are one small HTTP request each: latency-bound, so overlap them
+
+# Tag → runs column, parsed by type; an empty or absent tag is null.
+STRING_TAGS = {"source": names.TAG_SOURCE, "target": names.TAG_TARGET, "arch": names.TAG_ARCH,
+               "variant": names.TAG_VARIANT, "attack": names.TAG_ATTACK, "pretrain_run_id": names.TAG_PRETRAIN_RUN,
+               "surrogate_run_id": names.TAG_SURROGATE_RUN, "target_run_id": names.TAG_TARGET_RUN,
+               "parent_run_id": MLFLOW_PARENT_RUN_ID, "run_name": MLFLOW_RUN_NAME}
+INT_TAGS = {"size": names.TAG_SIZE, "freeze_depth": names.TAG_FREEZE, "seed": names.TAG_SEED}
+FLOAT_TAGS = {"lr": names.TAG_LR, "eps": names.TAG_EPS}
+WHOLE_POOL = ("all", "None")  # size tags of a run on the whole training pool (stages write "all")
+BOOL_TAGS = {"same_source": names.TAG_SAME_SOURCE, "is_parent": names.TAG_IS_PARENT}
+
+
+@dataclass(frozen=True)
+class Tables:
+    """Everything the figures, Markdown and verdicts are drawn from; `params` are the runs table's extra columns."""
+
+    runs: pd.DataFrame
+    params: list[str]
+    without_curve: list[str]   # finished training runs that logged no curve artifact
+    pretrain: pd.DataFrame
+    finetune: pd.DataFrame
+    adder: pd.DataFrame
+    curves: pd.DataFrame
+    transfer: pd.DataFrame
+
+
+def collect(experiment: str) -> Tables:
+    """Read every run of `experiment` (the report's own runs excepted) into the report tables."""
+    records = [r for r in tracking.query(experiment, status=None) if r.stage != names.REPORT]
+    runs, params = runs_frame(records)
+    finished = runs[runs["status"] == FINISHED]
+    curves, without_curve = curves_frame(finished[finished["stage"].isin(TRAINING_STAGES)])
+    return Tables(
+        runs=runs, params=params, without_curve=without_curve, curves=curves,
+        pretrain=_select(finished[finished["stage"] == names.PRETRAIN], "pretrain"),
+        finetune=finetune_frame(finished),
+        adder=adder_frame(finished),
+        transfer=transfer_frame(finished),
+    )
+
+
+def ensure_experiment(experiment: str) -> None:
+    """Fail with the known experiment names when `experiment` does not exist."""
+    client = MlflowClient(tracking.ensure_server())
+    if client.get_experiment_by_name(experiment) is None:
+        known = sorted(e.name for e in client.search_experiments())
+        raise XferError(
+            f"no MLflow experiment named {experiment!r} at {client.tracking_uri}; known experiments: "
+            f"{', '.join(known) or '(none)'}. Pass one of these to --experiment, or point MLFLOW_TRACKING_URI "
+            "(or XFER_RUNS) at the server that recorded the grid."
+        )
+
+
+def runs_frame(records: list[tracking.RunRecord]) -> tuple[pd.DataFrame, list[str]]:
+    """One row per run: typed tags, lineage ids, final metrics, and each param under its own (string) column."""
+    fixed = {c.name for c in SCHEMAS["runs"]}
+    rows, params = [], set()
+    for r in records:
+        row = {"run_id": r.run_id, "stage": r.stage, "key": r.key, "status": r.status,
+               "start_time": r.start_time, "end_time": r.end_time}
+        row |= {col: r.tags.get(tag) or None for col, tag in STRING_TAGS.items()}
+        row |= {col: _number(r.tags.get(tag), int) for col, tag in INT_TAGS.items()}
+        if r.tags.get(names.TAG_SIZE) in WHOLE_POOL:
+            row["size"] = 0
+        row |= {col: _number(r.tags.get(tag), float) for col, tag in FLOAT_TAGS.items()}
+        row |= {col: {"true": True, "false": False}.get(r.tags.get(tag, "")) for col, tag in BOOL_TAGS.items()}
+        row |= {m: r.metrics.get(m, np.nan) for m in METRIC_NAMES}
+        renamed = {("params." + k if k in fixed else k): v for k, v in r.params.items()}
+        params.update(renamed)
+        rows.append(row | renamed)
+    columns = [c.name for c in SCHEMAS["runs"]] + sorted(params)
+    frame = pd.DataFrame(rows, columns=columns)
+    frame[list(INT_TAGS)] = frame[list(INT_TAGS)].astype("Int64")
+    for col in BOOL_TAGS:  # object, not bool: a missing flag must stay missing, not become False
+        frame[col] = frame[col].astype(object)
+    return frame, sorted(params)
+
+
+def finetune_frame(finished: pd.DataFrame) -> pd.DataFrame:
+    """Fine-tune runs with the scratch run of the same target, arch, size, seed and lr joined as scratch_*."""
+    finetune = _select(finished[finished["stage"] == names.FINETUNE], "finetune")
+    scratch = finished[finished["stage"] == names.SCRATCH]
+    return _select(with_baseline(finetune, scratch, ["target", "arch", "size", "seed", "lr"]), "finetune")
+
+
+def adder_frame(finished: pd.DataFrame) -> pd.DataFrame:
+    """Adder transfer runs with the scratch variant of the same size and seed joined as scratch_*."""
+    adder = finished[finished["stage"] == names.ADDER]
+    transfer = adder[adder["variant"] == names.VARIANT_TRANSFER]
+    scratch = adder[adder["variant"] == names.VARIANT_SCRATCH]
+    return _select(with_baseline(transfer, scratch, ["size", "seed"]), "adder")
+
+
+def with_baseline(treated: pd.DataFrame, baseline: pd.DataFrame, on: list[str]) -> pd.DataFrame:
+    """Left-join each treated run with its baseline run on `on`; of several candidates the newest wins."""
+    metrics = [c.name for c in TRAIN_METRICS]
+    base = baseline.sort_values("start_time").drop_duplicates(on, keep="last")[on + ["run_id"] + metrics]
+    base = base.rename(columns={c: "scratch_" + c for c in ["run_id"] + metrics})
+    return treated[[c for c in treated.columns if not c.startswith("scratch_")]].merge(base, on=on, how="left")
+
+
+def curves_frame(training: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The long error curves of training runs (their curve artifacts), and the runs that have none."""
+    columns = [c.name for c in SCHEMAS["curves"]]
+    run_ids = list(training["run_id"])
+    with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
+        found = list(pool.map(_curve, run_ids))
+    parts = [curve for curve in found if curve is not None]
+    without = [run_id for run_id, curve in zip(run_ids, found) if curve is None]
+    return pd.concat([pd.DataFrame(columns=columns), *parts], ignore_index=True)[columns], without
+
+
+def _curve(run_id: str) -> pd.DataFrame | None:
+    try:
+        return pd.DataFrame(tracking.read_curve(run_id)).assign(run_id=run_id)
+    except XferError:  # the run logged no curve: reported as missing, not fatal
+        return None
+
+
+def transfer_frame(finished: pd.DataFrame) -> pd.DataFrame:
+    """Attack evaluations (one per surrogate × target × attack setting) with readable labels and the target's seed."""
+    attack = finished[finished["stage"] == names.ATTACK]
+    evaluations = attack[attack["target_run_id"].notna()]
+    generation = attack[attack["target_run_id"].isna()].set_index("run_id")["whitebox_success"]
+    models = finished[finished["stage"].isin(TRAINING_STAGES)].set_index("run_id")
+    labels = models.apply(label, axis=1) if len(models) else pd.Series(dtype=object)
+
+    def surrogate_label(run_ids: str) -> str:  # an ensemble's surrogate_run_id is its members' ids joined by "+"
+        return "+".join(labels.get(run_id, run_id[:8]) for run_id in run_ids.split(ENSEMBLE_JOIN))
+
+    frame = evaluations.drop(columns=["whitebox_success"]).assign(
+        generation_run_id=evaluations["parent_run_id"],
+        whitebox_success=evaluations["parent_run_id"].map(generation),
+        surrogate_stage=evaluations["surrogate_run_id"].map(models["stage"]),
+        surrogate_label=evaluations["surrogate_run_id"].map(surrogate_label, na_action="ignore"),
+        target_label=evaluations["target_run_id"].map(labels),
+        target_seed=evaluations["target_run_id"].map(models["seed"]).astype("Int64"),
+    )
+    return _select(frame, "transfer")
+
+
+def matrices(transfer: pd.DataFrame) -> dict[tuple[str, float], tuple[pd.DataFrame, pd.DataFrame]]:
+    """Per attack setting: mean adv_acc (surrogates × targets) and whether each cell is same-source.
+
+    White-box references (a target attacked on itself) are left out: one row per fine-tuned model with a
+    single filled cell would swamp the matrix; they stay in `transfer` and the attack table.
+    """
+    out = {}
+    transferred = transfer[transfer["surrogate_run_id"] != transfer["target_run_id"]]
+    for (attack, eps), rows in transferred.groupby(["attack", "eps"], sort=True):
+        pivot = dict(index="surrogate_label", columns="target_label")
+        acc = rows.pivot_table(values="adv_acc", aggfunc="mean", **pivot)
+        same = rows.assign(same=rows["same_source"].eq(True)).pivot_table(values="same", aggfunc="any", **pivot)
+        out[(attack, eps)] = (acc.rename_axis(index="surrogate", columns=None), same.reindex_like(acc))
+    return out
+
+
+def label(run: pd.Series) -> str:
+    """A model's readable name without its seed (matrices average seeds): e.g. ``kmnist>mnist/resnet_mini/n1000/f4``."""
+    size = size_text(run["size"])
+    if run["stage"] == names.PRETRAIN:
+        return f"{run['source']}/{run['arch']}"
+    if run["stage"] == names.FINETUNE:
+        return f"{run['source']}>{run['target']}/{run['arch']}/n{size}/f{run['freeze_depth']}"
+    if run["stage"] == names.SCRATCH:
+        return f"scratch>{run['target']}/{run['arch']}/n{size}"
+    return f"{run['stage']}:{run.name[:8]}"
+
+
+def size_text(size: int | None) -> str:
+    """A size for people and file names: 0 (the whole training pool) reads "all", an unknown one "?"."""
+    return "?" if pd.isna(size) else "all" if size == 0 else str(int(size))
+
+
+def size_order(sizes: pd.Series) -> list[int]:
+    """Distinct sizes ascending, with 0 (the whole pool, the largest) last."""
+    return sorted({int(s) for s in sizes.dropna()}, key=lambda s: (s == 0, s))
+
+
+def _select(frame: pd.DataFrame, table: str) -> pd.DataFrame:
+    """`frame` restricted to (and completed with null) the documented columns of `table`, index reset."""
+    columns = [c.name for c in SCHEMAS[table]]
+    return frame.reindex(columns=columns).reset_index(drop=True)
+
+
+def _number(text: str | None, kind: type) -> float | int | None:
+    """A numeric tag; unparseable text is null rather than a crash (a report of the rest beats none)."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    if not np.isfinite(value):
+        return None
+    return int(value) if kind is int else value

@@ -1,0 +1,308 @@
+"""Reports on a small real experiment: runs logged through xfer.tracking on a local MLflow server, no training.
+
+The experiment plants known answers: fine-tuning at n=1000 beats scratch by 10 points over 5 seeds, n=500
+has no effect (zero-mean noise), n=100 has only 2 seeds; the parent's adversarial examples cut the target's
+accuracy to 0.2 where the other source's leave 0.6; the adder's transfer variant beats scratch over 3 seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import uuid
+from pathlib import Path
+
+import duckdb
+import matplotlib.image
+import numpy as np
+import pandas as pd
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+from mlflow import MlflowClient
+from tracking_fixtures import Server, mlflow_server  # noqa: F401  (the session's MLflow server)
+
+from reports import SCHEMAS, build_report
+from reports.__main__ import main as cli_main
+from reports.schema import MATRIX_PREFIX, arrow_schema
+from reports.verdicts import ADDER_CLAIM, INSUFFICIENT, MIN_SEEDS, bootstrap_mean, verdict_rows
+from xfer import names, tracking
+from xfer.cli import run_main
+from xfer.errors import XferError
+
+SUFFIX = uuid.uuid4().hex[:8]   # the MLflow server is shared by the whole session: names must not collide
+EXPERIMENT, EMPTY, PARTIAL, CLI = (f"{name}-{SUFFIX}" for name in ("study", "empty", "partial", "cli"))
+TARGET, ARCH, LR = "mnist", "resnet_mini", 0.001
+SEEDS = range(5)
+NOISE = (0.01, -0.02, 0.005, 0.02, -0.015)   # zero mean: a "no effect" slice differs by noise alone
+PARENT_ADV, OTHER_ADV, WHITEBOX_ADV = 0.2, 0.6, 0.0
+ADDER_SEEDS = range(3)
+ADDER_TRANSFER_ERROR = [0.02 + NOISE[seed] / 10 for seed in ADDER_SEEDS]
+ADDER_SCRATCH_ERROR = [0.10 + NOISE[seed + 1] / 10 for seed in ADDER_SEEDS]
+
+
+def _training_run(stage: str, seed: int, size: int, test_error: float, source: str = "", target: str = TARGET,
+                  pretrain_run: str | None = None, curve: bool = True, experiment: str = EXPERIMENT) -> str:
+    tags = {names.TAG_SOURCE: source, names.TAG_TARGET: target, names.TAG_ARCH: ARCH, names.TAG_SIZE: str(size),
+            names.TAG_FREEZE: "0", names.TAG_LR: str(LR), names.TAG_SEED: str(seed)}
+    if pretrain_run:
+        tags[names.TAG_PRETRAIN_RUN] = pretrain_run
+    params = {"train.arch": ARCH, "train.lr": LR, "train.seed": seed, "train.size": size, "train.head_lr_mult": 10.0}
+    with tracking.start_run(experiment, stage, f"{stage}-{source}-{size}-{seed}", tags=tags, params=params) as run:
+        # The last point is the final error: MLflow's "latest" metric value is the one at the highest step.
+        points = [(step, test_error + 0.01 * (30 - step)) for step in (0, 10, 20, 30)]
+        if curve:
+            run.log_curve([{"step": s, "epoch": s / 10, "seconds": 0.5 * s, "split": split, "error": e}
+                           for s, e in points for split in ("train", "test")])
+        else:  # a run without the curve artifact: named in the report's missing parts
+            for s, e in points:
+                run.log_metrics({names.TEST_ERROR: e}, step=s)
+        run.log_metrics({names.TEST_ERROR: test_error, names.TEST_ACC: 1 - test_error, names.VAL_ERROR: test_error,
+                         names.VAL_ACC: 1 - test_error, names.TRAIN_ERROR: test_error / 2, names.SECONDS: 15.0})
+    return run.run_id
+
+
+def _adder_run(variant: str, seed: int, test_error: float) -> None:
+    tags = {names.TAG_VARIANT: variant, names.TAG_SIZE: "200", names.TAG_SEED: str(seed)}
+    with tracking.start_run(EXPERIMENT, names.ADDER, f"adder-{variant}-{seed}", tags=tags) as run:
+        run.log_curve([{"step": s, "epoch": s / 10, "seconds": 0.2 * s, "split": "val", "error": test_error + 0.3 / (1 + s)}
+                       for s in (0, 10, 20)])
+        run.log_metrics({names.TEST_ERROR: test_error, names.TEST_ACC: 1 - test_error})
+
+
+def _attack(surrogate: str, targets: list[str], adv_acc: float, same_source: bool, is_parent: bool) -> None:
+    """One generation run (surrogate, pgd eps 0.3) with a nested evaluation run per target."""
+    setting = {names.TAG_SURROGATE_RUN: surrogate, names.TAG_ATTACK: "pgd", names.TAG_EPS: "0.3"}
+    with tracking.start_run(EXPERIMENT, names.ATTACK, f"gen-{surrogate}", tags=setting) as generation:
+        generation.log_metrics({names.WHITEBOX_SUCCESS: 0.99})
+        for seed, target in enumerate(targets):
+            tags = {**setting, names.TAG_TARGET_RUN: target, names.TAG_SAME_SOURCE: str(same_source).lower(),
+                    names.TAG_IS_PARENT: str(is_parent).lower()}
+            with tracking.start_run(EXPERIMENT, names.ATTACK, f"eval-{surrogate}-{target}", tags=tags,
+                                    parent_run_id=generation.run_id) as evaluation:
+                evaluation.log_metrics({names.CLEAN_ACC: 0.95, names.ADV_ACC: adv_acc + NOISE[seed] / 2,
+                                        names.SUCCESS_RATE: 1 - adv_acc})
+
+
+@pytest.fixture(scope="module")
+def experiment(mlflow_server: Server) -> str:
+    """The planted experiment (56 runs)."""
+    parent = _training_run(names.PRETRAIN, 0, 60000, 0.01, source="kmnist", target="")
+    other = _training_run(names.PRETRAIN, 0, 60000, 0.08, source="fashion_mnist", target="")
+    planted = {1000: (0.05, 0.15), 500: (0.10, 0.10)}   # size: (fine-tune error, scratch error)
+    targets = []
+    for size, (finetune_error, scratch_error) in planted.items():
+        for seed in SEEDS:
+            run_id = _training_run(names.FINETUNE, seed, size, finetune_error + NOISE[seed], "kmnist", pretrain_run=parent)
+            targets += [run_id] if size == 1000 else []
+            _training_run(names.SCRATCH, seed, size, scratch_error + NOISE[(seed + 2) % 5] if size == 1000
+                          else scratch_error)
+    for seed in range(MIN_SEEDS - 1):   # n=100: one seed too few for a verdict
+        _training_run(names.FINETUNE, seed, 100, 0.2, "kmnist", pretrain_run=parent)
+        _training_run(names.SCRATCH, seed, 100, 0.4, curve=seed == 0)
+    _attack(parent, targets, PARENT_ADV, same_source=True, is_parent=True)
+    _attack(other, targets, OTHER_ADV, same_source=False, is_parent=False)
+    for target in targets:  # white-box references: shares its own source, but is no evidence about sources
+        _attack(target, [target], WHITEBOX_ADV, same_source=True, is_parent=False)
+    for seed in ADDER_SEEDS:
+        _adder_run(names.VARIANT_TRANSFER, seed, ADDER_TRANSFER_ERROR[seed])
+        _adder_run(names.VARIANT_SCRATCH, seed, ADDER_SCRATCH_ERROR[seed])
+    with pytest.raises(RuntimeError), tracking.start_run(EXPERIMENT, names.FINETUNE, "crashed"):
+        raise RuntimeError("a crashed cell")   # FAILED: listed in `runs`, left out of the analysis tables
+    with tracking.start_run(EXPERIMENT, names.TUNE, "study-parent", params={"study.trials": 4}):
+        pass
+    return EXPERIMENT
+
+
+@pytest.fixture(scope="module")
+def report(experiment: str):
+    return build_report(experiment)
+
+
+def _duckdb_rows(path: Path) -> int:
+    return duckdb.sql(f"select count(*) from read_parquet('{path}')").fetchall()[0][0]
+
+
+def _data(report, table: str) -> Path:
+    return report.out / "data" / f"{table}.parquet"
+
+
+def test_report_goes_to_the_runs_folder_by_default(report, mlflow_server: Server) -> None:
+    assert report.out == mlflow_server.root.resolve() / "reports" / EXPERIMENT
+    assert (report.out / "index.html") in report.files
+    assert len(report.missing) == 1   # the one run without a curve artifact
+
+
+@pytest.mark.parametrize("table", list(SCHEMAS))
+def test_parquet_tables_have_the_documented_schema_in_every_reader(report, table: str) -> None:
+    path = _data(report, table)
+    written = pq.read_schema(path)
+    documented = arrow_schema(table)
+    assert written.names[:len(documented)] == documented.names
+    assert [f.type for f in written][:len(documented)] == documented.types
+    assert written.field(documented.names[0]).metadata[b"unit"] == documented.field(0).metadata[b"unit"]
+    rows = pq.read_table(path).num_rows
+    assert len(pd.read_parquet(path)) == rows
+    assert pl.read_parquet(path).height == rows
+    assert _duckdb_rows(path) == rows
+
+
+def test_tables_hold_the_planted_runs(report) -> None:
+    runs = pd.read_parquet(_data(report, "runs"))
+    # pretrain, ft+scratch, n=100, generation, evaluation, white-box, adder, failed, tune
+    assert len(runs) == 2 + 2 * 10 + 2 * 2 + 2 + 10 + 2 * 5 + 6 + 1 + 1
+    assert set(runs["status"]) == {"FINISHED", "FAILED"}
+    assert runs.loc[runs["stage"] == names.FINETUNE, "train.head_lr_mult"].dropna().eq("10.0").all()
+    assert runs.loc[runs["stage"] == names.TUNE, "study.trials"].tolist() == ["4"]
+
+    finetune = pd.read_parquet(_data(report, "finetune"))
+    assert len(finetune) == 12   # the FAILED fine-tune run is not analysed
+    at_1000 = finetune[finetune["size"] == 1000]
+    assert at_1000["scratch_test_error"].mean() == pytest.approx(0.15)
+    assert at_1000["test_error"].mean() == pytest.approx(0.05)
+    assert finetune["pretrain_run_id"].nunique() == 1 and finetune["scratch_run_id"].notna().all()
+    # each fine-tune run is paired with the scratch run of its own seed and size, never another's
+    scratch = runs.set_index("run_id").loc[finetune["scratch_run_id"]]
+    assert (scratch["seed"].to_numpy() == finetune["seed"].to_numpy()).all()
+    assert (scratch["size"].to_numpy() == finetune["size"].to_numpy()).all()
+
+    transfer = pd.read_parquet(_data(report, "transfer"))
+    assert len(transfer) == 15 and transfer["generation_run_id"].notna().all()
+    assert transfer["whitebox_success"].eq(0.99).all()
+    assert transfer.loc[transfer["is_parent"], "adv_acc"].mean() == pytest.approx(PARENT_ADV)
+    assert set(transfer["surrogate_label"]) == {f"kmnist/{ARCH}", f"fashion_mnist/{ARCH}", f"kmnist>{TARGET}/{ARCH}/n1000/f0"}
+    assert transfer["surrogate_stage"].value_counts().to_dict() == {names.PRETRAIN: 10, names.FINETUNE: 5}
+    assert sorted(transfer["target_seed"]) == sorted(list(SEEDS) * 3)
+
+    curves = pd.read_parquet(_data(report, "curves"))
+    assert curves["run_id"].nunique() == 2 + 20 + 4 - 1 + 6   # every training run but the one without a curve
+    assert set(curves["split"]) == {"train", "val", "test"}
+    [no_curve] = [m for m in report.missing if names.CURVE_FILE in m]
+    assert no_curve.startswith("1 finished training run")
+
+
+def test_one_transfer_matrix_per_attack_setting(report) -> None:
+    path = report.out / "data" / f"{MATRIX_PREFIX}pgd_eps0.3.parquet"
+    matrix = pd.read_parquet(path).set_index("surrogate")
+    target = f"kmnist>{TARGET}/{ARCH}/n1000/f0"
+    assert list(matrix.columns) == [target]
+    assert matrix.loc[f"kmnist/{ARCH}", target] == pytest.approx(PARENT_ADV)
+    assert matrix.loc[f"fashion_mnist/{ARCH}", target] == pytest.approx(OTHER_ADV)
+    assert pl.read_parquet(path).shape == (2, 2)
+    assert _duckdb_rows(path) == 2
+
+
+def test_figures_exist_as_png_and_svg_and_are_not_blank(report) -> None:
+    pngs = {p.stem: p for p in report.files if p.suffix == ".png"}
+    assert set(pngs) == {f"curves_{TARGET}_n1000", f"curves_{TARGET}_n500", f"curves_{TARGET}_n100", "curves_adder_n200",
+                         "accuracy_vs_size", "freeze_depth", "transfer_pgd_eps0.3"}
+    for stem, png in pngs.items():
+        pixels = matplotlib.image.imread(png)
+        assert pixels.std() > 0.05, f"{stem}.png looks blank"
+        assert "<svg" in png.with_suffix(".svg").read_text()[:2000]
+
+
+def test_verdicts_find_planted_effects_and_only_those(report) -> None:
+    verdicts = pd.read_parquet(_data(report, "verdicts")).set_index(["claim", "scope"])
+    planted = verdicts.loc[("finetune_beats_scratch", f"target={TARGET} size=1000")]
+    assert planted["verdict"] == "supported" and planted["ci_low"] > 0
+    assert planted["effect"] == pytest.approx(0.10)
+    null = verdicts.loc[("finetune_beats_scratch", f"target={TARGET} size=500")]
+    assert null["verdict"] == "inconclusive" and null["ci_low"] < 0 < null["ci_high"]
+    few = verdicts.loc[("finetune_beats_scratch", f"target={TARGET} size=100")]
+    assert few["verdict"] == INSUFFICIENT and few["n_seeds"] == 2 and np.isnan(few["effect"])
+    assert INSUFFICIENT in few["line"]
+    for claim in ("same_source_lowers_more", "parent_beats_unrelated"):
+        row = verdicts.loc[(claim, "attack=pgd eps=0.3")]
+        assert row["verdict"] == "supported" and row["effect"] == pytest.approx(OTHER_ADV - PARENT_ADV)
+    adder = verdicts.loc[(ADDER_CLAIM, "size=200")]
+    # Paired by seed: the interval is the bootstrap over the 3 per-seed differences, not over 6 unpaired errors.
+    effect, low, high = bootstrap_mean(np.subtract(ADDER_SCRATCH_ERROR, ADDER_TRANSFER_ERROR))
+    assert adder["verdict"] == "supported" and adder["n_seeds"] == 3
+    assert (adder["effect"], adder["ci_low"], adder["ci_high"]) == pytest.approx((effect, low, high))
+    assert f"effect {100 * effect:+.2f} pp, 95% CI [{100 * low:+.2f}, {100 * high:+.2f}] pp over 3 seeds" in adder["line"]
+    assert "95% CI" in planted["line"] and "+10.00 pp" in planted["line"]
+    as_json = json.loads((report.out / "data" / "verdicts.json").read_text())
+    assert [v["line"] for v in as_json] == list(verdicts["line"])
+
+
+def test_bootstrap_over_seeds() -> None:
+    effect, low, high = bootstrap_mean(np.array([0.1, 0.1, 0.1, 0.1]))
+    assert (effect, low, high) == pytest.approx((0.1, 0.1, 0.1))
+    again = bootstrap_mean(np.array([0.3, -0.1, 0.2, 0.0, 0.1]))
+    assert again == bootstrap_mean(np.array([0.3, -0.1, 0.2, 0.0, 0.1]))   # seeded
+    assert again[1] < again[0] < again[2]
+    # many pairs within one seed are one replicate, not many: still insufficient
+    pairs = pd.DataFrame({"seed": [0] * 20 + [1] * 20, "diff": np.full(40, 0.5), "size": 1})
+    [row] = verdict_rows(pairs, "finetune_beats_scratch", ["size"])
+    assert row["verdict"] == INSUFFICIENT and row["n_seeds"] == 2
+
+
+def test_markdown_tables_in_the_seed_shape(report) -> None:
+    tables = report.out / "tables"
+    pretrain = (tables / "pretrain.md").read_text()
+    assert f"| source | {ARCH} |" in pretrain and "| kmnist | 99.00 |" in pretrain
+    finetune = (tables / "finetune.md").read_text()
+    assert "| 100 | 500 | 1000 |" in finetune and "| scratch |" in finetune
+    attacks = (tables / "attacks.md").read_text()
+    assert "| kmnist>mnist/resnet_mini/n1000/f0 | pgd | 0.3 | 95.0 | 20.0 | 20.0 | 60.0 | 0.5 | -40.0 |" in attacks
+
+
+def test_index_links_every_file_relatively(report) -> None:
+    page = (report.out / "index.html").read_text()
+    links = set(re.findall(r'(?:href|src)="([^"]+)"', page))
+    assert all(not link.startswith(("/", "http")) and (report.out / link).is_file() for link in links)
+    linked = {report.out / link for link in links}
+    assert {p for p in report.files if p.name != "index.html" and p.suffix != ".png"} <= linked
+    assert {p for p in report.files if p.suffix == ".png"} <= linked
+
+
+def test_report_is_logged_as_an_mlflow_run(report, mlflow_server: Server) -> None:
+    client = MlflowClient(mlflow_server.url)
+    run = client.get_run(report.run_id)
+    assert run.data.tags[names.TAG_STAGE] == names.REPORT
+    logged = {a.path for a in client.list_artifacts(report.run_id)}
+    assert {"index.html", "data", "figures", "tables", "SCHEMA.md"} <= logged
+    assert len(client.list_artifacts(report.run_id, "figures")) == 14
+
+
+def test_empty_experiment_gives_a_partial_report(mlflow_server: Server, tmp_path: Path) -> None:
+    tracking.experiment_id(EMPTY)
+    result = build_report(EMPTY, tmp_path / "report", log_to_mlflow=False)
+    assert any("no runs at all" in m for m in result.missing) and len(result.missing) == 6
+    assert pq.read_schema(result.out / "data" / "finetune.parquet") == arrow_schema("finetune")
+    assert not any(p.suffix == ".png" for p in result.files)
+    page = (result.out / "index.html").read_text()
+    assert "Missing" in page and "no finished attack evaluation runs" in page
+
+
+def test_partial_experiment_says_what_is_missing(mlflow_server: Server, tmp_path: Path) -> None:
+    parent = _training_run(names.PRETRAIN, 0, 1000, 0.1, source="kmnist", target="", experiment=PARTIAL)
+    _training_run(names.FINETUNE, 0, 500, 0.2, "kmnist", pretrain_run=parent, experiment=PARTIAL)
+    result = build_report(PARTIAL, tmp_path / "report", log_to_mlflow=False)
+    assert any("matching finished scratch run" in m for m in result.missing)
+    assert not any("pretrain" in m.split(":")[0] for m in result.missing)
+    assert {p.stem for p in result.files if p.suffix == ".png"} == {f"curves_{TARGET}_n500", "accuracy_vs_size",
+                                                                     "freeze_depth"}
+
+
+def test_unknown_experiment_names_the_known_ones(experiment: str, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(XferError, match=EXPERIMENT):
+        build_report("no-such-grid", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["python -m reports", "--experiment", "no-such-grid", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exited:
+        run_main(cli_main)
+    stderr = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in stderr
+    assert "no-such-grid" in stderr and EXPERIMENT in stderr
+
+
+def test_cli_builds_a_report(mlflow_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                             capsys: pytest.CaptureFixture) -> None:
+    tracking.experiment_id(CLI)
+    monkeypatch.setattr(sys, "argv", ["python -m reports", "--experiment", CLI, "--out", str(tmp_path), "--no-mlflow"])
+    assert cli_main() == 0
+    printed = capsys.readouterr().out
+    assert str(tmp_path / "index.html") in printed and "missing: no finished attack evaluation runs" in printed
