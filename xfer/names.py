@@ -55,3 +55,27 @@ TAG_EPS = "eps"
 TAG_SAME_SOURCE = "same_source"   # "true" / "false": surrogate's pretraining source == target's
 TAG_IS_PARENT = "is_parent"       # "true" / "false": surrogate is exactly the target's pretrain run
 TAG_EXPERIMENT = "xfer.experiment"
+
+# Adder runs (stage ADDER): which side of the transfer-vs-scratch comparison a run is on.
+TAG_VARIANT = "variant"
+VARIANT_TRANSFER = "transfer"             # from a pretrained digit classifier
+VARIANT_SCRATCH = "scratch"               # a CNN from random initialisation
+
+# Tuning (stage TUNE, xfer.tuning): one parent run per Optuna study, one child run per trial.
+TAG_STUDY = "xfer.study"                  # the study's key, on its parent run and on every trial run
+TAG_TUNE_ROLE = "xfer.tune_role"          # TUNE_ROLE_STUDY on the parent, TUNE_ROLE_TRIAL on each child
+TUNE_ROLE_STUDY = "study"
+TUNE_ROLE_TRIAL = "trial"
+TAG_BEST_PREFIX = "xfer.best."            # + a searched TrainSpec field: the best configuration's value, on the parent
+TAG_BEST_TRIAL = "xfer.best_trial"        # Optuna number of the best trial
+TAG_TRIALS = "xfer.trials"                # finished trials in the study when the parent was last written
+TAG_OPTUNA_STUDY = "xfer.optuna_study"    # the Optuna study name ...
+TAG_OPTUNA_STORAGE = "xfer.optuna_storage"  # ... and its storage URL, password hidden
+BEST_VAL_ERROR = "best_val_error"         # parent-run metrics: the best and the default configuration,
+BEST_TEST_ERROR = "best_test_error"       # validation error from the search, test error measured once after it
+DEFAULT_VAL_ERROR = "default_val_error"
+DEFAULT_TEST_ERROR = "default_test_error"
+BEST_CONFIG_FILE = "best_config.json"     # parent-run artifacts (also under <runs>/studies/<study name>/)
+IMPORTANCE_FILES = ("importance.csv", "importance.md", "importance.png")
+STUDY_FIGURE = "study.png"                # validation error by trial; default vs best, validation and test
+TRIALS_FILE = "trials.csv"
