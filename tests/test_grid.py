@@ -42,7 +42,7 @@ def test_bad_grids_are_refused_before_launch(override: dict, message: str) -> No
 def test_size_beyond_the_pool_is_refused() -> None:
     grid = grids.from_preset("smoke", sizes=(500, 4000))
     with pytest.raises(XferError, match=r"size\(s\) \[4000\] exceed mnist5k's training pool of 3700"):
-        pipeline.prepare(grid, RunOptions(experiment="x", data_root=str(tiny_root.path)))
+        pipeline.prepare(grid, RunOptions(experiment="x"))
 
 
 def test_missing_torchvision_data_names_sets_and_remedies(tmp_path: Path) -> None:
@@ -206,3 +206,10 @@ def test_sources_of_another_image_shape_are_refused_before_launch(tiny_root) -> 
                              pretrain_size=100, freeze={"resnet_mini": (0,)})
     with pytest.raises(XferError, match=r"glyph_letters \(1, 28, 28\) do not share the target cifar10_gray's image shape \(1, 32, 32\)"):
         pipeline.prepare(grid, RunOptions(experiment="x", data_root=str(tiny_root.path)))
+
+
+def test_pretrain_size_is_a_cap_so_small_sources_are_used_whole() -> None:
+    grid = grids.from_preset("smoke", pretrain_size=3000, val_size=300)
+    sizes = {c.train.dataset: c.train.size for c in grids.cells(grid, {"glyph_letters": 15600, "uci_digits": 1437}).pretrain}
+    assert sizes == {"glyph_letters": 3000, "uci_digits": None}  # uci_digits' 1137 non-validation digits, all of them
+    grids.validate(grid, {"glyph_letters": 15600, "uci_digits": 1437, "mnist5k": 4000})

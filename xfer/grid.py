@@ -84,7 +84,8 @@ class Grid:
     seeds: tuple[int, ...] = (0, 1, 2)
     epochs: int = 10                                     # fine-tune and scratch epochs
     pretrain_epochs: int = 10
-    pretrain_size: int = ALL                             # examples of each source used for pretraining
+    pretrain_size: int = ALL                             # at most this many examples of each source are used for
+                                                         # pretraining (a smaller pool is used whole); ALL = every one
     batch_size: int = 128
     val_size: int = 1000
     optimizer: str = "adamw"                             # pretraining, scratch, and recipes that set none
@@ -218,8 +219,8 @@ def validate(grid: Grid, pool_sizes: dict[str, int] | None = None) -> None:
             problems.append(f"fine-tune size(s) {too_big} exceed {grid.target}'s training pool of {pool} "
                             f"(its train split less {grid.val_size} validation examples); use 0 for the whole pool")
     for name, size in (pool_sizes or {}).items():
-        if name in grid.sources and grid.pretrain_size > size - grid.val_size:
-            problems.append(f"pretrain size {grid.pretrain_size} exceeds {name}'s pool of {size - grid.val_size}")
+        if name in grid.sources and size - grid.val_size < 1:
+            problems.append(f"source {name} has {size} training examples, none left after {grid.val_size} for validation")
     if any(not 0 <= e <= 1 for e in grid.eps):
         problems.append(f"attack eps {grid.eps} must lie in [0, 1] (images are in [0, 1])")
     if min(grid.epochs, grid.pretrain_epochs, grid.batch_size, grid.attack_n) < 1 or not grid.seeds or not grid.lrs:
@@ -316,15 +317,18 @@ class Cells:
     attacks: tuple[AttackSpec, ...]
 
 
-def cells(grid: Grid) -> Cells:
+def cells(grid: Grid, pool_sizes: dict[str, int] | None = None) -> Cells:
     """Expand the grid. Pretraining runs once per source × arch × seed; fine-tunes reference it by spec.
+
+    `pool_sizes` (train split sizes by dataset) caps each source's pretraining size at its pool less the
+    validation split, so one `pretrain_size` serves sources of different sizes.
 
     Fine-tune cells: (source, or ImageNet weights) × freeze depth × recipe for every arch × size × lr × seed;
     scratch cells: one per distinct recipe optimizer (see `Grid`).
     """
     pretrain = {
         (source, arch_name, seed): PretrainSpec(TrainSpec(
-            arch=arch_name, dataset=source, size=grid.pretrain_size or None, val_size=grid.val_size,
+            arch=arch_name, dataset=source, size=_pretrain_size(grid, source, pool_sizes), val_size=grid.val_size,
             epochs=grid.pretrain_epochs, batch_size=grid.batch_size, optimizer=grid.optimizer, augment=grid.augment,
             seed=seed,
         ))
@@ -350,6 +354,13 @@ def cells(grid: Grid) -> Cells:
         for name, eps in itertools.product(grid.attacks, grid.eps)
     )
     return Cells(tuple(pretrain.values()), tuple(finetune), tuple(scratch), attacks)
+
+
+def _pretrain_size(grid: Grid, source: str, pool_sizes: dict[str, int] | None) -> int | None:
+    pool = (pool_sizes or {}).get(source)
+    if not grid.pretrain_size or (pool is not None and grid.pretrain_size >= pool - grid.val_size):
+        return None  # the whole pool
+    return grid.pretrain_size
 
 
 def describe(grid: Grid) -> str:

@@ -45,14 +45,15 @@ def check_data(grid: grids.Grid, options: RunOptions) -> dict[str, data.Dataset]
 def prepare(grid: grids.Grid, options: RunOptions) -> tuple[grids.Cells, dict[str, data.Dataset]]:
     grids.validate(grid)
     datasets = check_data(grid, options)
-    grids.validate(grid, {name: len(ds.train) for name, ds in datasets.items()})
+    pools = {name: len(ds.train) for name, ds in datasets.items()}
+    grids.validate(grid, pools)
     target = datasets[grid.target]
     odd = [f"{name} {ds.in_shape}" for name, ds in datasets.items() if name in grid.sources and ds.in_shape != target.in_shape]
     if odd:
         raise XferError(f"source(s) {', '.join(odd)} do not share the target {grid.target}'s image shape {target.in_shape}, "
                         "so their models cannot be fine-tuned on it; pick sources of the target's shape (digit and "
                         "character sets are 1×28×28, CIFAR-10 3×32×32, cifar10_gray 1×32×32). Nothing was launched.")
-    return grids.cells(grid), datasets
+    return grids.cells(grid, pools), datasets
 
 
 def dry_run(grid: grids.Grid, options: RunOptions, echo: Callable[[str], None] = print) -> None:
