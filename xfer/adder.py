@@ -332,7 +332,7 @@ def run_stage(adder_cells: Sequence[AdderSpec], options: stages.RunOptions,
     by_key = {specs.key(c): c for c in todo}
     for result in stages.run_cells(names.ADDER, [specs.to_flat(c) for c in todo], trial, options):
         spec = specs.from_flat(AdderSpec, result.config["cell"])
-        reason = stages._failure(result)
+        reason = stages.failure_reason(result)
         if reason:
             summary.failed.append((label(by_key[specs.key(spec)]), reason))
             tracking.end_stale_runs(options.experiment, specs.key(spec), reason)

@@ -13,7 +13,8 @@ from typing import Any
 
 from xfer import data, grid as grids, names, specs, tracking
 from xfer.errors import XferError
-from xfer.stages import RunOptions, StageSummary, load_datasets, pending, run_cells, run_training_stage
+from xfer.stages import (RunOptions, StageSummary, failure_reason, load_datasets, pending, run_cells,
+                         run_training_stage)
 
 STAGE_ORDER = (names.PRETRAIN, names.FINETUNE, names.SCRATCH, names.ATTACK, names.REPORT)
 
@@ -117,10 +118,11 @@ def run_attack_stage(attack_specs: tuple[Any, ...], options: RunOptions) -> Stag
 
     results = run_cells(names.ATTACK, [{"index": i} for i in by_index], trial, options)
     for result in results:
-        if result.error is not None:
+        reason = failure_reason(result)
+        if reason:
             cell = by_index[result.config["cell"]["index"]]
             summary.failed.append((f"attack:{cell.spec.attack.attack}/eps={cell.spec.attack.eps}/surrogate={cell.spec.surrogate_key}",
-                                   f"{type(result.error).__name__}: {str(result.error).strip().splitlines()[-1][:300]}"))
+                                   reason))
             tracking.end_stale_runs(options.experiment, specs.key(cell.spec), "the attack trial crashed")
         else:
             summary.ran += 1

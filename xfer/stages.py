@@ -309,7 +309,7 @@ def run_training_stage(stage: str, cells: Sequence[TrainingCell], options: RunOp
     for result in results:
         spec = _spec_from_config(result.config["cell"])
         key = specs.key(spec)
-        reason = _failure(result)
+        reason = failure_reason(result)
         if reason:
             summary.failed.append((label(by_key[key]), reason))
             tracking.end_stale_runs(options.experiment, key, reason)
@@ -362,7 +362,7 @@ def _max_concurrent(options: RunOptions) -> int | None:
     return max(1, int(cpus // (options.workers_per_trial * max(options.cpus_per_trial, 1e-3))))
 
 
-def _failure(result: Any) -> str:
+def failure_reason(result: Any) -> str:
     """Why a trial failed ('' if it did not): a crash (after retries) or a failed status (e.g. NaN loss)."""
     if result.error is not None:
         return f"{type(result.error).__name__}: {str(result.error).strip().splitlines()[-1][:300]}"
@@ -377,4 +377,4 @@ def load_datasets(names_: set[str], options: RunOptions) -> dict[str, data.Datas
 
 
 __all__ = ["RunOptions", "StageSummary", "train_cell", "run_training_stage", "run_cells", "pending", "load_datasets",
-           "label", "tags_of"]
+           "label", "tags_of", "failure_reason"]

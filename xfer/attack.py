@@ -1,0 +1,678 @@
+"""Attacks: a registry over torchattacks; adversarial examples made once per surrogate, evaluated on many targets.
+
+The core is pure (`generate`, `evaluate`) and needs no MLflow; `plan` and `run_cell` are the attack
+stage: surrogates and targets are found by MLflow queries, checkpoints come only from MLflow artifacts,
+and each (surrogate, attack setting) is one *generation* run whose adversarial set is an artifact, with
+one nested *evaluation* run per target.
+
+Which loss a surrogate is attacked with (the label-set rule). An adversarial example of the target task
+is made by raising the surrogate's loss on the task's labels, which only means something when the
+surrogate's head classifies exactly the task's classes. So:
+- a surrogate whose checkpoint `class_names` equal the attacked task's is attacked with the requested
+  attack on its logits (scratch models, every target as its own white-box reference, and pretrained
+  models whose source shares the task's label set, e.g. QMNIST or USPS digits for MNIST);
+- a pretrained surrogate with another label set (KMNIST, FashionMNIST, EMNIST letters, ... for MNIST)
+  has no head for the task; its *features* are what fine-tuning inherits, so it is attacked with
+  `feature_pgd`: L∞ PGD that pushes the body's penultimate features away from the clean image's, a
+  label-free feature-level transfer attack. Targeted attacks and CW (which need the task's labels) are
+  not run from such surrogates. The attack that ran is the `attack` tag of every attack run.
+Requesting `feature_pgd` itself puts every surrogate on the same footing (one loss for A and B sources).
+
+`python -m xfer.attack bench` times PGD generation on resnet_mini.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchattacks
+from torchattacks.attack import Attack
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from xfer import checkpoint, data, names, specs, tracking
+from xfer.errors import XferError
+from xfer.models import XferModel
+from xfer.specs import AttackCellSpec, AttackSpec
+
+GENERATE_BATCH = 1000   # examples per attack call: bounds activation memory of iterative attacks
+EVAL_BATCH = 1000       # examples per forward pass when scoring targets
+EXAMPLES_FILE = "examples.safetensors"
+
+Builder = Callable[[nn.Module, AttackSpec], Attack]
+
+
+# ---- the registry ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AttackKind:
+    """A registered attack: how to build it and what it asks of the surrogate."""
+
+    name: str
+    build: Builder
+    loss: str = "logits"     # "logits": raises the loss on the task's labels; "features": label-free feature distortion
+    targeted: bool = True    # has a targeted mode
+    linf: bool = True        # bounded by eps in L∞ (CW is an L2 attack and ignores eps)
+
+
+_ATTACKS: dict[str, AttackKind] = {}
+
+
+def attack(name: str, loss: str = "logits", targeted: bool = True, linf: bool = True) -> Callable[[Builder], Builder]:
+    """Register `fn(model, spec) -> Attack` under `name`; `model` takes [0, 1] pixels."""
+
+    def register(fn: Builder) -> Builder:
+        if name in _ATTACKS:
+            raise ValueError(f"attack {name!r} registered twice")
+        _ATTACKS[name] = AttackKind(name, fn, loss, targeted, linf)
+        return fn
+
+    return register
+
+
+def list_attacks() -> list[str]:
+    return sorted(_ATTACKS)
+
+
+def kind(name: str) -> AttackKind:
+    if name not in _ATTACKS:
+        raise XferError(f"unknown attack {name!r}; known attacks are {', '.join(list_attacks())}.")
+    return _ATTACKS[name]
+
+
+def _alpha(spec: AttackSpec, budget_multiple: float) -> float:
+    """The step size: the spec's, or `budget_multiple` × eps spread over the steps."""
+    return spec.alpha if spec.alpha is not None else budget_multiple * spec.eps / spec.steps
+
+
+@attack("fgsm")
+def _fgsm(model: nn.Module, spec: AttackSpec) -> Attack:
+    return torchattacks.FGSM(model, eps=spec.eps)
+
+
+@attack("bim")
+def _bim(model: nn.Module, spec: AttackSpec) -> Attack:
+    # eps/steps: the iterates can just reach the budget's edge, as in Kurakin et al.'s schedule.
+    return torchattacks.BIM(model, eps=spec.eps, alpha=_alpha(spec, 1.0), steps=spec.steps)
+
+
+@attack("pgd")
+def _pgd(model: nn.Module, spec: AttackSpec) -> Attack:
+    # 2.5·eps/steps (Madry et al.): from a random start, any point of the eps-ball stays reachable.
+    return torchattacks.PGD(model, eps=spec.eps, alpha=_alpha(spec, 2.5), steps=spec.steps, random_start=True)
+
+
+@attack("mifgsm")
+def _mifgsm(model: nn.Module, spec: AttackSpec) -> Attack:
+    # Dong et al.: alpha = eps / T and momentum decay 1.0.
+    return torchattacks.MIFGSM(model, eps=spec.eps, alpha=_alpha(spec, 1.0), steps=spec.steps, decay=1.0)
+
+
+@attack("difgsm")
+def _difgsm(model: nn.Module, spec: AttackSpec) -> Attack:
+    # DI²-FGSM (Xie et al.): resize to 90–100% and pad back with probability 0.5; no momentum.
+    return torchattacks.DIFGSM(model, eps=spec.eps, alpha=_alpha(spec, 1.0), steps=spec.steps, decay=0.0,
+                               resize_rate=0.9, diversity_prob=0.5)
+
+
+@attack("cw", linf=False)
+def _cw(model: nn.Module, spec: AttackSpec) -> Attack:
+    # L2 Carlini–Wagner, c=1 (torchattacks' advice); alpha = Adam's step in tanh space. 0.1, not the paper's 0.01:
+    # grids run tens of steps, not thousands, and at 0.01 CW barely moves in 30 steps on MNIST.
+    return torchattacks.CW(model, c=1.0, kappa=0.0, steps=spec.steps, lr=spec.alpha if spec.alpha is not None else 0.1)
+
+
+@attack("feature_pgd", loss="features", targeted=False)
+def _feature_pgd(model: nn.Module, spec: AttackSpec) -> Attack:
+    return FeaturePGD(model, eps=spec.eps, alpha=_alpha(spec, 2.5), steps=spec.steps)
+
+
+class FeaturePGD(Attack):
+    """L∞ PGD maximising ‖f(x') − f(x)‖² for a feature extractor f: needs no labels, so any label set will do.
+
+    The feature-level transfer attack of e.g. Inkawhich et al. (2019) and Ganeshan et al.'s FDA, in its
+    simplest form: the surrogate's penultimate features, squared L2 distance, torchattacks' call shape.
+    """
+
+    def __init__(self, model: nn.Module, eps: float, alpha: float, steps: int) -> None:
+        super().__init__("FeaturePGD", model)
+        self.eps, self.alpha, self.steps = eps, alpha, steps
+        self.supported_mode = ["default"]
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        images = images.clone().detach().to(self.device)
+        with torch.no_grad():
+            clean = self.get_logits(images)
+        # The random start is needed, not a nicety: the squared distance has a zero gradient at x' = x.
+        adv = (images + torch.empty_like(images).uniform_(-self.eps, self.eps)).clamp(0, 1)
+        for _ in range(self.steps):
+            adv.requires_grad_(True)
+            cost = (self.get_logits(adv) - clean).pow(2).sum()
+            grad = torch.autograd.grad(cost, adv)[0]
+            adv = adv.detach() + self.alpha * grad.sign()
+            adv = (images + (adv - images).clamp(-self.eps, self.eps)).clamp(0, 1)
+        return adv.detach()
+
+
+# ---- surrogate wrappers: [0, 1] pixels in, normalisation inside each member ------------------------
+
+class Ensemble(nn.Module):
+    """Several models' logits averaged (Liu et al. 2017); each member normalises its own [0, 1] input."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(0)
+
+
+class Features(nn.Module):
+    """The members' penultimate features (body outputs) on [0, 1] pixels, concatenated."""
+
+    def __init__(self, members: Sequence[XferModel]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.body((x - m.mean) / m.std).flatten(1) for m in self.members], 1)
+
+
+# ---- the pure core --------------------------------------------------------------------------------
+
+def generate(surrogate: nn.Module | Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor,
+             spec: AttackSpec, device: torch.device | str | None = None) -> torch.Tensor:
+    """Adversarial versions of `images` (uint8, or float in [0, 1]) made on `surrogate`: float in [0, 1], on the CPU.
+
+    A list of models is an ensemble surrogate. Targeted attacks aim at `target_labels(labels, classes, spec.seed)`.
+    The same spec gives the same examples (the attack's randomness is seeded by `spec.seed`).
+    """
+    atk_kind = kind(spec.attack)
+    members = list(surrogate) if isinstance(surrogate, (list, tuple)) else [surrogate]
+    x = as_unit(images)
+    labels = labels.long()
+    _check_surrogate(members, x, labels, atk_kind, spec)
+    if atk_kind.loss == "features":
+        model: nn.Module = Features(members)
+    else:
+        model = members[0] if len(members) == 1 else Ensemble(members)
+    aims = target_labels(labels, _num_classes(members[0]), spec.seed) if spec.targeted else labels
+    device = _device(device)
+    with _prepared(model, device), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(spec.seed)
+        atk = atk_kind.build(model, spec)
+        atk.set_device(device)
+        if spec.targeted:
+            atk.set_mode_targeted_by_label(quiet=True)  # the labels handed to the attack are the targets
+        chunks = [atk(x[i:i + GENERATE_BATCH].to(device), aims[i:i + GENERATE_BATCH].to(device)).cpu()
+                  for i in range(0, len(x), GENERATE_BATCH)]
+    return torch.cat(chunks)
+
+
+def target_labels(labels: torch.Tensor, num_classes: int, seed: int) -> torch.Tensor:
+    """A seeded random wrong label per example, uniform over the other classes."""
+    shift = torch.randint(1, num_classes, labels.shape, generator=torch.Generator().manual_seed(seed))
+    return (labels.cpu() + shift) % num_classes
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """Predicted labels (CPU) for uint8 or [0, 1] images, in eval mode, batched; bf16 autocast on CUDA."""
+    device = _device(device)
+    x = as_unit(images)
+    with _prepared(model, device):
+        preds = []
+        for i in range(0, len(x), EVAL_BATCH):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                preds.append(model(x[i:i + EVAL_BATCH].to(device)).argmax(1).cpu())
+    return torch.cat(preds)
+
+
+def evaluate(target: nn.Module, clean: torch.Tensor, adv: torch.Tensor, labels: torch.Tensor,
+             device: torch.device | str | None = None) -> dict[str, float]:
+    """Clean accuracy, adversarial accuracy and attack success rate of `target` on one adversarial set.
+
+    Success rate = share of the examples the target classifies correctly when clean that it gets wrong
+    after the attack (NaN when it gets none right: there is nothing to attack).
+    """
+    if clean.shape != adv.shape or len(labels) != len(clean):
+        raise XferError(f"clean images {tuple(clean.shape)}, adversarial images {tuple(adv.shape)} and "
+                        f"{len(labels)} labels do not describe one set of examples.")
+    _check_shape(target, adv, "target")
+    labels = labels.cpu().long()
+    right_clean = predict(target, clean, device) == labels
+    right_adv = predict(target, adv, device) == labels
+    survived = right_clean.sum().item()
+    return {
+        names.CLEAN_ACC: right_clean.float().mean().item(),
+        names.ADV_ACC: right_adv.float().mean().item(),
+        names.SUCCESS_RATE: (right_clean & ~right_adv).sum().item() / survived if survived else math.nan,
+    }
+
+
+def as_unit(images: torch.Tensor) -> torch.Tensor:
+    """Images as float in [0, 1]: uint8 is divided by 255, floats must already lie in [0, 1]."""
+    if images.dtype == torch.uint8:
+        return images.float().div_(255)
+    x = images.float()
+    if len(x) and (x.min() < 0 or x.max() > 1):
+        raise XferError(f"images must be uint8 or floats in [0, 1]; these range over [{x.min():.3g}, {x.max():.3g}] "
+                        "(are they normalised already? xfer models normalise inside).")
+    return x
+
+
+def _check_surrogate(members: list[nn.Module], x: torch.Tensor, labels: torch.Tensor, atk_kind: AttackKind,
+                     spec: AttackSpec) -> None:
+    if not members:
+        raise XferError("an ensemble surrogate needs at least one model.")
+    if len(labels) != len(x):
+        raise XferError(f"{len(x)} images but {len(labels)} labels.")
+    for m in members:
+        _check_shape(m, x, "surrogate")
+    if spec.targeted and not atk_kind.targeted:
+        raise XferError(f"attack {spec.attack!r} has no targeted mode; attacks that do: "
+                        f"{', '.join(n for n in list_attacks() if _ATTACKS[n].targeted)}.")
+    if atk_kind.loss == "features":
+        if not all(isinstance(m, XferModel) for m in members):
+            raise XferError(f"{spec.attack} attacks a model's body features, so its surrogate must be an xfer model.")
+        return
+    classes = {getattr(m, "num_classes", None) for m in members}
+    if len(classes) > 1:
+        raise XferError(f"ensemble members classify different numbers of classes ({', '.join(map(str, classes))}); "
+                        "logits can only be averaged over one label set (use feature_pgd for surrogates of other tasks).")
+    count = classes.pop()
+    if count is not None and len(labels) and labels.max().item() >= count:
+        raise XferError(f"labels go up to {labels.max().item()} but the surrogate has {count} classes: its head is "
+                        "for another task; attack it with feature_pgd instead.")
+
+
+def _check_shape(model: nn.Module, x: torch.Tensor, role: str) -> None:
+    in_shape = getattr(model, "in_shape", None)
+    if in_shape is not None and tuple(x.shape[1:]) != tuple(in_shape):
+        raise XferError(f"the {role} takes images of shape {tuple(in_shape)} but these are {tuple(x.shape[1:])}; "
+                        "surrogate, targets and attacked data must share one canonical image shape.")
+
+
+def _num_classes(model: nn.Module) -> int:
+    classes = getattr(model, "num_classes", None)
+    if classes is None:
+        raise XferError(f"a targeted attack draws wrong labels among the surrogate's classes, but {type(model).__name__} "
+                        "has no num_classes; use an xfer model (xfer.models.build) or give it that attribute.")
+    return int(classes)
+
+
+@contextmanager
+def _prepared(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Eval mode, frozen parameters and `device` for the block; training flags, grads and device restored after."""
+    modes = {m: m.training for m in model.modules()}
+    grads = {p: p.requires_grad for p in model.parameters()}
+    home = next(model.parameters(), torch.empty(0)).device
+    model.eval().to(device)
+    for p in grads:
+        p.requires_grad_(False)  # attacks need input gradients only; this skips weight gradients
+    try:
+        yield
+    finally:
+        model.to(home)
+        for m, training in modes.items():
+            m.training = training
+        for p, needed in grads.items():
+            p.requires_grad_(needed)
+
+
+def _device(device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---- adversarial sets on disk ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Examples:
+    """One adversarial set: what a generation run stores and every target is scored on."""
+
+    clean: torch.Tensor          # uint8 N×C×H×W, the attacked task's test images
+    adv: torch.Tensor            # float N×C×H×W in [0, 1] (stored as float16)
+    labels: torch.Tensor         # int64 true labels
+    indices: torch.Tensor        # int64 positions in the task's test split
+    aims: torch.Tensor           # int64 labels the attack aimed at: targets if targeted, else the true labels
+    class_names: tuple[str, ...]
+
+
+def save_examples(path: Path, examples: Examples, spec: AttackSpec) -> Path:
+    tensors = {"clean": examples.clean, "adv": examples.adv.half(), "labels": examples.labels,
+               "indices": examples.indices, "aims": examples.aims}
+    meta = {"attack": specs.canonical_json(spec), "class_names": json.dumps(list(examples.class_names))}
+    # clone: untargeted `aims` is `labels` itself, and safetensors refuses tensors that share memory.
+    save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(path), metadata=meta)
+    return path
+
+
+def load_examples(path: Path) -> Examples:
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata() or {}
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    return Examples(tensors["clean"], tensors["adv"].float(), tensors["labels"], tensors["indices"], tensors["aims"],
+                    tuple(json.loads(meta["class_names"])))
+
+
+def read_examples(run_id: str) -> Examples:
+    """The adversarial set a generation run stored under names.ADVERSARIAL_DIR."""
+    with tempfile.TemporaryDirectory(prefix="xfer-adv-") as tmp:
+        return load_examples(tracking.download_artifact(run_id, f"{names.ADVERSARIAL_DIR}/{EXAMPLES_FILE}", Path(tmp)))
+
+
+# ---- the attack stage: cells from MLflow, one generation run per cell, one child run per target -----
+
+FEATURE_ATTACK = "feature_pgd"   # what a surrogate of another label set runs instead of a logit attack
+
+
+@dataclass(frozen=True)
+class AttackCell:
+    """One trial of the attack stage: generate once on the surrogate run(s), score every target run."""
+
+    spec: AttackCellSpec
+    surrogate_run_ids: tuple[str, ...]   # several = an ensemble surrogate (logits averaged)
+    target_run_ids: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        return specs.key(self.spec)
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    """One target scored on one cell's adversarial set; its key is the evaluation run's xfer.key."""
+
+    cell_key: str
+    target_run_id: str
+
+
+@dataclass(frozen=True)
+class _Model:
+    """A training run as the attack stage sees it: its MLflow record and its checkpoint's task facts."""
+
+    record: tracking.RunRecord
+    class_names: tuple[str, ...]
+    in_shape: tuple[int, ...]
+
+    @property
+    def run_id(self) -> str:
+        return self.record.run_id
+
+
+def plan(experiment: str, attacks: Sequence[AttackSpec], ensembles: bool = False) -> list[AttackCell]:
+    """The attack stage's cells, from the experiment's finished training runs in MLflow.
+
+    Targets of an attack setting are the fine-tuned and scratch runs trained on its dataset. Surrogates:
+    every pretrained and every scratch run (scored on all targets of their input shape), and every
+    fine-tuned run as its own white-box reference (scored on itself). A surrogate that does not
+    classify the task's classes runs `feature_pgd` instead (see the module notes) and is skipped for
+    targeted and L2 settings. `ensembles` adds, per pretraining source with two or more runs, one
+    cell whose surrogate is all of them. Cells with equal keys are planned once.
+    """
+    for spec in attacks:
+        kind(spec.attack)  # an unknown name fails before any look-up
+    runs = _training_runs(experiment)
+    pretrained = [m for m in runs.values() if m.record.stage == names.PRETRAIN]
+    scratch = [m for m in runs.values() if m.record.stage == names.SCRATCH]
+    cells: dict[str, AttackCell] = {}
+    for spec in attacks:
+        targets = [m for m in runs.values() if m.record.stage in (names.FINETUNE, names.SCRATCH)
+                   and m.record.tags.get(names.TAG_TARGET) == spec.dataset]
+        if not targets:
+            continue
+        task = targets[0]
+        groups = [[m] for m in pretrained + scratch] + (_by_source(pretrained) if ensembles else [])
+        for group in groups:
+            chosen = _attack_for(spec, group, task.class_names)
+            fits = [t.run_id for t in targets if t.in_shape == group[0].in_shape and t.class_names == task.class_names]
+            if chosen is not None and fits:
+                _add(cells, chosen, group, fits)
+        for target in targets:  # the white-box reference: each target attacked on itself
+            _add(cells, spec, [target], [target.run_id])
+    return list(cells.values())
+
+
+def unfinished(experiment: str, cells: Sequence[AttackCell]) -> list[AttackCell]:
+    """The cells `run_cell` still has work for: no stored adversarial set yet, or targets not yet scored."""
+    return [c for c in cells if tracking.find_finished(experiment, c.key) is None or _unscored(experiment, c)]
+
+
+def _add(cells: dict[str, AttackCell], spec: AttackSpec, surrogates: list[_Model], targets: list[str]) -> None:
+    ordered = sorted(surrogates, key=lambda m: m.record.key)
+    cell = AttackCell(AttackCellSpec("+".join(m.record.key for m in ordered), spec),
+                      tuple(m.run_id for m in ordered), tuple(targets))
+    cells.setdefault(cell.key, cell)
+
+
+def _attack_for(spec: AttackSpec, surrogates: list[_Model], task_classes: tuple[str, ...]) -> AttackSpec | None:
+    """The label-set rule: the asked attack if the surrogates classify the task's classes, else feature_pgd (or none)."""
+    asked = kind(spec.attack)
+    if asked.loss == "features" or all(m.class_names == task_classes for m in surrogates):
+        return spec
+    if spec.targeted or not asked.linf:
+        return None  # a targeted or L2 attack needs a head over the task's labels
+    return specs.replace(spec, attack=FEATURE_ATTACK)
+
+
+def _by_source(pretrained: list[_Model]) -> list[list[_Model]]:
+    groups: dict[tuple[str, tuple[int, ...]], list[_Model]] = {}
+    for m in pretrained:
+        groups.setdefault((m.record.tags.get(names.TAG_SOURCE, ""), m.in_shape), []).append(m)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _training_runs(experiment: str, only: Sequence[str] | None = None) -> dict[str, _Model]:
+    """Finished training runs that published a checkpoint (all, or the ids in `only`), by run id."""
+    found: dict[str, _Model] = {}
+    for stage in (names.PRETRAIN, names.FINETUNE, names.SCRATCH):
+        for record in tracking.query(experiment, stage):
+            if names.TAG_CHECKPOINT_SHA in record.tags and (only is None or record.run_id in only):
+                meta = _checkpoint_meta(record.run_id)
+                found[record.run_id] = _Model(record, tuple(meta["class_names"]), tuple(meta["in_shape"]))
+    missing = [i for i in only or () if i not in found]
+    if missing:
+        raise XferError(f"run(s) {', '.join(missing)} are not finished training runs with a checkpoint in experiment "
+                        f"{experiment!r}; plan the attack cells again (attack.plan) from what MLflow holds now.")
+    return found
+
+
+def _checkpoint_meta(run_id: str) -> dict[str, Any]:
+    # Only meta.json: planning must not download every model's weights.
+    with tempfile.TemporaryDirectory(prefix="xfer-meta-") as tmp:
+        path = tracking.download_artifact(run_id, f"{names.CHECKPOINT_DIR}/{checkpoint.META}", Path(tmp))
+        return json.loads(path.read_text())
+
+
+def run_cell(experiment: str, cell: AttackCell, device: torch.device | str | None = None,
+             data_root: str | Path | None = None) -> dict[str, float]:
+    """One attack cell end to end: examples generated once (or read back), then every target not yet scored.
+
+    The generation run (key = the cell's key) is finished, and so cached, once its adversarial set is
+    stored; each target's score is a child run, so a re-run scores only the targets still missing.
+    Returns what a Tune trial reports: whether it generated, how many targets it scored, white-box
+    success, mean adversarial accuracy over the targets scored, seconds.
+    """
+    start = time.perf_counter()
+    spec = cell.spec.attack
+    generation = tracking.find_finished(experiment, cell.key)
+    todo = _unscored(experiment, cell) if generation is not None else list(cell.target_run_ids)
+    summary = {"generated": float(generation is None), "targets_scored": float(len(todo))}
+    if generation is not None:
+        summary[names.WHITEBOX_SUCCESS] = generation.metrics.get(names.WHITEBOX_SUCCESS, math.nan)
+        if not todo:
+            return {**summary, names.ADV_ACC: math.nan, names.SECONDS: time.perf_counter() - start}
+    runs = _training_runs(experiment, (*cell.surrogate_run_ids, *todo))
+    surrogates, targets = [runs[i] for i in cell.surrogate_run_ids], [runs[i] for i in todo]
+    if generation is None:
+        dataset = data.load(spec.dataset, data_root)
+        _check_cell(spec, surrogates, targets, dataset.class_names, dataset.in_shape)
+        examples, generation_id, summary[names.WHITEBOX_SUCCESS] = _generation_run(experiment, cell, surrogates, dataset, device)
+    else:
+        examples, generation_id = read_examples(generation.run_id), generation.run_id
+        _check_cell(spec, surrogates, targets, examples.class_names, tuple(examples.clean.shape[1:]))
+    adv_accs = [_evaluation_run(experiment, cell, generation_id, surrogates, target, examples, device)[names.ADV_ACC]
+                for target in targets]
+    summary[names.ADV_ACC] = sum(adv_accs) / len(adv_accs) if adv_accs else math.nan
+    return {**summary, names.SECONDS: time.perf_counter() - start}
+
+
+def _check_cell(spec: AttackSpec, surrogates: list[_Model], targets: list[_Model], class_names: tuple[str, ...],
+                in_shape: tuple[int, ...]) -> None:
+    """Refuse, before any work, a cell whose models do not fit the attacked task."""
+    task = f"{spec.dataset} ({len(class_names)} classes, images {tuple(in_shape)})"
+    for role, group in (("surrogate", surrogates), ("target", targets)):
+        for m in group:
+            if m.in_shape != tuple(in_shape):
+                raise XferError(f"{role} run {m.run_id} takes images of shape {m.in_shape}, but the attacked task is {task}; "
+                                "surrogates and targets must share the task's image shape.")
+    for m in targets:
+        if m.class_names != tuple(class_names):
+            raise XferError(f"target run {m.run_id} classifies {len(m.class_names)} classes ({', '.join(m.class_names[:5])}, ...), "
+                            f"not those of {task}; targets must be trained on the attacked task.")
+    if kind(spec.attack).loss == "logits":
+        for m in surrogates:
+            if m.class_names != tuple(class_names):
+                raise XferError(f"surrogate run {m.run_id} classifies other classes than {task}, so {spec.attack!r} has "
+                                f"no loss to raise on its logits; attack it with {FEATURE_ATTACK!r} (attack.plan does).")
+
+
+def _generation_run(experiment: str, cell: AttackCell, surrogates: list[_Model], dataset: data.Dataset,
+                    device: torch.device | str | None) -> tuple[Examples, str, float]:
+    """Make the cell's adversarial set, score the surrogate on it (white-box) and store both in a generation run."""
+    spec = cell.spec.attack
+    index = data.stratified_indices(dataset.test.labels, spec.n, spec.seed)
+    clean, labels = dataset.test.images[index], dataset.test.labels[index]
+    models_ = [tracking.load_model(m.run_id)[0] for m in surrogates]
+    began = time.perf_counter()
+    adv = generate(models_, clean, labels, spec, device)
+    seconds = time.perf_counter() - began
+    aims = target_labels(labels, len(dataset.class_names), spec.seed) if spec.targeted else labels
+    # Scored as stored: float16, so a fresh cell and one read back from MLflow give the same numbers.
+    examples = Examples(clean, adv.half().float(), labels, index, aims, dataset.class_names)
+    whitebox = _whitebox_success(models_, examples, spec, device)
+    with tracking.start_run(experiment, names.ATTACK, cell.key, tags=_generation_tags(cell), params=cell.spec,
+                            run_name=_run_name(cell)) as run, tempfile.TemporaryDirectory(prefix="xfer-adv-") as tmp:
+        run.log_artifact(save_examples(Path(tmp) / EXAMPLES_FILE, examples, spec), names.ADVERSARIAL_DIR)
+        run.log_metrics({names.WHITEBOX_SUCCESS: whitebox, names.SECONDS: seconds})
+    return examples, run.run_id, whitebox
+
+
+def _whitebox_success(models_: list[nn.Module], examples: Examples, spec: AttackSpec,
+                      device: torch.device | str | None) -> float:
+    """Success on the surrogate itself; for a feature attack, the share of its own predictions that flip."""
+    model = models_[0] if len(models_) == 1 else Ensemble(models_)
+    truth = predict(model, examples.clean, device) if kind(spec.attack).loss == "features" else examples.labels
+    return evaluate(model, examples.clean, examples.adv, truth, device)[names.SUCCESS_RATE]
+
+
+def _evaluation_run(experiment: str, cell: AttackCell, generation_id: str, surrogates: list[_Model], target: _Model,
+                    examples: Examples, device: torch.device | str | None) -> dict[str, float]:
+    """Score one target on the adversarial set, as a child run of the generation run."""
+    model, _ = tracking.load_model(target.run_id)
+    metrics = evaluate(model, examples.clean, examples.adv, examples.labels, device)
+    key = specs.key(EvaluationSpec(cell.key, target.run_id))
+    tags = {**_generation_tags(cell), **_lineage_tags(surrogates, target), names.TAG_TARGET_RUN: target.run_id}
+    with tracking.start_run(experiment, names.ATTACK, key, tags=tags, run_name=f"{_run_name(cell)} → {_label(target)}",
+                            parent_run_id=generation_id) as run:
+        run.log_metrics(metrics)
+    return metrics
+
+
+def _lineage_tags(surrogates: list[_Model], target: _Model) -> dict[str, bool]:
+    """same_source: a surrogate's pretraining source is the target's (both set); is_parent: a surrogate is its pretrain run.
+
+    For an ensemble, either holds when it holds for any member.
+    """
+    source = target.record.tags.get(names.TAG_SOURCE, "")
+    parent = target.record.tags.get(names.TAG_PRETRAIN_RUN, "")
+    return {
+        names.TAG_SAME_SOURCE: bool(source) and any(m.record.tags.get(names.TAG_SOURCE, "") == source for m in surrogates),
+        names.TAG_IS_PARENT: bool(parent) and any(m.run_id == parent for m in surrogates),
+    }
+
+
+def _generation_tags(cell: AttackCell) -> dict[str, str]:
+    return {**tracking.spec_tags(cell.spec), names.TAG_SURROGATE_RUN: "+".join(cell.surrogate_run_ids)}
+
+
+def _unscored(experiment: str, cell: AttackCell) -> list[str]:
+    """The cell's targets without a finished evaluation run (new targets, or a trial that stopped midway)."""
+    wanted = {specs.key(EvaluationSpec(cell.key, t)): t for t in cell.target_run_ids}
+    done = {r.key for r in tracking.query(experiment, names.ATTACK, tags={names.TAG_SURROGATE_RUN: "+".join(cell.surrogate_run_ids)})}
+    return [t for k, t in wanted.items() if k not in done]
+
+
+def _run_name(cell: AttackCell) -> str:
+    a = cell.spec.attack
+    return f"{a.attack}{'-targeted' if a.targeted else ''}(eps={a.eps}) from {'+'.join(cell.surrogate_run_ids)[:40]}"
+
+
+def _label(m: _Model) -> str:
+    tags = m.record.tags
+    source = tags.get(names.TAG_SOURCE, "")
+    return f"{m.record.stage}:{source + '→' if source else ''}{tags.get(names.TAG_TARGET, '')}/{tags.get(names.TAG_ARCH, '')}"
+
+
+# ---- benchmark ------------------------------------------------------------------------------------
+
+def bench(n: int = 1000, steps: int = 10, arch: str = "resnet_mini", devices: Sequence[str] | None = None,
+          echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Time generating `n` PGD examples (eps 0.3, `steps` steps) on `arch` over mnist5k, per device."""
+    from xfer import models
+
+    devices = list(devices) if devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    test = data.load("mnist5k").test
+    images, labels = test.images[:n], test.labels[:n]
+    model = models.build(arch, tuple(images.shape[1:]), 10)
+    spec = AttackSpec(attack="pgd", eps=0.3, steps=steps, n=len(labels), dataset="mnist5k")
+    rows = []
+    echo(f"PGD generation, {arch}, {len(labels)} examples, {steps} steps, torch {torch.__version__}, "
+         f"{torch.get_num_threads()} CPU threads")
+    echo(f"{'device':<28} {'seconds':>8} {'examples/s':>11}")
+    for name in devices:
+        device = torch.device(name)
+        generate(model, images[:32], labels[:32], spec, device)  # warm-up: kernel selection, allocator
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        generate(model, images, labels, spec, device)  # returns on the CPU: the copy back synchronises
+        seconds = time.perf_counter() - began
+        label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        rows.append({"device": label, "examples": len(labels), "seconds": seconds, "examples_per_s": len(labels) / seconds})
+        echo(f"{label:<28} {seconds:>8.2f} {len(labels) / seconds:>11.1f}")
+    return rows
+
+
+def _main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m xfer.attack", description="Attack utilities.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    timing = commands.add_parser("bench", help="time PGD generation (examples/s) on CPU and, if present, CUDA")
+    timing.add_argument("--n", type=int, default=1000, help="examples to generate (mnist5k's test split has 1000)")
+    timing.add_argument("--steps", type=int, default=10)
+    timing.add_argument("--arch", default="resnet_mini")
+    timing.add_argument("--device", action="append", help="cpu / cuda (repeatable); default: cpu and cuda if present")
+    args = parser.parse_args(argv)
+    bench(args.n, args.steps, args.arch, args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    from xfer.cli import run_main
+
+    run_main(lambda: _main(sys.argv[1:]))
