@@ -96,6 +96,10 @@ class Grid:
     weights: str = ""                                    # resnet18's ImageNet weights: a resnet18-f37072fd.pth file,
                                                          # or "imagenet" (torchvision's cache, else download); "" = none
     scratch: bool = True                                 # train scratch baselines of every arch × size × lr × seed
+    # Tuned settings per "arch/size" (size 0 = whole pool), from `sweeps/full_grid.py --tuned`: the tuned lr
+    # replaces the lrs axis and the other settings (weight_decay, head_lr_mult, batch_size, label_smoothing)
+    # the grid's, in that arch and size's fine-tune and scratch cells; a recipe's own settings still win.
+    tuned: dict[str, dict[str, Any]] = field(default_factory=dict)
     attacks: tuple[str, ...] = ("fgsm", "pgd")
     eps: tuple[float, ...] = (0.3,)
     attack_n: int = 5000
@@ -230,7 +234,7 @@ def validate(grid: Grid, pool_sizes: dict[str, int] | None = None) -> None:
     if not grid.sources and not grid.scratch and not _fine_tuned_archs(grid):
         problems.append("the grid has no training cells: give sources, ImageNet weights for resnet18, "
                         "or keep the scratch baselines")
-    problems += _recipe_problems(grid) + _weights_problems(grid)
+    problems += _recipe_problems(grid) + _weights_problems(grid) + _tuned_problems(grid)
     if problems:
         raise XferError("the grid is not valid: " + "; ".join(problems) + ". Nothing was launched.")
 
@@ -295,6 +299,22 @@ def _recipe_problems(grid: Grid) -> list[str]:
     return problems
 
 
+TUNABLE = ("lr", "weight_decay", "head_lr_mult", "batch_size", "label_smoothing")  # what `Grid.tuned` may set
+
+
+def _tuned_problems(grid: Grid) -> list[str]:
+    problems = []
+    for where, settings in grid.tuned.items():
+        arch_name, _, size = where.partition("/")
+        if arch_name not in grid.archs or not size.isdigit() or int(size) not in grid.sizes:
+            problems.append(f"tuned settings for {where!r}, which is not an arch/size of this grid "
+                            f"({', '.join(grid.archs)} × {', '.join(map(str, grid.sizes))})")
+        unknown = sorted(set(settings) - set(TUNABLE))
+        if unknown:
+            problems.append(f"tuned settings {', '.join(unknown)} for {where!r} are not tunable ({', '.join(TUNABLE)})")
+    return problems
+
+
 def _weights_problems(grid: Grid) -> list[str]:
     if not grid.weights:
         return []
@@ -335,20 +355,24 @@ def cells(grid: Grid, pool_sizes: dict[str, int] | None = None) -> Cells:
         for source, arch_name, seed in itertools.product(grid.sources, grid.archs, grid.seeds)
     }
     finetune, scratch = [], []
-    for arch_name, size, lr, seed in itertools.product(grid.archs, grid.sizes, grid.lrs, grid.seeds):
-        base = dict(arch=arch_name, dataset=grid.target, size=size or None, val_size=grid.val_size, epochs=grid.epochs,
-                    batch_size=grid.batch_size, lr=lr, augment=grid.augment, seed=seed)
-        starts: list[tuple[PretrainSpec | None, dict[str, Any]]] = [
-            (pretrain[(source, arch_name, seed)], {}) for source in grid.sources]
-        if grid.weights and arch_name == IMAGENET_ARCH:
-            starts.append((None, {"weights": grid.weights}))
-        for (parent, init), depth, name in itertools.product(starts, grid.freeze_depths(arch_name), grid.recipes):
-            settings = recipe_settings(grid, name, depth)
-            if settings is not None:
-                finetune.append(FinetuneSpec(TrainSpec(**base, **init, freeze_depth=depth, **settings), parent))
-        if grid.scratch:
-            for optimizer in dict.fromkeys(recipe(name).optimizer or grid.optimizer for name in grid.recipes):
-                scratch.append(FinetuneSpec(TrainSpec(**base, optimizer=optimizer)))
+    for arch_name, size in itertools.product(grid.archs, grid.sizes):
+        tuned = dict(grid.tuned.get(f"{arch_name}/{size}", {}))
+        lrs = (tuned.pop("lr"),) if "lr" in tuned else grid.lrs
+        for lr, seed in itertools.product(lrs, grid.seeds):
+            base = dict(arch=arch_name, dataset=grid.target, size=size or None, val_size=grid.val_size,
+                        epochs=grid.epochs, batch_size=grid.batch_size, lr=lr, augment=grid.augment, seed=seed)
+            base.update(tuned)
+            starts: list[tuple[PretrainSpec | None, dict[str, Any]]] = [
+                (pretrain[(source, arch_name, seed)], {}) for source in grid.sources]
+            if grid.weights and arch_name == IMAGENET_ARCH:
+                starts.append((None, {"weights": grid.weights}))
+            for (parent, init), depth, name in itertools.product(starts, grid.freeze_depths(arch_name), grid.recipes):
+                settings = recipe_settings(grid, name, depth)
+                if settings is not None:
+                    finetune.append(FinetuneSpec(TrainSpec(**{**base, **init, "freeze_depth": depth, **settings}), parent))
+            if grid.scratch:
+                for optimizer in dict.fromkeys(recipe(name).optimizer or grid.optimizer for name in grid.recipes):
+                    scratch.append(FinetuneSpec(TrainSpec(**{**base, "optimizer": optimizer})))
     attacks = tuple(
         AttackSpec(attack=name, eps=eps, steps=grid.attack_steps, n=grid.attack_n, dataset=grid.target)
         for name, eps in itertools.product(grid.attacks, grid.eps)

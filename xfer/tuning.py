@@ -1,0 +1,740 @@
+"""Optuna search over fine-tune hyperparameters as Ray Tune trials: the study, its best configuration, `apply_best`.
+
+A study is one default fine-tune cell (source → target, arch, size, epochs) whose hyperparameters
+Optuna's TPE searches (seeded), with the default itself as the first trial; trials are Ray Tune trials
+that ASHA stops early by validation error. The study lives in Optuna's RDB storage, so running the
+same command again continues it. Trials never see the test split: it is removed before the data
+reaches Ray, and the best and the default models meet it once, at the end. MLflow holds one parent run
+per study (stage names.TUNE) with a child run per trial; `apply_best` hands the grid the best settings.
+
+`OptunaSearch` refuses `tune.grid_search`, so this is its own entry point (sweeps/tune_finetune.py)
+over the same loop the grid runs (xfer.train.train).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import itertools
+import json
+import math
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Collection, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import FrozenTrial, TrialState
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from xfer import checkpoint, data, models, names, specs, stages, tracking
+from xfer import grid as grids
+from xfer import train as loop
+from xfer.errors import XferError
+from xfer.specs import FinetuneSpec
+
+DEFAULT_EXPERIMENT = "tune"        # MLflow experiment of all studies: a grid's experiment holds only its own cells
+STUDY_DB = "optuna.db"             # default Optuna storage: SQLite in the runs folder (tracking.runs_dir())
+SEARCHED = ("lr", "weight_decay", "head_lr_mult", "freeze_depth", "unfreeze_epoch", "batch_size", "label_smoothing")
+GRID_SETTINGS = grids.TUNABLE  # what a study hands the grid; freeze depth stays a grid axis
+LR_RANGE = (1e-4, 3e-2)            # AdamW; above ~3e-2 the small nets diverge on MNIST-scale data
+WEIGHT_DECAY_RANGE = (1e-6, 1e-1)
+HEAD_LR_MULT_RANGE = (1.0, 30.0)   # the new head may learn faster than the pretrained body (the seed used 10)
+LABEL_SMOOTHING_RANGE = (0.0, 0.2)
+BATCH_SIZES = (32, 64, 128, 256)
+ASHA_REDUCTION = 3                 # at each rung (epochs 1, 3, 9, …) ASHA lets the best third go on
+FAILED_VAL_ERROR = 1.0             # a diverged trial scores the worst error, so TPE learns to avoid its region
+IMPORTANCE_RUNG = 1                # importances compare trials at epoch 1, the budget every trial reaches under ASHA
+IMPORTANCE_SEED = 0                # fANOVA's random forest: the same study gives the same importances
+
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+# ---- the study: its cell, its space, its trials' cells ------------------------------------------------
+
+@dataclass(frozen=True)
+class StudySpec:
+    """One Optuna study: the default fine-tune cell whose hyperparameters are searched (and its first trial)."""
+
+    default: FinetuneSpec
+    sampler_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.default.pretrain is None:
+            raise XferError("a tuning study fine-tunes a pretrained model; give the default cell a pretrain spec.")
+
+    @property
+    def key(self) -> str:
+        return specs.key(self)
+
+    @property
+    def name(self) -> str:
+        """The Optuna study name: readable, and unique per study spec."""
+        t = self.default.train
+        return f"{self.default.source}-{t.dataset}-{t.arch}-n{t.size or 'all'}-{self.key}"
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """A trial's identity (its MLflow key): the cell it trains, within one study."""
+
+    study: str
+    cell: FinetuneSpec
+
+
+def search_space(study: StudySpec, in_shape: tuple[int, int, int] = (1, 28, 28)) -> dict[str, BaseDistribution]:
+    """Optuna distributions of the SEARCHED fields; each range is widened to hold the default's value.
+
+    Freeze depth runs over 0..the arch's body tensor count (models.max_freeze_depth) for inputs of `in_shape`.
+    """
+    t = study.default.train
+    depth = models.max_freeze_depth(models.build(t.arch, in_shape, 10))
+
+    def log_range(bounds: tuple[float, float], value: float) -> FloatDistribution:
+        return FloatDistribution(min(bounds[0], value), max(bounds[1], value), log=True)
+
+    return {
+        "lr": log_range(LR_RANGE, t.lr),
+        "weight_decay": log_range(WEIGHT_DECAY_RANGE, t.weight_decay),
+        "head_lr_mult": log_range(HEAD_LR_MULT_RANGE, t.head_lr_mult),
+        "freeze_depth": IntDistribution(0, depth),
+        "unfreeze_epoch": IntDistribution(0, t.epochs - 1),   # 0: never unfreeze
+        "batch_size": CategoricalDistribution(tuple(sorted({*BATCH_SIZES, t.batch_size}))),
+        "label_smoothing": FloatDistribution(min(LABEL_SMOOTHING_RANGE[0], t.label_smoothing),
+                                             max(LABEL_SMOOTHING_RANGE[1], t.label_smoothing)),
+    }
+
+
+def default_params(study: StudySpec) -> dict[str, Any]:
+    """The default cell as a point of the search space."""
+    t = study.default.train
+    return {name: (getattr(t, name) or 0) if name == "unfreeze_epoch" else getattr(t, name) for name in SEARCHED}
+
+
+def cell_of(study: StudySpec, params: Mapping[str, Any]) -> FinetuneSpec:
+    """The fine-tune cell a trial trains: the default with the searched fields replaced.
+
+    Unfreezing needs something frozen: with freeze depth 0 (or unfreeze epoch 0) there is no unfreeze epoch.
+    """
+    unknown = sorted(set(params) - set(SEARCHED))
+    if unknown:
+        raise XferError(f"unknown tuning parameters {', '.join(unknown)}; searched are {', '.join(SEARCHED)}.")
+    values = {**default_params(study), **params}
+    frozen = int(values["freeze_depth"]) > 0
+    values["unfreeze_epoch"] = (int(values["unfreeze_epoch"]) or None) if frozen else None
+    train = specs.replace(study.default.train, **{k: _typed(k, v) for k, v in values.items()})
+    return specs.replace(study.default, train=train)
+
+
+def trial_key(study: StudySpec, params: Mapping[str, Any]) -> str:
+    return specs.key(TrialSpec(study.key, cell_of(study, params)))
+
+
+def _typed(name: str, value: Any) -> Any:
+    # Optuna returns numpy scalars for categorical choices; specs hold plain Python numbers.
+    if value is None:
+        return None
+    return int(value) if name in ("freeze_depth", "unfreeze_epoch", "batch_size") else float(value)
+
+
+def withhold_test(ds: data.Dataset) -> data.Dataset:
+    """`ds` with an empty test split: what trials get, so no trial can look at the test set."""
+    return data.Dataset(ds.name, ds.train, data.Split(ds.test.images[:0], ds.test.labels[:0]), ds.class_names)
+
+
+# ---- one trial, no Ray ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of a study shares besides the data: where it logs and its lineage."""
+
+    study: StudySpec
+    experiment: str
+    pretrain_run: str
+    parent_run_id: str | None = None
+
+
+def run_trial(context: TrialContext, params: Mapping[str, Any], dataset: data.Dataset,
+              pretrained: models.XferModel, session: stages.Session) -> loop.Result:
+    """Fine-tune one configuration, reporting validation error after every epoch; record it as a child run.
+
+    The last epoch is reported only after the MLflow run is complete, because ASHA may stop a trial at any
+    report (it ends there, its run KILLED with the reason). `dataset` must come without its test split.
+    """
+    if len(dataset.test):
+        raise XferError(f"a tuning trial was handed {dataset.name}'s test split; pass withhold_test(dataset), "
+                        "since the test split is for the final evaluation only.")
+    cell = cell_of(context.study, params)
+    t = cell.train
+    splits = data.make_splits(dataset, t.size, t.val_size, t.seed)
+    resume = session.restore()
+    model = loop.prepare_model(t, splits, copy.deepcopy(pretrained))
+    tags = {**stages.tags_of(cell, context.pretrain_run), names.TAG_STUDY: context.study.key,
+            names.TAG_TUNE_ROLE: names.TUNE_ROLE_TRIAL}
+    with tracking.start_run(
+        context.experiment, names.TUNE, specs.key(TrialSpec(context.study.key, cell)), tags=tags,
+        params=specs.to_flat(cell), run_name=f"trial:{stages.label(cell)}", parent_run_id=context.parent_run_id,
+        resume_run_id=resume.extra.get("mlflow_run_id") if resume else None,
+    ) as run:
+        def on_epoch_end(state: checkpoint.TrainState) -> None:
+            val = next(r["error"] for r in reversed(state.curve) if r["split"] == "val")
+            run.log_metrics({names.VAL_ERROR: val}, step=state.step)
+            if state.epoch < t.epochs:
+                with tempfile.TemporaryDirectory() as tmp:
+                    state.extra["mlflow_run_id"] = run.run_id
+                    checkpoint.save_state(Path(tmp), state)
+                    _report_epoch(session, state.epoch, t.epochs, val, Path(tmp))
+
+        result = loop.train(t, splits, model, resume=resume, on_epoch_end=on_epoch_end)
+        run.log_curve([r for r in result.curve if r["split"] != "test"])
+        if result.ok:
+            run.log_metrics({k: v for k, v in result.metrics.items() if math.isfinite(v)})
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint.save(Path(tmp), model.cpu(), {"class_names": list(splits.class_names), "stage": names.TUNE,
+                                                         "spec": specs.to_dict(cell), "metrics": result.metrics})
+                run.log_checkpoint(Path(tmp))
+        else:
+            run.fail(result.reason)
+    val = result.metrics[names.VAL_ERROR] if result.ok else FAILED_VAL_ERROR
+    session.report({names.VAL_ERROR: val, names.EPOCH: result.metrics.get(names.EPOCH, math.nan),
+                    stages.STATUS: float(result.ok)})
+    return result
+
+
+def _report_epoch(session: stages.Session, epoch: int, epochs: int, val_error: float, state_dir: Path) -> None:
+    """Report an epoch (with its state, to resume from); a trial the scheduler stops here raises StoppedEarly."""
+    try:
+        session.report({names.VAL_ERROR: val_error, names.EPOCH: float(epoch)}, state_dir)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+        raise StoppedEarly(f"stopped early by ASHA after epoch {epoch} of {epochs} (val_error {val_error:.4f})") from None
+
+
+class StoppedEarly(SystemExit):
+    """Ray Tune ends a trial its scheduler stopped with SystemExit(0) from `tune.report`; this one says why.
+
+    Still exit code 0, so Ray ends the trial quietly; the MLflow run ends KILLED with the reason as its failure tag.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(0)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def _tune_trial(config: dict[str, Any], context: TrialContext, dataset: data.Dataset,
+                pretrained: models.XferModel) -> None:
+    """Ray Tune's view of `run_trial`: the config is the trial's point of the search space."""
+    run_trial(context, config, dataset, pretrained, stages.TuneSession())
+
+
+class SparingASHA(ASHAScheduler):
+    """ASHA that never stops the default configuration: it is the baseline every tuned result is measured against.
+
+    Its results still enter ASHA's rungs, so the others are judged against it as usual.
+    """
+
+    def __init__(self, spared: Mapping[str, Any], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._spared = dict(spared)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        return TrialScheduler.CONTINUE if same_params(trial.config, self._spared) else decision
+
+
+def asha(study: StudySpec) -> SparingASHA:
+    """The study's scheduler: rungs at epochs 1, 3, 9, … up to the study's epochs; Tune sets its metric (val_error)."""
+    return SparingASHA(default_params(study), max_t=study.default.train.epochs, grace_period=1,
+                       reduction_factor=ASHA_REDUCTION)
+
+
+def same_params(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return set(a) == set(b) and all(
+        math.isclose(float(a[k]), float(b[k]), rel_tol=1e-12, abs_tol=0.0) for k in a
+    )
+
+
+# ---- the study on Ray Tune ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Evaluated:
+    """One trial's configuration and its errors; test error measured once, after the search."""
+
+    number: int                      # Optuna trial number
+    params: dict[str, Any]
+    val_error: float
+    test_error: float
+    run_id: str                      # its MLflow trial run
+
+
+@dataclass(frozen=True)
+class StudyOutcome:
+    name: str
+    storage: str                     # the Optuna storage URL (password hidden)
+    trials: int                      # finished trials in the study (all invocations)
+    ran: int                         # trials this invocation ran
+    stopped_early: int               # ... of which ASHA stopped
+    best: Evaluated
+    default: Evaluated | None
+    importance: dict[str, float]
+    parent_run_id: str
+    out_dir: Path
+    notes: list[str] = field(default_factory=list)
+    full_length: frozenset[int] = frozenset()   # trials that ran every epoch (the rest ASHA stopped, or failed)
+
+
+def default_storage() -> str:
+    return f"sqlite:///{tracking.runs_dir() / STUDY_DB}"
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage at `url`; SQLite waits for a lock instead of failing when studies run side by side."""
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.OperationalError, ImportError) as exc:
+        raise XferError(f"cannot open the Optuna storage {_shown(url)} ({type(exc).__name__}: {exc}); pass a "
+                        "SQLAlchemy URL such as sqlite:///runs/optuna.db or postgresql://user@host/db.") from None
+
+
+def open_study(study: StudySpec, storage: optuna.storages.BaseStorage) -> optuna.Study:
+    """The study, created or loaded; trials left RUNNING by an interrupted invocation are marked FAIL.
+
+    One invocation per study at a time: a second one running concurrently would see the first's trials as stale.
+    """
+    ot_study = optuna.create_study(storage=storage, study_name=study.name, direction="minimize", load_if_exists=True)
+    study_id = storage.get_study_id_from_name(study.name)
+    for stale in ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, stale.number)
+        storage.set_trial_user_attr(trial_id, names.TAG_FAILURE, "interrupted: its invocation ended while it ran")
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    return ot_study
+
+
+def finished(ot_study: optuna.Study) -> list[FrozenTrial]:
+    return ot_study.get_trials(deepcopy=False, states=_FINISHED)
+
+
+def run_study(study: StudySpec, trials: int, options: stages.RunOptions, storage: str | None = None,
+              pretrain_experiment: str | None = None, echo: Callable[[str], None] = print) -> StudyOutcome:
+    """Bring `study` to `trials` finished trials (continuing what storage holds), then evaluate and record it.
+
+    The caller owns `ray.init`. The test split is read only by `_evaluate`, after the search.
+    """
+    url = storage or default_storage()
+    ot_storage = open_storage(url)
+    ot_study = open_study(study, ot_storage)
+    done = len(finished(ot_study))
+    todo = max(0, trials - done)
+    target = data.load(study.default.train.dataset, options.data_root, options.download)
+    pretrain_run = ensure_pretrained(study, pretrain_experiment or options.experiment, options, echo)
+    pretrained, _ = tracking.load_model(pretrain_run)
+    if tuple(pretrained.in_shape) != target.in_shape:
+        raise XferError(f"the pretrained {study.default.train.arch} expects inputs {tuple(pretrained.in_shape)} but "
+                        f"{target.name} has {target.in_shape}; tune on data of one canonical shape.")
+    echo(f"study {study.name} in {_shown(url)}: {done} finished trial(s), running {todo} more (target {trials})")
+    with study_run(study, options.experiment, url) as run:
+        context = TrialContext(study, options.experiment, pretrain_run, run.run_id)
+        stopped = _search(context, ot_study, ot_storage, withhold_test(target), pretrained, todo, options) if todo else 0
+        ot_study = optuna.load_study(study_name=study.name, storage=ot_storage)
+        outcome = _evaluate(context, ot_study, target, url, todo, stopped)
+        record(run, study, ot_study, outcome)
+    return outcome
+
+
+def ensure_pretrained(study: StudySpec, experiment: str, options: stages.RunOptions,
+                      echo: Callable[[str], None] = print) -> str:
+    """The run id of the study's finished pretrain cell in `experiment`, training it first if MLflow has none."""
+    spec = study.default.pretrain
+    record = tracking.find_finished(experiment, specs.key(spec))
+    if record is None:
+        echo(f"pretraining {stages.label(spec)} first: no finished run in MLflow experiment {experiment!r}")
+        source = data.load(spec.train.dataset, options.data_root, options.download)
+        result = stages.train_cell(spec, experiment, source)
+        record = tracking.find_finished(experiment, specs.key(spec))
+        if not result.ok or record is None:
+            raise XferError(f"pretraining {stages.label(spec)} failed ({result.reason or 'no checkpoint recorded'}); "
+                            "fix it (e.g. a lower --pretrain-lr) before tuning.")
+    return record.run_id
+
+
+def study_run(study: StudySpec, experiment: str, url: str) -> AbstractContextManager[tracking.Run]:
+    """The study's parent MLflow run, opened new or, for a continued study, reopened."""
+    return tracking.start_run(experiment, names.TUNE, study.key, tags=_study_tags(study, url),
+                              params=specs.to_flat(study.default), run_name=f"study:{study.name}",
+                              resume_run_id=_parent_run(experiment, study))
+
+
+def _parent_run(experiment: str, study: StudySpec) -> str | None:
+    """The study's earlier parent run (any status): a continued study keeps logging into it."""
+    runs = tracking.query(experiment, stage=names.TUNE, status=None,
+                          tags={names.TAG_KEY: study.key, names.TAG_TUNE_ROLE: names.TUNE_ROLE_STUDY})
+    return runs[-1].run_id if runs else None
+
+
+def _study_tags(study: StudySpec, url: str) -> dict[str, str]:
+    t = study.default.train
+    return {names.TAG_SOURCE: study.default.source, names.TAG_TARGET: t.dataset, names.TAG_ARCH: t.arch,
+            names.TAG_SIZE: str(t.size or "all"), names.TAG_SEED: str(t.seed), names.TAG_STUDY: study.key,
+            names.TAG_TUNE_ROLE: names.TUNE_ROLE_STUDY, names.TAG_OPTUNA_STUDY: study.name,
+            names.TAG_OPTUNA_STORAGE: _shown(url)}
+
+
+def free_slots(options: stages.RunOptions) -> int:
+    """How many trials fit in what the cluster has unused now (at least one): another job's share is not ours."""
+    import ray
+
+    free = ray.available_resources()
+    slots = int(free.get("CPU", 0) // max(options.cpus_per_trial, 1e-3))
+    if options.gpus_per_trial:
+        slots = min(slots, int(free.get("GPU", 0) // options.gpus_per_trial))
+    return max(1, slots)
+
+
+def _search(context: TrialContext, ot_study: optuna.Study, ot_storage: optuna.storages.BaseStorage,
+            dataset: data.Dataset, pretrained: models.XferModel, todo: int, options: stages.RunOptions) -> int:
+    """Run `todo` trials on Ray Tune; end the MLflow runs of trials ASHA stopped. Returns how many it stopped."""
+    study = context.study
+    defaults = default_params(study)
+    has_default = any(same_params(t.params, defaults) for t in ot_study.get_trials(deepcopy=False)
+                      if t.state in (TrialState.COMPLETE, TrialState.WAITING))
+    searcher = OptunaSearch(
+        search_space(study, dataset.in_shape), metric=names.VAL_ERROR, mode="min",
+        points_to_evaluate=None if has_default else [defaults],
+        # Offset by the trials already made: a continued study draws new points, reproducibly.
+        sampler=optuna.samplers.TPESampler(seed=study.sampler_seed + len(ot_study.trials)),
+        study_name=study.name, storage=ot_storage,
+    )
+    epochs = study.default.train.epochs
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(_tune_trial, context=context, dataset=dataset, pretrained=pretrained),
+                            {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial}),
+        tune_config=tune.TuneConfig(
+            metric=names.VAL_ERROR, mode="min", num_samples=todo,
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=min(free_slots(options), todo)),
+            scheduler=asha(study),
+            trial_name_creator=lambda trial: f"{names.TUNE}_{trial.trial_id}",
+            trial_dirname_creator=lambda trial: f"{names.TUNE}_{trial.trial_id}",
+            reuse_actors=True,  # short trials: a fresh worker per trial would spend longer importing torch than training
+        ),
+        run_config=tune.RunConfig(
+            name=f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=options.storage_path or str(tracking.runs_dir() / "ray"),
+            failure_config=tune.FailureConfig(max_failures=options.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1,
+        ),
+    )
+    stopped = 0
+    for result in tuner.fit():
+        metrics = result.metrics or {}
+        if result.error is None and stages.STATUS in metrics:
+            continue  # finished, and its run says so
+        early = result.error is None
+        stopped += early
+        reason = (f"stopped early by ASHA after epoch {metrics.get(names.EPOCH, math.nan):.0f} of {epochs} "
+                  f"(val_error {metrics.get(names.VAL_ERROR, math.nan):.4f})" if early
+                  else f"the trial crashed: {type(result.error).__name__}: {str(result.error).strip()[-300:]}")
+        tracking.end_stale_runs(context.experiment, trial_key(study, result.config), reason)
+    return stopped
+
+
+# ---- after the search: best vs default, test error once, importances, artifacts -------------------------
+
+def best_trial(ot_study: optuna.Study, full_length: Collection[int]) -> FrozenTrial:
+    """The lowest validation error among the trials (numbers) that ran every epoch; ties: the earliest (the default).
+
+    A trial ASHA stopped has its early error as its value, so it competes only when no trial ran every epoch.
+    """
+    done = [t for t in ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.value is not None and math.isfinite(t.value)]
+    if not done:
+        raise XferError(f"study {ot_study.study_name} has no completed trial to take a best configuration from; "
+                        "run more trials (--trials) and check the trial runs' xfer.failure tags in MLflow.")
+    full = [t for t in done if t.number in full_length] or done
+    return min(full, key=lambda t: (t.value, t.number))
+
+
+def full_length_trials(context: TrialContext, ot_study: optuna.Study) -> set[int]:
+    """The trials whose MLflow run finished: they ran every epoch and kept their model.
+
+    Optuna alone cannot tell: Ray hands OptunaSearch the result that ended a trial (ASHA's stop or the last
+    epoch) as its value, not as an intermediate value, so a full-length trial and one stopped an epoch short
+    carry the same intermediate values.
+    """
+    finished_keys = {r.key for r in tracking.query(context.experiment, stage=names.TUNE, tags={
+        names.TAG_STUDY: context.study.key, names.TAG_TUNE_ROLE: names.TUNE_ROLE_TRIAL})}
+    return {t.number for t in ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if trial_key(context.study, t.params) in finished_keys}
+
+
+def default_trial(ot_study: optuna.Study, study: StudySpec) -> FrozenTrial | None:
+    defaults = default_params(study)
+    return next((t for t in ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                 if same_params(t.params, defaults)), None)
+
+
+def _evaluate(context: TrialContext, ot_study: optuna.Study, target: data.Dataset, url: str, ran: int,
+              stopped: int) -> StudyOutcome:
+    """Best and default configurations, each trial's final model evaluated once on the test split."""
+    study = context.study
+    full = full_length_trials(context, ot_study)
+    best = best_trial(ot_study, full)
+    default = default_trial(ot_study, study)
+    notes = [] if default is not None else ["the default configuration has no completed trial in this study"]
+    chosen = [best] + ([default] if default is not None and default.number != best.number else [])
+    evaluated = {t.number: evaluate_on_test(context, t, target) for t in chosen}
+    importance, note = param_importances(ot_study)
+    notes += [note] if note else []
+    return StudyOutcome(
+        name=study.name, storage=_shown(url), trials=len(finished(ot_study)), ran=ran, stopped_early=stopped,
+        best=evaluated[best.number], default=evaluated[default.number] if default else None, importance=importance,
+        parent_run_id=context.parent_run_id or "", out_dir=tracking.runs_dir() / "studies" / study.name, notes=notes,
+        full_length=frozenset(full),
+    )
+
+
+def evaluate_on_test(context: TrialContext, trial: FrozenTrial, target: data.Dataset) -> Evaluated:
+    """The trial's final model (its MLflow checkpoint) on the test split; NaN if the run kept no model."""
+    key = trial_key(context.study, trial.params)
+    runs = [r for r in tracking.query(context.experiment, stage=names.TUNE, tags={names.TAG_KEY: key})
+            if names.TAG_CHECKPOINT_SHA in r.tags]
+    test_error = math.nan
+    if runs:
+        model, _ = tracking.load_model(runs[-1].run_id)
+        test_error = loop.error(model, target.test.images, target.test.labels)
+    return Evaluated(trial.number, dict(trial.params), float(trial.value), test_error, runs[-1].run_id if runs else "")
+
+
+def param_importances(ot_study: optuna.Study) -> tuple[dict[str, float], str]:
+    """Optuna's fANOVA importance of each searched parameter (seeded), or ({}, why not).
+
+    The target is each trial's validation error after epoch IMPORTANCE_RUNG, not its last value: ASHA ends
+    weak trials there, and Ray records a stopped trial as complete with that early error, so last values mix
+    1-epoch and full-length errors. A trial that ended at the rung (stopped there, or failed before it) has
+    no intermediate value for it; its value is its error there (or the failure score).
+    """
+    def at_rung(trial: FrozenTrial) -> float:
+        return trial.intermediate_values.get(IMPORTANCE_RUNG, trial.value)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            importance = dict(optuna.importance.get_param_importances(
+                ot_study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=IMPORTANCE_SEED), target=at_rung))
+        except (ValueError, RuntimeError) as exc:
+            return {}, f"no parameter importances yet: {exc}"
+    # With few trials Optuna warns (e.g. every importance equal); the warning travels with the numbers.
+    return importance, "; ".join(f"importance: {w.message}" for w in caught)
+
+
+def record(run: tracking.Run, study: StudySpec, ot_study: optuna.Study, outcome: StudyOutcome) -> None:
+    """Tags, metrics and artifacts of the parent run; the same files under runs/studies/<study name>/."""
+    out = outcome.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    best_cell = cell_of(study, outcome.best.params)
+    config = {
+        "study": outcome.name, "storage": outcome.storage, "trials": outcome.trials,
+        "best": {**_as_dict(outcome.best), "cell": specs.to_flat(best_cell)},
+        "default": _as_dict(outcome.default) if outcome.default else None,
+        "importance": outcome.importance, "notes": outcome.notes,
+    }
+    (out / names.BEST_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True, default=float))
+    _write_importance(out, outcome.importance)
+    _save(study_figure(ot_study, outcome), out / names.STUDY_FIGURE)
+    trials = ot_study.trials_dataframe()
+    trials["ran_every_epoch"] = trials["number"].isin(outcome.full_length)
+    trials.to_csv(out / names.TRIALS_FILE, index=False)
+    for path in sorted(out.iterdir()):
+        run.log_artifact(path)
+    run.set_tags({names.TAG_BEST_PREFIX + k: getattr(best_cell.train, k) for k in SEARCHED}
+                 | {names.TAG_BEST_TRIAL: outcome.best.number, names.TAG_TRIALS: outcome.trials})
+    metrics = {names.BEST_VAL_ERROR: outcome.best.val_error, names.BEST_TEST_ERROR: outcome.best.test_error}
+    if outcome.default:
+        metrics |= {names.DEFAULT_VAL_ERROR: outcome.default.val_error, names.DEFAULT_TEST_ERROR: outcome.default.test_error}
+    run.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=outcome.trials)
+
+
+def _as_dict(evaluated: Evaluated) -> dict[str, Any]:
+    return {"trial": evaluated.number, "params": evaluated.params, names.VAL_ERROR: evaluated.val_error,
+            names.TEST_ERROR: evaluated.test_error, "mlflow_run_id": evaluated.run_id}
+
+
+def _write_importance(out: Path, importance: Mapping[str, float]) -> None:
+    table, markdown, figure = names.IMPORTANCE_FILES
+    with open(out / table, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["param", "importance"])
+        writer.writerows((k, f"{v:.6f}") for k, v in importance.items())
+    rows = [f"| {k} | {v:.3f} |" for k, v in importance.items()] or ["| (too few completed trials) | |"]
+    (out / markdown).write_text(f"Optuna fANOVA importance for validation error after epoch {IMPORTANCE_RUNG}\n\n"
+                                "| parameter | importance |\n|---|---|\n" + "\n".join(rows) + "\n")
+    _save(importance_figure(importance), out / figure)
+
+
+def importance_figure(importance: Mapping[str, float]) -> Figure:
+    """Horizontal bars, most important on top."""
+    fig = Figure(figsize=(7, 0.45 * max(len(importance), 2) + 1), layout="constrained")  # room for the names
+    ax = fig.subplots()
+    ordered = sorted(importance.items(), key=lambda kv: kv[1])
+    ax.barh([k for k, _ in ordered], [v for _, v in ordered], color="tab:blue")
+    ax.set_xlabel(f"importance for validation error after epoch {IMPORTANCE_RUNG} (Optuna fANOVA, sums to 1)")
+    ax.set_title("hyperparameter importance" if importance else "hyperparameter importance: too few trials")
+    return fig
+
+
+def study_figure(ot_study: optuna.Study, outcome: StudyOutcome) -> Figure:
+    """Left: each trial's validation error (full-length, or when ASHA stopped it) and the running best of the
+    full-length trials. Right: default vs best, validation and test."""
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    history, bars = fig.subplots(1, 2)
+    done = [t for t in ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    full = [t for t in done if t.number in outcome.full_length]
+    stopped = [t for t in done if t.number not in outcome.full_length]
+    history.scatter([t.number for t in full], [t.value for t in full], s=18, color="tab:blue", label="ran every epoch")
+    history.scatter([t.number for t in stopped], [t.value for t in stopped], s=18, facecolors="none",
+                    edgecolors="tab:gray", label="stopped early (error then)")
+    running = [min(t.value for t in full[:i + 1]) for i in range(len(full))]
+    history.step([t.number for t in full], running, where="post", color="tab:blue", label="best so far")
+    if outcome.default:
+        history.scatter([outcome.default.number], [outcome.default.val_error], marker="*", s=140, color="tab:orange",
+                        label="default", zorder=3)
+    history.set_xlabel("trial")
+    history.set_ylabel("validation error")
+    history.legend(fontsize="small")
+    rows = [("default", outcome.default), ("best", outcome.best)] if outcome.default else [("best", outcome.best)]
+    for offset, (split, colour) in enumerate(((names.VAL_ERROR, "tab:blue"), (names.TEST_ERROR, "tab:green"))):
+        values = [getattr(e, split) for _, e in rows]
+        positions = [i + (offset - 0.5) * 0.38 for i in range(len(rows))]
+        bars.bar(positions, values, width=0.38, color=colour, label=split.replace("_", " "))
+        for x, v in zip(positions, values):
+            bars.annotate(f"{v:.3f}", (x, v), ha="center", va="bottom", fontsize=8)
+    bars.set_xticks(range(len(rows)), [name for name, _ in rows])
+    bars.set_ylabel("error")
+    bars.legend()
+    fig.suptitle(f"{outcome.name}: {outcome.trials} trials")
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> None:
+    FigureCanvasAgg(fig).print_png(str(path))   # Agg explicitly: no pyplot, no display needed
+
+
+def _shown(url: str) -> str:
+    """A storage URL fit for logs and tags: any password hidden."""
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return url
+
+
+# ---- the grid's view: the best configuration per (arch, size) -------------------------------------------
+
+@dataclass(frozen=True)
+class Found:
+    """The best configuration a finished study recorded for one (arch, size)."""
+
+    arch: str
+    size: int
+    source: str
+    settings: dict[str, Any]           # GRID_SETTINGS → values
+    freeze_depth: int
+    val_error: float
+    default_val_error: float
+    trials: int
+    run_id: str
+
+
+def best_settings(grid: grids.Grid, experiment: str = DEFAULT_EXPERIMENT) -> dict[tuple[str, int], Found]:
+    """(arch, size) → the best configuration among finished studies of the grid's target, archs, sizes and sources.
+
+    Each study's newest parent run counts; with several sources for one (arch, size), the lowest best
+    validation error wins (the grid has one setting per arch and size, whatever the source).
+    """
+    sizes = {str(size or "all"): size for size in grid.sizes}
+    newest: dict[str, tracking.RunRecord] = {}
+    studies = {names.TAG_TUNE_ROLE: names.TUNE_ROLE_STUDY, names.TAG_TARGET: grid.target}
+    for record in tracking.query(experiment, stage=names.TUNE, tags=studies):
+        if record.tags.get(names.TAG_ARCH) in grid.archs and record.tags.get(names.TAG_SIZE) in sizes \
+                and record.tags.get(names.TAG_SOURCE) in grid.sources and names.TAG_BEST_PREFIX + "lr" in record.tags:
+            newest[record.key] = record
+    found: dict[tuple[str, int], Found] = {}
+    for record in newest.values():
+        cell = _best_cell(record)
+        item = Found(
+            arch=cell.train.arch, size=sizes[record.tags[names.TAG_SIZE]], source=cell.source,
+            settings={k: getattr(cell.train, k) for k in GRID_SETTINGS}, freeze_depth=cell.train.freeze_depth,
+            val_error=record.metrics.get(names.BEST_VAL_ERROR, math.nan),
+            default_val_error=record.metrics.get(names.DEFAULT_VAL_ERROR, math.nan),
+            trials=int(record.tags.get(names.TAG_TRIALS, 0)), run_id=record.run_id,
+        )
+        slot = (item.arch, item.size)
+        if slot not in found or item.val_error < found[slot].val_error:
+            found[slot] = item
+    return found
+
+
+def _best_cell(record: tracking.RunRecord) -> FinetuneSpec:
+    """The best cell of a study's parent run: its params (the default cell) with the xfer.best.* tags applied."""
+    best = {f"train.{k}": record.tags[names.TAG_BEST_PREFIX + k] for k in SEARCHED}
+    return specs.from_flat(FinetuneSpec, {**record.params, **best})
+
+
+def apply_best(grid: grids.Grid, echo: Callable[[str], None] = print, experiment: str = DEFAULT_EXPERIMENT) -> grids.Grid:
+    """The grid with each (arch, size)'s tuned settings where a finished study exists; echoes one line per (arch, size).
+
+    Studies are looked up in MLflow experiment `experiment` (default "tune"). The settings travel in the
+    field ``Grid.tuned: dict[str, dict[str, Any]]`` keyed ``"arch/size"`` (size 0 = the whole pool), each
+    value the GRID_SETTINGS of that arch and size; `grid.cells` uses the tuned lr instead of the lrs axis
+    and the other settings in place of the grid's, for that arch and size's fine-tune and scratch cells.
+    Freeze depth stays the grid's axis: the study's best depth is reported, not imposed.
+    """
+    found = best_settings(grid, experiment)
+    for line in choice_lines(grid, found, experiment):
+        echo(line)
+    tuned = {f"{arch}/{size}": item.settings for (arch, size), item in found.items()}
+    return dataclasses.replace(grid, tuned={**grid.tuned, **tuned})
+
+
+def choice_lines(grid: grids.Grid, found: Mapping[tuple[str, int], Found], experiment: str) -> list[str]:
+    """What --tuned uses, one line per (arch, size) of the grid: a study's best settings, or the grid's lrs."""
+    lines = []
+    for arch, size in itertools.product(grid.archs, grid.sizes):
+        where, item = f"{arch} n={size or 'all'}", found.get((arch, size))
+        if item is None:
+            lines.append(f"{where}: no finished tune study for target {grid.target} in MLflow experiment "
+                         f"{experiment!r}; using the grid's lrs {', '.join(map(str, grid.lrs))}")
+            continue
+        lines.append(f"{where}: tuned " + " ".join(f"{k}={_short(v)}" for k, v in item.settings.items())
+                     + f" from study {item.source}→{grid.target} ({item.trials} trials, val_error {item.val_error:.4f}"
+                     f" vs default {item.default_val_error:.4f}; its best freeze depth {item.freeze_depth} is not "
+                     f"imposed; run {item.run_id})")
+    return lines
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+__all__ = [
+    "StudySpec", "TrialContext", "StudyOutcome", "Evaluated", "Found", "search_space", "default_params", "cell_of",
+    "withhold_test", "run_trial", "run_study", "ensure_pretrained", "best_trial", "evaluate_on_test",
+    "param_importances", "asha", "free_slots", "study_run", "record", "best_settings", "choice_lines", "apply_best", "DEFAULT_EXPERIMENT",
+]
