@@ -177,7 +177,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=500)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--pretrain-epochs", type=int, default=3)
-    p.add_argument("--pretrain-size", type=int, default=6000)
+    p.add_argument("--pretrain-size", type=int, default=5000)
     args = p.parse_args()
     if args.transfer:
         print(transfer(args.sources, args.arch, args.size, args.seeds, args.epochs, args.pretrain_epochs, args.pretrain_size))
