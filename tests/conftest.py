@@ -165,24 +165,38 @@ def _write_cifar10(folder: Path, rng: np.random.Generator, monkeypatch: pytest.M
 from tracking_fixtures import Server, experiment, mlflow_server  # noqa: E402,F401
 
 
-def start_local_ray():
-    """A 2-CPU local Ray whose workers log to the session's MLflow server (the env set by `mlflow_server`)."""
-    import ray
+@pytest.fixture(scope="session")
+def full_grid():
+    """`sweeps/full_grid.py` as a module: the main job is a script, not part of the package."""
+    import importlib.util
 
-    from xfer import tracking
+    spec = importlib.util.spec_from_file_location("full_grid", Path(__file__).resolve().parent.parent / "sweeps" / "full_grid.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
-             runtime_env={"env_vars": tracking.worker_env()})
-    return ray
+
+_RAY_ENV: dict[str, str] = {}   # the worker environment the running local Ray was started with
 
 
 @pytest.fixture
 def local_ray(mlflow_server: Server):
-    """Local Ray, started once and kept for the session; re-started if a test (the two-node one) shut it down."""
+    """A 2-CPU local Ray whose workers log to the session's MLflow server, kept for the session.
+
+    Started again if a test (the two-node one) shut it down, or if the tracking environment changed since
+    Ray started: Ray workers keep the environment of `ray.init`, and would log to another server.
+    """
     import ray
 
+    from xfer import tracking
+
+    env = tracking.worker_env()
+    if ray.is_initialized() and env != _RAY_ENV:
+        ray.shutdown()
     if not ray.is_initialized():
-        start_local_ray()
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, runtime_env={"env_vars": env})
+        _RAY_ENV.clear()
+        _RAY_ENV.update(env)
     return ray
 
 

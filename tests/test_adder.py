@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from reports.verdicts import ADDER_CLAIM, INSUFFICIENT, MIN_SEEDS
-from tracking_fixtures import experiment, mlflow_server  # noqa: F401  (pytest fixtures)
 from xfer import adder, checkpoint, data, models, names, specs, tracking
 from xfer import train as loop
 from xfer.cli import run_main

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from tracking_fixtures import Server, mlflow_server  # noqa: F401  (the session's MLflow server)
+from tracking_fixtures import Server
 from xfer import attack, data, names, specs, stages, tracking
 from xfer.errors import XferError
 from xfer.models import XferModel, build

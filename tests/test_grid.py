@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -14,16 +13,6 @@ from xfer import train as loop
 from xfer.errors import XferError
 from xfer.specs import TrainSpec
 from xfer.stages import RunOptions
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _full_grid():
-    spec = importlib.util.spec_from_file_location("full_grid", ROOT / "sweeps" / "full_grid.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 # ---- validation before launch (no Ray, no MLflow) -----------------------------------------------
 
@@ -54,10 +43,10 @@ def test_missing_torchvision_data_names_sets_and_remedies(tmp_path: Path) -> Non
     assert "--download" in text and "--preset smoke" in text
 
 
-def test_cli_overrides_and_grid_file(tmp_path: Path) -> None:
+def test_cli_overrides_and_grid_file(tmp_path: Path, full_grid) -> None:
     (tmp_path / "g.yaml").write_text("sizes: [100, 200]\nseeds: [0, 1, 2]\nfreeze: {resnet_mini: [0, 23]}\n")
-    args = _full_grid().parser().parse_args(["--preset", "smoke", "--grid", str(tmp_path / "g.yaml"), "--lrs", "0.01"])
-    grid = _full_grid().grid_from_args(args)
+    args = full_grid.parser().parse_args(["--preset", "smoke", "--grid", str(tmp_path / "g.yaml"), "--lrs", "0.01"])
+    grid = full_grid.grid_from_args(args)
     assert grid.sizes == (100, 200) and grid.seeds == (0, 1, 2) and grid.lrs == (0.01,)
     cells = grids.cells(grid)
     # 2 sources × 1 arch × 3 seeds pretrains; fine-tunes: 2 sizes × 3 seeds × 2 sources × 2 depths; scratch 2 × 3.
@@ -111,7 +100,7 @@ def test_combined_recipe_and_the_unfreeze_defaults() -> None:
     (dict(recipes=("sgd+unfreez",)), r"unknown recipe 'unfreez' in 'sgd\+unfreez'"),
     (dict(recipes=("plain", "sgd"), optimizer="sgd"), "recipes 'plain' and 'sgd' give the same cells"),
     (dict(recipes=("unfreeze",), epochs=1), r"unfreezes at epoch 0, which must lie in 1..0"),
-    (dict(recipes=("unfreeze",), unfreeze_epoch=3), r"unfreezes at epoch 3, which must lie in 1..2"),
+    (dict(recipes=("unfreeze",), unfreeze_epoch=6), r"unfreezes at epoch 6, which must lie in 1..5"),
     (dict(recipes=("unfreeze",), freeze={"resnet_mini": (0,)}), "no fine-tune cell has a freeze depth > 0"),
     (dict(recipes=("plain", "unfreeze"), sources=()), "no fine-tune cell has a freeze depth > 0"),
     (dict(recipes=()), "at least one recipe"),
@@ -129,8 +118,7 @@ def test_a_recipe_setting_given_twice_must_agree(monkeypatch: pytest.MonkeyPatch
         grids.validate(grids.from_preset("smoke", recipes=("adam+head10x_sgd",)))
 
 
-def test_recipes_from_the_cli_and_grid_files(tmp_path: Path) -> None:
-    full_grid = _full_grid()
+def test_recipes_from_the_cli_and_grid_files(tmp_path: Path, full_grid) -> None:
     args = full_grid.parser().parse_args(["--preset", "smoke", "--recipes", "plain", "head10x_sgd+unfreeze",
                                           "--unfreeze-epoch", "2", "--unfreeze-lr-mult", "0.5", "--augment"])
     grid = full_grid.grid_from_args(args)
@@ -144,8 +132,8 @@ def test_recipes_from_the_cli_and_grid_files(tmp_path: Path) -> None:
     assert full_grid.grid_from_args(full_grid.parser().parse_args(["--preset", "cifar10", "--no-augment"])).augment is False
 
 
-def test_preset_files_are_presets(tmp_path: Path) -> None:
-    usage = _full_grid().parser().format_help()
+def test_preset_files_are_presets(tmp_path: Path, full_grid) -> None:
+    usage = full_grid.parser().format_help()
     for name in ("seed", "smoke", "cifar10", "lenet", "lenet_cifar10", "lenet_cifar10_gray", "resnet18", "hotdog"):
         assert name in grids.list_presets() and name in usage
     with pytest.raises(XferError, match=r"unknown preset 'cifar100'; known presets are cifar10, hotdog, lenet"):

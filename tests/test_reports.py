@@ -21,7 +21,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
-from tracking_fixtures import Server, mlflow_server  # noqa: F401  (the session's MLflow server)
+from tracking_fixtures import Server
 
 from reports import SCHEMAS, build_report
 from reports.__main__ import main as cli_main

@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from safetensors.numpy import save_file
 
 from _tracking_worker import BLOB_BYTES, CURVE_POINTS, STEP_POINTS, hold_run, log_run
-from tracking_fixtures import Server, experiment, mlflow_server  # noqa: F401  (pytest fixtures)
+from tracking_fixtures import Server
 from xfer import names, specs, tracking
 from xfer.errors import XferError
 
@@ -272,9 +272,11 @@ def test_eight_processes_log_concurrently_and_nothing_is_lost(mlflow_server: Ser
 
 
 def test_signalled_processes_never_leave_a_run_running(experiment: str) -> None:
-    fork = multiprocessing.get_context("fork")
-    opened = fork.SimpleQueue()
-    holders = {key: fork.Process(target=hold_run, args=(experiment, key, opened)) for key in ("terminated", "killed")}
+    # spawn, not fork: a fresh interpreter, like a real trial process, inherits no signal handlers or
+    # threads from this one (a forked child of a process that ran ray.init carries Ray's SIGTERM handler).
+    spawn = multiprocessing.get_context("spawn")
+    opened = spawn.SimpleQueue()
+    holders = {key: spawn.Process(target=hold_run, args=(experiment, key, opened)) for key in ("terminated", "killed")}
     for holder in holders.values():
         holder.start()
     opened_ids = {opened.get(), opened.get()}

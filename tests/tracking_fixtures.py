@@ -1,6 +1,7 @@
 """MLflow fixtures: a real `mlflow server` on 127.0.0.1 over SQLite, in a temporary runs folder.
 
-Import them into a test module: ``from tracking_fixtures import experiment, mlflow_server  # noqa: F401``.
+conftest.py provides them to every test module. Do not import them into a test module as well: a fixture
+imported into a module is a second definition, so a session-scoped one would start a second server there.
 """
 
 from __future__ import annotations

@@ -1,0 +1,125 @@
+"""The main job end to end on a real local Ray and MLflow server: all stages, rerun, retries, DDP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from xfer import names, pipeline, specs, tracking
+from xfer.stages import RunOptions, run_training_stage
+from xfer.specs import PretrainSpec, TrainSpec
+
+# ---- end to end on a real local Ray and MLflow server --------------------------------------------
+
+@pytest.mark.slow
+def test_smoke_preset_end_to_end_then_nothing_reruns(local_ray, experiment: str, capsys, full_grid) -> None:
+    argv = ["--preset", "smoke", "--name", experiment, "--epochs", "2", "--pretrain-epochs", "1", "--attack-n", "200"]
+    assert full_grid.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "MLflow UI: http://127.0.0.1:" in out and "report:" in out
+    runs = tracking.query(experiment, status="FINISHED")
+    by_stage = {stage: [r for r in runs if r.stage == stage] for stage in names.STAGES}
+    assert len(by_stage[names.PRETRAIN]) == 2 and len(by_stage[names.SCRATCH]) == 1
+    assert len(by_stage[names.FINETUNE]) == 4  # 2 sources × freeze {0, 20}
+    pretrain_ids = {r.run_id for r in by_stage[names.PRETRAIN]}
+    assert all(r.tags[names.TAG_PRETRAIN_RUN] in pretrain_ids for r in by_stage[names.FINETUNE])
+    generations = [r for r in by_stage[names.ATTACK] if names.TAG_TARGET_RUN not in r.tags]
+    evaluations = [r for r in by_stage[names.ATTACK] if names.TAG_TARGET_RUN in r.tags]
+    assert generations and evaluations
+    assert all(r.tags[names.TAG_SURROGATE_RUN] for r in evaluations)
+    assert len(by_stage[names.REPORT]) == 1
+    report = Path(out.split("report: ")[1].split()[0])
+    assert report.is_file() and (report.parent / "data" / "transfer.parquet").is_file()
+    assert not tracking.query(experiment, status="RUNNING")
+    # The same grid again: every cell is found by its key in MLflow, nothing re-runs.
+    outcome = pipeline.run_grid(full_grid.grid_from_args(full_grid.parser().parse_args(argv)),
+                                RunOptions(experiment=experiment), stages=pipeline.STAGE_ORDER[:-1])
+    assert [s.ran for s in outcome.summaries] == [0, 0, 0, 0]
+    assert sum(s.cached for s in outcome.summaries) == sum(s.cells for s in outcome.summaries) > 0
+
+
+def _tiny_pretrain(epochs: int, seed: int = 0) -> PretrainSpec:
+    return PretrainSpec(TrainSpec(arch="lenet5", dataset="mnist5k", size=600, val_size=100, epochs=epochs,
+                                  batch_size=32, lr=3e-3, seed=seed))
+
+
+def _kill_trial_when(experiment: str, key: str, epoch: int, done: threading.Event) -> list[int]:
+    """SIGKILL the trial process once its MLflow run has logged `epoch` validation points."""
+    killed: list[int] = []
+    deadline = time.time() + 240
+    while not done.is_set() and time.time() < deadline:
+        record = next(iter(tracking.query(experiment, status="RUNNING", tags={names.TAG_KEY: key})), None)
+        if record and len(tracking._client().get_metric_history(record.run_id, names.VAL_ERROR)) >= epoch:
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                if "ImplicitFunc" in " ".join(proc.info["cmdline"] or []):
+                    os.kill(proc.info["pid"], signal.SIGKILL)
+                    killed.append(proc.info["pid"])
+            return killed
+        time.sleep(0.2)
+    return killed
+
+
+@pytest.mark.slow
+def test_killed_trial_resumes_from_its_checkpoint(local_ray, experiment: str) -> None:
+    spec = _tiny_pretrain(epochs=6)
+    key = specs.key(spec)
+    done = threading.Event()
+    killed: list[int] = []
+    killer = threading.Thread(target=lambda: killed.extend(_kill_trial_when(experiment, key, 2, done)))
+    killer.start()
+    datasets = pipeline.load_datasets({"mnist5k"}, RunOptions(experiment=experiment))
+    summary = run_training_stage(names.PRETRAIN, [spec], RunOptions(experiment=experiment, max_failures=2), datasets)
+    done.set()
+    killer.join()
+    assert killed, "the trial was never killed"
+    assert summary.ran == 1 and not summary.failed
+    record = tracking.find_finished(experiment, key)
+    resumed_from = int(record.tags["xfer.resumed_from_epoch"])
+    assert 2 <= resumed_from < 6  # it restarted from an epoch checkpoint, not from zero
+    curve = tracking.read_curve(record.run_id)
+    assert [r["epoch"] for r in curve if r["split"] == "val"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+
+
+@pytest.mark.slow
+def test_workers_per_trial_trains_with_two_gloo_workers(local_ray, experiment: str) -> None:
+    spec = _tiny_pretrain(epochs=1, seed=1)
+    datasets = pipeline.load_datasets({"mnist5k"}, RunOptions(experiment=experiment))
+    summary = run_training_stage(names.PRETRAIN, [spec], RunOptions(experiment=experiment, workers_per_trial=2), datasets)
+    assert summary.ran == 1 and not summary.failed, summary.failed
+    record = tracking.find_finished(experiment, specs.key(spec))
+    assert record.tags["xfer.workers"] == "2"
+    # Each of the 2 ranks takes half of the 600 training examples: 300 // 32 = 9 steps, not 18.
+    assert record.metrics["steps"] == 9
+
+
+@pytest.mark.slow
+def test_two_node_cluster_runs_trials_on_both_nodes(mlflow_server, experiment: str) -> None:
+    """A simulated two-node cluster (Ray's own `cluster_utils.Cluster`): one 1-CPU trial per node at a time."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()  # the session's local Ray; `local_ray` starts it again for later tests
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 150 * 2**20})
+    try:
+        cluster.add_node(num_cpus=1, object_store_memory=150 * 2**20)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, runtime_env={"env_vars": tracking.worker_env()}, configure_logging=False)
+        nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        assert len(nodes) == 2
+        cells = [_tiny_pretrain(epochs=1, seed=s) for s in range(4)]
+        datasets = pipeline.load_datasets({"mnist5k"}, RunOptions(experiment=experiment))
+        summary = run_training_stage(names.PRETRAIN, cells, RunOptions(experiment=experiment), datasets)
+        assert summary.ran == 4 and not summary.failed, summary.failed
+        records = [tracking.find_finished(experiment, specs.key(c)) for c in cells]
+        assert all(r is not None and names.TAG_CHECKPOINT_SHA in r.tags for r in records)
+        assert {r.tags["xfer.node"] for r in records} == nodes  # trials landed on both nodes
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
