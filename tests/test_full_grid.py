@@ -81,7 +81,9 @@ def test_killed_trial_resumes_from_its_checkpoint(local_ray, experiment: str) ->
     assert summary.ran == 1 and not summary.failed
     record = tracking.find_finished(experiment, key)
     resumed_from = int(record.tags["xfer.resumed_from_epoch"])
-    assert 2 <= resumed_from < 6  # it restarted from an epoch checkpoint, not from zero
+    # Killed once MLflow had epoch 2's validation point; epoch 2's checkpoint reaches Tune just after that
+    # point, so the last checkpoint is epoch 2 or, if the kill won the race, epoch 1 — never zero.
+    assert resumed_from in (1, 2)
     curve = tracking.read_curve(record.run_id)
     assert [r["epoch"] for r in curve if r["split"] == "val"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
 
