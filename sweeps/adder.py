@@ -16,13 +16,12 @@ MLflow: MLFLOW_TRACKING_URI is used as is, else a local server on 127.0.0.1 keep
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a checkout
 
-from xfer.cli import run_main  # noqa: E402
+from xfer.cli import connect_ray, gpus_per_trial, run_main  # noqa: E402
 
 # --smoke: the real path (pretrain cell, both variants, Tune, MLflow) on tiny data; the numbers mean nothing.
 SMOKE = dict(sizes=[200], seeds=[0], epochs=2, pretrain_epochs=1, pretrain_size=500, val_digits=200,
@@ -74,14 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     dataset = data.load(args.dataset, args.data_root, args.download)
     adder.check(cells, dataset)  # bad sizes or data fail here, before Ray and MLflow start
     tracking.ensure_server()
-    import ray
-
-    if not ray.is_initialized():  # a caller that started Ray (tests, a notebook) keeps its own
-        ray.init(address=args.address or os.environ.get("RAY_ADDRESS"),
-                 runtime_env={"env_vars": tracking.worker_env()}, configure_logging=False)
-    gpus = args.gpus_per_trial
-    if gpus is None:
-        gpus = 0.25 if ray.cluster_resources().get("GPU", 0) else 0.0
+    connect_ray(args.address)
+    gpus = gpus_per_trial(args.gpus_per_trial)
     options = RunOptions(experiment=args.experiment, data_root=args.data_root, download=args.download,
                          cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus, max_failures=args.max_failures,
                          storage_path=args.storage_path, force=args.force)

@@ -13,16 +13,14 @@ MLflow: MLFLOW_TRACKING_URI is used as is, else a local server on 127.0.0.1 keep
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a checkout
 
 from xfer import grid as grids  # noqa: E402
 from xfer import pipeline, tracking  # noqa: E402
-from xfer.cli import run_main  # noqa: E402
+from xfer.cli import connect_ray, gpus_per_trial, run_main  # noqa: E402
 from xfer.stages import RunOptions  # noqa: E402
 
 # Grid axes settable on the command line: flag → (Grid field, element type).
@@ -82,16 +80,6 @@ def grid_from_args(args: argparse.Namespace) -> grids.Grid:
     return grids.make(**values)
 
 
-def connect_ray(address: str | None) -> Any:
-    """Join RAY_ADDRESS / --address, else start Ray locally; reuse a Ray this process already started."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": tracking.worker_env()},
-                 configure_logging=False)
-    return ray
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     grid = grid_from_args(args)
@@ -100,13 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
         grid = tuning.apply_best(grid, echo=print)
     tracking.ensure_server()
-    ray = connect_ray(args.address)
-    gpus = args.gpus_per_trial
-    if gpus is None:
-        # An autoscaling cluster may have no GPU node up yet: cluster.yaml sets XFER_GPUS_PER_TRIAL so that
-        # trials ask for GPUs (and the autoscaler starts GPU workers) rather than running on their CPUs.
-        default = 0.25 if ray.cluster_resources().get("GPU", 0) else 0.0
-        gpus = float(os.environ.get("XFER_GPUS_PER_TRIAL", default))
+    connect_ray(args.address)
+    gpus = gpus_per_trial(args.gpus_per_trial)
     options = RunOptions(
         experiment=grid.name, data_root=args.data_root, download=args.download, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=gpus, workers_per_trial=args.workers_per_trial, max_failures=args.max_failures,

@@ -16,14 +16,13 @@ see the test split; the best and default models are evaluated on it once, at the
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a checkout
 
 from xfer import tracking, tuning  # noqa: E402
-from xfer.cli import run_main  # noqa: E402
+from xfer.cli import connect_ray, gpus_per_trial, run_main  # noqa: E402
 from xfer.errors import XferError  # noqa: E402
 from xfer.specs import FinetuneSpec, PretrainSpec, TrainSpec  # noqa: E402
 from xfer.stages import RunOptions  # noqa: E402
@@ -93,14 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     study, trials = study_from_args(args), trials_from_args(args)
     tracking.ensure_server()
-    import ray
-
-    if not ray.is_initialized():  # a caller that started Ray (tests, a notebook) keeps its own
-        ray.init(address=args.address or os.environ.get("RAY_ADDRESS"),
-                 runtime_env={"env_vars": tracking.worker_env()}, configure_logging=False)
-    gpus = args.gpus_per_trial
-    if gpus is None:
-        gpus = 0.25 if ray.cluster_resources().get("GPU", 0) else 0.0
+    connect_ray(args.address)
+    gpus = gpus_per_trial(args.gpus_per_trial)
     options = RunOptions(experiment=args.experiment, data_root=args.data_root, download=args.download,
                          cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus, max_failures=args.max_failures,
                          storage_path=args.storage_path)
