@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a checkout
 
-from xfer.cli import connect_ray, gpus_per_trial, run_main  # noqa: E402
+from xfer.cli import run_main  # noqa: E402
 
 # --smoke: the real path (pretrain cell, both variants, Tune, MLflow) on tiny data; the numbers mean nothing.
 SMOKE = dict(sizes=[200], seeds=[0], epochs=2, pretrain_epochs=1, pretrain_size=500, val_digits=200,
@@ -48,6 +48,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-trial", type=float, default=None, help="fractional GPUs per trial (default 1/4 when GPUs exist)")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial (it resumes from its last epoch)")
     p.add_argument("--storage-path", default=None, help="Ray storage for trial checkpoints (s3:// or NFS on a cluster)")
+    p.add_argument("--pack-size", type=int, default=None, help="cells trained per trial (1 = one cell per trial)")
     p.add_argument("--force", action="store_true", help="re-run cells that already finished")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, 1-2 epochs: the whole path in well under a minute")
     return p
@@ -73,11 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     dataset = data.load(args.dataset, args.data_root, args.download)
     adder.check(cells, dataset)  # bad sizes or data fail here, before Ray and MLflow start
     tracking.ensure_server()
-    connect_ray(args.address)
-    gpus = gpus_per_trial(args.gpus_per_trial)
     options = RunOptions(experiment=args.experiment, data_root=args.data_root, download=args.download,
-                         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus, max_failures=args.max_failures,
-                         storage_path=args.storage_path, force=args.force)
+                         address=args.address, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                         max_failures=args.max_failures, storage_path=args.storage_path, force=args.force,
+                         pack_size=args.pack_size)
     summaries = adder.run_stage(cells, options, dataset)
     print("\n== summary")
     for summary in summaries:

@@ -19,8 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a checkout
 
 from xfer import grid as grids  # noqa: E402
-from xfer import pipeline, tracking  # noqa: E402
-from xfer.cli import connect_ray, gpus_per_trial, run_main  # noqa: E402
+from xfer import packs, pipeline, tracking  # noqa: E402
+from xfer.cli import run_main  # noqa: E402
 from xfer.stages import RunOptions  # noqa: E402
 
 # Grid axes settable on the command line: flag → (Grid field, element type).
@@ -59,7 +59,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", type=float, default=None, help="fractional GPUs per trial (default $XFER_GPUS_PER_TRIAL, else 1/4 when GPUs exist)")
     p.add_argument("--workers-per-trial", type=int, default=1, help="data-parallel Ray Train workers per trial")
-    p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial (it resumes from its last epoch)")
+    p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial (each cell resumes from its last epoch)")
+    p.add_argument("--pack-size", type=int, default=None,
+                   help=f"cells trained per trial, in one process (1 = one cell per trial; default {packs.PACK_SIZE['cpu']} "
+                        f"on CPU, {packs.PACK_SIZE['cuda']} on GPU, and packs are split so every trial slot has work)")
+    p.add_argument("--checkpoint-every", type=float, default=packs.CHECKPOINT_INTERVAL_S, metavar="SECONDS",
+                   help="hand a pack's epoch states to Tune at most this often (a killed pack loses at most this much)")
     p.add_argument("--storage-path", default=None, help="Ray storage for trial checkpoints (s3:// or NFS on a cluster)")
     p.add_argument("--stages", nargs="+", default=list(pipeline.STAGE_ORDER), choices=pipeline.STAGE_ORDER)
     p.add_argument("--tuned", action="store_true", help="use the best Optuna configuration per (arch, size) from MLflow")
@@ -83,22 +88,24 @@ def grid_from_args(args: argparse.Namespace) -> grids.Grid:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     grid = grid_from_args(args)
+    options = RunOptions(
+        experiment=grid.name, data_root=args.data_root, download=args.download, address=args.address,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, workers_per_trial=args.workers_per_trial,
+        max_failures=args.max_failures, storage_path=args.storage_path, force=args.force, pack_size=args.pack_size,
+        checkpoint_interval_s=args.checkpoint_every,
+    )
     if args.tuned:
         from xfer import tuning
 
+        grids.validate(grid)   # a bad grid is refused before the tuning look-up starts the MLflow server
+        tracking.ensure_server()
         grid = tuning.apply_best(grid, echo=print)
+    prepared = pipeline.prepare(grid, options)   # every refusal happens here: no MLflow server, no Ray yet
     tracking.ensure_server()
-    connect_ray(args.address)
-    gpus = gpus_per_trial(args.gpus_per_trial)
-    options = RunOptions(
-        experiment=grid.name, data_root=args.data_root, download=args.download, cpus_per_trial=args.cpus_per_trial,
-        gpus_per_trial=gpus, workers_per_trial=args.workers_per_trial, max_failures=args.max_failures,
-        storage_path=args.storage_path, force=args.force,
-    )
     if args.dry_run:
-        pipeline.dry_run(grid, options)
+        pipeline.dry_run(grid, options, prepared=prepared)
         return 0
-    outcome = pipeline.run_grid(grid, options, stages=tuple(args.stages))
+    outcome = pipeline.run_grid(grid, options, stages=tuple(args.stages), prepared=prepared)
     print("\n== summary")
     for summary in outcome.summaries:
         print(summary.line())

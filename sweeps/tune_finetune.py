@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a checkout
 
 from xfer import tracking, tuning  # noqa: E402
-from xfer.cli import connect_ray, gpus_per_trial, run_main  # noqa: E402
+from xfer.cli import run_main  # noqa: E402
 from xfer.errors import XferError  # noqa: E402
 from xfer.specs import FinetuneSpec, PretrainSpec, TrainSpec  # noqa: E402
 from xfer.stages import RunOptions  # noqa: E402
@@ -92,11 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     study, trials = study_from_args(args), trials_from_args(args)
     tracking.ensure_server()
-    connect_ray(args.address)
-    gpus = gpus_per_trial(args.gpus_per_trial)
     options = RunOptions(experiment=args.experiment, data_root=args.data_root, download=args.download,
-                         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus, max_failures=args.max_failures,
-                         storage_path=args.storage_path)
+                         address=args.address, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                         max_failures=args.max_failures, storage_path=args.storage_path)
     outcome = tuning.run_study(study, trials, options, storage=args.storage, pretrain_experiment=args.pretrain_experiment)
     print(summary(outcome))
     print(f"MLflow UI: {tracking.ui_url(args.experiment)}  (parent run {outcome.parent_run_id})")

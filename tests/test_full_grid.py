@@ -74,11 +74,14 @@ def test_killed_trial_resumes_from_its_checkpoint(local_ray, experiment: str) ->
     killer = threading.Thread(target=lambda: killed.extend(_kill_trial_when(experiment, key, 2, done)))
     killer.start()
     datasets = pipeline.load_datasets({"mnist5k"}, RunOptions(experiment=experiment))
-    summary = run_training_stage(names.PRETRAIN, [spec], RunOptions(experiment=experiment, max_failures=2), datasets)
+    # A checkpoint at every epoch (no interval), so the kill lands after epoch 2's state reached Tune.
+    options = RunOptions(experiment=experiment, max_failures=2, checkpoint_interval_s=0.0)
+    summary = run_training_stage(names.PRETRAIN, [spec], options, datasets)
     done.set()
     killer.join()
     assert killed, "the trial was never killed"
-    assert summary.ran == 1 and not summary.failed
+    assert summary.ran == 1 and summary.resumed == 1 and not summary.failed
+    assert "1 resumed after a crash" in summary.line()   # reported as resumed, not as an errored trial
     record = tracking.find_finished(experiment, key)
     resumed_from = int(record.tags["xfer.resumed_from_epoch"])
     # Killed once MLflow had epoch 2's validation point; epoch 2's checkpoint reaches Tune just after that

@@ -20,7 +20,6 @@ from xfer import data, names, pipeline, specs, stages, tracking
 from xfer import grid as grids
 from xfer import train as loop
 from xfer.errors import XferError
-from xfer.specs import TrainSpec
 from xfer.stages import RunOptions
 
 MARK = "layer1.0.conv1.weight"   # the tensor of the written weights file set to a known value

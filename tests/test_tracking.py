@@ -151,8 +151,9 @@ def test_checkpoints_are_verified_on_download_and_a_tampered_one_is_refused(mlfl
 
     [stored] = (mlflow_server.root / "artifacts").glob(f"*/{run.run_id}/artifacts/{names.CHECKPOINT_DIR}/weights.safetensors")
     stored.write_bytes(stored.read_bytes()[:-1] + b"\x00")  # one byte changed on the server
-    with pytest.raises(XferError, match="does not match its recorded sha256"):
+    with pytest.raises(XferError, match="does not match its recorded sha256") as refused:
         tracking.download_checkpoint(run.run_id, tmp_path / "fresh")
+    assert str(stored.parent) in str(refused.value), "the refusal names the checkpoint's folder, not only the run"
     assert not (tmp_path / "fresh").exists(), "nothing of a refused checkpoint is left behind"
 
     with tracking.start_run(experiment, names.PRETRAIN, "no-checkpoint") as bare:

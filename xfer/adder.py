@@ -7,18 +7,16 @@ each channel: the pretrained digit classifier ("adder_transfer") or a small CNN 
 
 from __future__ import annotations
 
-import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from xfer import checkpoint, data, models, names, specs, stages, tracking
+from xfer import data, models, names, packs, specs, stages
 from xfer import train as loop
+from xfer.cells import Cell, Session, live
 from xfer.errors import XferError
 from xfer.specs import PretrainSpec, TrainSpec
 
@@ -240,7 +238,7 @@ def digit_classifier(model: models.XferModel) -> models.XferModel:
     return model.body[0].net
 
 
-# ---- one cell, no Ray ----------------------------------------------------------------------------
+# ---- one cell ------------------------------------------------------------------------------------
 
 def tags_of(spec: AdderSpec, pretrain_run: str | None) -> dict[str, str]:
     tags = {
@@ -253,94 +251,60 @@ def tags_of(spec: AdderSpec, pretrain_run: str | None) -> dict[str, str]:
     return tags
 
 
-def run_cell(spec: AdderSpec, experiment: str, dataset: data.Dataset, session: stages.Session | None = None,
-             device: str | torch.device | None = None) -> loop.Result:
-    """Train one adder cell and record it in MLflow (stage names.ADDER): tags, lineage, curve, metrics, checkpoint.
-
-    A transfer cell finds its digit classifier through MLflow by the pretrain cell's key.
-    """
-    session = session or stages.NoSession()
-    t = spec.train_spec()
-    splits = pair_splits(dataset, sample_pairs(dataset, spec))
+def adder_cell(spec: AdderSpec, context: packs.Context) -> Cell:
+    """An adder cell (stage names.ADDER): pairs by seed; a transfer cell finds its digit classifier in MLflow by key."""
     pretrain_run = None
     if spec.pretrain is not None:
-        record = tracking.find_finished(experiment, specs.key(spec.pretrain))
+        record = context.finished(names.PRETRAIN).get(specs.key(spec.pretrain))
         if record is None:
             raise XferError(f"{label(spec)} needs the digit classifier of {stages.label(spec.pretrain)}, which has no "
-                            f"finished run in MLflow experiment {experiment!r}; run sweeps/adder.py, which trains it first.")
+                            f"finished run in MLflow experiment {context.experiment!r}; run sweeps/adder.py, which "
+                            "trains it first.")
         pretrain_run = record.run_id
-        pretrained, _ = tracking.load_model(pretrain_run)
+
+    def prepare() -> tuple[data.Splits, models.XferModel]:
+        dataset = context.datasets[spec.dataset]
+        splits = pair_splits(dataset, sample_pairs(dataset, spec))
+        if pretrain_run is None:
+            return splits, loop.prepare_model(spec.train_spec(), splits)
+        pretrained = context.model(pretrain_run)
         torch.manual_seed(spec.seed)  # the new layers' initialisation
-        model = transfer_model(pretrained)
-    else:
-        model = loop.prepare_model(t, splits)
-    resume = session.restore()
-    with tracking.start_run(experiment, names.ADDER, specs.key(spec), tags=tags_of(spec, pretrain_run),
-                            params=specs.to_flat(spec), run_name=label(spec),
-                            resume_run_id=resume.extra.get("mlflow_run_id") if resume else None) as run:
+        return splits, transfer_model(pretrained)
 
-        def on_epoch_end(state: loop.TrainState) -> None:
-            errors = {r["split"]: r["error"] for r in state.curve if r["epoch"] == state.epoch}
-            run.log_metrics({names.VAL_ERROR: errors["val"]}, step=state.step)
-            state.extra["mlflow_run_id"] = run.run_id  # a resumed trial continues this run
-            with tempfile.TemporaryDirectory() as tmp:
-                checkpoint.save_state(Path(tmp), state)
-                session.report({names.EPOCH: float(state.epoch), names.VAL_ERROR: errors["val"],
-                                names.TEST_ERROR: errors["test"]}, Path(tmp))
+    return Cell(spec, names.ADDER, label(spec), spec.train_spec(), tags_of(spec, pretrain_run), prepare)
 
-        result = loop.train(t, splits, model, device=device, resume=resume, on_epoch_end=on_epoch_end)
-        run.log_curve(result.curve)
-        if not result.ok:
-            run.fail(result.reason)
-            session.report({stages.STATUS: 0.0})
-            return result
-        run.log_metrics(result.metrics, step=int(result.metrics["steps"]))  # at the last step: MLflow's "latest"
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint.save(Path(tmp), model.cpu(), {
-                "class_names": list(SUM_NAMES), "spec": specs.to_dict(spec), "stage": names.ADDER,
-                "metrics": result.metrics, "key": specs.key(spec),
-            })
-            run.log_checkpoint(Path(tmp))
-    session.report({stages.STATUS: 1.0, **{k: v for k, v in result.metrics.items() if k != names.EPOCH}})
-    return result
+
+def _train_spec(spec: AdderSpec) -> TrainSpec:
+    return spec.train_spec()
+
+
+def _stage(spec: AdderSpec) -> str:
+    return names.ADDER
+
+
+ADDER = packs.Kind(names.ADDER, adder_cell, _train_spec, _stage, label)
+
+
+def run_cell(spec: AdderSpec, experiment: str, dataset: data.Dataset, session: Session | None = None,
+             device: str | torch.device | None = None) -> loop.Result:
+    """Train one adder cell and record it in MLflow, without Ray."""
+    return live(adder_cell(spec, packs.Context(experiment, {dataset.name: dataset})), experiment, session, device)
 
 
 # ---- the stage on Ray Tune -----------------------------------------------------------------------
 
 def run_stage(adder_cells: Sequence[AdderSpec], options: stages.RunOptions,
               dataset: data.Dataset) -> list[stages.StageSummary]:
-    """The digit pretrain cells the transfer cells need (if not finished), then the adder cells, as Tune runs."""
-    import ray
-
+    """The digit pretrain cells the transfer cells need (if not finished), then the adder cells, as packs."""
     check(adder_cells, dataset)
     pretrain = list(dict.fromkeys(c.pretrain for c in adder_cells if c.pretrain is not None))
+    datasets = {dataset.name: dataset}
     summaries = []
     if pretrain:
-        summaries.append(stages.run_training_stage(names.PRETRAIN, pretrain, options, {dataset.name: dataset}))
-    todo, cached = stages.pending(options.experiment, adder_cells, options.force)
-    summary = stages.StageSummary(names.ADDER, len(adder_cells), cached=cached)
-    summaries.append(summary)
-    if not todo:
-        return summaries
-    start = time.perf_counter()
-    dataset_ref = ray.put(dataset)  # one copy in the object store, not one per trial
-
-    def trial(config: dict[str, Any]) -> None:
-        run_cell(specs.from_flat(AdderSpec, config["cell"]), options.experiment, ray.get(dataset_ref),
-                 stages.TuneSession())
-
-    by_key = {specs.key(c): c for c in todo}
-    for result in stages.run_cells(names.ADDER, [specs.to_flat(c) for c in todo], trial, options):
-        spec = specs.from_flat(AdderSpec, result.config["cell"])
-        reason = stages.failure_reason(result)
-        if reason:
-            summary.failed.append((label(by_key[specs.key(spec)]), reason))
-            tracking.end_stale_runs(options.experiment, specs.key(spec), reason)
-        else:
-            summary.ran += 1
-    summary.seconds = time.perf_counter() - start
+        summaries.append(stages.run_stage(names.PRETRAIN, pretrain, stages.TRAINING, options, datasets))
+    summaries.append(stages.run_stage(names.ADDER, adder_cells, ADDER, options, datasets))
     return summaries
 
 
-__all__ = ["AdderSpec", "Pairs", "PerDigit", "RECIPES", "cells", "check", "digit_pretrain", "digit_classifier", "label",
-           "pair_splits", "run_cell", "run_stage", "sample_pairs", "transfer_model"]
+__all__ = ["AdderSpec", "ADDER", "Pairs", "PerDigit", "RECIPES", "adder_cell", "cells", "check", "digit_pretrain",
+           "digit_classifier", "label", "pair_splits", "run_cell", "run_stage", "sample_pairs", "transfer_model"]

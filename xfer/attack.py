@@ -446,9 +446,39 @@ def plan(experiment: str, attacks: Sequence[AttackSpec], ensembles: bool = False
     return list(cells.values())
 
 
-def unfinished(experiment: str, cells: Sequence[AttackCell]) -> list[AttackCell]:
-    """The cells `run_cell` still has work for: no stored adversarial set yet, or targets not yet scored."""
-    return [c for c in cells if tracking.find_finished(experiment, c.key) is None or _unscored(experiment, c)]
+def unfinished(experiment: str, cells: Sequence[AttackCell], context: Context | None = None) -> list[AttackCell]:
+    """The cells `run_cell` still has work for: no stored adversarial set yet, or targets not yet scored.
+
+    One search of the experiment's attack runs answers for every cell."""
+    done = (context or Context(experiment)).done
+    return [c for c in cells if c.key not in done or _unscored(done, c)]
+
+
+class Context:
+    """What one process of the attack stage shares: the experiment's training runs and finished attack runs
+    (one search each), and every model and attacked dataset loaded once."""
+
+    def __init__(self, experiment: str, data_root: str | Path | None = None) -> None:
+        self.experiment, self.data_root = experiment, data_root
+        self.done = {r.key: r for r in tracking.query(experiment, names.ATTACK)}   # finished generation / evaluation runs
+        self._runs: dict[str, _Model] | None = None
+        self._models: dict[str, nn.Module] = {}
+
+    def runs(self, ids: Sequence[str]) -> list[_Model]:
+        """The training runs `ids`, in order; refused unless each is finished with a checkpoint."""
+        if self._runs is None:
+            self._runs = _training_runs(self.experiment)
+        missing = [i for i in ids if i not in self._runs]
+        if missing:
+            raise XferError(f"run(s) {', '.join(missing)} are not finished training runs with a checkpoint in experiment "
+                            f"{self.experiment!r}; plan the attack cells again (attack.plan) from what MLflow holds now.")
+        return [self._runs[i] for i in ids]
+
+    def model(self, run_id: str) -> nn.Module:
+        """The model run `run_id` published, downloaded and verified once per process (attacks never change it)."""
+        if run_id not in self._models:
+            self._models[run_id] = tracking.load_model(run_id)[0]
+        return self._models[run_id]
 
 
 def _add(cells: dict[str, AttackCell], spec: AttackSpec, surrogates: list[_Model], targets: list[str]) -> None:
@@ -475,18 +505,24 @@ def _by_source(pretrained: list[_Model]) -> list[list[_Model]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def _training_runs(experiment: str, only: Sequence[str] | None = None) -> dict[str, _Model]:
-    """Finished training runs that published a checkpoint (all, or the ids in `only`), by run id."""
+def _training_runs(experiment: str) -> dict[str, _Model]:
+    """Finished training runs that published a checkpoint, by run id, with their models' label sets and input shapes.
+
+    Both come from the run's tags (names.TAG_CLASSES, TAG_IN_SHAPE); a run recorded before those tags existed
+    has its checkpoint's meta.json read instead.
+    """
     found: dict[str, _Model] = {}
     for stage in (names.PRETRAIN, names.FINETUNE, names.SCRATCH):
         for record in tracking.query(experiment, stage):
-            if names.TAG_CHECKPOINT_SHA in record.tags and (only is None or record.run_id in only):
+            if names.TAG_CHECKPOINT_SHA not in record.tags:
+                continue
+            if names.TAG_CLASSES in record.tags and names.TAG_IN_SHAPE in record.tags:
+                classes = json.loads(record.tags[names.TAG_CLASSES])
+                shape = [int(d) for d in record.tags[names.TAG_IN_SHAPE].split("x")]
+            else:
                 meta = _checkpoint_meta(record.run_id)
-                found[record.run_id] = _Model(record, tuple(meta["class_names"]), tuple(meta["in_shape"]))
-    missing = [i for i in only or () if i not in found]
-    if missing:
-        raise XferError(f"run(s) {', '.join(missing)} are not finished training runs with a checkpoint in experiment "
-                        f"{experiment!r}; plan the attack cells again (attack.plan) from what MLflow holds now.")
+                classes, shape = meta["class_names"], meta["in_shape"]
+            found[record.run_id] = _Model(record, tuple(classes), tuple(shape))
     return found
 
 
@@ -498,36 +534,55 @@ def _checkpoint_meta(run_id: str) -> dict[str, Any]:
 
 
 def run_cell(experiment: str, cell: AttackCell, device: torch.device | str | None = None,
-             data_root: str | Path | None = None) -> dict[str, float]:
+             data_root: str | Path | None = None, context: Context | None = None) -> dict[str, float]:
     """One attack cell end to end: examples generated once (or read back), then every target not yet scored.
 
     The generation run (key = the cell's key) is finished, and so cached, once its adversarial set is
     stored; each target's score is a child run, so a re-run scores only the targets still missing.
-    Returns what a Tune trial reports: whether it generated, how many targets it scored, white-box
-    success, mean adversarial accuracy over the targets scored, seconds.
+    Returns whether it generated, how many targets it scored, white-box success, mean adversarial accuracy
+    over the targets scored, seconds. `context` shares look-ups and models between the cells of one process.
     """
     start = time.perf_counter()
+    context = context or Context(experiment, data_root)
     spec = cell.spec.attack
-    generation = tracking.find_finished(experiment, cell.key)
-    todo = _unscored(experiment, cell) if generation is not None else list(cell.target_run_ids)
+    generation = context.done.get(cell.key)
+    todo = _unscored(context.done, cell) if generation is not None else list(cell.target_run_ids)
     summary = {"generated": float(generation is None), "targets_scored": float(len(todo))}
     if generation is not None:
         summary[names.WHITEBOX_SUCCESS] = generation.metrics.get(names.WHITEBOX_SUCCESS, math.nan)
         if not todo:
             return {**summary, names.ADV_ACC: math.nan, names.SECONDS: time.perf_counter() - start}
-    runs = _training_runs(experiment, (*cell.surrogate_run_ids, *todo))
-    surrogates, targets = [runs[i] for i in cell.surrogate_run_ids], [runs[i] for i in todo]
+    surrogates, targets = context.runs(cell.surrogate_run_ids), context.runs(todo)
     if generation is None:
-        dataset = data.load(spec.dataset, data_root)
+        dataset = data.load(spec.dataset, context.data_root)
         _check_cell(spec, surrogates, targets, dataset.class_names, dataset.in_shape)
-        examples, generation_id, summary[names.WHITEBOX_SUCCESS] = _generation_run(experiment, cell, surrogates, dataset, device)
+        examples, generation_id, summary[names.WHITEBOX_SUCCESS] = _generation_run(context, cell, surrogates, dataset, device)
     else:
         examples, generation_id = read_examples(generation.run_id), generation.run_id
         _check_cell(spec, surrogates, targets, examples.class_names, tuple(examples.clean.shape[1:]))
-    adv_accs = [_evaluation_run(experiment, cell, generation_id, surrogates, target, examples, device)[names.ADV_ACC]
+    adv_accs = [_evaluation_run(context, cell, generation_id, surrogates, target, examples, device)[names.ADV_ACC]
                 for target in targets]
     summary[names.ADV_ACC] = sum(adv_accs) / len(adv_accs) if adv_accs else math.nan
     return {**summary, names.SECONDS: time.perf_counter() - start}
+
+
+def run_pack(experiment: str, cells: Sequence[AttackCell], device: torch.device | str | None = None,
+             data_root: str | Path | None = None) -> dict[str, str]:
+    """Several attack cells in one process, sharing look-ups, models and data; returns the failed cells' reasons
+    by key. A cell refused for bad input (`XferError`) fails alone; its pack-mates go on."""
+    context = Context(experiment, data_root)
+    failed: dict[str, str] = {}
+    for cell in cells:
+        try:
+            run_cell(experiment, cell, device, context=context)
+        except XferError as exc:
+            failed[cell.key] = str(exc)
+    return failed
+
+
+def label(cell: AttackCell) -> str:
+    a = cell.spec.attack
+    return f"attack:{a.attack}/eps={a.eps}/surrogate={cell.spec.surrogate_key}"
 
 
 def _check_cell(spec: AttackSpec, surrogates: list[_Model], targets: list[_Model], class_names: tuple[str, ...],
@@ -550,13 +605,13 @@ def _check_cell(spec: AttackSpec, surrogates: list[_Model], targets: list[_Model
                                 f"no loss to raise on its logits; attack it with {FEATURE_ATTACK!r} (attack.plan does).")
 
 
-def _generation_run(experiment: str, cell: AttackCell, surrogates: list[_Model], dataset: data.Dataset,
+def _generation_run(context: Context, cell: AttackCell, surrogates: list[_Model], dataset: data.Dataset,
                     device: torch.device | str | None) -> tuple[Examples, str, float]:
     """Make the cell's adversarial set, score the surrogate on it (white-box) and store both in a generation run."""
     spec = cell.spec.attack
     index = data.stratified_indices(dataset.test.labels, spec.n, spec.seed)
     clean, labels = dataset.test.images[index], dataset.test.labels[index]
-    models_ = [tracking.load_model(m.run_id)[0] for m in surrogates]
+    models_ = [context.model(m.run_id) for m in surrogates]
     began = time.perf_counter()
     adv = generate(models_, clean, labels, spec, device)
     seconds = time.perf_counter() - began
@@ -564,7 +619,7 @@ def _generation_run(experiment: str, cell: AttackCell, surrogates: list[_Model],
     # Scored as stored: float16, so a fresh cell and one read back from MLflow give the same numbers.
     examples = Examples(clean, adv.half().float(), labels, index, aims, dataset.class_names)
     whitebox = _whitebox_success(models_, examples, spec, device)
-    with tracking.start_run(experiment, names.ATTACK, cell.key, tags=_generation_tags(cell), params=cell.spec,
+    with tracking.start_run(context.experiment, names.ATTACK, cell.key, tags=_generation_tags(cell), params=cell.spec,
                             run_name=_run_name(cell)) as run, tempfile.TemporaryDirectory(prefix="xfer-adv-") as tmp:
         run.log_artifact(save_examples(Path(tmp) / EXAMPLES_FILE, examples, spec), names.ADVERSARIAL_DIR)
         run.log_metrics({names.WHITEBOX_SUCCESS: whitebox, names.SECONDS: seconds})
@@ -579,14 +634,14 @@ def _whitebox_success(models_: list[nn.Module], examples: Examples, spec: Attack
     return evaluate(model, examples.clean, examples.adv, truth, device)[names.SUCCESS_RATE]
 
 
-def _evaluation_run(experiment: str, cell: AttackCell, generation_id: str, surrogates: list[_Model], target: _Model,
+def _evaluation_run(context: Context, cell: AttackCell, generation_id: str, surrogates: list[_Model], target: _Model,
                     examples: Examples, device: torch.device | str | None) -> dict[str, float]:
     """Score one target on the adversarial set, as a child run of the generation run."""
-    model, _ = tracking.load_model(target.run_id)
+    model = context.model(target.run_id)
     metrics = evaluate(model, examples.clean, examples.adv, examples.labels, device)
     key = specs.key(EvaluationSpec(cell.key, target.run_id))
     tags = {**_generation_tags(cell), **_lineage_tags(surrogates, target), names.TAG_TARGET_RUN: target.run_id}
-    with tracking.start_run(experiment, names.ATTACK, key, tags=tags, run_name=f"{_run_name(cell)} → {_label(target)}",
+    with tracking.start_run(context.experiment, names.ATTACK, key, tags=tags, run_name=f"{_run_name(cell)} → {_label(target)}",
                             parent_run_id=generation_id) as run:
         run.log_metrics(metrics)
     return metrics
@@ -609,11 +664,9 @@ def _generation_tags(cell: AttackCell) -> dict[str, str]:
     return {**tracking.spec_tags(cell.spec), names.TAG_SURROGATE_RUN: "+".join(cell.surrogate_run_ids)}
 
 
-def _unscored(experiment: str, cell: AttackCell) -> list[str]:
+def _unscored(done: dict[str, tracking.RunRecord], cell: AttackCell) -> list[str]:
     """The cell's targets without a finished evaluation run (new targets, or a trial that stopped midway)."""
-    wanted = {specs.key(EvaluationSpec(cell.key, t)): t for t in cell.target_run_ids}
-    done = {r.key for r in tracking.query(experiment, names.ATTACK, tags={names.TAG_SURROGATE_RUN: "+".join(cell.surrogate_run_ids)})}
-    return [t for k, t in wanted.items() if k not in done]
+    return [t for t in cell.target_run_ids if specs.key(EvaluationSpec(cell.key, t)) not in done]
 
 
 def _run_name(cell: AttackCell) -> str:

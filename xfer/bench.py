@@ -2,10 +2,16 @@
 
     python -m xfer.bench [--arch resnet_mini] [--dataset mnist5k] [--epochs 10] [--target 0.97]
     python -m xfer.bench --transfer [--sources glyph_digits glyph_letters] [--size 500] [--seeds 0 1 2]
+    python -m xfer.bench --pack [--archs resnet_mini lenet5 mlp_mixer] [--cells 6] [--json]
 
 Seed style = torchvision Dataset of PIL images + DataLoader + ToTensor/Normalize, batch 64, fp32.
 xfer = uint8 tensors on the device, permutation batches, per-batch normalisation (bf16 + channels_last
 on CUDA), batch 128. Each pipeline runs in its own process so peak memory is its own.
+
+`--pack` runs the same K cells through the grid's real path (MLflow server, Ray Tune, one MLflow run per
+cell) twice side by side: one Tune trial per cell (`--pack-size 1`) and one packed trial, on a Ray of one
+slot so both see the same parallelism; it prints cells/hour and samples/s of each (`--json`: a list of rows
+``{"device", "arch", "cells", "cells_per_hour": {...}, "samples_per_s": {...}}``).
 
 `--transfer` prints the foundation's transfer figure: `arch` pretrained on each glyph source, then
 fine-tuned (all layers, new head) on `size` MNIST-5k digits, against the same arch from scratch on the
@@ -18,7 +24,9 @@ import argparse
 import multiprocessing as mp
 import resource
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -165,6 +173,71 @@ def transfer(sources: list[str], arch: str, size: int, seeds: list[int], epochs:
     return "\n".join(lines)
 
 
+# ---- packs: one trial per cell against one packed trial, the grid's real path ------------------------
+
+PACK_ARCHS = ("resnet_mini", "lenet5", "mlp_mixer")
+
+
+def pack_rows(archs: Sequence[str], cells: int, size: int, epochs: int, devices: Sequence[str],
+              echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Cells/hour and samples/s of `cells` pretrain cells per arch and device, as a trial per cell and as one pack.
+
+    Runs in a temporary runs folder with its own MLflow server and a one-slot Ray (one CPU; a whole GPU on
+    CUDA), so both paths pay the same start-ups and neither gains from parallelism: the ratio is orchestration.
+    """
+    import os
+    import tempfile
+
+    import ray
+
+    from xfer import names, stages, tracking
+    from xfer.specs import PretrainSpec
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="xfer-bench-") as runs:
+        saved = {k: os.environ.get(k) for k in (tracking.RUNS_ENV, tracking.TRACKING_URI_ENV)}
+        os.environ[tracking.RUNS_ENV] = runs
+        os.environ.pop(tracking.TRACKING_URI_ENV, None)
+        try:
+            tracking.ensure_server(runs)
+            dataset = data.load("mnist5k")
+            for device in devices:
+                gpus = 1 if device == "cuda" else 0
+                ray.init(num_cpus=1, num_gpus=gpus, include_dashboard=False, configure_logging=False,
+                         runtime_env={"env_vars": tracking.worker_env()}, logging_level="ERROR")
+                try:
+                    for arch in archs:
+                        grid = [PretrainSpec(TrainSpec(arch=arch, dataset="mnist5k", size=size, val_size=300, epochs=epochs,
+                                                       batch_size=64, seed=seed)) for seed in range(cells)]
+                        row: dict[str, Any] = {"device": device, "arch": arch, "cells": cells, "cells_per_hour": {},
+                                               "samples_per_s": {}}
+                        for path, pack_size in (("trial_per_cell", 1), ("packed_sequential", cells)):
+                            options = stages.RunOptions(experiment=f"bench-{device}-{arch}-{path}", gpus_per_trial=gpus,
+                                                        pack_size=pack_size)
+                            began = time.perf_counter()
+                            summary = stages.run_stage(names.PRETRAIN, grid, stages.TRAINING, options, {"mnist5k": dataset})
+                            wall = time.perf_counter() - began
+                            if summary.ran != cells:
+                                raise RuntimeError(f"bench cells failed: {summary.failed}")
+                            row["cells_per_hour"][path] = cells / wall * 3600
+                            row["samples_per_s"][path] = cells * size * epochs / wall
+                        rows.append(row)
+                        ratio = row["cells_per_hour"]["packed_sequential"] / row["cells_per_hour"]["trial_per_cell"]
+                        echo(f"{device:<5} {arch:<12} " + "  ".join(
+                            f"{path} {row['cells_per_hour'][path]:8.0f} cells/h {row['samples_per_s'][path]:7.0f} samples/s"
+                            for path in row["cells_per_hour"]) + f"  packed/trial-per-cell {ratio:.2f}×")
+                finally:
+                    ray.shutdown()
+        finally:
+            tracking.stop_server(runs)
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet_mini")
@@ -178,7 +251,22 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--pretrain-epochs", type=int, default=3)
     p.add_argument("--pretrain-size", type=int, default=5000)
+    p.add_argument("--pack", action="store_true", help="a trial per cell against one packed trial (cells/hour)")
+    p.add_argument("--archs", nargs="+", default=list(PACK_ARCHS), help="--pack: the archs to measure")
+    p.add_argument("--cells", type=int, default=6, help="--pack: cells per arch")
+    p.add_argument("--pack-cell-size", type=int, default=1000, help="--pack: training examples per cell")
+    p.add_argument("--pack-epochs", type=int, default=1, help="--pack: epochs per cell")
+    p.add_argument("--json", action="store_true", help="--pack: print the rows as JSON")
     args = p.parse_args()
+    if args.pack:
+        import json
+        import sys
+
+        rows = pack_rows(args.archs, args.cells, args.pack_cell_size, args.pack_epochs, args.devices,
+                         echo=(lambda line: print(line, file=sys.stderr)) if args.json else print)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        return
     if args.transfer:
         print(transfer(args.sources, args.arch, args.size, args.seeds, args.epochs, args.pretrain_epochs, args.pretrain_size))
         return

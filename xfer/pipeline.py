@@ -1,7 +1,8 @@
-"""The whole DAG of a grid: pretrain → fine-tune / scratch → attack → report, each stage one Tune run.
+"""The whole DAG of a grid: pretrain → fine-tune / scratch → attack → report, each stage one Tune run of packs.
 
-Each stage reads what earlier stages produced only through MLflow, so any stage can be re-run or
-resumed on its own; finished cells are found by key and skipped.
+Each stage reads what earlier stages produced only through MLflow, so any stage can be re-run or resumed on its
+own; finished cells are found by key and skipped, and a stage with nothing left starts no Ray and no trial.
+`prepare` refuses bad input before anything starts (no MLflow server, no Ray).
 """
 
 from __future__ import annotations
@@ -9,12 +10,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-from xfer import data, grid as grids, names, specs, tracking
+from xfer import cluster, data, grid as grids, names, packs, specs, stages, tracking
 from xfer.errors import XferError
-from xfer.stages import (RunOptions, StageSummary, failure_reason, load_datasets, pending, run_cells,
-                         run_training_stage)
+from xfer.stages import RunOptions, StageSummary, load_datasets, pending, run_training_stage
 
 STAGE_ORDER = (names.PRETRAIN, names.FINETUNE, names.SCRATCH, names.ATTACK, names.REPORT)
 
@@ -27,6 +27,13 @@ class GridOutcome:
     @property
     def failed(self) -> list[tuple[str, str]]:
         return [f for s in self.summaries for f in s.failed]
+
+
+class Prepared(NamedTuple):
+    """A validated grid: each stage's cells, and the datasets they read."""
+
+    cells: grids.Cells
+    datasets: dict[str, data.Dataset]
 
 
 def check_data(grid: grids.Grid, options: RunOptions) -> dict[str, data.Dataset]:
@@ -43,7 +50,8 @@ def check_data(grid: grids.Grid, options: RunOptions) -> dict[str, data.Dataset]
     return load_datasets(wanted, options)
 
 
-def prepare(grid: grids.Grid, options: RunOptions) -> tuple[grids.Cells, dict[str, data.Dataset]]:
+def prepare(grid: grids.Grid, options: RunOptions) -> Prepared:
+    """Validate the grid against its data and expand it into cells; nothing is started."""
     grids.validate(grid)
     datasets = check_data(grid, options)
     pools = {name: len(ds.train) for name, ds in datasets.items()}
@@ -54,17 +62,22 @@ def prepare(grid: grids.Grid, options: RunOptions) -> tuple[grids.Cells, dict[st
         raise XferError(f"source(s) {', '.join(odd)} do not share the target {grid.target}'s image shape {target.in_shape}, "
                         "so their models cannot be fine-tuned on it; pick sources of the target's shape (digit and "
                         "character sets are 1×28×28, CIFAR-10 3×32×32, cifar10_gray 1×32×32). Nothing was launched.")
-    return grids.cells(grid, pools), datasets
+    return Prepared(grids.cells(grid, pools), datasets)
 
 
-def dry_run(grid: grids.Grid, options: RunOptions, echo: Callable[[str], None] = print) -> None:
+def training_stages(cells: grids.Cells) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    return ((names.PRETRAIN, cells.pretrain), (names.FINETUNE, cells.finetune), (names.SCRATCH, cells.scratch))
+
+
+def dry_run(grid: grids.Grid, options: RunOptions, echo: Callable[[str], None] = print,
+            prepared: Prepared | None = None) -> None:
     """Print each stage's cells and how many are already finished in MLflow; run nothing."""
-    cells, _ = prepare(grid, options)
-    for stage, group in ((names.PRETRAIN, cells.pretrain), (names.FINETUNE, cells.finetune), (names.SCRATCH, cells.scratch)):
-        todo, cached = pending(options.experiment, group, options.force)
+    cells = (prepared or prepare(grid, options)).cells
+    for stage, group in training_stages(cells):
+        todo, cached = pending(options.experiment, group, options.force, stage)
         echo(f"{stage}: {len(group)} cells, {cached} finished in MLflow, {len(todo)} to run")
         for spec in todo[:50]:
-            echo(f"  {_label(spec)}  key={specs.key(spec)}")
+            echo(f"  {stages.label(spec)}  key={specs.key(spec)}")
         if len(todo) > 50:
             echo(f"  … and {len(todo) - 50} more")
     echo(f"attack: {len(cells.attacks)} attack setting(s) × the surrogates found in MLflow once training has run: "
@@ -72,11 +85,12 @@ def dry_run(grid: grids.Grid, options: RunOptions, echo: Callable[[str], None] =
 
 
 def run_grid(grid: grids.Grid, options: RunOptions, stages: tuple[str, ...] = STAGE_ORDER,
-             echo: Callable[[str], None] = print) -> GridOutcome:
-    cells, datasets = prepare(grid, options)
+             echo: Callable[[str], None] = print, prepared: Prepared | None = None) -> GridOutcome:
+    prepared = prepared or prepare(grid, options)
+    cells, datasets = prepared.cells, prepared.datasets
     summaries: list[StageSummary] = []
     tracking.log_grid(options.experiment, grids.describe(grid))
-    for stage, group in ((names.PRETRAIN, cells.pretrain), (names.FINETUNE, cells.finetune), (names.SCRATCH, cells.scratch)):
+    for stage, group in training_stages(cells):
         if stage in stages and group:
             echo(f"== {stage}: {len(group)} cells")
             summaries.append(run_training_stage(stage, group, options, datasets))
@@ -98,39 +112,44 @@ def run_grid(grid: grids.Grid, options: RunOptions, stages: tuple[str, ...] = ST
 
 
 def run_attack_stage(attack_specs: tuple[Any, ...], options: RunOptions) -> StageSummary:
-    """One Tune trial per (surrogate, attack setting): examples generated once, every target evaluated."""
+    """Attack cells in packs, one Tune trial each: a pack's surrogates and targets are loaded once in its process,
+    each adversarial set is generated once and scored on every target."""
+
     from xfer import attack
 
     planned = attack.plan(options.experiment, list(attack_specs))
-    todo = [c for c in planned if options.force or tracking.find_finished(options.experiment, specs.key(c.spec)) is None]
+    todo = attack.unfinished(options.experiment, planned)
     summary = StageSummary(names.ATTACK, len(planned), cached=len(planned) - len(todo))
     if not todo:
         return summary
     start = time.perf_counter()
-    by_index = dict(enumerate(todo))
-
-    def trial(config: dict[str, Any]) -> None:
-        from ray import tune
-
-        cell = by_index[config["cell"]["index"]]
-        attack.run_cell(options.experiment, cell, data_root=options.data_root)
-        tune.report({"done": 1.0})
-
-    results = run_cells(names.ATTACK, [{"index": i} for i in by_index], trial, options)
-    for result in results:
-        reason = failure_reason(result)
-        if reason:
-            cell = by_index[result.config["cell"]["index"]]
-            summary.failed.append((f"attack:{cell.spec.attack.attack}/eps={cell.spec.attack.eps}/surrogate={cell.spec.surrogate_key}",
-                                   reason))
-            tracking.end_stale_runs(options.experiment, specs.key(cell.spec), "the attack trial crashed")
-        else:
-            summary.ran += 1
+    cluster.connect(options.address)
+    options = stages.resolved(options)
+    # One surrogate's cells side by side: a pack loads each surrogate once.
+    todo = sorted(todo, key=lambda c: c.surrogate_run_ids)
+    chosen = packs.plan(todo, lambda c: (), stages.pack_size(options), cluster.slots(options.cpus_per_trial,
+                                                                                    options.gpus_per_trial or 0.0))
+    errors = stages.launch(names.ATTACK, _attack_trial, chosen, [f"attack ×{len(p)}" for p in chosen], options)
+    summary.packs = len(chosen)
+    left = {c.key for c in attack.unfinished(options.experiment, todo)}
+    reasons = {r.key: r.tags.get(names.TAG_FAILURE, "") for r in tracking.query(options.experiment, names.ATTACK, status="FAILED")}
+    for index, pack in enumerate(chosen):
+        for cell in pack:
+            if cell.key not in left:
+                summary.ran += 1
+                continue
+            reason = errors[index] or reasons.get(cell.key) or "not every target was scored"
+            summary.failed.append((attack.label(cell), reason))
+            tracking.end_stale_runs(options.experiment, cell.key, reason)
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def _label(spec: Any) -> str:
-    from xfer.stages import label
+def _attack_trial(config: dict[str, Any], packs_: list[tuple[Any, ...]], options: RunOptions) -> None:
+    from ray import tune
 
-    return label(spec)
+    from xfer import attack
+
+    stages.set_threads(options)
+    failed = attack.run_pack(options.experiment, packs_[config["cell"]["pack"]], data_root=options.data_root)
+    tune.report({stages.STATUS: 1.0, "cells_failed": float(len(failed))})

@@ -1,29 +1,29 @@
-"""Stage runners: a stage's cells → one Ray Tune run → one MLflow run per cell, finished cells skipped.
+"""Stage runners: a stage's cells → packs → one Ray Tune run → one MLflow run per cell, finished cells skipped.
 
-`train_cell` is the whole life of one training cell (data, model, lineage, the loop, checkpoint,
-MLflow) and needs no Ray; the Tune trainables here are thin adapters over it, and the caller
-(`sweeps/*.py`) owns `ray.init`.
+`run_stage` is the one path from cells to Tune and back: it asks MLflow once which cells are finished, starts
+Ray only when something is left, plans packs (`xfer.packs`), builds the Tuner (`tuner`, also what tuning
+builds its search on) and turns Tune's results into a `StageSummary` (`summarise`). The grid's training cells
+(pretrain, fine-tune, scratch) are the `TRAINING` kind, defined here; `train_cell` runs one without Ray.
 """
 
 from __future__ import annotations
 
-import math
-import tempfile
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from xfer import checkpoint, data, names, specs, tracking
+from xfer import checkpoint, cluster, data, names, packs, specs, tracking
 from xfer import train as loop
+from xfer.cells import Cell, Session, live
 from xfer.errors import XferError
-from xfer.specs import FinetuneSpec, PretrainSpec
+from xfer.specs import FinetuneSpec, PretrainSpec, TrainSpec
 
 TrainingCell = PretrainSpec | FinetuneSpec
-STATUS = "xfer_status"   # metric the trainables report last: 1.0 finished, 0.0 failed (reason in the MLflow run)
+STATUS = "xfer_status"   # the metric a trial reports last: 1.0 finished (its cells' fates are in MLflow)
 
 
 @dataclass(frozen=True)
@@ -33,12 +33,15 @@ class RunOptions:
     experiment: str
     data_root: str | None = None
     download: bool = False
+    address: str | None = None           # Ray: joined lazily, once a stage has work (None: $RAY_ADDRESS, else local)
     cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0      # fractional: several small trials share one GPU
-    workers_per_trial: int = 1       # > 1: each trial is a Ray Train TorchTrainer (gloo on CPU, nccl on GPU)
-    max_failures: int = 2            # Tune retries a crashed trial, resuming from its last epoch checkpoint
-    storage_path: str | None = None  # Ray's storage (shared s3:// or NFS on a cluster); default <runs>/ray
-    force: bool = False              # re-run cells that already finished
+    gpus_per_trial: float | None = None  # fractional: several packs share one GPU; None: cluster.gpus_per_trial
+    workers_per_trial: int = 1           # > 1: each trial is a Ray Train TorchTrainer (gloo on CPU, nccl on GPU)
+    max_failures: int = 2                # Tune retries a crashed trial, each cell resuming from its last epoch state
+    storage_path: str | None = None      # Ray's storage (shared s3:// or NFS on a cluster); default <runs>/ray
+    force: bool = False                  # re-run cells that already finished
+    pack_size: int | None = None         # cells per trial; None: packs.PACK_SIZE for the trials' device
+    checkpoint_interval_s: float = packs.CHECKPOINT_INTERVAL_S
 
 
 @dataclass
@@ -49,30 +52,17 @@ class StageSummary:
     ran: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)   # (cell, reason)
     seconds: float = 0.0
+    packs: int = 0
+    resumed: int = 0     # of the cells run: those that resumed from an epoch state after their trial crashed
 
     def line(self) -> str:
-        return (f"{self.stage:<9} {self.cells:>5} cells: {self.ran} run, {self.cached} cached, "
+        packed = f" in {self.packs} pack{'s' * (self.packs != 1)}" if self.packs else ""
+        resumed = f" ({self.resumed} resumed after a crash)" if self.resumed else ""
+        return (f"{self.stage:<9} {self.cells:>5} cells: {self.ran} run{packed}{resumed}, {self.cached} cached, "
                 f"{len(self.failed)} failed, {self.seconds:.0f} s")
 
 
-# ---- one training cell, no Ray -------------------------------------------------------------------
-
-class Session(Protocol):
-    """Where a cell reports progress and finds the state to resume from (Tune, Ray Train, or nothing)."""
-
-    def report(self, metrics: dict[str, float], state_dir: Path | None = None) -> None: ...
-    def restore(self) -> loop.TrainState | None: ...
-
-
-class NoSession:
-    """Plain-Python session: nothing to resume, progress discarded (tests and `--workers-per-trial 1` outside Ray)."""
-
-    def report(self, metrics: dict[str, float], state_dir: Path | None = None) -> None:
-        pass
-
-    def restore(self) -> loop.TrainState | None:
-        return None
-
+# ---- the grid's training cells ----------------------------------------------------------------------
 
 def tags_of(spec: TrainingCell, pretrain_run: str | None = None) -> dict[str, str]:
     """The searchable tags of a training run (source = pretraining dataset, target = dataset fine-tuned on)."""
@@ -99,282 +89,286 @@ def label(spec: TrainingCell) -> str:
             f"{recipe}/seed={t.seed}")
 
 
-def train_cell(spec: TrainingCell, experiment: str, dataset: data.Dataset, session: Session | None = None,
-               device: str | torch.device | None = None, is_chief: bool = True) -> loop.Result:
-    """Train one cell and record it in MLflow: params, tags, lineage, curve, metrics, checkpoint.
-
-    A fine-tune cell finds its pretrained model through MLflow by the pretrain cell's key. Resuming
-    (after a crash) continues the same MLflow run from the last epoch state the session kept.
-    """
-    session = session or NoSession()
+def training_cell(spec: TrainingCell, context: packs.Context) -> Cell:
+    """A grid training cell: its data split by seed; a fine-tune starts from its pretrain cell's model (MLflow)."""
     t = spec.train
-    splits = data.make_splits(dataset, t.size, t.val_size, t.seed)
-    pretrain_run, pretrained = None, None
+    pretrain_run = None
     if isinstance(spec, FinetuneSpec) and spec.pretrain is not None:
-        record = tracking.find_finished(experiment, specs.key(spec.pretrain))
+        record = context.finished(names.PRETRAIN).get(specs.key(spec.pretrain))
         if record is None:
             raise XferError(f"{label(spec)} needs the pretrained model of {label(spec.pretrain)}, which has no "
                             "finished run in MLflow; run the pretrain stage first (sweeps/full_grid.py does).")
         pretrain_run = record.run_id
-        pretrained, meta = tracking.load_model(pretrain_run)
-        if tuple(meta["in_shape"]) != splits.in_shape:
-            raise XferError(f"pretrained {t.arch} expects inputs {tuple(meta['in_shape'])} but {t.dataset} has "
+
+    def prepare() -> tuple[data.Splits, Any]:
+        splits = data.make_splits(context.datasets[t.dataset], t.size, t.val_size, t.seed)
+        pretrained = context.model(pretrain_run) if pretrain_run else None
+        if pretrained is not None and tuple(pretrained.in_shape) != splits.in_shape:
+            raise XferError(f"pretrained {t.arch} expects inputs {tuple(pretrained.in_shape)} but {t.dataset} has "
                             f"{splits.in_shape}; pretrain and fine-tune on data of one canonical shape.")
-    resume = session.restore()
-    model = loop.prepare_model(t, splits, pretrained)
-    run_ctx = tracking.start_run(
-        experiment, spec.stage, specs.key(spec), tags=tags_of(spec, pretrain_run), params=specs.to_flat(spec),
-        run_name=label(spec), resume_run_id=resume.extra.get("mlflow_run_id") if resume else None,
-    ) if is_chief else _no_run()
-    with run_ctx as run:
-        if run is not None:
-            # Where and how the cell ran: the node (Ray's id, "" outside Ray), the data-parallel world size,
-            # and, after a crash, the epoch it resumed from.
-            run.set_tags({"xfer.node": _node_id(), "xfer.workers": str(loop.dist_world()[1]),
-                          **({"xfer.resumed_from_epoch": str(resume.epoch)} if resume is not None else {})})
+        return splits, loop.prepare_model(t, splits, pretrained)
 
-        def on_epoch_end(state: loop.TrainState) -> None:
-            errors = {r["split"]: r["error"] for r in state.curve if r["epoch"] == state.epoch}
-            metrics = {names.EPOCH: float(state.epoch), names.VAL_ERROR: errors.get("val", math.nan),
-                       names.TEST_ERROR: errors.get("test", math.nan)}
-            if run is not None:
-                run.log_metrics({names.VAL_ERROR: metrics[names.VAL_ERROR]}, step=state.step)
-            with tempfile.TemporaryDirectory() as tmp:
-                state.extra["mlflow_run_id"] = run.run_id if run is not None else ""
-                checkpoint.save_state(Path(tmp), state)
-                session.report(metrics, Path(tmp))
-
-        result = loop.train(t, splits, model, device=device, resume=resume, on_epoch_end=on_epoch_end)
-        if run is None:
-            # Ray Train's report is a barrier across ranks: every rank makes the chief's last call too.
-            session.report(_final(result))
-            return result
-        run.log_curve(result.curve)
-        if not result.ok:
-            run.fail(result.reason)
-            session.report(_final(result))
-            return result
-        run.log_metrics(result.metrics, step=int(result.metrics["steps"]))  # at the last step: MLflow's "latest"
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint.save(Path(tmp), model.cpu(), {
-                "class_names": list(splits.class_names), "spec": specs.to_dict(spec), "stage": spec.stage,
-                "metrics": result.metrics, "key": specs.key(spec),
-            })
-            run.log_checkpoint(Path(tmp))
-    session.report(_final(result))
-    return result
+    return Cell(spec, spec.stage, label(spec), t, tags_of(spec, pretrain_run), prepare)
 
 
-def _final(result: loop.Result) -> dict[str, float]:
-    """The last report of a cell: its status and, if it finished, its final metrics."""
-    if not result.ok:
-        return {STATUS: 0.0}
-    return {STATUS: 1.0, **{k: v for k, v in result.metrics.items() if k != names.EPOCH}}
+def _training_spec(spec: TrainingCell) -> TrainSpec:
+    return spec.train
 
 
-class _no_run:
-    """Stands in for the MLflow run on non-chief data-parallel workers (rank 0 records the cell)."""
+def _training_stage(spec: TrainingCell) -> str:
+    return spec.stage
 
-    def __enter__(self) -> None:
+
+TRAINING = packs.Kind("training", training_cell, _training_spec, _training_stage, label)
+
+
+def train_cell(spec: TrainingCell, experiment: str, dataset: data.Dataset, session: Session | None = None,
+               device: str | torch.device | None = None) -> loop.Result:
+    """Train one grid cell and record it in MLflow, without Ray (tests, notebooks, tuning's pretrain cell)."""
+    context = packs.Context(experiment, {spec.train.dataset: dataset})
+    return live(training_cell(spec, context), experiment, session, device)
+
+
+# ---- stages on Ray Tune -----------------------------------------------------------------------------
+
+def pending(experiment: str, cells: Sequence[Any], force: bool = False, stage: str | None = None) -> tuple[list[Any], int]:
+    """The cells still to run, and how many are already finished in MLflow (skipped unless `force`); one search."""
+    done = {} if force else tracking.finished_by_key(experiment, stage)
+    todo = [c for c in cells if specs.key(c) not in done]
+    return todo, len(cells) - len(todo)
+
+
+def run_stage(stage: str, cells: Sequence[Any], kind: packs.Kind, options: RunOptions,
+              datasets: dict[str, data.Dataset]) -> StageSummary:
+    """A stage's cells as packs, one Tune trial each; failures are listed, never fatal to the stage.
+
+    Nothing to do costs nothing: when MLflow has every cell, no Ray starts and no trial runs.
+    """
+    todo, cached = pending(options.experiment, cells, options.force, stage)
+    summary = StageSummary(stage, len(cells), cached=cached)
+    if not todo:
+        return summary
+    start = time.perf_counter()
+    since = time.time() - 60 if options.force else None   # forced: only runs of this invocation count as finished
+    ray = cluster.connect(options.address)
+    options = resolved(options)
+    chosen = plan_packs(todo, kind, options)
+    # Datasets go to the object store once per stage; each trial reads its pack's from its node's store.
+    refs = {name: ray.put(datasets[name]) for name in {kind.train(c).dataset for c in todo}}
+    trainable = _pack_trial if options.workers_per_trial <= 1 else _distributed_pack
+    errors = launch(stage, trainable, chosen, [packs.describe(p, kind) for p in chosen], options,
+                    kind=kind, refs=refs, since=since)
+    summary.packs = len(chosen)
+    trial_error = {specs.key(c): errors[i] for i, p in enumerate(chosen) for c in p}
+    summarise(summary, stage, {specs.key(c): kind.label(c) for c in todo}, trial_error, options, since)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def launch(stage: str, trainable: Callable[..., None], chosen: list[tuple[Any, ...]], names_: list[str],
+           options: RunOptions, **shared: Any) -> list[str]:
+    """One Tune run of `trainable(config, packs_=chosen, options=options, **shared)`, a trial per pack; returns
+    each pack's trial error ('' for a trial that ended normally)."""
+    from ray import tune
+
+    trial = tune.with_parameters(trainable, packs_=chosen, options=options, **shared)
+    results = fit(stage, trial, [{"pack": i, "cells": name} for i, name in enumerate(names_)], options)
+    errors = [""] * len(chosen)
+    for result in results:
+        errors[result.config["cell"]["pack"]] = failure_reason(result)
+    return errors
+
+
+def run_training_stage(stage: str, cells: Sequence[TrainingCell], options: RunOptions,
+                       datasets: dict[str, data.Dataset]) -> StageSummary:
+    """Pretrain, fine-tune or scratch cells (see `run_stage`)."""
+    return run_stage(stage, cells, TRAINING, options, datasets)
+
+
+def resolved(options: RunOptions) -> RunOptions:
+    """`options` with the GPUs per trial settled from the cluster Ray is connected to."""
+    import dataclasses
+
+    return dataclasses.replace(options, gpus_per_trial=cluster.gpus_per_trial(options.gpus_per_trial))
+
+
+def plan_packs(todo: Sequence[Any], kind: packs.Kind, options: RunOptions) -> list[tuple[Any, ...]]:
+    """The stage's packs: `options.pack_size` (or the device's default) cells each, spread over the free slots."""
+    size, cpus = pack_size(options), options.cpus_per_trial * max(1, options.workers_per_trial)
+    return packs.plan(todo, functools.partial(packs.pack_key, kind), size, cluster.slots(cpus, options.gpus_per_trial or 0.0))
+
+
+def pack_size(options: RunOptions) -> int:
+    """Cells per pack: the option, else the default for the device the trials train on."""
+    return options.pack_size or packs.PACK_SIZE["cuda" if options.gpus_per_trial else "cpu"]
+
+
+def summarise(summary: StageSummary, stage: str, todo: dict[str, str], trial_error: dict[str, str],
+              options: RunOptions, since: float | None) -> None:
+    """Fill `summary` from MLflow: each launched cell finished, or failed with its run's reason (else its trial's).
+
+    Runs a crashed trial left RUNNING are ended FAILED with that reason.
+    """
+    done = tracking.finished_by_key(options.experiment, stage, since)
+    reasons = {r.key: r.tags.get(names.TAG_FAILURE, "") for r in tracking.query(options.experiment, stage, status="FAILED")}
+    failed = {}
+    for key, name in todo.items():
+        if key in done:
+            summary.ran += 1
+            summary.resumed += names.TAG_RESUMED in done[key].tags
+            continue
+        reason = trial_error.get(key) or reasons.get(key) or "the cell did not finish"
+        failed[key] = reason
+        summary.failed.append((name, reason))
+    for record in tracking.query(options.experiment, stage, status="RUNNING"):
+        if record.key in failed:
+            tracking.end_stale_runs(options.experiment, record.key, failed[record.key])
+
+
+def resources(options: RunOptions) -> dict[str, float]:
+    if options.workers_per_trial > 1:
+        # The trial only drives a TorchTrainer whose workers hold the CPUs/GPUs. Ray refuses an empty
+        # request, so the driver asks for a little memory instead of a CPU it would keep from the workers.
+        return {"cpu": 0, "memory": 256 * 2**20}
+    return {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial or 0.0}
+
+
+def tuner(name: str, trainable: Any, options: RunOptions, tune_config: Any, param_space: dict[str, Any] | None = None) -> Any:
+    """The one Tuner xfer builds: a stage's grid of packs, or a tuning study's search (with its own TuneConfig)."""
+    from ray import tune
+
+    return tune.Tuner(
+        tune.with_resources(trainable, resources(options)),
+        param_space=param_space,
+        tune_config=tune_config,
+        run_config=tune.RunConfig(
+            name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=storage(options),
+            failure_config=tune.FailureConfig(max_failures=options.max_failures),
+            # Two kept, not one: Tune forces an experiment snapshot every `num_to_keep` checkpoints of a trial.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            verbose=1,
+        ),
+    )
+
+
+def fit(stage: str, trainable: Any, configs: list[dict[str, Any]], options: RunOptions) -> Any:
+    """Run `trainable` once per config (a pack, an attack group) as one Tune run; returns Tune's ResultGrid."""
+    from ray import tune
+
+    config = tune.TuneConfig(
+        trial_name_creator=lambda trial: f"{stage}_{trial.trial_id}",
+        trial_dirname_creator=lambda trial: f"{stage}_{trial.trial_id}",
+        max_concurrent_trials=_max_concurrent(options),
+    )
+    return tuner(f"{options.experiment}-{stage}", trainable, options, config,
+                 param_space={"cell": tune.grid_search(configs)}).fit()
+
+
+def storage(options: RunOptions) -> str:
+    return options.storage_path or str((tracking.runs_dir() / "ray").resolve())
+
+
+def _max_concurrent(options: RunOptions) -> int | None:
+    if options.workers_per_trial <= 1:
         return None
+    return cluster.slots(options.workers_per_trial * options.cpus_per_trial, 0.0)
 
-    def __exit__(self, *exc: Any) -> None:
-        return None
+
+def failure_reason(result: Any) -> str:
+    """Why a trial failed ('' if it did not): a crash that outlived its retries."""
+    if result.error is None:
+        return ""
+    return f"{type(result.error).__name__}: {str(result.error).strip().splitlines()[-1][:300]}"
+
+
+def set_threads(options: RunOptions) -> None:
+    """A trial owns `cpus_per_trial` cores: torch would otherwise start a thread per core of the node in every
+    trial, and two trials on two cores would fight over four threads."""
+    torch.set_num_threads(max(1, int(options.cpus_per_trial)))
 
 
 def _node_id() -> str:
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-    except Exception:  # outside a Ray worker the runtime context may be unavailable
-        return ""
-
-
-# ---- Ray Tune adapters --------------------------------------------------------------------------
-
-class TuneSession:
-    """Reports to Ray Tune; resumes from Tune's last checkpoint of this trial."""
-
-    def report(self, metrics: dict[str, float], state_dir: Path | None = None) -> None:
-        from ray import tune
-
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(state_dir)) if state_dir else None)
-
-    def restore(self) -> loop.TrainState | None:
-        from ray import tune
-
-        return _restore(tune.get_checkpoint())
-
-
-class TrainWorkerSession:
-    """Inside a Ray Train worker: every rank reports (Train requires it); rank 0 carries the checkpoint."""
-
-    def report(self, metrics: dict[str, float], state_dir: Path | None = None) -> None:
-        import ray.train
-
-        chief = ray.train.get_context().get_world_rank() == 0
-        ckpt = ray.train.Checkpoint.from_directory(str(state_dir)) if state_dir and chief else None
-        ray.train.report(metrics, checkpoint=ckpt)
-
-    def restore(self) -> loop.TrainState | None:
-        import ray.train
-
-        return _restore(ray.train.get_checkpoint())
-
-
-def _restore(ckpt: Any) -> loop.TrainState | None:
-    if ckpt is None:
-        return None
-    with ckpt.as_directory() as directory:
-        return checkpoint.load_state(Path(directory))
-
-
-def _training_trial(config: dict[str, Any], dataset_refs: dict[str, Any], options: RunOptions) -> None:
     import ray
 
-    if options.workers_per_trial > 1:
-        _distributed_trial(config["cell"], dataset_refs, options)
-        return
-    spec = _spec_from_config(config["cell"])
-    dataset = ray.get(dataset_refs[spec.train.dataset])  # from this node's object store, once per trial
-    train_cell(spec, options.experiment, dataset, TuneSession())
+    return ray.get_runtime_context().get_node_id()
 
 
-def _distributed_trial(config: dict[str, Any], dataset_refs: dict[str, Any], options: RunOptions) -> None:
+def _pack_trial(config: dict[str, Any], packs_: list[tuple[Any, ...]], kind: packs.Kind, refs: dict[str, Any],
+                options: RunOptions, since: float | None) -> None:
+    """Ray Tune's view of one pack: its datasets from the object store once, its cells' states in one checkpoint."""
+    import ray
+    from ray import tune
+
+    set_threads(options)
+    pack = packs_[config["cell"]["pack"]]
+    datasets = {name: ray.get(refs[name]) for name in {kind.train(c).dataset for c in pack}}
+    restored = _restored(tune.get_checkpoint())
+    store = packs.PackCheckpoint(restored, options.checkpoint_interval_s, _tune_report, len(pack))
+    result = packs.run_pack(pack, kind, options.experiment, datasets, store.session, since=since, node=_node_id())
+    tune.report({STATUS: 1.0, **result.metrics()})
+
+
+def _tune_report(metrics: dict[str, Any], state_dir: Any) -> None:
+    from ray import tune
+
+    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(state_dir)) if state_dir else None)
+
+
+def _restored(ckpt: Any) -> dict[str, checkpoint.TrainState]:
+    if ckpt is None:
+        return {}
+    with ckpt.as_directory() as directory:
+        return packs.PackCheckpoint.load(directory)
+
+
+def _distributed_pack(config: dict[str, Any], packs_: list[tuple[Any, ...]], kind: packs.Kind, refs: dict[str, Any],
+                      options: RunOptions, since: float | None) -> None:
+    """A pack whose every cell trains data-parallel over `workers_per_trial` Ray Train workers."""
     from ray import tune
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    pack = packs_[config["cell"]["pack"]]
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"cell": config, "refs": dataset_refs, "experiment": options.experiment},
-        scaling_config=ScalingConfig(num_workers=options.workers_per_trial, use_gpu=options.gpus_per_trial > 0,
+        train_loop_config={"pack": pack, "kind": kind, "refs": refs, "options": options, "since": since},
+        scaling_config=ScalingConfig(num_workers=options.workers_per_trial, use_gpu=bool(options.gpus_per_trial),
                                      resources_per_worker={"CPU": options.cpus_per_trial}),
-        run_config=RunConfig(name=f"{options.experiment}-{specs.key(_spec_from_config(config))}",
-                             storage_path=_storage(options), callbacks=[TuneReportCallback()]),
+        run_config=RunConfig(name=f"{options.experiment}-{specs.key(pack[0])}", storage_path=storage(options),
+                             callbacks=[TuneReportCallback()]),
         resume_from_checkpoint=tune.get_checkpoint(),
     )
     trainer.fit()
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
+    """One data-parallel rank of a pack: every rank trains and reports (a barrier); rank 0 records and checkpoints."""
     import ray
     import ray.train
+    import ray.train.torch
 
-    spec = _spec_from_config(config["cell"])
-    dataset = ray.get(config["refs"][spec.train.dataset])
+    pack, kind, options = config["pack"], config["kind"], config["options"]
+    set_threads(options)
     chief = ray.train.get_context().get_world_rank() == 0
-    train_cell(spec, config["experiment"], dataset, TrainWorkerSession(), device=ray.train.torch.get_device(),
-               is_chief=chief)
+    datasets = {name: ray.get(config["refs"][name]) for name in {kind.train(c).dataset for c in pack}}
 
+    def report(metrics: dict[str, Any], state_dir: Any) -> None:
+        ckpt = ray.train.Checkpoint.from_directory(str(state_dir)) if state_dir is not None and chief else None
+        ray.train.report(metrics, checkpoint=ckpt)
 
-def _spec_from_config(config: dict[str, Any]) -> TrainingCell:
-    cls = PretrainSpec if config["stage"] == names.PRETRAIN else FinetuneSpec
-    return specs.from_flat(cls, {k: v for k, v in config.items() if k != "stage"})
-
-
-def _config_of(spec: TrainingCell) -> dict[str, Any]:
-    return {"stage": names.PRETRAIN if isinstance(spec, PretrainSpec) else "train", **specs.to_flat(spec)}
-
-
-def _storage(options: RunOptions) -> str:
-    return options.storage_path or str((tracking.runs_dir() / "ray").resolve())
-
-
-# ---- stages ---------------------------------------------------------------------------------------
-
-def pending(experiment: str, cells: Sequence[Any], force: bool = False) -> tuple[list[Any], int]:
-    """The cells still to run, and how many are already finished in MLflow (skipped unless `force`)."""
-    todo = [c for c in cells if force or tracking.find_finished(experiment, specs.key(c)) is None]
-    return todo, len(cells) - len(todo)
-
-
-def run_training_stage(stage: str, cells: Sequence[TrainingCell], options: RunOptions,
-                       datasets: dict[str, data.Dataset]) -> StageSummary:
-    """Pretrain, fine-tune or scratch cells as one Tune run; failures are listed, never fatal to the stage."""
-    import ray
-    from ray import tune
-
-    todo, cached = pending(options.experiment, cells, options.force)
-    summary = StageSummary(stage, len(cells), cached=cached)
-    if not todo:
-        return summary
-    start = time.perf_counter()
-    refs = {name: ray.put(datasets[name]) for name in {c.train.dataset for c in todo}}
-    trainable = tune.with_parameters(_training_trial, dataset_refs=refs, options=options)
-    by_key = {specs.key(c): c for c in todo}
-    results = _fit(stage, trainable, [_config_of(c) for c in todo], options)
-    for result in results:
-        spec = _spec_from_config(result.config["cell"])
-        key = specs.key(spec)
-        reason = failure_reason(result)
-        if reason:
-            summary.failed.append((label(by_key[key]), reason))
-            tracking.end_stale_runs(options.experiment, key, reason)
-        else:
-            summary.ran += 1
-    summary.seconds = time.perf_counter() - start
-    return summary
-
-
-def run_cells(stage: str, cell_configs: list[dict[str, Any]], trial: Callable[[dict[str, Any]], None],
-              options: RunOptions) -> Any:
-    """Run arbitrary cells (attack, adder, …) as one Tune run of `trial(config)`; returns Tune's ResultGrid."""
-    return _fit(stage, trial, cell_configs, options)
-
-
-def _fit(stage: str, trainable: Any, configs: list[dict[str, Any]], options: RunOptions) -> Any:
-    from ray import tune
-
-    if options.workers_per_trial > 1:
-        # The trial only drives a TorchTrainer whose workers hold the CPUs/GPUs. Ray refuses an empty
-        # request, so the driver asks for a little memory instead of a CPU it would keep from the workers.
-        resources = {"cpu": 0, "memory": 256 * 2**20}
-    else:
-        resources = {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial}
-    tuner = tune.Tuner(
-        tune.with_resources(trainable, resources),
-        param_space={"cell": tune.grid_search(configs)},
-        tune_config=tune.TuneConfig(
-            trial_name_creator=lambda trial: f"{stage}_{trial.trial_id}",
-            trial_dirname_creator=lambda trial: f"{stage}_{trial.trial_id}",
-            max_concurrent_trials=_max_concurrent(options),
-        ),
-        run_config=tune.RunConfig(
-            name=f"{options.experiment}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=_storage(options),
-            failure_config=tune.FailureConfig(max_failures=options.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            verbose=1,
-        ),
-    )
-    return tuner.fit()
-
-
-def _max_concurrent(options: RunOptions) -> int | None:
-    if options.workers_per_trial <= 1:
-        return None
-    import ray
-
-    cpus = ray.cluster_resources().get("CPU", 1)
-    return max(1, int(cpus // (options.workers_per_trial * max(options.cpus_per_trial, 1e-3))))
-
-
-def failure_reason(result: Any) -> str:
-    """Why a trial failed ('' if it did not): a crash (after retries) or a failed status (e.g. NaN loss)."""
-    if result.error is not None:
-        return f"{type(result.error).__name__}: {str(result.error).strip().splitlines()[-1][:300]}"
-    metrics = result.metrics or {}
-    if metrics.get(STATUS, 1.0) == 0.0:
-        return "the cell reported a failure (see its MLflow run's xfer.failure tag)"
-    return ""
+    # Every rank must report equally often: the checkpoint interval is per epoch on all ranks (0 s), not per clock.
+    store = packs.PackCheckpoint(_restored(ray.train.get_checkpoint()), 0.0, report, len(pack))
+    result = packs.run_pack(pack, kind, options.experiment, datasets, store.session, device=ray.train.torch.get_device(),
+                            since=config["since"], is_chief=chief, node=_node_id())
+    ray.train.report({STATUS: 1.0, **result.metrics()})
 
 
 def load_datasets(names_: set[str], options: RunOptions) -> dict[str, data.Dataset]:
     return {name: data.load(name, options.data_root, options.download) for name in sorted(names_)}
 
 
-__all__ = ["RunOptions", "StageSummary", "train_cell", "run_training_stage", "run_cells", "pending", "load_datasets",
-           "label", "tags_of", "failure_reason"]
+__all__ = ["RunOptions", "StageSummary", "TRAINING", "training_cell", "train_cell", "run_stage", "run_training_stage",
+           "pending", "plan_packs", "summarise", "tuner", "fit", "load_datasets", "label", "tags_of", "failure_reason",
+           "STATUS"]

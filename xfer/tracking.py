@@ -351,21 +351,33 @@ class Run:
         now = _now_ms()
         self._log_batch([Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
 
-    def log_curve(self, rows: list[dict[str, Any]]) -> None:
-        """The error curve, once, at the end: the Parquet artifact names.CURVE_FILE and one metric point per row.
+    def log_curve(self, rows: list[dict[str, Any]], points: bool = True) -> None:
+        """The error curve as the Parquet artifact names.CURVE_FILE and, with `points`, one metric point per row.
 
         Rows look like ``{"step", "epoch", "seconds", "split", "error"}``; ``split`` picks the metric
-        (train -> train_error, val -> val_error, test -> test_error) and ``step`` its x-axis.
+        (train -> train_error, val -> val_error, test -> test_error) and ``step`` its x-axis. A cell that
+        logged its points live, epoch by epoch (`log_points`), passes ``points=False``: each point once.
         """
-        unknown = sorted({str(row["split"]) for row in rows} - set(SPLIT_METRICS))
-        if unknown:
-            raise XferError(f"curve rows with split {', '.join(unknown)}: a split is one of {', '.join(SPLIT_METRICS)}.")
+        _check_splits(rows)
         with tempfile.TemporaryDirectory(prefix="xfer-curve-") as tmp:
             path = Path(tmp) / names.CURVE_FILE
             pq.write_table(pa.Table.from_pylist(rows), path)
             self.log_artifact(path)
+        if points:
+            self.log_points(rows)
+
+    def log_points(self, rows: Sequence[Mapping[str, Any]], metrics: Mapping[str, float] | None = None,
+                   step: int = 0) -> None:
+        """Curve rows as metric points, and `metrics` at `step`, in one batch (a request per 1,000 values)."""
+        _check_splits(rows)
         now = _now_ms()
-        self._log_batch([Metric(SPLIT_METRICS[r["split"]], float(r["error"]), now, int(r["step"])) for r in rows])
+        self._log_batch([Metric(SPLIT_METRICS[r["split"]], float(r["error"]), now, int(r["step"])) for r in rows]
+                        + [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()])
+
+    def last_step(self, metric: str) -> int | None:
+        """The largest step at which `metric` was logged in this run, or None (what a resumed cell has already logged)."""
+        history = self._client.get_metric_history(self.run_id, metric)
+        return max((m.step for m in history), default=None)
 
     def log_checkpoint(self, directory: Path) -> str:
         """Upload a checkpoint folder as names.CHECKPOINT_DIR and tag its sha256 (set after the upload)."""
@@ -562,6 +574,22 @@ def find_finished(experiment: str, key: str) -> RunRecord | None:
     return done[-1] if done else None
 
 
+def finished_by_key(experiment: str, stage: str | None = None, since: float | None = None) -> dict[str, RunRecord]:
+    """Every finished cell of `stage` (all stages: None) by key, newest run per key, in one search.
+
+    What a stage asks before it launches (which cells are done) and a pack before each cell: one request per
+    1,000 runs instead of one per cell. `since` (seconds since the epoch) keeps only runs started at or after it.
+    A training run counts only with its checkpoint, as in `find_finished`.
+    """
+    found: dict[str, RunRecord] = {}
+    for record in query(experiment, stage):
+        if (record.stage in TRAINING_STAGES and names.TAG_CHECKPOINT_SHA not in record.tags) or not record.key:
+            continue
+        if since is None or record.start_time.timestamp() >= since:
+            found[record.key] = record   # oldest first: the newest run of a key wins
+    return found
+
+
 _STATUSES = tuple(RunStatus.to_string(s) for s in RunStatus.all_status())
 
 
@@ -615,10 +643,12 @@ def download_checkpoint(run_id: str, dst: Path | None = None) -> Path:
         fetched = _fetch(client, run_id, names.CHECKPOINT_DIR, Path(staging))
         actual = checkpoint_sha256(fetched) if fetched.is_dir() and any(fetched.iterdir()) else "nothing"
         if actual != expected:
+            where = f"{_artifact_uri(client, run_id)}/{names.CHECKPOINT_DIR}"
             raise XferError(
-                f"the checkpoint of run {run_id} does not match its recorded sha256 (recorded {expected[:12]}..., "
-                f"downloaded {actual[:12]}...): the artifact was changed or damaged after it was logged, so it is "
-                "refused. Re-run the cell that produced it (xfer re-runs a cell when you pass --force)."
+                f"the checkpoint {where} (of run {run_id}) does not match its recorded sha256 (recorded "
+                f"{expected[:12]}..., its files now hash to {actual[:12]}...): a file there was changed or damaged after "
+                "it was logged, so the checkpoint is refused. Re-run the cell that produced it (xfer re-runs a cell "
+                "when you pass --force), or restore the file from a backup."
             )
         with contextlib.suppress(OSError):  # atomic: a concurrent reader never sees half a checkpoint
             os.replace(fetched, dst)
@@ -657,6 +687,16 @@ def _fetch(client: MlflowClient, run_id: str, artifact_path: str, dst: Path) -> 
         ) from None
 
 
+def _artifact_uri(client: MlflowClient, run_id: str) -> str:
+    """Where a run's artifacts live, as a path when the server proxies a local folder (mlflow-artifacts:/...)."""
+    uri = client.get_run(run_id).info.artifact_uri
+    info = _read_server_file(runs_dir())
+    prefix = "mlflow-artifacts:/"
+    if info is not None and uri.startswith(prefix) and os.environ.get(TRACKING_URI_ENV) == info["url"]:
+        return str(Path(info["artifacts"]) / uri[len(prefix):])
+    return uri
+
+
 def _recorded_sha(client: MlflowClient, run_id: str) -> str:
     try:
         run = client.get_run(run_id)
@@ -684,6 +724,12 @@ def _quoted(value: str) -> str:
     if '"' not in value:
         return f'"{value}"'
     raise XferError(f"cannot search for tag value {value!r}: it holds both quote characters.")
+
+
+def _check_splits(rows: Sequence[Mapping[str, Any]]) -> None:
+    unknown = sorted({str(row["split"]) for row in rows} - set(SPLIT_METRICS))
+    if unknown:
+        raise XferError(f"curve rows with split {', '.join(unknown)}: a split is one of {', '.join(SPLIT_METRICS)}.")
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:

@@ -141,6 +141,12 @@ def train(
                 seen = 0
         if seen and not math.isfinite(loss_sum.item()):
             return _failed(spec, step, epoch, curve, now())
+        if seen and epoch == spec.epochs - 1:
+            # The steps since the last full `log_every` window: a cell always ends with a train error, even one
+            # with fewer steps than `log_every`.
+            row = _row(step, epoch + 1, now(), "train", 1 - correct.item() / seen)
+            curve.append(row)
+            report({"kind": "train", **_metrics_of(row), names.TRAIN_LOSS: loss_sum.item() / seen})
         errors = {split: error(model, *tensors, cuda=cuda) for split, tensors in eval_sets.items()}
         if phase.scheduler is not None and spec.schedule == "plateau":
             phase.scheduler.step(errors["val"])

@@ -20,13 +20,12 @@ import itertools
 import json
 import math
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Collection, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import optuna
 import sqlalchemy
@@ -39,9 +38,10 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from xfer import checkpoint, data, models, names, specs, stages, tracking
+from xfer import checkpoint, cluster, data, models, names, specs, stages, tracking
 from xfer import grid as grids
 from xfer import train as loop
+from xfer.cells import Cell, live
 from xfer.errors import XferError
 from xfer.specs import FinetuneSpec
 
@@ -166,8 +166,51 @@ class TrialContext:
     parent_run_id: str | None = None
 
 
+class TrialSession(Protocol):
+    """How a trial meets Ray Tune: reports (an epoch's with the state to resume from) and its restored state."""
+
+    def report(self, metrics: dict[str, float], state_dir: Path | None = None) -> None: ...
+    def restore(self) -> checkpoint.TrainState | None: ...
+
+
+class TuneSession:
+    """Reports to Ray Tune; resumes from Tune's last checkpoint of this trial."""
+
+    def report(self, metrics: dict[str, float], state_dir: Path | None = None) -> None:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(state_dir)) if state_dir else None)
+
+    def restore(self) -> checkpoint.TrainState | None:
+        ckpt = tune.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as directory:
+            return checkpoint.load_state(Path(directory))
+
+
+class _AshaSession:
+    """A trial's cell session: every epoch but the last reported with its state (ASHA may stop the trial at any
+    report), the last only once the MLflow run is complete."""
+
+    def __init__(self, trial: TrialSession, epochs: int) -> None:
+        self.trial, self.epochs = trial, epochs
+
+    def restore(self) -> checkpoint.TrainState | None:
+        return self.trial.restore()
+
+    def epoch_end(self, state: checkpoint.TrainState, metrics: dict[str, float]) -> None:
+        if state.epoch < self.epochs:
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint.save_state(Path(tmp), state)
+                _report_epoch(self.trial, state.epoch, self.epochs, metrics[names.VAL_ERROR], Path(tmp))
+
+    def done(self, result: loop.Result) -> None:
+        val = result.metrics[names.VAL_ERROR] if result.ok else FAILED_VAL_ERROR
+        self.trial.report({names.VAL_ERROR: val, names.EPOCH: result.metrics.get(names.EPOCH, math.nan),
+                           stages.STATUS: float(result.ok)})
+
+
 def run_trial(context: TrialContext, params: Mapping[str, Any], dataset: data.Dataset,
-              pretrained: models.XferModel, session: stages.Session) -> loop.Result:
+              pretrained: models.XferModel, session: TrialSession) -> loop.Result:
     """Fine-tune one configuration, reporting validation error after every epoch; record it as a child run.
 
     The last epoch is reported only after the MLflow run is complete, because ASHA may stop a trial at any
@@ -178,42 +221,19 @@ def run_trial(context: TrialContext, params: Mapping[str, Any], dataset: data.Da
                         "since the test split is for the final evaluation only.")
     cell = cell_of(context.study, params)
     t = cell.train
-    splits = data.make_splits(dataset, t.size, t.val_size, t.seed)
-    resume = session.restore()
-    model = loop.prepare_model(t, splits, copy.deepcopy(pretrained))
+
+    def prepare() -> tuple[data.Splits, models.XferModel]:
+        splits = data.make_splits(dataset, t.size, t.val_size, t.seed)
+        return splits, loop.prepare_model(t, splits, copy.deepcopy(pretrained))
+
     tags = {**stages.tags_of(cell, context.pretrain_run), names.TAG_STUDY: context.study.key,
             names.TAG_TUNE_ROLE: names.TUNE_ROLE_TRIAL}
-    with tracking.start_run(
-        context.experiment, names.TUNE, specs.key(TrialSpec(context.study.key, cell)), tags=tags,
-        params=specs.to_flat(cell), run_name=f"trial:{stages.label(cell)}", parent_run_id=context.parent_run_id,
-        resume_run_id=resume.extra.get("mlflow_run_id") if resume else None,
-    ) as run:
-        def on_epoch_end(state: checkpoint.TrainState) -> None:
-            val = next(r["error"] for r in reversed(state.curve) if r["split"] == "val")
-            run.log_metrics({names.VAL_ERROR: val}, step=state.step)
-            if state.epoch < t.epochs:
-                with tempfile.TemporaryDirectory() as tmp:
-                    state.extra["mlflow_run_id"] = run.run_id
-                    checkpoint.save_state(Path(tmp), state)
-                    _report_epoch(session, state.epoch, t.epochs, val, Path(tmp))
-
-        result = loop.train(t, splits, model, resume=resume, on_epoch_end=on_epoch_end)
-        run.log_curve([r for r in result.curve if r["split"] != "test"])
-        if result.ok:
-            run.log_metrics({k: v for k, v in result.metrics.items() if math.isfinite(v)})
-            with tempfile.TemporaryDirectory() as tmp:
-                checkpoint.save(Path(tmp), model.cpu(), {"class_names": list(splits.class_names), "stage": names.TUNE,
-                                                         "spec": specs.to_dict(cell), "metrics": result.metrics})
-                run.log_checkpoint(Path(tmp))
-        else:
-            run.fail(result.reason)
-    val = result.metrics[names.VAL_ERROR] if result.ok else FAILED_VAL_ERROR
-    session.report({names.VAL_ERROR: val, names.EPOCH: result.metrics.get(names.EPOCH, math.nan),
-                    stages.STATUS: float(result.ok)})
-    return result
+    trial = Cell(TrialSpec(context.study.key, cell), names.TUNE, f"trial:{stages.label(cell)}", t, tags, prepare,
+                 params=cell, parent_run_id=context.parent_run_id, log_test=False)
+    return live(trial, context.experiment, _AshaSession(session, t.epochs))
 
 
-def _report_epoch(session: stages.Session, epoch: int, epochs: int, val_error: float, state_dir: Path) -> None:
+def _report_epoch(session: TrialSession, epoch: int, epochs: int, val_error: float, state_dir: Path) -> None:
     """Report an epoch (with its state, to resume from); a trial the scheduler stops here raises StoppedEarly."""
     try:
         session.report({names.VAL_ERROR: val_error, names.EPOCH: float(epoch)}, state_dir)
@@ -239,8 +259,16 @@ class StoppedEarly(SystemExit):
 
 def _tune_trial(config: dict[str, Any], context: TrialContext, dataset: data.Dataset,
                 pretrained: models.XferModel) -> None:
-    """Ray Tune's view of `run_trial`: the config is the trial's point of the search space."""
-    run_trial(context, config, dataset, pretrained, stages.TuneSession())
+    """Ray Tune's view of `run_trial`: the config is the trial's point of the search space.
+
+    Bad input (`XferError`: a damaged checkpoint, say) is permanent: the trial reports the failure score once
+    instead of crashing, so Tune does not retry it; its run already ended FAILED with the reason.
+    """
+    session = TuneSession()
+    try:
+        run_trial(context, config, dataset, pretrained, session)
+    except XferError:
+        session.report({names.VAL_ERROR: FAILED_VAL_ERROR, stages.STATUS: 0.0})
 
 
 class SparingASHA(ASHAScheduler):
@@ -337,7 +365,8 @@ def run_study(study: StudySpec, trials: int, options: stages.RunOptions, storage
               pretrain_experiment: str | None = None, echo: Callable[[str], None] = print) -> StudyOutcome:
     """Bring `study` to `trials` finished trials (continuing what storage holds), then evaluate and record it.
 
-    The caller owns `ray.init`. The test split is read only by `_evaluate`, after the search.
+    Ray starts (`xfer.cluster.connect`) only when trials are left to run. The test split is read only by
+    `_evaluate`, after the search.
     """
     url = storage or default_storage()
     ot_storage = open_storage(url)
@@ -412,6 +441,8 @@ def free_slots(options: stages.RunOptions) -> int:
 def _search(context: TrialContext, ot_study: optuna.Study, ot_storage: optuna.storages.BaseStorage,
             dataset: data.Dataset, pretrained: models.XferModel, todo: int, options: stages.RunOptions) -> int:
     """Run `todo` trials on Ray Tune; end the MLflow runs of trials ASHA stopped. Returns how many it stopped."""
+    cluster.connect(options.address)
+    options = stages.resolved(options)
     study = context.study
     defaults = default_params(study)
     has_default = any(same_params(t.params, defaults) for t in ot_study.get_trials(deepcopy=False)
@@ -424,22 +455,15 @@ def _search(context: TrialContext, ot_study: optuna.Study, ot_storage: optuna.st
         study_name=study.name, storage=ot_storage,
     )
     epochs = study.default.train.epochs
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(_tune_trial, context=context, dataset=dataset, pretrained=pretrained),
-                            {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial}),
-        tune_config=tune.TuneConfig(
+    tuner = stages.tuner(
+        study.name, tune.with_parameters(_tune_trial, context=context, dataset=dataset, pretrained=pretrained), options,
+        tune.TuneConfig(
             metric=names.VAL_ERROR, mode="min", num_samples=todo,
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=min(free_slots(options), todo)),
             scheduler=asha(study),
             trial_name_creator=lambda trial: f"{names.TUNE}_{trial.trial_id}",
             trial_dirname_creator=lambda trial: f"{names.TUNE}_{trial.trial_id}",
             reuse_actors=True,  # short trials: a fresh worker per trial would spend longer importing torch than training
-        ),
-        run_config=tune.RunConfig(
-            name=f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=options.storage_path or str(tracking.runs_dir() / "ray"),
-            failure_config=tune.FailureConfig(max_failures=options.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1,
         ),
     )
     stopped = 0

@@ -1,0 +1,136 @@
+"""Packs: many cells in one process, each with its own MLflow run, curve, checkpoint, failure and resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from xfer import data, names, packs, specs, stages, tracking
+from xfer import train as loop
+from xfer.cells import Cell
+from xfer.errors import XferError
+from xfer.specs import PretrainSpec, TrainSpec
+
+
+@pytest.fixture(scope="module")
+def digits() -> data.Dataset:
+    return data.load("mnist5k")
+
+
+def tiny(seed: int, **kw) -> PretrainSpec:
+    # 300 examples at batch 32: 9 steps an epoch, fewer than log_every, so each epoch ends on a partial window.
+    return PretrainSpec(TrainSpec(**{"arch": "lenet5", "dataset": "mnist5k", "size": 300, "val_size": 100, "epochs": 2,
+                                     "batch_size": 32, "lr": 3e-3, "log_every": 50, "seed": seed, **kw}))
+
+
+def history(run_id: str, metric: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in MlflowClient(tracking.ensure_server()).get_metric_history(run_id, metric))
+
+
+# ---- planning --------------------------------------------------------------------------------------
+
+def test_packs_group_compatible_cells_and_fill_every_slot() -> None:
+    cells = [tiny(s) for s in range(5)] + [tiny(s, size=400) for s in range(3)] + [tiny(0, arch="resnet_mini")]
+    key = lambda c: packs.pack_key(stages.TRAINING, c)  # noqa: E731
+    chosen = packs.plan(cells, key, pack_size=4)
+    assert sorted(map(len, chosen)) == [1, 2, 3, 3]   # 5 alike → 3 + 2; 3 of size 400; the resnet alone
+    assert all(len({key(c) for c in pack}) == 1 for pack in chosen)    # never two training lengths or archs in one
+    assert sorted(c for pack in chosen for c in map(specs.key, pack)) == sorted(map(specs.key, cells))
+    # Eight slots and nine cells: packs are halved until every slot has one (the rule never mixes keys).
+    assert len(packs.plan(cells, key, pack_size=8, slots=8)) == 8
+    assert [len(p) for p in packs.plan(cells[:5], key, pack_size=1)] == [1] * 5   # --pack-size 1: a trial per cell
+    with pytest.raises(XferError, match="at least one cell"):
+        packs.plan(cells, key, pack_size=0)
+
+
+# ---- one pack, real MLflow, no Ray -------------------------------------------------------------------
+
+def test_a_packed_cell_is_the_cell_trained_alone_and_each_point_is_logged_once(experiment: str, digits) -> None:
+    cells = [tiny(0), tiny(1, lr=1e-2, freeze_depth=2)]
+    alone = stages.train_cell(cells[0], experiment + "-alone", digits)
+    result = packs.run_pack(cells, stages.TRAINING, experiment, {"mnist5k": digits})
+    assert result.ran == [specs.key(c) for c in cells] and not result.failed and result.mode == "packed_sequential"
+    records = [tracking.find_finished(experiment, specs.key(c)) for c in cells]
+    assert all(r is not None and names.TAG_CHECKPOINT_SHA in r.tags for r in records)
+    assert len({r.run_id for r in records}) == 2 and records[1].params["train.freeze_depth"] == "2"
+    packed_curve = tracking.read_curve(records[0].run_id)
+    assert [(r["step"], r["split"]) for r in packed_curve] == [(r["step"], r["split"]) for r in alone.curve]
+    assert [r["error"] for r in packed_curve] == pytest.approx([r["error"] for r in alone.curve], abs=1e-6)
+    # Every point once: one validation point per epoch, one train point per window, no NaN where a value exists.
+    assert [step for step, _ in history(records[0].run_id, names.VAL_ERROR)] == [9, 18]
+    train = history(records[0].run_id, names.TRAIN_ERROR)
+    assert [step for step, _ in train] == [18] and all(math.isfinite(v) for _, v in train)
+    assert records[0].metrics[names.TEST_ACC] == pytest.approx(1 - alone.metrics[names.TEST_ERROR])
+    assert records[0].tags[names.TAG_IN_SHAPE] == "1x28x28" and "7" in records[0].tags[names.TAG_CLASSES]
+    # Run again: every cell is found finished in MLflow, nothing trains.
+    again = packs.run_pack(cells, stages.TRAINING, experiment, {"mnist5k": digits})
+    assert again.skipped == [specs.key(c) for c in cells] and not again.ran
+
+
+def _broken_for(seeds_nan: set[int], seeds_refused: set[int]) -> packs.Kind:
+    """The training kind, except that some seeds start from NaN weights and some are refused as bad input."""
+
+    def cell(spec: PretrainSpec, context: packs.Context) -> Cell:
+        made = stages.training_cell(spec, context)
+        seed = spec.train.seed
+
+        def prepare():
+            if seed in seeds_refused:
+                raise XferError(f"checkpoint file /data/broken-{seed}.safetensors does not match its sha256")
+            splits, model = made.prepare()
+            if seed in seeds_nan:
+                with torch.no_grad():
+                    model.head.weight.fill_(math.nan)
+            return splits, model
+
+        return dataclasses.replace(made, prepare=prepare)
+
+    return dataclasses.replace(stages.TRAINING, name="broken", cell=cell)
+
+
+def test_a_failing_cell_fails_alone_and_its_pack_mates_finish(experiment: str, digits) -> None:
+    cells = [tiny(0), tiny(13), tiny(14), tiny(2)]
+    result = packs.run_pack(cells, _broken_for({13}, {14}), experiment, {"mnist5k": digits})
+    keys = [specs.key(c) for c in cells]
+    assert result.ran == [keys[0], keys[3]]
+    assert "non-finite loss" in result.failed[keys[1]] and "broken-14.safetensors" in result.failed[keys[2]]
+    failed = {r.key: r for r in tracking.query(experiment, status="FAILED")}
+    assert set(failed) == {keys[1], keys[2]}   # each failure is its own FAILED run, naming why
+    assert "broken-14.safetensors" in failed[keys[2]].tags[names.TAG_FAILURE]
+    assert not tracking.query(experiment, status="RUNNING")
+
+
+def test_a_crashed_pack_resumes_each_cell_from_its_last_epoch(experiment: str, digits, tmp_path: Path) -> None:
+    cells = [tiny(0, epochs=3), tiny(1, epochs=3), tiny(2, epochs=3)]
+    keys = [specs.key(c) for c in cells]
+    handed: list[Path] = []
+
+    def report(metrics: dict, state_dir: Path | None) -> None:
+        if state_dir is not None:   # what Tune would keep: a copy of the folder
+            handed.append(Path(shutil.copytree(state_dir, tmp_path / f"ckpt-{len(handed)}")))
+        if metrics["cells_done"] == 1 and metrics[names.EPOCH] == 2:
+            raise RuntimeError("the node went away")   # a crash, not bad input: the pack (trial) ends
+
+    store = packs.PackCheckpoint({}, 0.0, report, len(cells))
+    with pytest.raises(RuntimeError, match="went away"):
+        packs.run_pack(cells, stages.TRAINING, experiment, {"mnist5k": digits}, store.session)
+    crashed = tracking.query(experiment, status=None, tags={names.TAG_KEY: keys[1]})
+    restored = packs.PackCheckpoint.load(handed[-1])
+    assert set(restored) == {keys[1]} and restored[keys[1]].epoch == 2
+
+    # Tune restarts the trial with its last checkpoint: cell 0 is done, cell 1 resumes at epoch 2, cell 2 starts.
+    retry = packs.PackCheckpoint(restored, 0.0, lambda metrics, state_dir: None, len(cells))
+    result = packs.run_pack(cells, stages.TRAINING, experiment, {"mnist5k": digits}, retry.session)
+    assert result.skipped == [keys[0]] and result.ran == keys[1:]
+    record = tracking.find_finished(experiment, keys[1])
+    assert record.run_id == crashed[0].run_id and record.tags[names.TAG_RESUMED] == "2"   # the same MLflow run
+    assert [step for step, _ in history(record.run_id, names.VAL_ERROR)] == [9, 18, 27]   # each epoch's point once
+    alone = loop.train(cells[1].train, data.make_splits(digits, 300, 100, 1),
+                       loop.prepare_model(cells[1].train, data.make_splits(digits, 300, 100, 1)))
+    assert [r["error"] for r in tracking.read_curve(record.run_id)] == pytest.approx([r["error"] for r in alone.curve])

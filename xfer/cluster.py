@@ -1,0 +1,54 @@
+"""Joining Ray, lazily: the one place xfer starts or joins a Ray cluster.
+
+Entry scripts do not call `ray.init` up front: a stage calls `connect` only once it has cells to run, so a
+grid with nothing left to do (or a command refused by validation) never starts Ray. Workers get the tracking
+environment, so every trial logs to the same MLflow server.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from xfer import tracking
+
+GPU_SHARE = 0.25   # default GPUs per trial when the cluster has GPUs: several packs share one device
+
+
+def connect(address: str | None = None) -> Any:
+    """Join `address` / $RAY_ADDRESS, else start Ray locally; a Ray this process already runs is kept (tests,
+    notebooks). Returns the `ray` module."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": tracking.worker_env()},
+                 configure_logging=False)
+    return ray
+
+
+def gpus_per_trial(requested: float | None) -> float:
+    """`requested`, else $XFER_GPUS_PER_TRIAL, else GPU_SHARE when the cluster has GPUs now, else none.
+
+    An autoscaling cluster may have no GPU node up yet: cluster.yaml sets XFER_GPUS_PER_TRIAL so that trials
+    ask for GPUs (and the autoscaler starts GPU workers) rather than running on the workers' CPUs.
+    """
+    if requested is not None:
+        return requested
+    import ray
+
+    default = GPU_SHARE if ray.cluster_resources().get("GPU", 0) else 0.0
+    return float(os.environ.get("XFER_GPUS_PER_TRIAL", default))
+
+
+def slots(cpus_per_trial: float, gpus_per_trial: float) -> int:
+    """How many trials of this size the cluster can run at once now (at least one)."""
+    import ray
+
+    total = ray.cluster_resources()
+    count = int(total.get("CPU", 1) // max(cpus_per_trial, 1e-3))
+    if gpus_per_trial:
+        count = min(count, int(total.get("GPU", 0) // gpus_per_trial))
+    return max(1, count)
+
+
+__all__ = ["connect", "gpus_per_trial", "slots", "GPU_SHARE"]
