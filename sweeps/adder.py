@@ -1,13 +1,15 @@
 """The two-digit adder: two digit images in, their sum out; transfer from a pretrained digit classifier vs scratch.
 
-    python sweeps/adder.py                          # embedded MNIST-5k, sizes × seeds, both variants
+    python sweeps/adder.py                          # embedded MNIST-5k, sizes × seeds, every variant
     python sweeps/adder.py --smoke                  # the same path in well under a minute on a CPU
     python sweeps/adder.py --dataset mnist --sizes 1000 10000 50000 --seeds 0 1 2 3 4
 
-The digit classifier (one pretrain cell per seed) is found in MLflow by its key or trained first; then
-every (variant, size, seed) cell is one Ray Tune trial, recorded in MLflow under stage "adder". Last, the
-experiment's report is built: per size, one figure of both variants' error curves (against iterations and
-seconds) and a verdict on "transfer beats scratch" with a 95% paired-bootstrap interval over seeds.
+Variants: `transfer` (the seed's: the classifier's 10 + 10 logits → 19 → 19), `transfer_features` (its
+penultimate features under the scratch arm's head) and `scratch` (a CNN per digit). The digit classifier (one
+pretrain cell per seed) is found in MLflow by its key or trained first; then the (variant, size, seed) cells
+train in packs of Ray Tune trials, each recorded in MLflow under stage "adder". Last, the experiment's report
+is built: per size, one figure of the variants' error curves (against iterations and seconds) and verdicts on
+"transfer beats scratch" with 95% intervals over seeds.
 Data: the embedded MNIST-5k (5,000 real MNIST digits, no files, no network) unless --dataset mnist.
 Ray: RAY_ADDRESS / --address joins a cluster, else Ray starts locally.
 MLflow: MLFLOW_TRACKING_URI is used as is, else a local server on 127.0.0.1 keeps the runs under ./runs.
@@ -23,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from xfer.cli import run_main  # noqa: E402
 
-# --smoke: the real path (pretrain cell, both variants, Tune, MLflow) on tiny data; the numbers mean nothing.
+# --smoke: the real path (pretrain cell, every variant, Tune, MLflow) on tiny data; the numbers mean nothing.
 SMOKE = dict(sizes=[200], seeds=[0], epochs=2, pretrain_epochs=1, pretrain_size=500, val_digits=200,
              val_pairs=100, test_pairs=200)
 
@@ -32,7 +34,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", type=int, default=[1000, 5000, 20000], help="training pairs per cell")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=10, help="adder training epochs (both variants)")
+    p.add_argument("--epochs", type=int, default=10, help="adder training epochs (every variant)")
+    p.add_argument("--variants", nargs="+", default=None, metavar="VARIANT",
+                   help="arms to train: transfer, transfer_features, scratch (default: all three)")
     p.add_argument("--dataset", default="mnist5k", help="digit dataset: mnist5k (embedded) or mnist (torchvision files)")
     p.add_argument("--digit-arch", default="resnet_mini", help="architecture of the pretrained digit classifier")
     p.add_argument("--pretrain-epochs", type=int, default=10)
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     cells = adder.cells(
         args.sizes, args.seeds, dataset=args.dataset, digit_arch=args.digit_arch, pretrain_epochs=args.pretrain_epochs,
         pretrain_size=args.pretrain_size, val_digits=args.val_digits, epochs=args.epochs, val_pairs=args.val_pairs,
-        test_pairs=args.test_pairs,
+        test_pairs=args.test_pairs, **({"variants": args.variants} if args.variants else {}),
     )
     dataset = data.load(args.dataset, args.data_root, args.download)
     adder.check(cells, dataset)  # bad sizes or data fail here, before Ray and MLflow start

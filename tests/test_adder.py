@@ -151,6 +151,29 @@ def test_transfer_is_classifier_logits_then_20_to_19_to_19_and_scratch_is_a_cnn_
         assert scratch.body[0](x).shape == (3, 2 * features.shape[1])  # features of both digits, concatenated
 
 
+def test_the_features_arm_is_the_pretrained_body_under_the_scratch_head() -> None:
+    torch.manual_seed(0)
+    pretrained = models.build("resnet_mini", (1, 28, 28), 10, mean=(0.13,), std=(0.31,)).eval()
+    with torch.no_grad():
+        for p in pretrained.parameters():
+            p.add_(torch.randn_like(p))
+    model = adder.transfer_model(pretrained, adder.FEATURES).eval()
+    features, hidden, _ = model.body
+    x = torch.rand(4, 2, 28, 28)
+    with torch.no_grad():
+        # Each digit's penultimate features, under the classifier's own normalisation; its logits are not used.
+        body = pretrained.body((x[:, 1:] - pretrained.mean) / pretrained.std)
+        assert torch.allclose(features(x)[:, body.shape[1]:], body, atol=1e-6)
+    assert not any(k.startswith("head") for k in adder.digit_classifier(model).state_dict())
+    assert (hidden.in_features, hidden.out_features) == (2 * 64, 128)   # resnet_mini's 64 features per digit
+    scratch = models.build("adder_scratch", (2, 28, 28), 19)
+    assert (model.head.in_features, model.head.out_features) == (scratch.head.in_features, scratch.head.out_features)
+    spec = next(c for c in adder.cells([500], [0]) if c.variant == adder.FEATURES)
+    assert spec.arm == "features" and spec.train_spec().arch == "adder_features" and spec.lr == adder.RECIPES[adder.SCRATCH]["lr"]
+    # The seed's transfer cell keeps the key it had before the features arm existed.
+    assert specs.key(next(c for c in adder.cells([500], [0]) if c.variant == adder.TRANSFER)) == "5a72e10ae2d4e1e0"
+
+
 def test_transfer_fine_tunes_every_weight_end_to_end(digits: data.Dataset) -> None:
     torch.manual_seed(0)
     pretrained = models.build("lenet5", (1, 28, 28), 10)
@@ -215,15 +238,15 @@ def test_smoke_sweep_runs_both_variants_as_tune_trials_and_reports_curves_and_a_
     sweep = load_sweep()
     assert sweep.main(["--smoke", "--experiment", experiment]) == 0
     out = capsys.readouterr().out
-    # Every cell was one Ray Tune trial: Tune's experiment folder holds one trial folder per cell.
+    # The cells trained in packs of Ray Tune trials: the three arms are three archs, so three packs.
     [tune_run] = (mlflow_server.root / "ray").glob(f"{experiment}-{names.ADDER}-*")
-    assert len(list(tune_run.glob(f"{names.ADDER}_*"))) == 2 * len(seeds)
+    assert len(list(tune_run.glob(f"{names.ADDER}_*"))) == 3 * len(seeds)
     pretrain = {r.tags[names.TAG_SEED]: r.run_id for r in tracking.query(experiment, stage=names.PRETRAIN)}
     runs = {(r.tags[names.TAG_VARIANT], r.tags[names.TAG_SEED]): r for r in tracking.query(experiment, stage=names.ADDER)}
-    assert set(pretrain) == set(seeds) and set(runs) == {(v, s) for v in (adder.TRANSFER, adder.SCRATCH) for s in seeds}
+    assert set(pretrain) == set(seeds) and set(runs) == {(v, s) for v in adder.VARIANTS for s in seeds}
     for (variant, seed), run in runs.items():
         assert run.tags[names.TAG_SIZE] == "200" and run.tags[names.TAG_ARCH] == adder.ARCHS[variant]
-        assert run.tags.get(names.TAG_PRETRAIN_RUN) == (pretrain[seed] if variant == adder.TRANSFER else None)
+        assert run.tags.get(names.TAG_PRETRAIN_RUN) == (pretrain[seed] if variant != adder.SCRATCH else None)
         lr, weight_decay = adder.RECIPES[variant].values()
         assert (float(run.params["lr"]), float(run.params["weight_decay"]), run.params["batch_size"]) == (
             lr, weight_decay, "200")
@@ -249,5 +272,5 @@ def test_smoke_sweep_runs_both_variants_as_tune_trials_and_reports_curves_and_a_
     # Run again: every cell is found finished by key, and nothing trains.
     assert sweep.main(["--smoke", "--experiment", experiment]) == 0
     again = capsys.readouterr().out
-    assert re.search(r"pretrain +1 cells: 0 run, 1 cached", again) and re.search(r"adder +2 cells: 0 run, 2 cached", again)
-    assert len(tracking.query(experiment, stage=names.ADDER)) == 2 * len(seeds)
+    assert re.search(r"pretrain +1 cells: 0 run, 1 cached", again) and re.search(r"adder +3 cells: 0 run, 3 cached", again)
+    assert len(tracking.query(experiment, stage=names.ADDER)) == 3 * len(seeds)

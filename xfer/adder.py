@@ -1,8 +1,13 @@
 """The two-digit adder: two digit images in, their sum (0..18) out; transfer from a digit classifier vs scratch.
 
 A pair is a 2-channel image (channel 0 the first digit, channel 1 the second) labelled a + b, so the one
-training loop (`xfer.train.train`) trains it unchanged. Both architectures apply one shared module to
-each channel: the pretrained digit classifier ("adder_transfer") or a small CNN ("adder_scratch").
+training loop (`xfer.train.train`) trains it unchanged. Every architecture applies one shared module to each
+channel. Three arms:
+- ``transfer`` (the seed's): the pretrained digit classifier's 10 + 10 logits → Linear(20, 19) → ReLU → 19;
+- ``transfer_features``: the classifier's penultimate features (its body, e.g. resnet_mini's 64) per digit →
+  Linear(2F, 128) → ReLU → 19, the scratch arm's head on pretrained features: the pair that tests transfer
+  rather than one head design;
+- ``scratch``: a small CNN per digit (conv 32-64, fc 128) → Linear(256, 128) → ReLU → 19.
 """
 
 from __future__ import annotations
@@ -23,10 +28,15 @@ from xfer.specs import PretrainSpec, TrainSpec
 DIGITS = 10                      # classes of the digit classifier
 SUMS = 2 * DIGITS - 1            # classes of the adder: sums 0..18
 SUM_NAMES = tuple(str(s) for s in range(SUMS))
-TRANSFER, SCRATCH = names.VARIANT_TRANSFER, names.VARIANT_SCRATCH
-ARCHS = {TRANSFER: "adder_transfer", SCRATCH: "adder_scratch"}
-# The issue's recipes: AdamW at a constant rate (the recipe names one lr, no schedule), batch 200, 10 epochs.
-RECIPES = {TRANSFER: {"lr": 3e-3, "weight_decay": 2e-3}, SCRATCH: {"lr": 2e-3, "weight_decay": 3e-3}}
+TRANSFER, FEATURES, SCRATCH = names.VARIANT_TRANSFER, names.VARIANT_TRANSFER_FEATURES, names.VARIANT_SCRATCH
+VARIANTS = (TRANSFER, FEATURES, SCRATCH)
+ARCHS = {TRANSFER: "adder_transfer", FEATURES: "adder_features", SCRATCH: "adder_scratch"}
+ARMS = {TRANSFER: "logits", FEATURES: "features"}   # how a transfer cell uses its classifier (AdderSpec.arm)
+# The seed's recipes: AdamW at a constant rate (the recipe names one lr, no schedule), batch 200, 10 epochs. The
+# features arm trains the scratch arm's head, so it takes the scratch recipe: the two differ only in where the
+# per-digit features come from.
+RECIPES = {TRANSFER: {"lr": 3e-3, "weight_decay": 2e-3}, FEATURES: {"lr": 2e-3, "weight_decay": 3e-3},
+           SCRATCH: {"lr": 2e-3, "weight_decay": 3e-3}}
 TEST_PAIR_SEED = 0               # one fixed set of test pairs: every cell (variant, size, seed) is scored on it
 CURVE_POINTS_PER_EPOCH = 4       # training-error points per epoch, whatever the training-set size
 
@@ -48,6 +58,7 @@ class AdderSpec:
     test_pairs: int = 5000           # drawn from the test split only, with TEST_PAIR_SEED
     val_digits: int = 1000           # the grid's val_size, so a grid's pretrain cell of the same seed is reused
     pretrain: PretrainSpec | None = None   # transfer from this digit classifier; None = scratch
+    arm: str = specs.later("logits")       # transfer: from its logits (the seed's head) or its features (ARMS)
 
     def __post_init__(self) -> None:
         problems = []
@@ -55,6 +66,8 @@ class AdderSpec:
             problems.append("size, val_pairs, test_pairs and val_digits must be positive")
         if self.seed < 0:
             problems.append(f"seed {self.seed} must be >= 0")
+        if self.arm not in ARMS.values():
+            problems.append(f"arm {self.arm!r} is not one of {', '.join(ARMS.values())}")
         p = self.pretrain.train if self.pretrain is not None else None
         if p is not None and (p.dataset, p.val_size, p.seed) != (self.dataset, self.val_digits, self.seed):
             # Same dataset, held-out digits and seed: the classifier never saw a validation pair's digits.
@@ -66,7 +79,9 @@ class AdderSpec:
 
     @property
     def variant(self) -> str:
-        return TRANSFER if self.pretrain is not None else SCRATCH
+        if self.pretrain is None:
+            return SCRATCH
+        return FEATURES if self.arm == ARMS[FEATURES] else TRANSFER
 
     def train_spec(self) -> TrainSpec:
         """What the one loop trains: pairs as a 2-channel dataset, `size` of them, `val_pairs` held out."""
@@ -87,14 +102,18 @@ def digit_pretrain(dataset: str, arch: str, seed: int, val_digits: int, epochs: 
 
 def cells(sizes: Sequence[int], seeds: Sequence[int], dataset: str = "mnist5k", digit_arch: str = "resnet_mini",
           pretrain_epochs: int = 10, pretrain_size: int | None = None, val_digits: int = 1000,
-          **settings: Any) -> list[AdderSpec]:
-    """Transfer and scratch cells for every size × seed with the variants' recipes; `settings` go to every spec."""
+          variants: Sequence[str] = VARIANTS, **settings: Any) -> list[AdderSpec]:
+    """Cells of every variant (arm) for every size × seed with the variants' recipes; `settings` go to every spec."""
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or not variants:
+        raise XferError(f"adder variants {', '.join(unknown) or '(none)'}: choose among {', '.join(VARIANTS)}.")
     out = []
     for size in sizes:
         for seed in seeds:
             pretrain = digit_pretrain(dataset, digit_arch, seed, val_digits, pretrain_epochs, pretrain_size)
-            for variant, source in ((TRANSFER, pretrain), (SCRATCH, None)):
-                out.append(AdderSpec(size=size, seed=seed, dataset=dataset, val_digits=val_digits, pretrain=source,
+            for variant in variants:
+                start = {"pretrain": pretrain, "arm": ARMS[variant]} if variant in ARMS else {}
+                out.append(AdderSpec(size=size, seed=seed, dataset=dataset, val_digits=val_digits, **start,
                                      **{**RECIPES[variant], **settings}))
     return out
 
@@ -206,6 +225,37 @@ def _adder_transfer(in_shape: models.Shape, digit_arch: str = "resnet_mini",
     return nn.Sequential(PerDigit(classifier), nn.Linear(2 * DIGITS, SUMS), nn.ReLU(inplace=True)), SUMS
 
 
+class Normalised(nn.Module):
+    """A digit classifier's body behind its own input normalisation: its penultimate features."""
+
+    def __init__(self, classifier: models.XferModel) -> None:
+        super().__init__()
+        self.register_buffer("mean", classifier.mean.clone())
+        self.register_buffer("std", classifier.std.clone())
+        self.body = classifier.body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body((x - self.mean) / self.std)
+
+
+ADDER_HIDDEN = 128   # the width of the adder head's hidden layer, in the features and scratch arms alike
+
+
+@models.arch(ARCHS[FEATURES])
+def _adder_features(in_shape: models.Shape, digit_arch: str = "resnet_mini",
+                    digit_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, int]:
+    """A digit classifier's penultimate features on each digit → Linear(2F, 128) → ReLU; the head is 128 → 19.
+
+    The classifier's own head is dropped: the features it computed from are what transfers.
+    """
+    h, w = _pair_shape(ARCHS[FEATURES], in_shape)
+    classifier = models.build(digit_arch, (1, h, w), DIGITS, **(digit_kwargs or {}))
+    features = Normalised(classifier)
+    with torch.no_grad():
+        width = features(torch.zeros(1, 1, h, w)).shape[1]
+    return nn.Sequential(PerDigit(features), nn.Linear(2 * width, ADDER_HIDDEN), nn.ReLU(inplace=True)), ADDER_HIDDEN
+
+
 @models.arch(ARCHS[SCRATCH])
 def _adder_scratch(in_shape: models.Shape) -> tuple[nn.Module, int]:
     """A small CNN (conv 32-64, fc 128) on each digit → 256 → fc 128; the head maps 128 → 19."""
@@ -215,26 +265,28 @@ def _adder_scratch(in_shape: models.Shape) -> tuple[nn.Module, int]:
         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Flatten(),
         nn.Linear(64 * (h // 4) * (w // 4), 128), nn.ReLU(inplace=True),
     )
-    return nn.Sequential(PerDigit(cnn), nn.Linear(2 * 128, 128), nn.ReLU(inplace=True)), 128
+    return nn.Sequential(PerDigit(cnn), nn.Linear(2 * 128, ADDER_HIDDEN), nn.ReLU(inplace=True)), ADDER_HIDDEN
 
 
-def transfer_model(pretrained: models.XferModel) -> models.XferModel:
-    """An "adder_transfer" model whose digit classifier holds `pretrained`'s weights (and normalisation).
+def transfer_model(pretrained: models.XferModel, variant: str = TRANSFER) -> models.XferModel:
+    """An adder model of a transfer `variant` whose digit classifier (or its body) holds `pretrained`'s weights.
 
-    The outer normalisation stays the identity: the classifier inside normalises with the statistics
-    of its own pretraining data, on which its weights were learned.
+    The outer normalisation stays the identity: the classifier inside normalises with the statistics of its
+    own pretraining data, on which its weights were learned.
     """
     if pretrained.in_shape[0] != 1 or pretrained.num_classes != DIGITS:
         raise XferError(f"the adder transfers from a single-channel {DIGITS}-class digit classifier; this {pretrained.arch} "
                         f"takes {pretrained.in_shape} and has {pretrained.num_classes} classes.")
-    model = models.build(ARCHS[TRANSFER], (2, *pretrained.in_shape[1:]), SUMS, digit_arch=pretrained.arch,
+    model = models.build(ARCHS[variant], (2, *pretrained.in_shape[1:]), SUMS, digit_arch=pretrained.arch,
                          digit_kwargs=dict(pretrained.arch_kwargs))
-    digit_classifier(model).load_state_dict(pretrained.state_dict())
+    inner = digit_classifier(model)
+    wanted = inner.state_dict()
+    inner.load_state_dict({k: v for k, v in pretrained.state_dict().items() if k in wanted})
     return model
 
 
-def digit_classifier(model: models.XferModel) -> models.XferModel:
-    """The digit classifier inside an "adder_transfer" model."""
+def digit_classifier(model: models.XferModel) -> nn.Module:
+    """The digit classifier inside an "adder_transfer" model (its normalised body in an "adder_features" one)."""
     return model.body[0].net
 
 
@@ -269,7 +321,7 @@ def adder_cell(spec: AdderSpec, context: packs.Context) -> Cell:
             return splits, loop.prepare_model(spec.train_spec(), splits)
         pretrained = context.model(pretrain_run)
         torch.manual_seed(spec.seed)  # the new layers' initialisation
-        return splits, transfer_model(pretrained)
+        return splits, transfer_model(pretrained, spec.variant)
 
     return Cell(spec, names.ADDER, label(spec), spec.train_spec(), tags_of(spec, pretrain_run), prepare)
 
@@ -307,4 +359,4 @@ def run_stage(adder_cells: Sequence[AdderSpec], options: stages.RunOptions,
 
 
 __all__ = ["AdderSpec", "ADDER", "Pairs", "PerDigit", "RECIPES", "adder_cell", "cells", "check", "digit_pretrain",
-           "digit_classifier", "label", "pair_splits", "run_cell", "run_stage", "sample_pairs", "transfer_model"]
+           "digit_classifier", "label", "pair_splits", "run_cell", "run_stage", "sample_pairs", "transfer_model", "VARIANTS"]

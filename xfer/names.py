@@ -63,7 +63,8 @@ TAG_EXPERIMENT = "xfer.experiment"
 
 # Adder runs (stage ADDER): which side of the transfer-vs-scratch comparison a run is on.
 TAG_VARIANT = "variant"
-VARIANT_TRANSFER = "transfer"             # from a pretrained digit classifier
+VARIANT_TRANSFER = "transfer"             # from a pretrained digit classifier's logits (the seed's head)
+VARIANT_TRANSFER_FEATURES = "transfer_features"   # from its penultimate features, under the scratch arm's head
 VARIANT_SCRATCH = "scratch"               # a CNN from random initialisation
 
 # Tuning (stage TUNE, xfer.tuning): one parent run per Optuna study, one child run per trial.

@@ -139,9 +139,27 @@ def to_dict(spec: Any) -> dict[str, Any]:
     return dataclasses.asdict(spec)
 
 
+LATER = "xfer.later"   # field metadata: a field added after cells of its spec were recorded (see `later`)
+
+
+def later(default: Any) -> Any:
+    """A field added to a spec after cells of it were recorded: at its default it is left out of the key,
+    so the cells recorded before it existed keep their keys (and are found finished in MLflow)."""
+    return dataclasses.field(default=default, metadata={LATER: True})
+
+
 def canonical_json(spec: Any) -> str:
-    """Canonical JSON: sorted keys, no whitespace, the spec's class name included."""
-    return json.dumps({"type": type(spec).__name__, "spec": to_dict(spec)}, sort_keys=True, separators=(",", ":"))
+    """Canonical JSON: sorted keys, no whitespace, the spec's class name included; `later` fields at their default left out."""
+    return json.dumps({"type": type(spec).__name__, "spec": _keyed(spec)}, sort_keys=True, separators=(",", ":"))
+
+
+def _keyed(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _keyed(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not (f.metadata.get(LATER) and getattr(value, f.name) == f.default)}
+    if isinstance(value, (list, tuple)):
+        return [_keyed(v) for v in value]
+    return value
 
 
 def key(spec: Any) -> str:
@@ -249,6 +267,6 @@ def replace(spec: S, **changes: Any) -> S:
 
 
 __all__ = [
-    "TrainSpec", "PretrainSpec", "FinetuneSpec", "AttackSpec", "AttackCellSpec", "key", "canonical_json", "to_dict", "to_flat",
+    "TrainSpec", "PretrainSpec", "FinetuneSpec", "AttackSpec", "AttackCellSpec", "key", "canonical_json", "to_dict", "to_flat", "later",
     "from_flat", "replace",
 ]
