@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import string
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -103,19 +105,112 @@ def test_cifar10_keeps_colour_channels_and_its_gray_view_is_luma(tiny_root: Tiny
 
 # ---------------------------------------------------------------------------------------------- missing data
 
-@pytest.mark.parametrize("name, expected_file", [
-    ("kmnist", "KMNIST/raw/train-images-idx3-ubyte"),   # torchvision raises RuntimeError("Dataset not found")
-    ("svhn", "SVHN/train_32x32.mat"),                   # RuntimeError("Dataset not found or corrupted")
-    ("usps", "USPS/usps.bz2"),                          # a bare FileNotFoundError from bz2.open
-    ("cifar10_gray", "cifar-10-batches-py/data_batch_1"),
+@pytest.mark.parametrize("name, folder, expected_file", [
+    ("kmnist", "KMNIST/raw", "train-images-idx3-ubyte"),   # torchvision raises RuntimeError("Dataset not found")
+    ("svhn", "SVHN", "train_32x32.mat"),                   # RuntimeError("Dataset not found or corrupted")
+    ("usps", "USPS", "usps.bz2"),                          # a bare FileNotFoundError from bz2.open
+    ("cifar10_gray", "cifar-10-batches-py", "data_batch_1"),
 ])
-def test_missing_files_are_one_readable_paragraph(name: str, expected_file: str, tmp_path: Path) -> None:
+def test_missing_files_are_one_readable_paragraph(name: str, folder: str, expected_file: str, tmp_path: Path) -> None:
     with pytest.raises(XferError) as caught:
         data.load(name, tmp_path)
     message = str(caught.value)
-    for needle in (repr(name), str(tmp_path), expected_file, "--download", "mnist5k", "glyph_letters"):
+    for needle in (repr(name), str(tmp_path / folder), expected_file, "--download", "mnist5k", "glyph_letters"):
         assert needle in message
     assert "\n" not in message and caught.value.__suppress_context__  # no chained torchvision traceback
+
+
+# ---------------------------------------------------------------------------------------------- torchvision's downloads
+
+# The IDX sets' folder and file prefix in torchvision's layout: the files torchvision's download leaves as NAME.gz.
+IDX_FILES = {
+    "mnist": ("MNIST", ""), "kmnist": ("KMNIST", ""), "fashion_mnist": ("FashionMNIST", ""), "qmnist": ("QMNIST", "qmnist-"),
+    "emnist_balanced": ("EMNIST", "emnist-balanced-"), "emnist_letters": ("EMNIST", "emnist-letters-"),
+    "emnist_digits": ("EMNIST", "emnist-digits-"),
+}
+
+
+def idx_files(root: Path, name: str) -> list[Path]:
+    folder, prefix = IDX_FILES[name]
+    return sorted(f for f in (root / folder / "raw").glob(f"{prefix}*") if f.suffix != ".gz")
+
+
+def gzip_in_place(files: list[Path]) -> dict[Path, bytes]:
+    """Replace each file by FILE.gz, as torchvision's download leaves it before extracting; returns the originals."""
+    originals = {f: f.read_bytes() for f in files}
+    for f, raw in originals.items():
+        f.with_name(f.name + ".gz").write_bytes(gzip.compress(raw))
+        f.unlink()
+    return originals
+
+
+@pytest.mark.parametrize("name", list(IDX_FILES))
+def test_torchvisions_gz_downloads_load_offline_decompressed_in_place(name: str, tiny_root: TinyRoot) -> None:
+    originals = gzip_in_place(idx_files(tiny_root.path, name))
+    assert len(originals) == 4 and data.missing([name], tiny_root.path) == []  # a .gz counts as present
+    ds = data.load(name, tiny_root.path)  # through torchvision's own loader, offline
+    for part, split in (("train", ds.train), ("test", ds.test)):
+        images, labels = tiny_root.written[name][part]
+        assert torch.equal(split.images[:, 0], torch.from_numpy(images))
+        assert torch.equal(split.labels, torch.as_tensor(labels, dtype=torch.int64))
+    # As torchvision's download leaves the root: each file decompressed next to its archive, the archive kept.
+    for f, raw in originals.items():
+        assert f.read_bytes() == raw and f.with_name(f.name + ".gz").is_file()
+    assert not list(tiny_root.path.rglob("*.part"))
+
+
+@pytest.mark.parametrize("layout", ["gzip.zip", "gzip/"])
+def test_emnist_loads_from_torchvisions_gzip_zip_or_its_extracted_folder(layout: str, tiny_root: TinyRoot) -> None:
+    raw = tiny_root.path / "EMNIST" / "raw"
+    files = sorted(f for f in raw.iterdir())  # all three splits' files, as NIST's gzip.zip holds them
+    originals = {f.name: f.read_bytes() for f in files}
+    if layout == "gzip.zip":  # the archive torchvision downloads: gzip/emnist-SPLIT-PART-KIND.gz members
+        with zipfile.ZipFile(raw / "gzip.zip", "w") as archive:
+            for name, content in originals.items():
+                archive.writestr(f"gzip/{name}.gz", gzip.compress(content))
+    else:  # the archive unzipped where it lies
+        (raw / "gzip").mkdir()
+        for name, content in originals.items():
+            (raw / "gzip" / f"{name}.gz").write_bytes(gzip.compress(content))
+    for f in files:
+        f.unlink()
+    assert data.missing(["emnist_letters", "emnist_digits", "emnist_balanced"], tiny_root.path) == []
+    ds = data.load("emnist_letters", tiny_root.path)
+    assert torch.equal(ds.train.images[:, 0], torch.from_numpy(tiny_root.written["emnist_letters"]["train"][0]))
+    assert int(ds.train.labels.min()) == 0 and ds.num_classes == 26
+    decompressed = sorted(f.name for f in raw.iterdir() if f.is_file() and f.name != "gzip.zip")
+    assert decompressed == sorted(n for n in originals if n.startswith("emnist-letters-"))  # only the split asked for
+    assert all((raw / n).read_bytes() == originals[n] for n in decompressed)
+
+
+def test_missing_idx_files_are_named_raw_and_gz_with_their_folder(tiny_root: TinyRoot, tmp_path: Path) -> None:
+    with pytest.raises(XferError) as caught:
+        data.load("kmnist", tmp_path)
+    message = str(caught.value)
+    names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    for needle in (str(tmp_path / "KMNIST" / "raw"), *names, *(n + ".gz" for n in names), "--download"):
+        assert needle in message
+    with pytest.raises(XferError, match=r"emnist-letters-test-labels-idx1-ubyte\.gz.*inside gzip\.zip"):
+        data.load("emnist_letters", tmp_path)
+    # One archive short: the set is missing, and the message names that file only.
+    files = idx_files(tiny_root.path, "kmnist")
+    gzip_in_place(files)
+    files[0].with_name(files[0].name + ".gz").unlink()
+    assert data.missing(["kmnist", "mnist"], tiny_root.path) == ["kmnist"]
+    with pytest.raises(XferError) as caught:
+        data.load("kmnist", tiny_root.path)
+    assert f"lacks {files[0].name} in {files[0].parent} (or {files[0].name}.gz" in str(caught.value)
+
+
+def test_a_damaged_gz_is_named_and_nothing_half_written_is_left(tiny_root: TinyRoot) -> None:
+    files = idx_files(tiny_root.path, "mnist")
+    gzip_in_place(files)
+    archive = files[0].with_name(files[0].name + ".gz")
+    archive.write_bytes(archive.read_bytes()[:-20])  # a partial download
+    with pytest.raises(XferError, match=rf"{archive} is damaged .*partial download.*--download") as caught:
+        data.load("mnist", tiny_root.path)
+    assert caught.value.__suppress_context__ and "\n" not in str(caught.value)
+    assert not files[0].exists() and not list(archive.parent.glob(".*.part"))
 
 
 def test_files_that_fail_torchvision_checksum_are_named(tmp_path: Path) -> None:
@@ -336,3 +431,4 @@ def test_imagefolder_problems_are_readable(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(XferError, match="no usable class subfolders"):
         data.load(f"imagefolder:{tmp_path / 'empty'}")
+

@@ -6,10 +6,16 @@ whole splits as tensors, so training slices them on the device and never sees a 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gzip
 import math
 import os
+import shutil
 import string
+import tempfile
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +62,7 @@ _SUPERSAMPLE = 2                # glyphs are warped at 2× the grid and averaged
 _GLYPH_RENDER_PX = 64           # font size (pixels per em) of the base rasters, before fitting into the BOX
 _SOLID = 0.9                    # a thinned glyph must keep a pixel at least this bright (of 1.0)
 _CHUNK = 4096                   # images converted per batch: bounds the float copy of a big split to ~50 MB
+_COPY_CHUNK = 1 << 20           # bytes per read when decompressing torchvision's archives: bounded memory
 
 
 # eq=False on the tensor-holding classes: tensors have no single truth value, so equality is identity.
@@ -142,21 +149,27 @@ class _Entry:
     load: Loader
     files: tuple[str, ...]      # paths under the data root an offline load needs (what `missing` checks)
     embedded: bool              # needs no files at all; built once per process whatever the root
+    gzipped: bool               # each file may lie there as torchvision downloads it, FILE.gz, instead
+    zip_name: str | None        # ... or inside this zip (in the files' folder) as gzip/NAME.gz: EMNIST's gzip.zip
 
 
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def dataset(name: str, files: tuple[str, ...] = (), embedded: bool = False) -> Callable[[Loader], Loader]:
+def dataset(
+    name: str, files: tuple[str, ...] = (), embedded: bool = False, gzipped: bool = False, zip_name: str | None = None,
+) -> Callable[[Loader], Loader]:
     """Register ``loader(root, download) -> Dataset`` under `name`.
 
     `files` lists the paths (relative to the data root) that an offline load needs; `missing` checks
-    them and the not-found message names them. `embedded` sets read nothing from the root.
+    them and the not-found message names them. With `gzipped`, a file may instead be present as the
+    ``.gz`` archive torchvision downloads (or as a ``gzip/NAME.gz`` member of the zip `zip_name`); it is
+    decompressed next to it before the loader runs. `embedded` sets read nothing from the root.
     """
     def register(loader: Loader) -> Loader:
         if name in _REGISTRY or name.startswith(IMAGEFOLDER):
             raise XferError(f"dataset name {name!r} is already taken; register the loader under another name.")
-        _REGISTRY[name] = _Entry(loader, files, embedded)
+        _REGISTRY[name] = _Entry(loader, files, embedded, gzipped, zip_name)
         return loader
     return register
 
@@ -200,7 +213,8 @@ def load(name: str, root: str | Path | None = None, download: bool = False) -> D
 def missing(names: Iterable[str], root: str | Path | None = None) -> list[str]:
     """Which of `names` cannot be loaded offline from the data root (a cheap check for expected files).
 
-    Embedded sets are never missing; an image folder is missing when its folder is.
+    A file counts as present as torchvision downloads it too (``.gz``; EMNIST's ``gzip.zip``). Embedded
+    sets are never missing; an image folder is missing when its folder is.
     """
     root = data_root(root)
     absent = []
@@ -223,11 +237,13 @@ def _entry(name: str) -> _Entry:
 
 
 def _absent_files(entry: _Entry, root: Path) -> list[str]:
-    return [f for f in entry.files if not (root / f).is_file()]
+    """`entry`'s files that are under the root neither as they are nor as torchvision's download of them."""
+    return [f for f in entry.files if not (root / f).is_file() and _archive_of(entry, root, f) is None]
 
 
 def _call(name: str, entry: _Entry, root: Path, download: bool) -> Dataset:
     """Run a loader, turning torchvision's missing-file and download failures into one readable paragraph."""
+    _unpack(entry, root)
     try:
         return entry.load(root, download)
     except (RuntimeError, OSError) as exc:
@@ -242,7 +258,7 @@ def _call(name: str, entry: _Entry, root: Path, download: bool) -> Dataset:
 
 def _unavailable(name: str, entry: _Entry, root: Path, download_failed: bool, exc: Exception) -> XferError:
     absent = _absent_files(entry, root)
-    files = ", ".join(absent or entry.files)
+    files = _describe(entry, root, absent or entry.files)
     offline = "with no network, use a set that needs no files: " + ", ".join(n for n in list_datasets() if _REGISTRY[n].embedded)
     if download_failed:
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
@@ -261,6 +277,102 @@ def _unavailable(name: str, entry: _Entry, root: Path, download_failed: bool, ex
         f"or corrupted. Delete them and run once with network and --download, or replace them with "
         f"torchvision's originals; {offline}."
     )
+
+
+def _describe(entry: _Entry, root: Path, files: Iterable[str]) -> str:
+    """`files` for a person: the names in each folder, and the archives torchvision's download leaves instead."""
+    by_folder: dict[str, list[str]] = {}
+    for file in files:
+        folder, _, name = file.rpartition("/")
+        by_folder.setdefault(folder, []).append(name)
+    described = []
+    for folder, names in by_folder.items():
+        text = f"{', '.join(names)} in {root / folder}"
+        if entry.gzipped:
+            inside = f", alone or inside {entry.zip_name}" if entry.zip_name else ""
+            text += f" (or {', '.join(n + '.gz' for n in names)}, as torchvision downloads them{inside})"
+        described.append(text)
+    return "; ".join(described)
+
+
+# ---------------------------------------------------------------------------------------------- torchvision's archives
+
+def _archive_sources(entry: _Entry, file: str) -> list[tuple[str, str | None]]:
+    """Where torchvision's download may hold `file`: (path under the root, member of that zip or None), best first.
+
+    torchvision downloads FILE.gz next to FILE; for EMNIST it downloads gzip.zip, extracts it to a gzip/
+    folder of NAME.gz files, decompresses those next to gzip.zip and deletes the folder.
+    """
+    if not entry.gzipped:
+        return []
+    folder, _, name = file.rpartition("/")
+    sources: list[tuple[str, str | None]] = [(f"{file}.gz", None)]
+    if entry.zip_name:
+        sources += [(f"{folder}/gzip/{name}.gz", None), (f"{folder}/{entry.zip_name}", f"gzip/{name}.gz")]
+    return sources
+
+
+def _archive_of(entry: _Entry, root: Path, file: str) -> tuple[Path, str | None] | None:
+    for path, member in _archive_sources(entry, file):
+        if (root / path).is_file() and (member is None or _zip_holds(root / path, member)):
+            return root / path, member
+    return None
+
+
+def _zip_holds(archive: Path, member: str) -> bool:
+    """Whether `archive` lists `member`; a damaged zip counts as holding it, so that the load names the damage."""
+    try:
+        with zipfile.ZipFile(archive) as opened:
+            return member in opened.namelist()
+    except zipfile.BadZipFile:
+        return True
+
+
+def _unpack(entry: _Entry, root: Path) -> None:
+    """Decompress torchvision's downloaded archives of `entry`'s absent files next to them, as its download does.
+
+    torchvision's loaders read only decompressed files and decompress only inside download(); doing that step
+    here lets a root of torchvision's downloads load offline through torchvision's own code, and leaves the
+    root as torchvision's download would (archives kept). Decompressing once beats reading the archives on
+    every load: a decompressed IDX file is read at disk speed, and every trial on a node loads the set.
+    """
+    for file in entry.files:
+        source = None if (root / file).is_file() else _archive_of(entry, root, file)
+        if source is not None:
+            _decompress(*source, root / file)
+
+
+def _decompress(archive: Path, member: str | None, target: Path) -> None:
+    """gunzip `archive` (or its zip `member`) to `target`, via a temporary name so no reader sees half a file."""
+    where = f"{member} inside {archive}" if member else str(archive)
+    part: Path | None = None
+    try:
+        with contextlib.ExitStack() as stack:
+            if member:
+                packed = stack.enter_context(stack.enter_context(zipfile.ZipFile(archive)).open(member))
+            else:
+                packed = stack.enter_context(open(archive, "rb"))
+            unpacked = stack.enter_context(gzip.GzipFile(fileobj=packed))
+            out = stack.enter_context(
+                tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".part", delete=False)
+            )
+            part = Path(out.name)
+            shutil.copyfileobj(unpacked, out, _COPY_CHUNK)
+        os.replace(part, target)  # atomic: trials on one node may decompress the same file at once
+    except (EOFError, zlib.error, zipfile.BadZipFile, gzip.BadGzipFile) as exc:
+        raise XferError(
+            f"{where} is damaged ({exc}), perhaps a partial download; delete it and run once with network and "
+            f"--download, or replace it with torchvision's original."
+        ) from None
+    except OSError as exc:
+        raise XferError(
+            f"cannot decompress {where} to {target} ({exc}); xfer decompresses torchvision's archives next to them, "
+            f"as torchvision's download does. Make {target.parent} writable, or decompress the archive there "
+            f"yourself (e.g. gunzip -k)."
+        ) from None
+    finally:
+        if part is not None and part.exists():
+            part.unlink()
 
 
 # ---------------------------------------------------------------------------------------------- conversions
@@ -308,17 +420,17 @@ def _mnist_like(name: str, cls: type[torchvision.datasets.MNIST], root: Path, do
     )
 
 
-@dataset("mnist", files=_idx_files("MNIST"))
+@dataset("mnist", files=_idx_files("MNIST"), gzipped=True)
 def _mnist(root: Path, download: bool) -> Dataset:
     return _mnist_like("mnist", torchvision.datasets.MNIST, root, download)
 
 
-@dataset("kmnist", files=_idx_files("KMNIST"))
+@dataset("kmnist", files=_idx_files("KMNIST"), gzipped=True)
 def _kmnist(root: Path, download: bool) -> Dataset:
     return _mnist_like("kmnist", torchvision.datasets.KMNIST, root, download)
 
 
-@dataset("fashion_mnist", files=_idx_files("FashionMNIST"))
+@dataset("fashion_mnist", files=_idx_files("FashionMNIST"), gzipped=True)
 def _fashion_mnist(root: Path, download: bool) -> Dataset:
     return _mnist_like("fashion_mnist", torchvision.datasets.FashionMNIST, root, download)
 
@@ -336,22 +448,23 @@ def _emnist_files(split_name: str) -> tuple[str, ...]:
     return _idx_files("EMNIST", prefix=f"emnist-{split_name}-", names=("train", "test"))
 
 
-@dataset("emnist_balanced", files=_emnist_files("balanced"))
+@dataset("emnist_balanced", files=_emnist_files("balanced"), gzipped=True, zip_name="gzip.zip")
 def _emnist_balanced(root: Path, download: bool) -> Dataset:
     return _emnist("balanced", root, download)
 
 
-@dataset("emnist_letters", files=_emnist_files("letters"))
+@dataset("emnist_letters", files=_emnist_files("letters"), gzipped=True, zip_name="gzip.zip")
 def _emnist_letters(root: Path, download: bool) -> Dataset:
     return _emnist("letters", root, download)
 
 
-@dataset("emnist_digits", files=_emnist_files("digits"))
+@dataset("emnist_digits", files=_emnist_files("digits"), gzipped=True, zip_name="gzip.zip")
 def _emnist_digits(root: Path, download: bool) -> Dataset:
     return _emnist("digits", root, download)
 
 
-@dataset("qmnist", files=_idx_files("QMNIST", prefix="qmnist-", labels="labels-idx2-int", names=("train", "test")))
+@dataset("qmnist", files=_idx_files("QMNIST", prefix="qmnist-", labels="labels-idx2-int", names=("train", "test")),
+         gzipped=True)
 def _qmnist(root: Path, download: bool) -> Dataset:
     train, test = (torchvision.datasets.QMNIST(root, what=what, download=download) for what in ("train", "test"))
     # QMNIST's targets are N×8 (class, writer, NIST ids, ...); column 0 is the class, as MNIST's.
