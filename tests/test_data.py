@@ -432,3 +432,57 @@ def test_imagefolder_problems_are_readable(tmp_path: Path) -> None:
     with pytest.raises(XferError, match="no usable class subfolders"):
         data.load(f"imagefolder:{tmp_path / 'empty'}")
 
+
+def write_bad_images(folder: Path) -> list[str]:
+    """Files an image folder scraped from the web may hold that PIL cannot decode; returns their paths in `folder`."""
+    good = folder / "hotdog" / "0.png"
+    png, jpeg = good.read_bytes(), (folder / "hotdog" / "photo.jpg").read_bytes()
+    bad = {
+        "hotdog/truncated.png": png[:len(png) // 2],       # a download cut short
+        "hotdog/truncated.jpg": jpeg[:100],
+        "not-hotdog/notes.png": b"not an image, a text file named .png\n",
+        "not-hotdog/empty.jpg": b"",
+    }
+    for relative, content in bad.items():
+        (folder / relative).write_bytes(content)
+    return sorted(bad)
+
+
+def test_imagefolder_skips_unreadable_images_only_when_asked_and_lists_them(tmp_path: Path) -> None:
+    food = tmp_path / "food"
+    write_pngs(food, {"hotdog": 200, "not-hotdog": 50}, count=5)
+    Image.new("RGB", (64, 48), (200, 200, 200)).save(food / "hotdog" / "photo.jpg", quality=90)
+    bad = write_bad_images(food)
+    with pytest.raises(XferError, match=r"cannot read image .*food/hotdog/truncated\.(jpg|png) .*--skip-bad-images") as caught:
+        data.load(f"imagefolder:{food}")
+    assert caught.value.__suppress_context__
+    ds = data.load(f"imagefolder:{food}", skip_bad_images=True)
+    assert ds.skipped == tuple(bad) and ds.class_names == ("hotdog", "not-hotdog")
+    assert len(ds.train) + len(ds.test) == 11  # 5 + 1 readable hotdogs, 5 readable not-hotdogs
+    assert torch.bincount(torch.cat([ds.train.labels, ds.test.labels])).tolist() == [6, 5]
+    assert data.load(f"imagefolder:{food}", skip_bad_images=True) is ds  # cached per flag ...
+    with pytest.raises(XferError, match="cannot read image"):
+        data.load(f"imagefolder:{food}")  # ... so the strict load is still strict
+    assert data.load("mnist5k").skipped == ()  # sets other than image folders skip nothing
+
+
+def test_imagefolder_skipped_files_are_named_relative_to_the_folder_in_train_and_test(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    for half in ("train", "test"):
+        write_pngs(photos / half, {"cat": 30, "dog": 220}, count=2)
+    (photos / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # a PNG signature and nothing else
+    (photos / "test" / "dog" / "broken.png").write_text("404 Not Found")
+    ds = data.load("imagefolder:photos", tmp_path, skip_bad_images=True)
+    assert ds.skipped == ("train/cat/broken.png", "test/dog/broken.png")
+    assert (len(ds.train), len(ds.test)) == (4, 4)
+
+
+def test_imagefolder_with_a_class_of_only_bad_images_is_refused_even_when_skipping(tmp_path: Path) -> None:
+    folder = tmp_path / "food"
+    write_pngs(folder, {"hotdog": 200}, count=3)
+    (folder / "not-hotdog").mkdir()
+    for i in range(2):
+        (folder / "not-hotdog" / f"{i}.png").write_text("<html>moved</html>")
+    with pytest.raises(XferError, match=r"every image of class not-hotdog is unreadable \(2 unreadable files") as caught:
+        data.load(f"imagefolder:{folder}", skip_bad_images=True)
+    assert "remove the class subfolder" in str(caught.value) and "\n" not in str(caught.value)

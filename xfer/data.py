@@ -114,6 +114,7 @@ class Dataset(_Classified):
     train: Split
     test: Split
     class_names: tuple[str, ...]
+    skipped: tuple[str, ...] = ()   # unreadable files left out (image folders, paths relative to the folder)
 
     def __post_init__(self) -> None:
         if self.train.images.shape[1:] != self.test.images.shape[1:]:
@@ -188,23 +189,25 @@ def data_root(root: str | Path | None = None) -> Path:
     return Path(chosen).expanduser().resolve()
 
 
-_loaded: dict[tuple[str, Path | None], Dataset] = {}  # in-process cache: each set is read from disk once
+_loaded: dict[tuple[str, Path | None, bool], Dataset] = {}  # in-process cache: each set is read from disk once
 
 
-def load(name: str, root: str | Path | None = None, download: bool = False) -> Dataset:
+def load(name: str, root: str | Path | None = None, download: bool = False, skip_bad_images: bool = False) -> Dataset:
     """The dataset `name` from the data root (see `data_root`); ``imagefolder:PATH`` reads a user's folder.
 
-    With `download`, torchvision fetches missing files into the root. Results are cached per
-    (name, root) for the life of the process; embedded sets once, whatever the root.
+    With `download`, torchvision fetches missing files into the root. With `skip_bad_images`, an image
+    folder's unreadable files are left out and listed in the result's `skipped` (without it, the first one
+    stops the load); other sets ignore it. Results are cached per (name, root, skip_bad_images) for the life
+    of the process; embedded sets once, whatever the root.
     """
     root = data_root(root)
     if name.startswith(IMAGEFOLDER):
-        key: tuple[str, Path | None] = (name, root)
+        key: tuple[str, Path | None, bool] = (name, root, skip_bad_images)
         if key not in _loaded:
-            _loaded[key] = _image_folder(name, root)
+            _loaded[key] = _image_folder(name, root, skip_bad_images)
         return _loaded[key]
     entry = _entry(name)
-    key = (name, None if entry.embedded else root)
+    key = (name, None if entry.embedded else root, False)
     if key not in _loaded:
         _loaded[key] = _call(name, entry, root, download)
     return _loaded[key]
@@ -691,11 +694,12 @@ def _folder_of(name: str, root: Path) -> Path:
     return path if path.is_absolute() else root / path
 
 
-def _image_folder(name: str, root: Path) -> Dataset:
+def _image_folder(name: str, root: Path, skip_bad_images: bool) -> Dataset:
     """A user's folder of class subfolders, using its train/ and test/ when both exist, else an 80/20 split.
 
     Gray folders become 1×28×28 (the digit grid); a folder with any colour image becomes 3×32×32 (the
-    CIFAR grid). Images are resized to the grid, not cropped.
+    CIFAR grid). Images are resized to the grid, not cropped. With `skip_bad_images`, unreadable files are
+    left out and named in `skipped`; otherwise the first one stops the load.
     """
     folder = _folder_of(name, root)
     if not folder.is_dir():
@@ -706,18 +710,23 @@ def _image_folder(name: str, root: Path) -> Dataset:
         )
     halves = (folder / "train", folder / "test")
     if all(half.is_dir() for half in halves):
-        (train, classes), (test, test_classes) = (_read_images(half) for half in halves)
+        (train, classes), (test, test_classes) = (_read_images(half, skip_bad_images) for half in halves)
         if classes != test_classes:
             raise XferError(
                 f"image folder {folder}: train/ has classes {', '.join(classes)} but test/ has "
                 f"{', '.join(test_classes)}; both need the same class subfolders."
             )
         colour = train.colour or test.colour
-        return Dataset(name, train.split(colour), test.split(colour), classes)
-    images, classes = _read_images(folder)
+        skipped = _relative(folder, train.skipped + test.skipped)
+        return Dataset(name, train.split(colour), test.split(colour), classes, skipped)
+    images, classes = _read_images(folder, skip_bad_images)
     pool = images.split(images.colour)
     train, test = _split_pool(pool, round(IMAGEFOLDER_TRAIN_FRACTION * len(pool)), EMBEDDED_SPLIT_SEED)
-    return Dataset(name, train, test, classes)
+    return Dataset(name, train, test, classes, _relative(folder, images.skipped))
+
+
+def _relative(folder: Path, paths: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(Path(path).relative_to(folder).as_posix() for path in paths)
 
 
 @dataclass(frozen=True, eq=False)
@@ -728,12 +737,15 @@ class _FolderImages:
     rgb: torch.Tensor           # N×3×32×32
     labels: torch.Tensor
     colour: bool                # any image has colour
+    skipped: tuple[str, ...]    # paths of the unreadable files left out
 
     def split(self, colour: bool) -> Split:
         return Split(self.rgb if colour else self.gray, self.labels)
 
 
-def _read_images(folder: Path) -> tuple[_FolderImages, tuple[str, ...]]:
+def _read_images(folder: Path, skip_bad_images: bool) -> tuple[_FolderImages, tuple[str, ...]]:
+    from PIL import Image  # torchvision's image loader is PIL's; its errors name a file PIL cannot decode
+
     try:
         found = torchvision.datasets.ImageFolder(str(folder))
     except FileNotFoundError as exc:
@@ -746,19 +758,39 @@ def _read_images(folder: Path) -> tuple[_FolderImages, tuple[str, ...]]:
             f"image folder {folder} has one class subfolder ({found.classes[0]}); a classifier needs at "
             "least two, e.g. hotdog/ and not-hotdog/."
         )
-    grays, rgbs, colour = [], [], False
+    grays, rgbs, labels, skipped, colour = [], [], [], [], False
     # Decoding files is per-image work by nature; each image is shrunk at once so large photos never pile up.
-    for path, _ in found.samples:
+    for path, label in found.samples:
         try:
             pixels = torch.from_numpy(np.array(found.loader(path))).permute(2, 0, 1)[None]  # the loader gives RGB, H×W×3
-        except OSError as exc:
-            raise XferError(f"cannot read image {path} ({exc}); remove it or replace it with a valid image.") from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # what PIL raises on bad files
+            if not skip_bad_images:
+                raise XferError(
+                    f"cannot read image {path} ({exc}); remove it or replace it with a valid image, or pass "
+                    "--skip-bad-images to leave unreadable images out (they are listed in the summary)."
+                ) from None
+            skipped.append(path)
+            continue
         spread = pixels.amax(1).float() - pixels.amin(1).float()
         colour = colour or spread.mean().item() > IMAGEFOLDER_COLOUR_SPREAD
         grays.append(_to_grid(pixels, gray=True, size=GRID))
         rgbs.append(_to_grid(pixels, gray=False, size=COLOUR_GRID))
-    labels = torch.tensor(found.targets, dtype=torch.int64)
-    return _FolderImages(torch.cat(grays), torch.cat(rgbs), labels, colour), tuple(found.classes)
+        labels.append(label)
+    _refuse_empty_classes(folder, found.classes, labels, skipped)
+    images = _FolderImages(torch.cat(grays), torch.cat(rgbs), torch.tensor(labels, dtype=torch.int64), colour, tuple(skipped))
+    return images, tuple(found.classes)
+
+
+def _refuse_empty_classes(folder: Path, classes: list[str], labels: list[int], skipped: list[str]) -> None:
+    """Skipping must not quietly drop a class: one whose every image is unreadable stops the load."""
+    readable = set(labels)
+    empty = [name for index, name in enumerate(classes) if index not in readable]
+    if empty:
+        raise XferError(
+            f"image folder {folder}: every image of class {', '.join(empty)} is unreadable ({len(skipped)} "
+            f"unreadable files in all, e.g. {skipped[0]}); a class needs at least one image that can be read. "
+            "Replace the broken files with valid images, or remove the class subfolder."
+        )
 
 
 # ---------------------------------------------------------------------------------------------- splits
