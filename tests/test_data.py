@@ -197,6 +197,9 @@ def test_missing_idx_files_are_named_raw_and_gz_with_their_folder(tiny_root: Tin
     gzip_in_place(files)
     files[0].with_name(files[0].name + ".gz").unlink()
     assert data.missing(["kmnist", "mnist"], tiny_root.path) == ["kmnist"]
+    assert data.describe_missing("kmnist", tiny_root.path) == (
+        f"{files[0].name} in {files[0].parent} (or {files[0].name}.gz, as torchvision downloads them)")
+    assert data.describe_missing("mnist", tiny_root.path) == "" and data.describe_missing("mnist5k", tmp_path) == ""
     with pytest.raises(XferError) as caught:
         data.load("kmnist", tiny_root.path)
     assert f"lacks {files[0].name} in {files[0].parent} (or {files[0].name}.gz" in str(caught.value)
@@ -239,6 +242,7 @@ def test_missing_names_exactly_the_sets_without_files(tiny_root: TinyRoot, tmp_p
     assert data.missing(["mnist5k", "kmnist", "glyph_digits", "usps"], tmp_path / "empty") == ["kmnist", "usps"]
     assert set(EMBEDDED_SETS) == {"mnist5k", "uci_digits", "glyph_digits", "glyph_letters", "glyph_letters52"}
     assert data.missing(["imagefolder:/no/such/folder"], tmp_path) == ["imagefolder:/no/such/folder"]
+    assert data.describe_missing("imagefolder:/no/such/folder", tmp_path) == "the folder /no/such/folder"
 
 
 def test_unknown_dataset_lists_the_known_ones() -> None:

@@ -230,6 +230,18 @@ def missing(names: Iterable[str], root: str | Path | None = None) -> list[str]:
     return absent
 
 
+def describe_missing(name: str, root: str | Path | None = None) -> str:
+    """For a message: what `name` lacks under the data root, e.g. "train-images-idx3-ubyte, ... in /data/KMNIST/raw
+    (or train-images-idx3-ubyte.gz, ..., as torchvision downloads them)"; "" when nothing is missing."""
+    root = data_root(root)
+    if name.startswith(IMAGEFOLDER):
+        folder = _folder_of(name, root)
+        return "" if folder.is_dir() else f"the folder {folder}"
+    entry = _entry(name)
+    absent = _absent_files(entry, root)
+    return _describe(entry, root, absent) if absent else ""
+
+
 def _entry(name: str) -> _Entry:
     if name not in _REGISTRY:
         raise XferError(
@@ -866,6 +878,6 @@ def channel_stats(split: Split) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 __all__ = [
-    "Split", "Dataset", "Splits", "Loader", "dataset", "list_datasets", "data_root", "load", "missing",
+    "Split", "Dataset", "Splits", "Loader", "dataset", "list_datasets", "data_root", "load", "missing", "describe_missing",
     "make_splits", "stratified_indices", "channel_stats", "DATA_ENV", "IMAGEFOLDER",
 ]
