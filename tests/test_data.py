@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import string
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -103,19 +105,115 @@ def test_cifar10_keeps_colour_channels_and_its_gray_view_is_luma(tiny_root: Tiny
 
 # ---------------------------------------------------------------------------------------------- missing data
 
-@pytest.mark.parametrize("name, expected_file", [
-    ("kmnist", "KMNIST/raw/train-images-idx3-ubyte"),   # torchvision raises RuntimeError("Dataset not found")
-    ("svhn", "SVHN/train_32x32.mat"),                   # RuntimeError("Dataset not found or corrupted")
-    ("usps", "USPS/usps.bz2"),                          # a bare FileNotFoundError from bz2.open
-    ("cifar10_gray", "cifar-10-batches-py/data_batch_1"),
+@pytest.mark.parametrize("name, folder, expected_file", [
+    ("kmnist", "KMNIST/raw", "train-images-idx3-ubyte"),   # torchvision raises RuntimeError("Dataset not found")
+    ("svhn", "SVHN", "train_32x32.mat"),                   # RuntimeError("Dataset not found or corrupted")
+    ("usps", "USPS", "usps.bz2"),                          # a bare FileNotFoundError from bz2.open
+    ("cifar10_gray", "cifar-10-batches-py", "data_batch_1"),
 ])
-def test_missing_files_are_one_readable_paragraph(name: str, expected_file: str, tmp_path: Path) -> None:
+def test_missing_files_are_one_readable_paragraph(name: str, folder: str, expected_file: str, tmp_path: Path) -> None:
     with pytest.raises(XferError) as caught:
         data.load(name, tmp_path)
     message = str(caught.value)
-    for needle in (repr(name), str(tmp_path), expected_file, "--download", "mnist5k", "glyph_letters"):
+    for needle in (repr(name), str(tmp_path / folder), expected_file, "--download", "mnist5k", "glyph_letters"):
         assert needle in message
     assert "\n" not in message and caught.value.__suppress_context__  # no chained torchvision traceback
+
+
+# ---------------------------------------------------------------------------------------------- torchvision's downloads
+
+# The IDX sets' folder and file prefix in torchvision's layout: the files torchvision's download leaves as NAME.gz.
+IDX_FILES = {
+    "mnist": ("MNIST", ""), "kmnist": ("KMNIST", ""), "fashion_mnist": ("FashionMNIST", ""), "qmnist": ("QMNIST", "qmnist-"),
+    "emnist_balanced": ("EMNIST", "emnist-balanced-"), "emnist_letters": ("EMNIST", "emnist-letters-"),
+    "emnist_digits": ("EMNIST", "emnist-digits-"),
+}
+
+
+def idx_files(root: Path, name: str) -> list[Path]:
+    folder, prefix = IDX_FILES[name]
+    return sorted(f for f in (root / folder / "raw").glob(f"{prefix}*") if f.suffix != ".gz")
+
+
+def gzip_in_place(files: list[Path]) -> dict[Path, bytes]:
+    """Replace each file by FILE.gz, as torchvision's download leaves it before extracting; returns the originals."""
+    originals = {f: f.read_bytes() for f in files}
+    for f, raw in originals.items():
+        f.with_name(f.name + ".gz").write_bytes(gzip.compress(raw))
+        f.unlink()
+    return originals
+
+
+@pytest.mark.parametrize("name", list(IDX_FILES))
+def test_torchvisions_gz_downloads_load_offline_decompressed_in_place(name: str, tiny_root: TinyRoot) -> None:
+    originals = gzip_in_place(idx_files(tiny_root.path, name))
+    assert len(originals) == 4 and data.missing([name], tiny_root.path) == []  # a .gz counts as present
+    ds = data.load(name, tiny_root.path)  # through torchvision's own loader, offline
+    for part, split in (("train", ds.train), ("test", ds.test)):
+        images, labels = tiny_root.written[name][part]
+        assert torch.equal(split.images[:, 0], torch.from_numpy(images))
+        assert torch.equal(split.labels, torch.as_tensor(labels, dtype=torch.int64))
+    # As torchvision's download leaves the root: each file decompressed next to its archive, the archive kept.
+    for f, raw in originals.items():
+        assert f.read_bytes() == raw and f.with_name(f.name + ".gz").is_file()
+    assert not list(tiny_root.path.rglob("*.part"))
+
+
+@pytest.mark.parametrize("layout", ["gzip.zip", "gzip/"])
+def test_emnist_loads_from_torchvisions_gzip_zip_or_its_extracted_folder(layout: str, tiny_root: TinyRoot) -> None:
+    raw = tiny_root.path / "EMNIST" / "raw"
+    files = sorted(f for f in raw.iterdir())  # all three splits' files, as NIST's gzip.zip holds them
+    originals = {f.name: f.read_bytes() for f in files}
+    if layout == "gzip.zip":  # the archive torchvision downloads: gzip/emnist-SPLIT-PART-KIND.gz members
+        with zipfile.ZipFile(raw / "gzip.zip", "w") as archive:
+            for name, content in originals.items():
+                archive.writestr(f"gzip/{name}.gz", gzip.compress(content))
+    else:  # the archive unzipped where it lies
+        (raw / "gzip").mkdir()
+        for name, content in originals.items():
+            (raw / "gzip" / f"{name}.gz").write_bytes(gzip.compress(content))
+    for f in files:
+        f.unlink()
+    assert data.missing(["emnist_letters", "emnist_digits", "emnist_balanced"], tiny_root.path) == []
+    ds = data.load("emnist_letters", tiny_root.path)
+    assert torch.equal(ds.train.images[:, 0], torch.from_numpy(tiny_root.written["emnist_letters"]["train"][0]))
+    assert int(ds.train.labels.min()) == 0 and ds.num_classes == 26
+    decompressed = sorted(f.name for f in raw.iterdir() if f.is_file() and f.name != "gzip.zip")
+    assert decompressed == sorted(n for n in originals if n.startswith("emnist-letters-"))  # only the split asked for
+    assert all((raw / n).read_bytes() == originals[n] for n in decompressed)
+
+
+def test_missing_idx_files_are_named_raw_and_gz_with_their_folder(tiny_root: TinyRoot, tmp_path: Path) -> None:
+    with pytest.raises(XferError) as caught:
+        data.load("kmnist", tmp_path)
+    message = str(caught.value)
+    names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    for needle in (str(tmp_path / "KMNIST" / "raw"), *names, *(n + ".gz" for n in names), "--download"):
+        assert needle in message
+    with pytest.raises(XferError, match=r"emnist-letters-test-labels-idx1-ubyte\.gz.*inside gzip\.zip"):
+        data.load("emnist_letters", tmp_path)
+    # One archive short: the set is missing, and the message names that file only.
+    files = idx_files(tiny_root.path, "kmnist")
+    gzip_in_place(files)
+    files[0].with_name(files[0].name + ".gz").unlink()
+    assert data.missing(["kmnist", "mnist"], tiny_root.path) == ["kmnist"]
+    assert data.describe_missing("kmnist", tiny_root.path) == (
+        f"{files[0].name} in {files[0].parent} (or {files[0].name}.gz, as torchvision downloads them)")
+    assert data.describe_missing("mnist", tiny_root.path) == "" and data.describe_missing("mnist5k", tmp_path) == ""
+    with pytest.raises(XferError) as caught:
+        data.load("kmnist", tiny_root.path)
+    assert f"lacks {files[0].name} in {files[0].parent} (or {files[0].name}.gz" in str(caught.value)
+
+
+def test_a_damaged_gz_is_named_and_nothing_half_written_is_left(tiny_root: TinyRoot) -> None:
+    files = idx_files(tiny_root.path, "mnist")
+    gzip_in_place(files)
+    archive = files[0].with_name(files[0].name + ".gz")
+    archive.write_bytes(archive.read_bytes()[:-20])  # a partial download
+    with pytest.raises(XferError, match=rf"{archive} is damaged .*partial download.*--download") as caught:
+        data.load("mnist", tiny_root.path)
+    assert caught.value.__suppress_context__ and "\n" not in str(caught.value)
+    assert not files[0].exists() and not list(archive.parent.glob(".*.part"))
 
 
 def test_files_that_fail_torchvision_checksum_are_named(tmp_path: Path) -> None:
@@ -144,6 +242,7 @@ def test_missing_names_exactly_the_sets_without_files(tiny_root: TinyRoot, tmp_p
     assert data.missing(["mnist5k", "kmnist", "glyph_digits", "usps"], tmp_path / "empty") == ["kmnist", "usps"]
     assert set(EMBEDDED_SETS) == {"mnist5k", "uci_digits", "glyph_digits", "glyph_letters", "glyph_letters52"}
     assert data.missing(["imagefolder:/no/such/folder"], tmp_path) == ["imagefolder:/no/such/folder"]
+    assert data.describe_missing("imagefolder:/no/such/folder", tmp_path) == "the folder /no/such/folder"
 
 
 def test_unknown_dataset_lists_the_known_ones() -> None:
@@ -336,3 +435,58 @@ def test_imagefolder_problems_are_readable(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(XferError, match="no usable class subfolders"):
         data.load(f"imagefolder:{tmp_path / 'empty'}")
+
+
+def write_bad_images(folder: Path) -> list[str]:
+    """Files an image folder scraped from the web may hold that PIL cannot decode; returns their paths in `folder`."""
+    good = folder / "hotdog" / "0.png"
+    png, jpeg = good.read_bytes(), (folder / "hotdog" / "photo.jpg").read_bytes()
+    bad = {
+        "hotdog/truncated.png": png[:len(png) // 2],       # a download cut short
+        "hotdog/truncated.jpg": jpeg[:100],
+        "not-hotdog/notes.png": b"not an image, a text file named .png\n",
+        "not-hotdog/empty.jpg": b"",
+    }
+    for relative, content in bad.items():
+        (folder / relative).write_bytes(content)
+    return sorted(bad)
+
+
+def test_imagefolder_skips_unreadable_images_only_when_asked_and_lists_them(tmp_path: Path) -> None:
+    food = tmp_path / "food"
+    write_pngs(food, {"hotdog": 200, "not-hotdog": 50}, count=5)
+    Image.new("RGB", (64, 48), (200, 200, 200)).save(food / "hotdog" / "photo.jpg", quality=90)
+    bad = write_bad_images(food)
+    with pytest.raises(XferError, match=r"cannot read image .*food/hotdog/truncated\.(jpg|png) .*--skip-bad-images") as caught:
+        data.load(f"imagefolder:{food}")
+    assert caught.value.__suppress_context__
+    ds = data.load(f"imagefolder:{food}", skip_bad_images=True)
+    assert ds.skipped == tuple(bad) and ds.class_names == ("hotdog", "not-hotdog")
+    assert len(ds.train) + len(ds.test) == 11  # 5 + 1 readable hotdogs, 5 readable not-hotdogs
+    assert torch.bincount(torch.cat([ds.train.labels, ds.test.labels])).tolist() == [6, 5]
+    assert data.load(f"imagefolder:{food}", skip_bad_images=True) is ds  # cached per flag ...
+    with pytest.raises(XferError, match="cannot read image"):
+        data.load(f"imagefolder:{food}")  # ... so the strict load is still strict
+    assert data.load("mnist5k").skipped == ()  # sets other than image folders skip nothing
+
+
+def test_imagefolder_skipped_files_are_named_relative_to_the_folder_in_train_and_test(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    for half in ("train", "test"):
+        write_pngs(photos / half, {"cat": 30, "dog": 220}, count=2)
+    (photos / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # a PNG signature and nothing else
+    (photos / "test" / "dog" / "broken.png").write_text("404 Not Found")
+    ds = data.load("imagefolder:photos", tmp_path, skip_bad_images=True)
+    assert ds.skipped == ("train/cat/broken.png", "test/dog/broken.png")
+    assert (len(ds.train), len(ds.test)) == (4, 4)
+
+
+def test_imagefolder_with_a_class_of_only_bad_images_is_refused_even_when_skipping(tmp_path: Path) -> None:
+    folder = tmp_path / "food"
+    write_pngs(folder, {"hotdog": 200}, count=3)
+    (folder / "not-hotdog").mkdir()
+    for i in range(2):
+        (folder / "not-hotdog" / f"{i}.png").write_text("<html>moved</html>")
+    with pytest.raises(XferError, match=r"every image of class not-hotdog is unreadable \(2 unreadable files") as caught:
+        data.load(f"imagefolder:{folder}", skip_bad_images=True)
+    assert "remove the class subfolder" in str(caught.value) and "\n" not in str(caught.value)

@@ -21,11 +21,112 @@ from xfer.stages import RunOptions
     (dict(archs=("vgg",)), "unknown arch 'vgg'"),
     (dict(freeze={"resnet_mini": (31,)}), r"freeze depth \[31\] beyond resnet_mini's 30 body tensors"),
     (dict(attacks=("deepfool2",)), "unknown attack 'deepfool2'"),
-    (dict(eps=(2.0,)), r"eps \(2.0,\) must lie in \[0, 1\]"),
+    (dict(eps=(2.0,)), r"--eps / eps: 2.0 must lie in \[0, 1\]"),
 ])
 def test_bad_grids_are_refused_before_launch(override: dict, message: str) -> None:
     with pytest.raises(XferError, match=message):
         grids.validate(grids.from_preset("smoke", **override))
+
+
+# Every number and axis a person can get wrong, refused by `validate` in the words of its flag and grid key.
+@pytest.mark.parametrize("override, message", [
+    (dict(sizes=(500, -5)), r"--sizes / sizes: -5 must be at least 0 \(fine-tune examples per cell; 0 = the whole pool\)"),
+    (dict(seeds=(0, -1)), r"--seeds / seeds: -1 must be at least 0"),
+    (dict(lrs=(0.0, 1e-3, 10.0)), r"--lrs / lrs: 0.0, 10.0 must lie in \(0, 10\)"),
+    (dict(lrs=(float("nan"),)), r"--lrs / lrs: nan must lie in \(0, 10\)"),
+    (dict(eps=(-0.1,)), r"--eps / eps: -0.1 must lie in \[0, 1\] \(images are in \[0, 1\]"),
+    (dict(epochs=0), r"--epochs / epochs: 0 must be at least 1"),
+    (dict(pretrain_epochs=-2), r"--pretrain-epochs / pretrain_epochs: -2 must be at least 1"),
+    (dict(batch_size=0), r"--batch-size / batch_size: 0 must be at least 1"),
+    (dict(attack_n=0), r"--attack-n / attack_n: 0 must be at least 1"),
+    (dict(attack_steps=0), r"--attack-steps / attack_steps: 0 must be at least 1"),
+    (dict(val_size=-1), r"--val-size / val_size: -1 must be at least 0"),
+    (dict(pretrain_size=-100), r"--pretrain-size / pretrain_size: -100 must be at least 0"),
+    (dict(unfreeze_lr_mult=0.0), r"--unfreeze-lr-mult / unfreeze_lr_mult: 0.0 must be more than 0"),
+    (dict(sizes=(500, 500)), r"--sizes / sizes: 500 given more than once; each value makes its own cells"),
+    (dict(seeds=(0, 1, 0)), r"--seeds / seeds: 0 given more than once"),
+    (dict(lrs=(1e-3, 1e-3)), r"--lrs / lrs: 0.001 given more than once"),
+    (dict(sources=("uci_digits", "uci_digits")), r"--sources / sources: uci_digits given more than once"),
+    (dict(attacks=("pgd", "fgsm", "pgd")), r"--attacks / attacks: pgd given more than once"),
+    (dict(eps=(0.3, 0.3)), r"--eps / eps: 0.3 given more than once"),
+    (dict(seeds=()), r"--seeds / seeds: is empty; give at least one, e.g. --seeds 0 1"),
+    (dict(archs=()), r"--archs / archs: is empty"),
+    (dict(eps=()), r"--eps / eps: is empty but attacks fgsm, pgd need a budget"),
+    (dict(freeze={"resnet_mini": (0, -1)}), r"--freeze / freeze: resnet_mini=0,-1 must be distinct depths of at least 0"),
+    (dict(freeze={"resnet_mini": (20, 20)}), r"--freeze / freeze: resnet_mini=20,20 must be distinct depths"),
+    (dict(target="mnist55k"), r"--target / target: unknown dataset 'mnist55k'"),
+    (dict(recipes=("plain", "plian")), r"unknown recipe 'plian'"),
+    (dict(name=" "), r"--name / name: is empty; it names the MLflow experiment"),
+])
+def test_each_setting_out_of_range_is_refused_naming_its_flag_and_key(override: dict, message: str) -> None:
+    with pytest.raises(XferError, match=message) as caught:
+        grids.validate(grids.from_preset("smoke", **override))
+    assert str(caught.value).startswith("the grid is not valid: ") and str(caught.value).endswith("Nothing was launched.")
+
+
+def test_size_zero_is_the_whole_pool_and_every_problem_is_named_at_once() -> None:
+    grids.validate(grids.from_preset("smoke", sizes=(0, 500), val_size=0, pretrain_size=0, unfreeze_epoch=0))
+    with pytest.raises(XferError) as caught:
+        grids.validate(grids.from_preset("smoke", sizes=(-5,), epochs=0, eps=(2.0,)))
+    message = str(caught.value)
+    assert "--sizes / sizes: -5" in message and "--epochs / epochs: 0" in message and "--eps / eps: 2.0" in message
+    assert "or None" not in message
+
+
+def test_validate_reads_no_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_data(*args: object, **kwargs: object) -> None:
+        raise AssertionError("validate read data")
+
+    monkeypatch.setattr(data, "load", no_data)
+    monkeypatch.setattr(data, "missing", no_data)
+    grids.validate(grids.from_preset("seed"))  # torchvision sets, none of them on this machine
+    with pytest.raises(XferError, match="--sizes / sizes: -5"):
+        grids.validate(grids.from_preset("seed", sizes=(-5,)))
+
+
+def test_negative_sizes_from_the_command_line_name_the_flag(full_grid) -> None:
+    args = full_grid.parser().parse_args(["--preset", "smoke", "--sizes", "-5", "--seeds", "-1"])
+    with pytest.raises(XferError, match=r"--sizes / sizes: -5 must be at least 0.*--seeds / seeds: -1 must be at least 0"):
+        grids.validate(full_grid.grid_from_args(args))
+
+
+# ---- wrong types from grid files: refused with the setting, the value and an example ---------------
+
+@pytest.mark.parametrize("text, message", [
+    ("sizes: [abc]", r"--sizes / sizes: 'abc' is not a whole number; e.g. --sizes 500 1000, or `sizes: \[500, 1000\]` in a grid file"),
+    ("sizes: [500, 1.5]", r"--sizes / sizes: 1.5 is not a whole number"),
+    ('epochs: "ten"', r"--epochs / epochs: 'ten' is not a whole number; e.g. --epochs 10, or `epochs: 10` in a grid file"),
+    ("epochs: [10]", r"--epochs / epochs: \[10\] is not a whole number"),
+    ("lrs: [fast]", r"--lrs / lrs: 'fast' is not a number"),
+    ("augment: maybe", r"augment: 'maybe' is not true or false; e.g. `augment: false` in a grid file"),
+    ("sources: [kmnist, 7]", r"--sources / sources: 7 is not text \(a name\)"),
+    ("seeds: [true]", r"--seeds / seeds: True is not a whole number"),
+    ("freeze: {resnet_mini: [0, twenty]}", r"--freeze / freeze: resnet_mini=\[0, 'twenty'\] is not a list of whole numbers"),
+    ("tuned: 5", r"--tuned / tuned: 5 is not a mapping of 'arch/size' to settings"),
+    ("weights: 5", r"--weights / weights: 5 is not text"),
+])
+def test_wrong_types_in_a_grid_file_are_refused_without_a_traceback(text: str, message: str, tmp_path: Path) -> None:
+    (tmp_path / "g.yaml").write_text(text + "\n")
+    with pytest.raises(XferError, match=message) as caught:
+        grids.make(**grids.load_file(tmp_path / "g.yaml"))
+    assert str(caught.value).endswith("Nothing was launched.")
+
+
+def test_numbers_are_read_as_their_setting_wants(tmp_path: Path) -> None:
+    (tmp_path / "g.yaml").write_text("lrs: [1e-3, 1]\nepochs: 4.0\nsizes: 500\n")  # YAML reads 1e-3 as text
+    grid = grids.make(**grids.load_file(tmp_path / "g.yaml"))
+    assert grid.lrs == (0.001, 1.0) and all(type(lr) is float for lr in grid.lrs)  # lr 1 and 1.0: the same cells
+    assert grid.epochs == 4 and type(grid.epochs) is int and grid.sizes == (500,)
+    (tmp_path / "g.toml").write_text("epochs = 10.5\n")
+    with pytest.raises(XferError, match="--epochs / epochs: 10.5 is not a whole number"):
+        grids.make(**grids.load_file(tmp_path / "g.toml"))
+
+
+def test_a_grid_built_by_hand_with_a_wrong_type_is_refused_by_validate() -> None:
+    import dataclasses
+
+    with pytest.raises(XferError, match="--epochs / epochs: 'ten' is not a whole number"):
+        grids.validate(dataclasses.replace(grids.from_preset("smoke"), epochs="ten"))
 
 
 def test_size_beyond_the_pool_is_refused() -> None:

@@ -6,10 +6,16 @@ whole splits as tensors, so training slices them on the device and never sees a 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gzip
 import math
 import os
+import shutil
 import string
+import tempfile
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +62,7 @@ _SUPERSAMPLE = 2                # glyphs are warped at 2× the grid and averaged
 _GLYPH_RENDER_PX = 64           # font size (pixels per em) of the base rasters, before fitting into the BOX
 _SOLID = 0.9                    # a thinned glyph must keep a pixel at least this bright (of 1.0)
 _CHUNK = 4096                   # images converted per batch: bounds the float copy of a big split to ~50 MB
+_COPY_CHUNK = 1 << 20           # bytes per read when decompressing torchvision's archives: bounded memory
 
 
 # eq=False on the tensor-holding classes: tensors have no single truth value, so equality is identity.
@@ -107,6 +114,7 @@ class Dataset(_Classified):
     train: Split
     test: Split
     class_names: tuple[str, ...]
+    skipped: tuple[str, ...] = ()   # unreadable files left out (image folders, paths relative to the folder)
 
     def __post_init__(self) -> None:
         if self.train.images.shape[1:] != self.test.images.shape[1:]:
@@ -142,21 +150,27 @@ class _Entry:
     load: Loader
     files: tuple[str, ...]      # paths under the data root an offline load needs (what `missing` checks)
     embedded: bool              # needs no files at all; built once per process whatever the root
+    gzipped: bool               # each file may lie there as torchvision downloads it, FILE.gz, instead
+    zip_name: str | None        # ... or inside this zip (in the files' folder) as gzip/NAME.gz: EMNIST's gzip.zip
 
 
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def dataset(name: str, files: tuple[str, ...] = (), embedded: bool = False) -> Callable[[Loader], Loader]:
+def dataset(
+    name: str, files: tuple[str, ...] = (), embedded: bool = False, gzipped: bool = False, zip_name: str | None = None,
+) -> Callable[[Loader], Loader]:
     """Register ``loader(root, download) -> Dataset`` under `name`.
 
     `files` lists the paths (relative to the data root) that an offline load needs; `missing` checks
-    them and the not-found message names them. `embedded` sets read nothing from the root.
+    them and the not-found message names them. With `gzipped`, a file may instead be present as the
+    ``.gz`` archive torchvision downloads (or as a ``gzip/NAME.gz`` member of the zip `zip_name`); it is
+    decompressed next to it before the loader runs. `embedded` sets read nothing from the root.
     """
     def register(loader: Loader) -> Loader:
         if name in _REGISTRY or name.startswith(IMAGEFOLDER):
             raise XferError(f"dataset name {name!r} is already taken; register the loader under another name.")
-        _REGISTRY[name] = _Entry(loader, files, embedded)
+        _REGISTRY[name] = _Entry(loader, files, embedded, gzipped, zip_name)
         return loader
     return register
 
@@ -175,23 +189,25 @@ def data_root(root: str | Path | None = None) -> Path:
     return Path(chosen).expanduser().resolve()
 
 
-_loaded: dict[tuple[str, Path | None], Dataset] = {}  # in-process cache: each set is read from disk once
+_loaded: dict[tuple[str, Path | None, bool], Dataset] = {}  # in-process cache: each set is read from disk once
 
 
-def load(name: str, root: str | Path | None = None, download: bool = False) -> Dataset:
+def load(name: str, root: str | Path | None = None, download: bool = False, skip_bad_images: bool = False) -> Dataset:
     """The dataset `name` from the data root (see `data_root`); ``imagefolder:PATH`` reads a user's folder.
 
-    With `download`, torchvision fetches missing files into the root. Results are cached per
-    (name, root) for the life of the process; embedded sets once, whatever the root.
+    With `download`, torchvision fetches missing files into the root. With `skip_bad_images`, an image
+    folder's unreadable files are left out and listed in the result's `skipped` (without it, the first one
+    stops the load); other sets ignore it. Results are cached per (name, root, skip_bad_images) for the life
+    of the process; embedded sets once, whatever the root.
     """
     root = data_root(root)
     if name.startswith(IMAGEFOLDER):
-        key: tuple[str, Path | None] = (name, root)
+        key: tuple[str, Path | None, bool] = (name, root, skip_bad_images)
         if key not in _loaded:
-            _loaded[key] = _image_folder(name, root)
+            _loaded[key] = _image_folder(name, root, skip_bad_images)
         return _loaded[key]
     entry = _entry(name)
-    key = (name, None if entry.embedded else root)
+    key = (name, None if entry.embedded else root, False)
     if key not in _loaded:
         _loaded[key] = _call(name, entry, root, download)
     return _loaded[key]
@@ -200,7 +216,8 @@ def load(name: str, root: str | Path | None = None, download: bool = False) -> D
 def missing(names: Iterable[str], root: str | Path | None = None) -> list[str]:
     """Which of `names` cannot be loaded offline from the data root (a cheap check for expected files).
 
-    Embedded sets are never missing; an image folder is missing when its folder is.
+    A file counts as present as torchvision downloads it too (``.gz``; EMNIST's ``gzip.zip``). Embedded
+    sets are never missing; an image folder is missing when its folder is.
     """
     root = data_root(root)
     absent = []
@@ -213,6 +230,18 @@ def missing(names: Iterable[str], root: str | Path | None = None) -> list[str]:
     return absent
 
 
+def describe_missing(name: str, root: str | Path | None = None) -> str:
+    """For a message: what `name` lacks under the data root, e.g. "train-images-idx3-ubyte, ... in /data/KMNIST/raw
+    (or train-images-idx3-ubyte.gz, ..., as torchvision downloads them)"; "" when nothing is missing."""
+    root = data_root(root)
+    if name.startswith(IMAGEFOLDER):
+        folder = _folder_of(name, root)
+        return "" if folder.is_dir() else f"the folder {folder}"
+    entry = _entry(name)
+    absent = _absent_files(entry, root)
+    return _describe(entry, root, absent) if absent else ""
+
+
 def _entry(name: str) -> _Entry:
     if name not in _REGISTRY:
         raise XferError(
@@ -223,11 +252,13 @@ def _entry(name: str) -> _Entry:
 
 
 def _absent_files(entry: _Entry, root: Path) -> list[str]:
-    return [f for f in entry.files if not (root / f).is_file()]
+    """`entry`'s files that are under the root neither as they are nor as torchvision's download of them."""
+    return [f for f in entry.files if not (root / f).is_file() and _archive_of(entry, root, f) is None]
 
 
 def _call(name: str, entry: _Entry, root: Path, download: bool) -> Dataset:
     """Run a loader, turning torchvision's missing-file and download failures into one readable paragraph."""
+    _unpack(entry, root)
     try:
         return entry.load(root, download)
     except (RuntimeError, OSError) as exc:
@@ -242,7 +273,7 @@ def _call(name: str, entry: _Entry, root: Path, download: bool) -> Dataset:
 
 def _unavailable(name: str, entry: _Entry, root: Path, download_failed: bool, exc: Exception) -> XferError:
     absent = _absent_files(entry, root)
-    files = ", ".join(absent or entry.files)
+    files = _describe(entry, root, absent or entry.files)
     offline = "with no network, use a set that needs no files: " + ", ".join(n for n in list_datasets() if _REGISTRY[n].embedded)
     if download_failed:
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
@@ -261,6 +292,102 @@ def _unavailable(name: str, entry: _Entry, root: Path, download_failed: bool, ex
         f"or corrupted. Delete them and run once with network and --download, or replace them with "
         f"torchvision's originals; {offline}."
     )
+
+
+def _describe(entry: _Entry, root: Path, files: Iterable[str]) -> str:
+    """`files` for a person: the names in each folder, and the archives torchvision's download leaves instead."""
+    by_folder: dict[str, list[str]] = {}
+    for file in files:
+        folder, _, name = file.rpartition("/")
+        by_folder.setdefault(folder, []).append(name)
+    described = []
+    for folder, names in by_folder.items():
+        text = f"{', '.join(names)} in {root / folder}"
+        if entry.gzipped:
+            inside = f", alone or inside {entry.zip_name}" if entry.zip_name else ""
+            text += f" (or {', '.join(n + '.gz' for n in names)}, as torchvision downloads them{inside})"
+        described.append(text)
+    return "; ".join(described)
+
+
+# ---------------------------------------------------------------------------------------------- torchvision's archives
+
+def _archive_sources(entry: _Entry, file: str) -> list[tuple[str, str | None]]:
+    """Where torchvision's download may hold `file`: (path under the root, member of that zip or None), best first.
+
+    torchvision downloads FILE.gz next to FILE; for EMNIST it downloads gzip.zip, extracts it to a gzip/
+    folder of NAME.gz files, decompresses those next to gzip.zip and deletes the folder.
+    """
+    if not entry.gzipped:
+        return []
+    folder, _, name = file.rpartition("/")
+    sources: list[tuple[str, str | None]] = [(f"{file}.gz", None)]
+    if entry.zip_name:
+        sources += [(f"{folder}/gzip/{name}.gz", None), (f"{folder}/{entry.zip_name}", f"gzip/{name}.gz")]
+    return sources
+
+
+def _archive_of(entry: _Entry, root: Path, file: str) -> tuple[Path, str | None] | None:
+    for path, member in _archive_sources(entry, file):
+        if (root / path).is_file() and (member is None or _zip_holds(root / path, member)):
+            return root / path, member
+    return None
+
+
+def _zip_holds(archive: Path, member: str) -> bool:
+    """Whether `archive` lists `member`; a damaged zip counts as holding it, so that the load names the damage."""
+    try:
+        with zipfile.ZipFile(archive) as opened:
+            return member in opened.namelist()
+    except zipfile.BadZipFile:
+        return True
+
+
+def _unpack(entry: _Entry, root: Path) -> None:
+    """Decompress torchvision's downloaded archives of `entry`'s absent files next to them, as its download does.
+
+    torchvision's loaders read only decompressed files and decompress only inside download(); doing that step
+    here lets a root of torchvision's downloads load offline through torchvision's own code, and leaves the
+    root as torchvision's download would (archives kept). Decompressing once beats reading the archives on
+    every load: a decompressed IDX file is read at disk speed, and every trial on a node loads the set.
+    """
+    for file in entry.files:
+        source = None if (root / file).is_file() else _archive_of(entry, root, file)
+        if source is not None:
+            _decompress(*source, root / file)
+
+
+def _decompress(archive: Path, member: str | None, target: Path) -> None:
+    """gunzip `archive` (or its zip `member`) to `target`, via a temporary name so no reader sees half a file."""
+    where = f"{member} inside {archive}" if member else str(archive)
+    part: Path | None = None
+    try:
+        with contextlib.ExitStack() as stack:
+            if member:
+                packed = stack.enter_context(stack.enter_context(zipfile.ZipFile(archive)).open(member))
+            else:
+                packed = stack.enter_context(open(archive, "rb"))
+            unpacked = stack.enter_context(gzip.GzipFile(fileobj=packed))
+            out = stack.enter_context(
+                tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".part", delete=False)
+            )
+            part = Path(out.name)
+            shutil.copyfileobj(unpacked, out, _COPY_CHUNK)
+        os.replace(part, target)  # atomic: trials on one node may decompress the same file at once
+    except (EOFError, zlib.error, zipfile.BadZipFile, gzip.BadGzipFile) as exc:
+        raise XferError(
+            f"{where} is damaged ({exc}), perhaps a partial download; delete it and run once with network and "
+            f"--download, or replace it with torchvision's original."
+        ) from None
+    except OSError as exc:
+        raise XferError(
+            f"cannot decompress {where} to {target} ({exc}); xfer decompresses torchvision's archives next to them, "
+            f"as torchvision's download does. Make {target.parent} writable, or decompress the archive there "
+            f"yourself (e.g. gunzip -k)."
+        ) from None
+    finally:
+        if part is not None and part.exists():
+            part.unlink()
 
 
 # ---------------------------------------------------------------------------------------------- conversions
@@ -308,17 +435,17 @@ def _mnist_like(name: str, cls: type[torchvision.datasets.MNIST], root: Path, do
     )
 
 
-@dataset("mnist", files=_idx_files("MNIST"))
+@dataset("mnist", files=_idx_files("MNIST"), gzipped=True)
 def _mnist(root: Path, download: bool) -> Dataset:
     return _mnist_like("mnist", torchvision.datasets.MNIST, root, download)
 
 
-@dataset("kmnist", files=_idx_files("KMNIST"))
+@dataset("kmnist", files=_idx_files("KMNIST"), gzipped=True)
 def _kmnist(root: Path, download: bool) -> Dataset:
     return _mnist_like("kmnist", torchvision.datasets.KMNIST, root, download)
 
 
-@dataset("fashion_mnist", files=_idx_files("FashionMNIST"))
+@dataset("fashion_mnist", files=_idx_files("FashionMNIST"), gzipped=True)
 def _fashion_mnist(root: Path, download: bool) -> Dataset:
     return _mnist_like("fashion_mnist", torchvision.datasets.FashionMNIST, root, download)
 
@@ -336,22 +463,23 @@ def _emnist_files(split_name: str) -> tuple[str, ...]:
     return _idx_files("EMNIST", prefix=f"emnist-{split_name}-", names=("train", "test"))
 
 
-@dataset("emnist_balanced", files=_emnist_files("balanced"))
+@dataset("emnist_balanced", files=_emnist_files("balanced"), gzipped=True, zip_name="gzip.zip")
 def _emnist_balanced(root: Path, download: bool) -> Dataset:
     return _emnist("balanced", root, download)
 
 
-@dataset("emnist_letters", files=_emnist_files("letters"))
+@dataset("emnist_letters", files=_emnist_files("letters"), gzipped=True, zip_name="gzip.zip")
 def _emnist_letters(root: Path, download: bool) -> Dataset:
     return _emnist("letters", root, download)
 
 
-@dataset("emnist_digits", files=_emnist_files("digits"))
+@dataset("emnist_digits", files=_emnist_files("digits"), gzipped=True, zip_name="gzip.zip")
 def _emnist_digits(root: Path, download: bool) -> Dataset:
     return _emnist("digits", root, download)
 
 
-@dataset("qmnist", files=_idx_files("QMNIST", prefix="qmnist-", labels="labels-idx2-int", names=("train", "test")))
+@dataset("qmnist", files=_idx_files("QMNIST", prefix="qmnist-", labels="labels-idx2-int", names=("train", "test")),
+         gzipped=True)
 def _qmnist(root: Path, download: bool) -> Dataset:
     train, test = (torchvision.datasets.QMNIST(root, what=what, download=download) for what in ("train", "test"))
     # QMNIST's targets are N×8 (class, writer, NIST ids, ...); column 0 is the class, as MNIST's.
@@ -578,11 +706,12 @@ def _folder_of(name: str, root: Path) -> Path:
     return path if path.is_absolute() else root / path
 
 
-def _image_folder(name: str, root: Path) -> Dataset:
+def _image_folder(name: str, root: Path, skip_bad_images: bool) -> Dataset:
     """A user's folder of class subfolders, using its train/ and test/ when both exist, else an 80/20 split.
 
     Gray folders become 1×28×28 (the digit grid); a folder with any colour image becomes 3×32×32 (the
-    CIFAR grid). Images are resized to the grid, not cropped.
+    CIFAR grid). Images are resized to the grid, not cropped. With `skip_bad_images`, unreadable files are
+    left out and named in `skipped`; otherwise the first one stops the load.
     """
     folder = _folder_of(name, root)
     if not folder.is_dir():
@@ -593,18 +722,23 @@ def _image_folder(name: str, root: Path) -> Dataset:
         )
     halves = (folder / "train", folder / "test")
     if all(half.is_dir() for half in halves):
-        (train, classes), (test, test_classes) = (_read_images(half) for half in halves)
+        (train, classes), (test, test_classes) = (_read_images(half, skip_bad_images) for half in halves)
         if classes != test_classes:
             raise XferError(
                 f"image folder {folder}: train/ has classes {', '.join(classes)} but test/ has "
                 f"{', '.join(test_classes)}; both need the same class subfolders."
             )
         colour = train.colour or test.colour
-        return Dataset(name, train.split(colour), test.split(colour), classes)
-    images, classes = _read_images(folder)
+        skipped = _relative(folder, train.skipped + test.skipped)
+        return Dataset(name, train.split(colour), test.split(colour), classes, skipped)
+    images, classes = _read_images(folder, skip_bad_images)
     pool = images.split(images.colour)
     train, test = _split_pool(pool, round(IMAGEFOLDER_TRAIN_FRACTION * len(pool)), EMBEDDED_SPLIT_SEED)
-    return Dataset(name, train, test, classes)
+    return Dataset(name, train, test, classes, _relative(folder, images.skipped))
+
+
+def _relative(folder: Path, paths: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(Path(path).relative_to(folder).as_posix() for path in paths)
 
 
 @dataclass(frozen=True, eq=False)
@@ -615,12 +749,15 @@ class _FolderImages:
     rgb: torch.Tensor           # N×3×32×32
     labels: torch.Tensor
     colour: bool                # any image has colour
+    skipped: tuple[str, ...]    # paths of the unreadable files left out
 
     def split(self, colour: bool) -> Split:
         return Split(self.rgb if colour else self.gray, self.labels)
 
 
-def _read_images(folder: Path) -> tuple[_FolderImages, tuple[str, ...]]:
+def _read_images(folder: Path, skip_bad_images: bool) -> tuple[_FolderImages, tuple[str, ...]]:
+    from PIL import Image  # torchvision's image loader is PIL's; its errors name a file PIL cannot decode
+
     try:
         found = torchvision.datasets.ImageFolder(str(folder))
     except FileNotFoundError as exc:
@@ -633,19 +770,39 @@ def _read_images(folder: Path) -> tuple[_FolderImages, tuple[str, ...]]:
             f"image folder {folder} has one class subfolder ({found.classes[0]}); a classifier needs at "
             "least two, e.g. hotdog/ and not-hotdog/."
         )
-    grays, rgbs, colour = [], [], False
+    grays, rgbs, labels, skipped, colour = [], [], [], [], False
     # Decoding files is per-image work by nature; each image is shrunk at once so large photos never pile up.
-    for path, _ in found.samples:
+    for path, label in found.samples:
         try:
             pixels = torch.from_numpy(np.array(found.loader(path))).permute(2, 0, 1)[None]  # the loader gives RGB, H×W×3
-        except OSError as exc:
-            raise XferError(f"cannot read image {path} ({exc}); remove it or replace it with a valid image.") from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # what PIL raises on bad files
+            if not skip_bad_images:
+                raise XferError(
+                    f"cannot read image {path} ({exc}); remove it or replace it with a valid image, or pass "
+                    "--skip-bad-images to leave unreadable images out (they are listed in the summary)."
+                ) from None
+            skipped.append(path)
+            continue
         spread = pixels.amax(1).float() - pixels.amin(1).float()
         colour = colour or spread.mean().item() > IMAGEFOLDER_COLOUR_SPREAD
         grays.append(_to_grid(pixels, gray=True, size=GRID))
         rgbs.append(_to_grid(pixels, gray=False, size=COLOUR_GRID))
-    labels = torch.tensor(found.targets, dtype=torch.int64)
-    return _FolderImages(torch.cat(grays), torch.cat(rgbs), labels, colour), tuple(found.classes)
+        labels.append(label)
+    _refuse_empty_classes(folder, found.classes, labels, skipped)
+    images = _FolderImages(torch.cat(grays), torch.cat(rgbs), torch.tensor(labels, dtype=torch.int64), colour, tuple(skipped))
+    return images, tuple(found.classes)
+
+
+def _refuse_empty_classes(folder: Path, classes: list[str], labels: list[int], skipped: list[str]) -> None:
+    """Skipping must not quietly drop a class: one whose every image is unreadable stops the load."""
+    readable = set(labels)
+    empty = [name for index, name in enumerate(classes) if index not in readable]
+    if empty:
+        raise XferError(
+            f"image folder {folder}: every image of class {', '.join(empty)} is unreadable ({len(skipped)} "
+            f"unreadable files in all, e.g. {skipped[0]}); a class needs at least one image that can be read. "
+            "Replace the broken files with valid images, or remove the class subfolder."
+        )
 
 
 # ---------------------------------------------------------------------------------------------- splits
@@ -721,6 +878,6 @@ def channel_stats(split: Split) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 __all__ = [
-    "Split", "Dataset", "Splits", "Loader", "dataset", "list_datasets", "data_root", "load", "missing",
+    "Split", "Dataset", "Splits", "Loader", "dataset", "list_datasets", "data_root", "load", "missing", "describe_missing",
     "make_splits", "stratified_indices", "channel_stats", "DATA_ENV", "IMAGEFOLDER",
 ]

@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import tomllib
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,7 +127,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
-_TUPLE_FIELDS = {f.name for f in dataclasses.fields(Grid) if str(f.type).startswith("tuple")}
+_HINTS = typing.get_type_hints(Grid)  # each setting's type, e.g. tuple[int, ...] for sizes
+_DEFAULTS = Grid()                     # the seed's values: the examples in messages about a setting's type
 
 
 def list_presets(folder: Path = PRESET_DIR) -> list[str]:
@@ -144,26 +148,123 @@ def preset_values(name: str, folder: Path = PRESET_DIR) -> dict[str, Any]:
                     f"(the built-ins, and the grid files in {folder}).")
 
 
-def from_preset(name: str, **overrides: Any) -> Grid:
-    return make(**{**preset_values(name), **overrides})
+def from_preset(preset: str, /, **overrides: Any) -> Grid:
+    return make(**{**preset_values(preset), **overrides})  # positional-only: `name` is a grid setting too
 
 
 def make(**values: Any) -> Grid:
-    """A Grid from plain values (a grid file's or the CLI's); unknown keys fail with the known ones."""
+    """A Grid from plain values (a grid file's or the CLI's); unknown keys and wrong types fail with the fix.
+
+    Lists become tuples and a single value a 1-tuple; a whole float is an int and an int a float where
+    the setting wants one (so ``lrs: [1]`` and ``--lrs 1.0`` make the same cells); text that reads as a
+    number is one where a number is wanted (YAML reads ``1e-3`` as text). Ranges are `validate`'s.
+    """
     known = {f.name for f in dataclasses.fields(Grid)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise XferError(f"unknown grid settings {', '.join(unknown)}; known settings are {', '.join(sorted(known))}.")
-    clean = {}
+    clean, problems = {}, []
     for key, value in values.items():
-        if key == "freeze":
-            value = parse_freeze(value)
-        elif key == "weights":  # a file's path made absolute: Ray trials run in other working directories
-            value = str(Path(value).expanduser().resolve()) if value and value != "imagenet" else (value or "")
-        elif key in _TUPLE_FIELDS:
-            value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
-        clean[key] = value
+        try:
+            clean[key] = _typed(key, value)
+        except XferError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise XferError("the grid is not valid: " + "; ".join(problems) + ". Nothing was launched.")
     return Grid(**clean)
+
+
+def _flag(key: str) -> str:
+    """The command-line flag of the grid setting `key` (sweeps/full_grid.py spells them this way)."""
+    return {"scratch": "--no-scratch", "tuned": "--tuned"}.get(key, "--" + key.replace("_", "-"))
+
+
+def _setting(key: str) -> str:
+    """How a person sets the grid setting `key`, as messages name it: its flag and its grid-file key."""
+    return f"{_flag(key)} / {key}:"
+
+
+_KIND_WORDS = {int: "a whole number", float: "a number", str: "text (a name)", bool: "true or false"}
+_WRONG = object()  # what `_scalar` returns for a value that is not of the kind
+
+
+def _scalar(value: Any, kind: type) -> Any:
+    """`value` as `kind` (int, float, str or bool), or _WRONG."""
+    if kind is bool or isinstance(value, bool):  # YAML's yes / no are neither numbers nor names
+        return value if kind is bool and isinstance(value, bool) else _WRONG
+    if kind is int:
+        whole = isinstance(value, float) and value.is_integer()
+        return int(value) if whole else value if isinstance(value, int) else _WRONG
+    if kind is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return _WRONG
+        return float(value) if isinstance(value, (int, float)) else _WRONG
+    return value if isinstance(value, str) else _WRONG
+
+
+def _typed(key: str, value: Any) -> Any:
+    """`value` as the type of the setting `key`, or an XferError naming the setting, the value and an example."""
+    if key == "freeze":
+        return parse_freeze(value)
+    if key == "tuned":
+        if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+            raise XferError(f"{_setting(key)} {value!r} is not a mapping of 'arch/size' to settings "
+                            "(e.g. `tuned: {resnet_mini/1000: {lr: 0.002}}`); it is usually filled by --tuned")
+        return value
+    hint = _HINTS[key]
+    many = typing.get_origin(hint) is tuple
+    kind = typing.get_args(hint)[0] if many else hint
+    items = list(value) if many and isinstance(value, (list, tuple)) else [value]
+    if key == "weights" and value is None:
+        items = [""]
+    typed = [_scalar(item, kind) for item in items]
+    wrong = [item for item, done in zip(items, typed) if done is _WRONG]
+    if wrong or (not many and isinstance(value, (list, tuple))):
+        shown = ", ".join(map(repr, wrong or [value]))
+        raise XferError(f"{_setting(key)} {shown} is not {_KIND_WORDS[kind]}; e.g. {_example(key)}")
+    if key == "weights":  # a file's path made absolute: Ray trials run in other working directories
+        path = typed[0]
+        return str(Path(path).expanduser().resolve()) if path and path != "imagenet" else path
+    return tuple(typed) if many else typed[0]
+
+
+def _example(key: str) -> str:
+    """A correct way to set `key`, on the command line and in a grid file, from the seed's values."""
+    default = getattr(_DEFAULTS, key)
+    if key == "weights":
+        default = "resnet18-f37072fd.pth"
+    if isinstance(default, tuple):
+        shown = default[:2] or ("...",)
+        return f"{_flag(key)} {' '.join(map(str, shown))}, or `{key}: [{', '.join(map(str, shown))}]` in a grid file"
+    if isinstance(default, bool):
+        return f"`{key}: {str(default).lower()}` in a grid file"
+    return f"{_flag(key)} {default}, or `{key}: {default}` in a grid file"
+
+
+def parse_freeze(value: Any) -> dict[str, tuple[int, ...]]:
+    """`[0, 8]` (every arch), `{"alexnet_mini": [0, 8]}`, or CLI tokens `["0", "resnet_mini=0,20,23"]`."""
+    if isinstance(value, dict):
+        out = {}
+        for arch_name, depths in value.items():
+            listed = list(depths) if isinstance(depths, (list, tuple)) else [depths]
+            typed = [_scalar(d, int) for d in listed]
+            if _WRONG in typed:
+                raise XferError(f"{_setting('freeze')} {arch_name}={depths!r} is not a list of whole numbers; e.g. "
+                                "--freeze 0 resnet_mini=0,20,23, or `freeze: {resnet_mini: [0, 20, 23]}` in a grid file")
+            out[str(arch_name)] = tuple(typed)
+        return out
+    out_lists: dict[str, list[int]] = {}
+    for token in value if isinstance(value, (list, tuple)) else [value]:
+        arch_name, _, depths = str(token).rpartition("=")
+        try:
+            out_lists.setdefault(arch_name or "*", []).extend(int(d) for d in depths.split(",") if d)
+        except ValueError:
+            raise XferError(f"{_setting('freeze')} {token!r} is not `DEPTH` or `ARCH=DEPTH,DEPTH`; e.g. "
+                            "--freeze 0 resnet_mini=0,20,23, or `freeze: {resnet_mini: [0, 20, 23]}` in a grid file") from None
+    return {k: tuple(v) for k, v in out_lists.items()}
 
 
 def load_file(path: str | Path) -> dict[str, Any]:
@@ -181,64 +282,132 @@ def load_file(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
-def parse_freeze(value: Any) -> dict[str, tuple[int, ...]]:
-    """`[0, 8]` (every arch), `{"alexnet_mini": [0, 8]}`, or CLI tokens `["0", "resnet_mini=0,20,23"]`."""
-    if isinstance(value, dict):
-        return {str(k): tuple(int(v) for v in (vs if isinstance(vs, (list, tuple)) else [vs])) for k, vs in value.items()}
-    out: dict[str, list[int]] = {}
-    for token in value if isinstance(value, (list, tuple)) else [value]:
-        arch_name, _, depths = str(token).rpartition("=")
-        try:
-            out.setdefault(arch_name or "*", []).extend(int(d) for d in depths.split(",") if d)
-        except ValueError:
-            raise XferError(f"freeze setting {token!r} is not `DEPTH` or `ARCH=DEPTH,DEPTH`; e.g. `--freeze 0 resnet_mini=0,20,23`.") from None
-    return {k: tuple(v) for k, v in out.items()}
-
-
 def validate(grid: Grid, pool_sizes: dict[str, int] | None = None) -> None:
-    """Refuse everything that would fail later: unknown names, impossible depths and sizes, bad budgets."""
+    """Refuse everything that would fail later, each problem named by its flag and grid key, all at once.
+
+    Without `pool_sizes` it reads no data: types, ranges, duplicates, names, and freeze depths (each arch
+    is built once on the CPU to count its tensors). With `pool_sizes` (train split sizes by dataset) the
+    fine-tune and validation sizes are checked against the pools too.
+    """
+    problems = _type_problems(grid)
+    if not problems:  # the checks below compare numbers and look names up; wrong types would break them
+        problems = [*_range_problems(grid), *_name_problems(grid), *_pool_problems(grid, pool_sizes)]
+        if grid.optimizer not in OPTIMIZERS:
+            problems.append(f"{_setting('optimizer')} the optimizer {grid.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if not grid.sources and not grid.scratch and not _fine_tuned_archs(grid):
+            problems.append("the grid has no training cells: give sources, ImageNet weights for resnet18, "
+                            "or keep the scratch baselines")
+        problems += _recipe_problems(grid) + _weights_problems(grid) + _tuned_problems(grid)
+    if problems:
+        raise XferError("the grid is not valid: " + "; ".join(problems) + ". Nothing was launched.")
+
+
+def _type_problems(grid: Grid) -> list[str]:
+    """What `make` would refuse, for a Grid built some other way (e.g. dataclasses.replace)."""
+    problems = []
+    for f in dataclasses.fields(Grid):
+        try:
+            _typed(f.name, getattr(grid, f.name))
+        except XferError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def _at_least(low: float) -> Callable[[float], bool]:
+    return lambda value: value >= low
+
+
+# The numbers a person sets, what each accepts (NaN never does), and how to say so.
+_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "sizes": (_at_least(0), "must be at least 0 (fine-tune examples per cell; 0 = the whole pool)"),
+    "seeds": (_at_least(0), "must be at least 0"),
+    "lrs": (lambda lr: 0 < lr < 10, "must lie in (0, 10), e.g. 0.001"),
+    "eps": (lambda eps: 0 <= eps <= 1, "must lie in [0, 1] (images are in [0, 1]: e.g. 0.3 for MNIST, 0.031 = 8/255 "
+                                       "for CIFAR-10)"),
+    "epochs": (_at_least(1), "must be at least 1"),
+    "pretrain_epochs": (_at_least(1), "must be at least 1"),
+    "batch_size": (_at_least(1), "must be at least 1"),
+    "attack_n": (_at_least(1), "must be at least 1 (test examples each attack perturbs)"),
+    "attack_steps": (_at_least(1), "must be at least 1"),
+    "val_size": (_at_least(0), "must be at least 0 (validation examples held out of each training pool)"),
+    "pretrain_size": (_at_least(0), "must be at least 0 (0 = each source's whole pool)"),
+    "unfreeze_epoch": (_at_least(0), "must be at least 0 (0 = half of epochs)"),
+    "unfreeze_lr_mult": (lambda mult: mult > 0, "must be more than 0 (every layer's lr after unfreezing = lr × this)"),
+}
+_AXES = ("sources", "archs", "sizes", "lrs", "seeds", "recipes", "attacks", "eps")  # each value makes its own cells
+
+
+def _range_problems(grid: Grid) -> list[str]:
+    problems = []
+    for key, (ok, rule) in _RANGES.items():
+        value = getattr(grid, key)
+        bad = [v for v in (value if isinstance(value, tuple) else (value,)) if math.isnan(v) or not ok(v)]
+        if bad:
+            problems.append(f"{_setting(key)} {', '.join(map(str, bad))} {rule}")
+    for key in _AXES:
+        values = getattr(grid, key)
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        if twice:
+            problems.append(f"{_setting(key)} {', '.join(twice)} given more than once; each value makes its own cells, "
+                            "so list it once")
+    for key in ("archs", "seeds", "sizes", "lrs"):
+        if not getattr(grid, key):
+            problems.append(f"{_setting(key)} is empty; give at least one, e.g. {_example(key)}")
+    if grid.attacks and not grid.eps:
+        problems.append(f"{_setting('eps')} is empty but attacks {', '.join(grid.attacks)} need a budget; "
+                        f"e.g. {_example('eps')}")
+    if not grid.name.strip():
+        problems.append(f"{_setting('name')} is empty; it names the MLflow experiment, e.g. {_example('name')}")
+    for arch_name, depths in grid.freeze.items():
+        if any(d < 0 for d in depths) or len(set(depths)) < len(depths):
+            problems.append(f"{_setting('freeze')} {arch_name}={','.join(map(str, depths))} must be distinct depths of "
+                            "at least 0 (0 = nothing frozen)")
+    return problems
+
+
+def _name_problems(grid: Grid) -> list[str]:
+    """Unknown datasets, archs and attacks, and freeze depths beyond an arch's tensors."""
     problems: list[str] = []
     known_data, known_archs = set(data.list_datasets()), set(models.list_archs())
-    for name in (*grid.sources, grid.target):
-        if name not in known_data and not name.startswith("imagefolder:"):
-            problems.append(f"unknown dataset {name!r} (known: {', '.join(sorted(known_data))})")
+    for key, names_ in (("sources", grid.sources), ("target", (grid.target,))):
+        for name in names_:
+            if name not in known_data and not name.startswith(data.IMAGEFOLDER):
+                problems.append(f"{_setting(key)} unknown dataset {name!r} (known: {', '.join(sorted(known_data))}, "
+                                f"or {data.IMAGEFOLDER}PATH for a folder of class subfolders)")
     for name in grid.archs:
         if name not in known_archs:
-            problems.append(f"unknown arch {name!r} (known: {', '.join(sorted(known_archs))})")
+            problems.append(f"{_setting('archs')} unknown arch {name!r} (known: {', '.join(sorted(known_archs))})")
     from xfer import attack as attacks  # the attack registry imports torchattacks; only needed here
 
     for name in grid.attacks:
         if name not in attacks.list_attacks():
-            problems.append(f"unknown attack {name!r} (known: {', '.join(attacks.list_attacks())})")
+            problems.append(f"{_setting('attacks')} unknown attack {name!r} (known: {', '.join(attacks.list_attacks())})")
     for arch_name in grid.freeze:
         if arch_name != "*" and arch_name not in grid.archs:
-            problems.append(f"freeze depths given for {arch_name!r}, which is not among the archs {', '.join(grid.archs)}")
+            problems.append(f"{_setting('freeze')} depths given for {arch_name!r}, which is not among the archs "
+                            f"{', '.join(grid.archs)}")
     for arch_name in (a for a in grid.archs if a in known_archs):
         limit = models.max_freeze_depth(models.build(arch_name, (1, 28, 28), 10))
-        bad = [d for d in grid.freeze_depths(arch_name) if not 0 <= d <= limit]
+        bad = [d for d in grid.freeze_depths(arch_name) if d > limit]
         if bad:
-            problems.append(f"freeze depth {bad} beyond {arch_name}'s {limit} body tensors (use 0..{limit})")
+            problems.append(f"{_setting('freeze')} freeze depth {bad} beyond {arch_name}'s {limit} body tensors "
+                            f"(use 0..{limit})")
+    return problems
+
+
+def _pool_problems(grid: Grid, pool_sizes: dict[str, int] | None) -> list[str]:
+    problems = []
     if pool_sizes and grid.target in pool_sizes:
         pool = pool_sizes[grid.target] - grid.val_size
         too_big = [s for s in grid.sizes if s > pool]
         if too_big:
-            problems.append(f"fine-tune size(s) {too_big} exceed {grid.target}'s training pool of {pool} "
-                            f"(its train split less {grid.val_size} validation examples); use 0 for the whole pool")
+            problems.append(f"{_setting('sizes')} fine-tune size(s) {too_big} exceed {grid.target}'s training pool of "
+                            f"{pool} (its train split less {grid.val_size} validation examples); use 0 for the whole pool")
     for name, size in (pool_sizes or {}).items():
-        if name in grid.sources and size - grid.val_size < 1:
-            problems.append(f"source {name} has {size} training examples, none left after {grid.val_size} for validation")
-    if any(not 0 <= e <= 1 for e in grid.eps):
-        problems.append(f"attack eps {grid.eps} must lie in [0, 1] (images are in [0, 1])")
-    if min(grid.epochs, grid.pretrain_epochs, grid.batch_size, grid.attack_n) < 1 or not grid.seeds or not grid.lrs:
-        problems.append("epochs, pretrain_epochs, batch_size, attack_n must be positive and seeds/lrs non-empty")
-    if grid.optimizer not in OPTIMIZERS:
-        problems.append(f"optimizer {grid.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-    if not grid.sources and not grid.scratch and not _fine_tuned_archs(grid):
-        problems.append("the grid has no training cells: give sources, ImageNet weights for resnet18, "
-                        "or keep the scratch baselines")
-    problems += _recipe_problems(grid) + _weights_problems(grid) + _tuned_problems(grid)
-    if problems:
-        raise XferError("the grid is not valid: " + "; ".join(problems) + ". Nothing was launched.")
+        if (name in grid.sources or name == grid.target) and size - grid.val_size < 1:
+            problems.append(f"{_setting('val_size')} {grid.val_size} leaves none of {name}'s {size} training examples "
+                            "for training; lower it")
+    return problems
 
 
 def recipe(name: str) -> Recipe:
@@ -314,6 +483,10 @@ def _tuned_problems(grid: Grid) -> list[str]:
         unknown = sorted(set(settings) - set(TUNABLE))
         if unknown:
             problems.append(f"tuned settings {', '.join(unknown)} for {where!r} are not tunable ({', '.join(TUNABLE)})")
+        wrong = sorted(k for k, v in settings.items() if k in TUNABLE and (isinstance(v, bool) or not isinstance(v, (int, float))))
+        if wrong:
+            problems.append(f"{_setting('tuned')} {', '.join(f'{k}={settings[k]!r}' for k in wrong)} for {where!r} "
+                            "must be numbers")
     return problems
 
 
