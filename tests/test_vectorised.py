@@ -226,6 +226,10 @@ def test_epoch_states_resume_either_loop(pool: data.Dataset, tmp_path) -> None:
         alone = copy.deepcopy(fresh[i])
         result = loop.train(specs[i], cell_data[i], alone, device="cpu", resume=resumes[i])
         assert_same_cell(seq_full[i], result, seq_models[i], alone, ADAM_ATOL)
+    # From the last epoch's states nothing is left to train: the final metrics are evaluated, and equal.
+    finished = vec.train_many(specs, cell_data, [copy.deepcopy(m) for m in fresh], device="cpu",
+                              resumes=[s[-1] for s in vec_states])
+    assert [r.metrics[names.TEST_ERROR] for r in finished] == [r.metrics[names.TEST_ERROR] for r in full]
     crossed = [copy.deepcopy(m) for m in fresh]
     from_sequential = vec.train_many(specs, cell_data, crossed, device="cpu", resumes=[s[0] for s in seq_states])
     for i in range(2):
