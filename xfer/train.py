@@ -251,18 +251,21 @@ def error(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cu
     return wrong.item() / len(labels)
 
 
-def augment_batch(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
-    """Random crop (zero padding `pad`) and horizontal flip of a float batch, as tensor arithmetic."""
+def augment_batch(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random crop (zero padding `pad`) and horizontal flip of a float batch, as tensor arithmetic.
+
+    The draws come from `generator` (the global one when None): a vectorised pack gives each cell its own.
+    """
     n, _, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
+    dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=generator)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # n,1,h,1
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # n,1,1,w
     batch = torch.arange(n, device=x.device)[:, None, None, None]
     chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
     cropped = padded[batch, chans, rows, cols]
-    flip = torch.rand(n, device=x.device) < 0.5
+    flip = torch.rand(n, device=x.device, generator=generator) < 0.5
     return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
 
 

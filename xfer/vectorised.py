@@ -1,0 +1,738 @@
+"""Vectorised packs: N cells of one architecture trained as ONE batched model per optimiser step.
+
+Cell i follows `train.train` step for step (batch order, dropout and augmentation draws, optimiser
+maths, curve rows, failures, epoch states), but each step runs every cell at once: `torch.func.vmap`
+over `functional_call` of one template module, the cells' tensors stacked along a leading axis. On a
+GPU one small model per step leaves the device idle (kernel launches dominate); N models per step is
+where the speed is.
+
+Why vmap and not a hand-built wide model (grouped convolutions, block-diagonal linears): vmap runs
+each arch's own forward code, so every registered arch, and the next one, is covered and equal to
+the sequential loop by construction. A wide model needs a rewrite per arch (the mixer's token-mixing
+Conv1d runs across the axis a grouped layout would split per cell), and was no faster where measured
+(CPU, forward+backward, 8 cells: 0.7x vmap's speed on lenet5, 1.1x on resnet_mini); vmap's conv rule
+is itself a grouped convolution plus layout copies.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vmap
+
+from xfer import names
+from xfer import train as loop
+from xfer.checkpoint import TrainState
+from xfer.data import Split, Splits
+from xfer.errors import XferError
+from xfer.models import XferModel
+from xfer.specs import TrainSpec
+from xfer.train import Report, Result
+
+SHARED_FIELDS = (
+    "arch", "dataset", "size", "val_size", "epochs", "batch_size", "optimizer", "schedule",
+    "unfreeze_epoch", "augment", "label_smoothing", "log_every",
+)
+"""TrainSpec fields all cells of a pack share: they fix the batched model, the step count, the data
+lengths and the step's code path. Everything else (lr, weight_decay, momentum, head_lr_mult,
+freeze_depth, unfreeze_lr_mult, seed, the initial weights) is per cell."""
+
+MAX_CELL_PARAMETERS = 5_000_000
+"""Packs are for small models whose single steps leave a GPU idle: alexnet_mini, the largest seed arch,
+has 3.9M parameters; resnet18 (11M) keeps a device busy alone, so stacking it buys no speed."""
+
+_SLOTS = 3  # per cell, what a parameter tensor belongs to: 0 frozen, 1 and 2 torch.optim param groups 0 and 1
+_RANDOM_MODULES = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.RReLU)
+
+
+# ---- what can be vectorised ----------------------------------------------------------------------
+
+def vectorisable(specs: Sequence[TrainSpec], models: Sequence[XferModel]) -> str | None:
+    """None if these cells can train as one batched model; else the reason, in words (shown to users)."""
+    if not specs:
+        return "there are no cells to train"
+    if len(specs) != len(models):
+        return f"{len(specs)} specs came with {len(models)} models"
+    for name in SHARED_FIELDS:
+        values = {getattr(spec, name) for spec in specs}
+        if len(values) > 1:
+            shown = ", ".join(sorted(map(repr, values)))
+            return f"the cells differ in {name} ({shown}), which every cell of a batched model must share"
+    if loop.dist_world()[1] > 1:
+        return "data-parallel training (torch.distributed) shards each cell over processes; a pack runs in one"
+    return _model_mismatch(models)
+
+
+def _model_mismatch(models: Sequence[XferModel]) -> str | None:
+    first = models[0]
+
+    def facts(m: XferModel) -> str:
+        return f"{m.arch} {tuple(m.in_shape)} -> {m.num_classes} classes, arch options {m.arch_kwargs!r}"
+
+    def tensors(m: XferModel) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        return [(k, tuple(v.shape), v.dtype) for k, v in m.state_dict().items()]
+
+    for other in models[1:]:
+        if facts(other) != facts(first):
+            return f"the cells' models differ ({facts(first)} vs {facts(other)})"
+        if tensors(other) != tensors(first):
+            return "the cells' models have differently shaped tensors although they share an arch"
+    if any(p.dtype != torch.float32 for p in first.parameters()):
+        return "the models' parameters are not float32, the training loop's precision"
+    size = sum(p.numel() for p in first.parameters())
+    if size > MAX_CELL_PARAMETERS:
+        return (f"{first.arch} has {size:,} parameters per cell; packs are for models under {MAX_CELL_PARAMETERS:,} "
+                "whose single steps leave the device idle, and a model this size keeps it busy alone")
+    random = sorted({type(m).__name__ for m in first.modules() if isinstance(m, _RANDOM_MODULES)})
+    if random:
+        return f"{first.arch} uses {', '.join(random)}, whose random draws cannot be reproduced per cell"
+    return None
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+@dataclass
+class _Cell:
+    """Cell i's host-side state: what train.py keeps in local variables, one set per cell."""
+
+    spec: TrainSpec
+    model: XferModel
+    report: Report
+    on_epoch_end: Callable[[TrainState], None] | None
+    phase: Any                           # train._Phase: the torch.optim optimiser and scheduler train.py would use
+    curve: list[dict[str, Any]]
+    seconds_before: float
+    result: Result | None = None         # set when the cell fails
+    errors: dict[str, float] | None = None  # val/test errors after the last epoch trained here
+
+    @property
+    def live(self) -> bool:
+        return self.result is None
+
+
+def train_many(
+    specs: Sequence[TrainSpec],
+    data: Sequence[Splits],
+    models: Sequence[XferModel],
+    reports: Sequence[Report] | None = None,
+    device: torch.device | str | None = None,
+    resumes: Sequence[TrainState | None] | None = None,
+    on_epoch_end: Sequence[Callable[[TrainState], None] | None] | None = None,
+) -> list[Result]:
+    """Train cell i exactly as train.train(specs[i], data[i], models[i], reports[i], device, resumes[i],
+    on_epoch_end[i]) would, all cells in each step together.
+
+    `models[i]` ends holding cell i's final weights (BatchNorm statistics included); a failed cell's model
+    holds its weights at the failing step, as train.train leaves it.
+    """
+    n = len(specs)
+    reason = vectorisable(specs, models)
+    if reason is not None:
+        raise XferError(f"these {n} cells cannot train as one batched model: {reason}. "
+                        "Train them one at a time with xfer.train.train.")
+    device = torch.device(device) if device is not None else loop._default_device()
+    resumes = list(resumes) if resumes is not None else [None] * n
+    start_epoch, step = _resume_position(resumes)
+    store = _Store.build(data, device)
+    spec = specs[0]
+    steps_per_epoch = loop._steps(store.lengths["train"], spec)
+    reports = list(reports) if reports is not None else [loop.noop] * n
+    callbacks = list(on_epoch_end) if on_epoch_end is not None else [None] * n
+    cells = [_start_cell(specs[i], models[i], reports[i], callbacks[i], resumes[i], device, start_epoch, steps_per_epoch)
+             for i in range(n)]
+    pack = _stack(models, device, min(spec.batch_size, store.lengths["train"]))
+    optim = _bind(pack, cells)
+    _load_optimiser_states(pack, optim, cells)
+    start = time.perf_counter()
+    for epoch in range(start_epoch, spec.epochs):
+        if spec.unfreeze_epoch is not None and epoch == spec.unfreeze_epoch:
+            for cell in cells:
+                if cell.live:
+                    cell.phase = _phase(cell.spec, cell.model, epoch, steps_per_epoch)
+            optim = _bind(pack, cells)
+        step = _train_epoch(pack, optim, cells, store, epoch, step, steps_per_epoch, start)
+        if not any(cell.live for cell in cells):
+            break
+        _end_epoch(pack, optim, cells, store, epoch, step, start)
+    if any(cell.live and cell.errors is None for cell in cells):  # resumed after its last epoch: evaluate once
+        errors = {split: _errors(pack, store, split) for split in ("val", "test")}
+        for i, cell in enumerate(cells):
+            cell.errors = {split: errors[split][i] for split in errors}
+    return [_finish(pack, i, cell, step, start) for i, cell in enumerate(cells)]
+
+
+def _resume_position(resumes: Sequence[TrainState | None]) -> tuple[int, int]:
+    """(epoch, step) every cell starts from; a pack moves all its cells in step, so they must agree."""
+    positions = {(r.epoch, r.step) if r is not None else (0, 0) for r in resumes}
+    if len(positions) > 1:
+        shown = ", ".join(f"epoch {e} (step {s})" for e, s in sorted(positions))
+        raise XferError(f"the cells resume from different points ({shown}); a vectorised pack moves all cells in "
+                        "step, so resume these cells one at a time with xfer.train.train, or from one epoch.")
+    return positions.pop()
+
+
+def _start_cell(spec: TrainSpec, model: XferModel, report: Report, on_epoch_end: Any,
+                resume: TrainState | None, device: torch.device, start_epoch: int, steps_per_epoch: int) -> _Cell:
+    """The model on the device and the optimiser and scheduler train.py would build, resumed as it would."""
+    model.to(device)
+    phase = _phase(spec, model, start_epoch, steps_per_epoch)
+    if resume is not None:
+        model.load_state_dict(resume.model)
+        phase.optimizer.load_state_dict(resume.optimizer)
+        if resume.scheduler is not None and phase.scheduler is not None:
+            phase.scheduler.load_state_dict(resume.scheduler)
+    curve = list(resume.curve) if resume is not None else []
+    return _Cell(spec, model, report, on_epoch_end, phase, curve, resume.seconds if resume is not None else 0.0)
+
+
+def _phase(spec: TrainSpec, model: XferModel, epoch: int, steps_per_epoch: int) -> Any:
+    """train.py's optimiser and scheduler for this phase: the pack reads their learning rates and writes
+    their states, so both follow torch.optim exactly; the optimiser itself never sees a gradient."""
+    phase = loop._Phase.build(spec, model, start_epoch=epoch, steps_per_epoch=steps_per_epoch)
+    for param in model.parameters():
+        param.grad = None
+    phase.optimizer.step()  # an empty step: tells the scheduler it is stepped after its optimiser, as in train.py
+    return phase
+
+
+def _train_epoch(pack: _Pack, optim: _Optimiser, cells: list[_Cell], store: _Store, epoch: int, step: int,
+                 steps_per_epoch: int, start: float) -> int:
+    """One epoch of every cell, one batched step at a time; returns the step count after it."""
+    spec, n, device = cells[0].spec, len(cells), store.images.device
+    size = store.lengths["train"]
+    seeds = [cell.spec.seed * 100_003 + epoch for cell in cells]  # train.py's per-epoch seed, per cell
+    orders = torch.stack([torch.randperm(size, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    orders = orders.to(device) + store.starts["train"][:, None]  # one upload per epoch; batches are slices
+    # Each cell's own stream for dropout masks and augmentation, as train.py's global seed is for it.
+    generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+    coefficients = _coefficients(cells, optim, steps_per_epoch, device)
+    correct = torch.zeros(n, device=device)
+    loss_sum = torch.zeros(n, device=device)
+    seen = 0
+    batch = min(spec.batch_size, size)
+    for t, begin in enumerate(range(0, steps_per_epoch * batch, batch)):
+        idx = orders[:, begin:begin + batch]
+        x = store.images[idx].float().div_(255)  # N×B×C×H×W; the dataset stays uint8 on the device
+        if spec.augment:
+            x = torch.stack([loop.augment_batch(x[i], generator=generators[i]) for i in range(n)])
+        y = store.labels[idx]
+        loss, right = _step(pack, optim, coefficients, t, x, y, generators, spec.label_smoothing)
+        step += 1
+        # Accumulate on the device; read back (one sync for all cells) only every `log_every` steps.
+        correct += right
+        loss_sum += loss * batch
+        seen += batch
+        if step % spec.log_every == 0:
+            _log_train(pack, cells, loss_sum, correct, seen, step, epoch, epoch + (begin + batch) / size, start)
+            correct.zero_()
+            loss_sum.zero_()
+            seen = 0
+    if seen:
+        for i, total in enumerate(loss_sum.tolist()):
+            if cells[i].live and not math.isfinite(total):
+                _fail(pack, i, cells[i], step, epoch, start)
+    return step
+
+
+def _log_train(pack: _Pack, cells: list[_Cell], loss_sum: torch.Tensor, correct: torch.Tensor, seen: int,
+               step: int, epoch: int, position: float, start: float) -> None:
+    losses, rights = torch.stack([loss_sum, correct]).tolist()
+    for i, cell in enumerate(cells):
+        if not cell.live:
+            continue
+        mean_loss = losses[i] / seen
+        if not math.isfinite(mean_loss):
+            _fail(pack, i, cell, step, epoch, start)
+            continue
+        row = loop._row(step, position, _now(cell, start), "train", 1 - rights[i] / seen)
+        cell.curve.append(row)
+        cell.report({"kind": "train", **loop._metrics_of(row), names.TRAIN_LOSS: mean_loss})
+
+
+def _fail(pack: _Pack, i: int, cell: _Cell, step: int, epoch: int, start: float) -> None:
+    # The cell's model keeps its weights at the failing step, as train.py returns with it; its slot in the pack
+    # goes on computing (cells never mix) and its optimiser coefficients are zero from the next epoch.
+    _write_back(pack, i, cell.model)
+    cell.result = loop._failed(cell.spec, step, epoch, cell.curve, _now(cell, start))
+
+
+def _end_epoch(pack: _Pack, optim: _Optimiser, cells: list[_Cell], store: _Store, epoch: int, step: int,
+               start: float) -> None:
+    errors = {split: _errors(pack, store, split) for split in ("val", "test")}
+    for i, cell in enumerate(cells):
+        if not cell.live:
+            continue
+        cell.errors = {split: errors[split][i] for split in errors}
+        if cell.phase.scheduler is not None and cell.spec.schedule == "plateau":
+            cell.phase.scheduler.step(cell.errors["val"])
+        for split, err in cell.errors.items():
+            cell.curve.append(loop._row(step, epoch + 1, _now(cell, start), split, err))
+        cell.report({
+            "kind": "epoch", "step": step, names.EPOCH: epoch + 1, names.SECONDS: _now(cell, start),
+            names.VAL_ERROR: cell.errors["val"], names.TEST_ERROR: cell.errors["test"],
+        })
+        if cell.on_epoch_end is not None:
+            _write_back(pack, i, cell.model)
+            cell.on_epoch_end(TrainState(
+                epoch=epoch + 1, step=step, seconds=_now(cell, start),
+                model={k: v.detach().to("cpu", copy=True) for k, v in cell.model.state_dict().items()},
+                optimizer=_optimiser_state(pack, optim, i, cell),
+                scheduler=copy.deepcopy(cell.phase.scheduler.state_dict()) if cell.phase.scheduler is not None else None,
+                curve=list(cell.curve),
+            ))
+
+
+def _finish(pack: _Pack, i: int, cell: _Cell, step: int, start: float) -> Result:
+    if not cell.live:
+        return cell.result
+    _write_back(pack, i, cell.model)
+    # Evaluation is deterministic, so the last epoch's errors are the final ones (train.py evaluates again).
+    final = cell.errors
+    last_train = [r["error"] for r in cell.curve if r["split"] == "train"]
+    metrics = {
+        names.TEST_ERROR: final["test"], names.TEST_ACC: 1 - final["test"],
+        names.VAL_ERROR: final["val"], names.VAL_ACC: 1 - final["val"],
+        names.TRAIN_ERROR: last_train[-1] if last_train else math.nan,
+        names.EPOCH: float(cell.spec.epochs), names.SECONDS: _now(cell, start), "steps": float(step),
+    }
+    return Result("ok", "", metrics, cell.curve)
+
+
+def _now(cell: _Cell, start: float) -> float:
+    return cell.seconds_before + time.perf_counter() - start
+
+
+# ---- the data: every distinct split once on the device -------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class _Store:
+    """One copy of every distinct split of the pack on the device; cell i's split starts at `starts[split][i]`."""
+
+    images: torch.Tensor                 # uint8 M×C×H×W (4x smaller than float; batches are converted on the fly)
+    labels: torch.Tensor                 # int64 M
+    starts: dict[str, torch.Tensor]      # "train" | "val" | "test" -> int64 N, on the device
+    lengths: dict[str, int]
+
+    @staticmethod
+    def build(data: Sequence[Splits], device: torch.device) -> _Store:
+        unique: list[Split] = []
+        offsets: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+        for splits in data:
+            for split_name, offs in offsets.items():
+                split = getattr(splits, split_name)
+                found = next((j for j, u in enumerate(unique) if _same(u, split)), None)
+                if found is None:
+                    unique.append(split)
+                    found = len(unique) - 1
+                offs.append(sum(len(u) for u in unique[:found]))
+        lengths = {}
+        for split_name in offsets:
+            sizes = {len(getattr(splits, split_name)) for splits in data}
+            if len(sizes) > 1:
+                raise XferError(f"the cells' {split_name} splits differ in length ({sorted(sizes)}); a pack needs "
+                                "one size, so build every cell's data with the same size and val_size.")
+            lengths[split_name] = sizes.pop()
+        return _Store(
+            torch.cat([u.images for u in unique]).to(device), torch.cat([u.labels for u in unique]).to(device),
+            {k: torch.tensor(v, device=device) for k, v in offsets.items()}, lengths,
+        )
+
+
+def _same(a: Split, b: Split) -> bool:
+    # Cells with one seed get equal but distinct subsets; labels first keeps the image comparison rare.
+    return a is b or a.images is b.images or (
+        a.images.shape == b.images.shape and torch.equal(a.labels, b.labels) and torch.equal(a.images, b.images)
+    )
+
+
+# ---- the batched model ---------------------------------------------------------------------------
+
+class _MaskedDropout(nn.Module):
+    """nn.Dropout whose mask is handed in per step (a buffer, so vmap gives each cell its own)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+        self.register_buffer("mask", torch.empty(0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # F.dropout's CPU arithmetic: input * (bernoulli(1-p) / (1-p)); p 0 and 1 draw nothing.
+        if not self.training or self.p == 0:
+            return x
+        if self.p == 1:
+            return x * torch.zeros((), dtype=x.dtype, device=x.device)
+        return x * self.mask.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class _DropoutSite:
+    buffer: str                          # "<module path>.mask", passed to functional_call with the parameters
+    p: float
+    shape: tuple[int, ...]               # one cell's mask: the module's input at the training batch size
+
+
+@dataclass
+class _Pack:
+    """Every cell's tensors stacked on the device, and one template module that runs any of them."""
+
+    template: nn.Module                  # models[0]'s structure on the meta device: code, never tensors
+    offsets: dict[str, int]              # where each parameter's N×shape block starts in `flat`
+    flat: torch.Tensor                   # all cells' parameters, one block per tensor (so the optimiser is ~8 kernels)
+    grad: torch.Tensor                   # their gradients, same layout; backward accumulates into it in place
+    params: dict[str, torch.Tensor]      # leaf N×shape views of `flat`, whose .grad are views of `grad`
+    buffers: dict[str, torch.Tensor]     # N×shape: input mean/std, BatchNorm statistics (updated in place)
+    dropouts: tuple[_DropoutSite, ...]   # in forward call order, the order a cell's generator is drawn in
+    n_cells: int
+
+    def block(self, flat: torch.Tensor, name: str, cell: int) -> torch.Tensor:
+        """Cell `cell`'s tensor `name` in a buffer laid out like `flat`."""
+        shape = self.params[name].shape[1:]
+        begin = self.offsets[name] + cell * shape.numel()
+        return flat[begin:begin + shape.numel()].view(shape)
+
+
+@torch.no_grad()
+def _stack(models: Sequence[XferModel], device: torch.device, batch: int) -> _Pack:
+    n = len(models)
+    named = [dict(m.named_parameters()) for m in models]
+    param_names = list(named[0])
+    blocks = [torch.stack([params[k].detach() for params in named]).to(device) for k in param_names]
+    offsets, total = {}, 0
+    for k, block in zip(param_names, blocks):
+        offsets[k], total = total, total + block.numel()
+    flat = torch.cat([b.reshape(-1) for b in blocks])
+    grad = torch.zeros_like(flat)
+    params = {}
+    for k, block in zip(param_names, blocks):
+        view = flat[offsets[k]:offsets[k] + block.numel()].view(block.shape)
+        view.grad = grad[offsets[k]:offsets[k] + block.numel()].view(block.shape)
+        params[k] = view
+    buffer_sets = [dict(m.named_buffers()) for m in models]
+    buffers = {k: torch.stack([b[k] for b in buffer_sets]).to(device) for k in buffer_sets[0]}
+    template, dropouts = _template(models[0], batch)
+    return _Pack(template, offsets, flat, grad, params, buffers, dropouts, n)
+
+
+def _template(model: XferModel, batch: int) -> tuple[nn.Module, tuple[_DropoutSite, ...]]:
+    """A meta-device copy with nn.Dropout swapped for `_MaskedDropout`, and where its dropouts are called."""
+    template = copy.deepcopy(model).to("meta")
+    for name, module in list(template.named_modules()):
+        if type(module) is nn.Dropout:
+            parent, _, child = name.rpartition(".")
+            setattr(template.get_submodule(parent), child, _MaskedDropout(module.p))
+    sites: list[_DropoutSite] = []
+    hooks = [
+        module.register_forward_pre_hook(
+            lambda m, args, name=name: sites.append(_DropoutSite(f"{name}.mask", m.p, tuple(args[0].shape))))
+        for name, module in template.named_modules() if isinstance(module, _MaskedDropout) and 0 < module.p < 1
+    ]
+    template.eval()  # shapes only: meta tensors carry no values
+    with torch.no_grad():
+        template(torch.empty((batch, *model.in_shape), device="meta"))
+    for hook in hooks:
+        hook.remove()
+    return template, tuple(sites)
+
+
+def _cell_loss(template: nn.Module, label_smoothing: float, params: dict[str, torch.Tensor],
+               buffers: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One cell's step, as train.py computes it; vmap runs it for every cell at once."""
+    logits = functional_call(template, (params, buffers), (x,))
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    return loss, (logits.argmax(1) == y).sum()
+
+
+def _cell_wrong(template: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+                x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (functional_call(template, (params, buffers), (x,)).argmax(1) != y).sum()
+
+
+def _step(pack: _Pack, optim: _Optimiser, coefficients: _Coefficients, t: int, x: torch.Tensor, y: torch.Tensor,
+          generators: list[torch.Generator], label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step of every cell; returns the cells' losses and correct counts (on the device)."""
+    masks = _draw_masks(pack, generators, x.device)
+    pack.template.train()
+    pack.grad.zero_()
+    cuda = x.device.type == "cuda"
+    # bf16 autocast on CUDA only, as train.py; channels_last is not applied: vmap's conv rule picks the layout.
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cuda):
+        loss, right = vmap(lambda p, b, xi, yi: _cell_loss(pack.template, label_smoothing, p, b, xi, yi))(
+            pack.params, {**pack.buffers, **masks}, x, y)
+    # Cells never mix, so the gradient of the sum is each cell's own gradient in its own block.
+    loss.sum().backward()
+    _update(pack, optim, coefficients, t)
+    return loss.detach(), right
+
+
+def _draw_masks(pack: _Pack, generators: list[torch.Generator], device: torch.device) -> dict[str, torch.Tensor]:
+    masks = {}
+    for site in pack.dropouts:
+        mask = torch.empty((pack.n_cells, *site.shape), device=device)
+        for cell, generator in enumerate(generators):
+            # On CPU the bits F.dropout draws from the global generator train.py seeds: same cell, same mask.
+            mask[cell].bernoulli_(1 - site.p, generator=generator)
+        masks[site.buffer] = mask.div_(1 - site.p)
+    return masks
+
+
+@torch.no_grad()
+def _errors(pack: _Pack, store: _Store, split: str) -> list[float]:
+    """Every cell's classification error on its own `split`, as train.error computes it."""
+    size = store.lengths[split]
+    if size == 0:
+        return [math.nan] * pack.n_cells
+    device = store.images.device
+    pack.template.eval()
+    wrong = torch.zeros(pack.n_cells, device=device)
+    chunk = max(64, loop.EVAL_BATCH // pack.n_cells)  # about as many images per forward as train.py's
+    for begin in range(0, size, chunk):
+        idx = store.starts[split][:, None] + torch.arange(begin, min(begin + chunk, size), device=device)
+        x = store.images[idx].float().div_(255)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            wrong += vmap(lambda p, b, xi, yi: _cell_wrong(pack.template, p, b, xi, yi))(
+                pack.params, pack.buffers, x, store.labels[idx])
+    return [w / size for w in wrong.tolist()]
+
+
+@torch.no_grad()
+def _write_back(pack: _Pack, cell: int, model: XferModel) -> None:
+    for name, param in model.named_parameters():
+        param.copy_(pack.params[name][cell])
+    for name, buffer in model.named_buffers():
+        buffer.copy_(pack.buffers[name][cell])
+
+
+# ---- the optimiser: torch.optim's formulas with per-cell coefficients ----------------------------
+
+@dataclass
+class _Optimiser:
+    """AdamW / Adam / SGD state for every cell in flat buffers laid out like `_Pack.flat`."""
+
+    kind: str                            # "adamw" | "adam" | "sgd"
+    slot: torch.Tensor                   # int64, per element: cell * _SLOTS + (0 frozen | 1 + its param group)
+    state: dict[str, torch.Tensor]       # torch.optim's names: exp_avg, exp_avg_sq | momentum_buffer
+    weight_decay: torch.Tensor           # per element (Adam's and SGD's L2 term; AdamW's is in the coefficients)
+    momentum: torch.Tensor               # per element (SGD)
+    betas: tuple[float, float]
+    eps: float
+    step: int = 0                        # steps of this phase: Adam's bias correction, SGD's first step
+
+
+@dataclass(frozen=True)
+class _Coefficients:
+    """One epoch's per-step optimiser scalars per (cell, slot), computed in float64 on the host as torch.optim does."""
+
+    scale: torch.Tensor                  # steps × N·_SLOTS: -lr (SGD) or -lr / bias_correction1 (Adam, AdamW)
+    decay: torch.Tensor                  # steps × N·_SLOTS: 1 - lr·weight_decay (AdamW)
+    bias_correction2_sqrt: list[float]
+
+
+def _bind(pack: _Pack, cells: list[_Cell]) -> _Optimiser:
+    """Fresh optimiser state for the cells' current phases: which slot each tensor of each cell is in."""
+    names_in_order = list(pack.offsets)
+    slots = [[0] * len(names_in_order) for _ in cells]
+    hyper = [[(0.0, 0.0)] * _SLOTS for _ in cells]  # (weight_decay, momentum) per slot; frozen slots have none
+    for i, cell in enumerate(cells):
+        if not cell.live:
+            continue
+        name_of = {id(p): k for k, p in cell.model.named_parameters()}
+        for g, group in enumerate(cell.phase.optimizer.param_groups):
+            hyper[i][g + 1] = (group["weight_decay"], group.get("momentum", 0.0))
+            for param in group["params"]:
+                slots[i][names_in_order.index(name_of[id(param)])] = g + 1
+    device = pack.flat.device
+    per_element = []
+    for j, name in enumerate(names_in_order):
+        per_cell = torch.tensor([i * _SLOTS + slots[i][j] for i in range(len(cells))], device=device)
+        per_element.append(per_cell.repeat_interleave(pack.params[name][0].numel()))
+        # Backward skips a tensor that no cell trains (and everything only it needs).
+        pack.params[name].requires_grad_(any(slots[i][j] for i in range(len(cells))))
+    slot = torch.cat(per_element)
+    table = torch.tensor([h for cell_hyper in hyper for h in cell_hyper], dtype=torch.float64)
+    first = cells[0].phase.optimizer.param_groups[0]
+    kind = cells[0].spec.optimizer
+    keys = ("momentum_buffer",) if kind == "sgd" else ("exp_avg", "exp_avg_sq")
+    return _Optimiser(
+        kind, slot, {k: torch.zeros_like(pack.flat) for k in keys},
+        table[:, 0].float().to(device)[slot], table[:, 1].float().to(device)[slot],
+        tuple(first.get("betas", (0.9, 0.999))), first.get("eps", 1e-8),
+    )
+
+
+def _coefficients(cells: list[_Cell], optim: _Optimiser, steps: int, device: torch.device) -> _Coefficients:
+    """Step each cell's own torch.optim scheduler through the epoch and record its learning rates."""
+    beta1, beta2 = optim.betas
+    scale = [[0.0] * (len(cells) * _SLOTS) for _ in range(steps)]
+    decay = [[1.0] * (len(cells) * _SLOTS) for _ in range(steps)]
+    for t in range(steps):
+        bias_correction1 = 1 - beta1 ** (optim.step + t + 1)
+        for i, cell in enumerate(cells):
+            if not cell.live:
+                continue
+            for g, group in enumerate(cell.phase.optimizer.param_groups):
+                lr, slot = group["lr"], i * _SLOTS + g + 1
+                scale[t][slot] = -lr if optim.kind == "sgd" else -(lr / bias_correction1)
+                decay[t][slot] = 1 - lr * group["weight_decay"] if optim.kind == "adamw" else 1.0
+            if cell.spec.schedule == "cosine":
+                cell.phase.scheduler.step()
+    return _Coefficients(
+        torch.tensor(scale, dtype=torch.float64).float().to(device),
+        torch.tensor(decay, dtype=torch.float64).float().to(device),
+        [(1 - beta2 ** (optim.step + t + 1)) ** 0.5 for t in range(steps)],
+    )
+
+
+@torch.no_grad()
+def _update(pack: _Pack, optim: _Optimiser, coefficients: _Coefficients, t: int) -> None:
+    """torch.optim's single-tensor step, all cells and tensors at once; a frozen slot's coefficients are 0."""
+    param, grad = pack.flat, pack.grad
+    scale = coefficients.scale[t][optim.slot]
+    if optim.kind == "sgd":
+        grad = torch.addcmul(grad, optim.weight_decay, param)
+        buf = optim.state["momentum_buffer"]
+        if optim.step == 0:
+            buf.copy_(grad)  # torch.optim.SGD starts its buffer as a copy of the first gradient
+        else:
+            buf.mul_(optim.momentum).add_(grad)
+        param.addcmul_(buf, scale)
+    else:
+        beta1, beta2 = optim.betas
+        exp_avg, exp_avg_sq = optim.state["exp_avg"], optim.state["exp_avg_sq"]
+        if optim.kind == "adamw":
+            param.mul_(coefficients.decay[t][optim.slot])
+        else:
+            grad = torch.addcmul(grad, optim.weight_decay, param)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / coefficients.bias_correction2_sqrt[t]).add_(optim.eps)
+        param.addcdiv_(scale * exp_avg, denom)
+    optim.step += 1
+
+
+def _optimiser_state(pack: _Pack, optim: _Optimiser, i: int, cell: _Cell) -> dict[str, Any]:
+    """Cell i's optimiser state exactly as torch.optim writes it for train.py's param groups."""
+    optimizer = cell.phase.optimizer
+    name_of = {id(p): k for k, p in cell.model.named_parameters()}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            blocks = {k: pack.block(v, name_of[id(param)], i).clone() for k, v in optim.state.items()}
+            if optim.kind != "sgd":
+                optimizer.state[param] = {"step": torch.tensor(float(optim.step)), **blocks}
+            elif group["momentum"] != 0 and optim.step > 0:
+                optimizer.state[param] = blocks
+    state = optimizer.state_dict()  # fresh clones above, and packed copies of the groups: a snapshot
+    optimizer.state.clear()
+    return state
+
+
+@torch.no_grad()
+def _load_optimiser_states(pack: _Pack, optim: _Optimiser, cells: list[_Cell]) -> None:
+    """Copy each cell's resumed torch.optim state (loaded into its real optimiser) into the flat buffers."""
+    steps = set()
+    for i, cell in enumerate(cells):
+        optimizer = cell.phase.optimizer
+        name_of = {id(p): k for k, p in cell.model.named_parameters()}
+        for param, slots in optimizer.state.items():
+            for key, flat in optim.state.items():
+                if key in slots:
+                    pack.block(flat, name_of[id(param)], i).copy_(slots[key])
+            steps.add(int(slots["step"]) if "step" in slots else 1)  # SGD keeps no step: any buffer means "not first"
+        optimizer.state.clear()
+    if len(steps) > 1:
+        raise XferError(f"the cells' optimiser states are at different steps ({sorted(steps)}); resume them one at a "
+                        "time with xfer.train.train.")
+    optim.step = steps.pop() if steps else 0
+
+
+# ---- choosing the path, and the benchmark --------------------------------------------------------
+
+@dataclass(frozen=True)
+class PackTiming:
+    """Wall-clock of `steps` optimiser steps of every cell of a pack: one by one (train.train) and batched."""
+
+    steps: int
+    samples: int                         # training examples seen by all cells together, each way
+    sequential_s: float
+    vectorised_s: float
+
+    @property
+    def speedup(self) -> float:
+        return self.sequential_s / self.vectorised_s
+
+    @property
+    def vectorised_is_faster(self) -> bool:
+        return self.vectorised_s < self.sequential_s
+
+
+def measure(specs: Sequence[TrainSpec], data: Sequence[Splits], models: Sequence[XferModel],
+            device: torch.device | str | None = None, steps: int = 10) -> PackTiming:
+    """Time `steps` steps of these cells both ways, after one warm-up step each way.
+
+    Runs the real paths (train.train per cell, then train_many) on copies of the models and on each cell's
+    data cut to `steps` batches without validation or test splits, so it costs about 2·steps·N single
+    steps. The pack runner calls it where the batched model is not always faster (CPU) and prints the choice.
+    """
+    device = torch.device(device) if device is not None else loop._default_device()
+    batch = min(specs[0].batch_size, len(data[0].train))
+    timed = [dataclasses.replace(s, epochs=1, unfreeze_epoch=None) for s in specs]
+
+    def cut(d: Splits, k: int) -> Splits:
+        empty = d.train.subset(torch.arange(0))
+        return Splits(d.train.subset(torch.arange(min(len(d.train), k * batch))), empty, empty, d.class_names)
+
+    def run(k: int) -> tuple[float, float]:
+        cut_data = [cut(d, k) for d in data]
+        copies = [copy.deepcopy(m) for m in models]
+        _sync(device)
+        begin = time.perf_counter()
+        for s, d, m in zip(timed, cut_data, copies):
+            loop.train(s, d, m, device=device)
+        _sync(device)
+        middle = time.perf_counter()
+        train_many(timed, cut_data, [copy.deepcopy(m) for m in models], device=device)
+        _sync(device)
+        return middle - begin, time.perf_counter() - middle
+
+    run(1)
+    sequential, vectorised = run(steps)
+    done = min(steps, len(data[0].train) // batch)
+    return PackTiming(done, done * batch * len(specs), sequential, vectorised)
+
+
+def bench_pack(arch: str, n_cells: int, device: torch.device | str | None, steps: int, batch_size: int) -> dict[str, Any]:
+    """Samples/s and cells/hour of `n_cells` cells of `arch` trained one by one vs batched, on synthetic
+    1×28×28 10-class data (the seed's shape). A "cell" here is `steps` steps of `batch_size`; the cells
+    differ in lr, head_lr_mult and seed (so in batch order), as a grid's pack does."""
+    device = torch.device(device) if device is not None else loop._default_device()
+    generator = torch.Generator().manual_seed(0)
+    size = steps * batch_size
+    train = Split(torch.randint(0, 256, (size, 1, 28, 28), dtype=torch.uint8, generator=generator),
+                  torch.randint(0, 10, (size,), generator=generator))
+    empty = train.subset(torch.arange(0))
+    data = Splits(train, empty, empty, tuple(str(c) for c in range(10)))
+    specs = [TrainSpec(arch=arch, dataset="synthetic", size=size, val_size=0, epochs=1, batch_size=batch_size,
+                       lr=1e-3 * (1 + cell), head_lr_mult=1 + cell % 2, seed=cell) for cell in range(n_cells)]
+    cells = [loop.prepare_model(spec, data) for spec in specs]
+    timing = measure(specs, [data] * n_cells, cells, device, steps)
+    return {
+        "arch": arch, "n_cells": n_cells, "device": str(device), "steps": timing.steps, "batch_size": batch_size,
+        "sequential_samples_per_s": timing.samples / timing.sequential_s,
+        "vectorised_samples_per_s": timing.samples / timing.vectorised_s,
+        "sequential_cells_per_hour": n_cells * 3600 / timing.sequential_s,
+        "vectorised_cells_per_hour": n_cells * 3600 / timing.vectorised_s,
+        "speedup": timing.speedup,
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
