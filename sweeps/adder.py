@@ -54,6 +54,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-path", default=None, help="Ray storage for trial checkpoints (s3:// or NFS on a cluster)")
     p.add_argument("--pack-size", type=int, default=None, help="cells trained per trial (1 = one cell per trial)")
     p.add_argument("--force", action="store_true", help="re-run cells that already finished")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="Ray's and Tune's own output on the terminal too (by default it goes to a log in the runs folder)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, 1-2 epochs: the whole path in well under a minute")
     return p
 
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after parsing, so that --help and a mistyped flag answer at once, without loading torch and MLflow.
     from reports import build_report
     from reports.verdicts import ADDER_CLAIM
-    from xfer import adder, data, tracking
+    from xfer import adder, data, progress, tracking
     from xfer.stages import RunOptions
 
     cells = adder.cells(
@@ -78,11 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     dataset = data.load(args.dataset, args.data_root, args.download)
     adder.check(cells, dataset)  # bad sizes or data fail here, before Ray and MLflow start
     tracking.ensure_server()
+    log = progress.log_path(args.experiment)
     options = RunOptions(experiment=args.experiment, data_root=args.data_root, download=args.download,
                          address=args.address, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                          max_failures=args.max_failures, storage_path=args.storage_path, force=args.force,
-                         pack_size=args.pack_size)
-    summaries = adder.run_stage(cells, options, dataset)
+                         pack_size=args.pack_size, verbose=args.verbose, log_file=None if args.verbose else str(log))
+    with progress.quiet_logs(log, enabled=not args.verbose), progress.GridView() as view:
+        summaries = adder.run_stage(cells, options, dataset, view)
     print("\n== summary")
     for summary in summaries:
         print(summary.line())

@@ -13,13 +13,14 @@ MLflow: MLFLOW_TRACKING_URI is used as is, else a local server on 127.0.0.1 keep
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a checkout
 
 from xfer import grid as grids  # noqa: E402
-from xfer import packs, pipeline, tracking  # noqa: E402
+from xfer import packs, pipeline, progress, tracking  # noqa: E402
 from xfer.cli import run_main  # noqa: E402
 from xfer.stages import RunOptions  # noqa: E402
 
@@ -55,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-scratch", action="store_true", help="skip the scratch baselines")
     p.add_argument("--data-root", default=None, help="torchvision data root (default $XFER_DATA or ./data)")
     p.add_argument("--download", action="store_true", help="download missing torchvision datasets (needs network)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="image folders: leave unreadable files out (listed in the summary and in MLflow) instead of stopping")
     p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else local Ray)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", type=float, default=None, help="fractional GPUs per trial (default $XFER_GPUS_PER_TRIAL, else 1/4 when GPUs exist)")
@@ -63,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pack-size", type=int, default=None,
                    help=f"cells trained per trial, in one process (1 = one cell per trial; default {packs.PACK_SIZE['cpu']} "
                         f"on CPU, {packs.PACK_SIZE['cuda']} on GPU, and packs are split so every trial slot has work)")
+    p.add_argument("--vectorise", choices=packs.VECTORISE, default="auto",
+                   help="train a pack's cells as one batched model: auto (on a GPU, and on a CPU where it measures "
+                        "faster), always (wherever it can), never")
     p.add_argument("--checkpoint-every", type=float, default=packs.CHECKPOINT_INTERVAL_S, metavar="SECONDS",
                    help="hand a pack's epoch states to Tune at most this often (a killed pack loses at most this much)")
     p.add_argument("--storage-path", default=None, help="Ray storage for trial checkpoints (s3:// or NFS on a cluster)")
@@ -70,6 +76,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tuned", action="store_true", help="use the best Optuna configuration per (arch, size) from MLflow")
     p.add_argument("--force", action="store_true", help="re-run cells that already finished")
     p.add_argument("--dry-run", action="store_true", help="print each stage's cells and what is finished; run nothing")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="Ray's and Tune's own output on the terminal too (by default it goes to a log in the runs folder)")
     return p
 
 
@@ -89,10 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     grid = grid_from_args(args)
     options = RunOptions(
-        experiment=grid.name, data_root=args.data_root, download=args.download, address=args.address,
+        experiment=grid.name, data_root=args.data_root, download=args.download, skip_bad_images=args.skip_bad_images,
+        address=args.address,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, workers_per_trial=args.workers_per_trial,
         max_failures=args.max_failures, storage_path=args.storage_path, force=args.force, pack_size=args.pack_size,
-        checkpoint_interval_s=args.checkpoint_every,
+        checkpoint_interval_s=args.checkpoint_every, vectorise=args.vectorise, verbose=args.verbose,
     )
     if args.tuned:
         from xfer import tuning
@@ -105,15 +114,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         pipeline.dry_run(grid, options, prepared=prepared)
         return 0
-    outcome = pipeline.run_grid(grid, options, stages=tuple(args.stages), prepared=prepared)
-    print("\n== summary")
+    log = progress.log_path(grid.name)
+    if not args.verbose:   # Ray's banners, Tune's tables and worker output go to the log; -v keeps them here
+        options = dataclasses.replace(options, log_file=str(log))
+    view = progress.GridView()
+    for line in pipeline.plan_lines(prepared, options):
+        view.line(line)
+    with progress.quiet_logs(log, enabled=not args.verbose), view:
+        outcome = pipeline.run_grid(grid, options, stages=tuple(args.stages), prepared=prepared, echo=view.line,
+                                    view=view)
+    view.line("\n== summary")
     for summary in outcome.summaries:
-        print(summary.line())
+        view.line(summary.line())
     for cell, reason in outcome.failed:
-        print(f"FAILED {cell}: {reason}")
-    print(f"MLflow UI: {tracking.ui_url()}  (experiment '{grid.name}')")
+        view.line(f"FAILED {cell}: {reason}")
+    if outcome.timing():
+        view.line(outcome.timing())
+    view.line(f"MLflow UI: {tracking.ui_url(grid.name)}  (experiment '{grid.name}')")
     if outcome.report_dir:
-        print(f"report: {outcome.report_dir}/index.html")
+        view.line(f"report: {outcome.report_dir}/index.html")
+    if not args.verbose:
+        view.line(f"log: {log}")
     return 1 if outcome.failed else 0
 
 

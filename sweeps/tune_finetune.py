@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     tracking.ensure_server()
     options = RunOptions(experiment=args.experiment, data_root=args.data_root, download=args.download,
                          address=args.address, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-                         max_failures=args.max_failures, storage_path=args.storage_path)
+                         max_failures=args.max_failures, storage_path=args.storage_path,
+                         verbose=True)   # no progress view of its own: Tune's trial table is the study's view
     outcome = tuning.run_study(study, trials, options, storage=args.storage, pretrain_experiment=args.pretrain_experiment)
     print(summary(outcome))
     print(f"MLflow UI: {tracking.ui_url(args.experiment)}  (parent run {outcome.parent_run_id})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import string
 import zipfile
 from pathlib import Path
@@ -490,3 +491,31 @@ def test_imagefolder_with_a_class_of_only_bad_images_is_refused_even_when_skippi
     with pytest.raises(XferError, match=r"every image of class not-hotdog is unreadable \(2 unreadable files") as caught:
         data.load(f"imagefolder:{folder}", skip_bad_images=True)
     assert "remove the class subfolder" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_info_is_recorded_once_and_read_back_until_the_files_change(tiny_root, tmp_path: Path, monkeypatch) -> None:
+    cache = tmp_path / "datasets.json"
+    first = data.info("kmnist", tiny_root.path, cache)
+    assert (first.source, first.train, first.test, first.in_shape, first.num_classes) == ("loaded", 30, 10, (1, 28, 28), 10)
+    loads: list[str] = []
+
+    def no_load(name: str, *args, **kwargs) -> None:
+        loads.append(name)
+        raise LookupError("loaded")
+
+    monkeypatch.setattr(data, "load", no_load)   # from here on, a load is recorded and stops the call
+    again = data.info("kmnist", tiny_root.path, cache)
+    assert again.source == "cache" and (again.train, again.in_shape) == (30, (1, 28, 28)) and not loads
+    # The files changed (a new download): the record no longer describes them, so the set is read again.
+    images = tiny_root.path / "KMNIST" / "raw" / "train-images-idx3-ubyte"
+    os.utime(images, ns=(images.stat().st_atime_ns, images.stat().st_mtime_ns + 10**9))
+    with pytest.raises(LookupError):
+        data.info("kmnist", tiny_root.path, cache)
+    assert loads == ["kmnist"]
+
+
+def test_info_of_absent_torchvision_files_is_the_published_sizes_only_when_asked(tmp_path: Path) -> None:
+    planned = data.info("emnist_letters", tmp_path, published=True)
+    assert (planned.source, planned.train, planned.num_classes) == ("published", 124800, 26)
+    with pytest.raises(XferError, match="emnist_letters"):
+        data.info("emnist_letters", tmp_path)

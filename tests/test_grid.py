@@ -142,6 +142,8 @@ def test_missing_torchvision_data_names_sets_and_remedies(tmp_path: Path) -> Non
     text = str(info.value)
     assert "kmnist" in text and "svhn" in text and "mnist" in text and str(tmp_path) in text
     assert "--download" in text and "--preset smoke" in text
+    # The refusal names the files it looked for, as torchvision ships them too (.gz), and their folder.
+    assert "train-images-idx3-ubyte" in text and "train-images-idx3-ubyte.gz" in text and "train_32x32.mat" in text
 
 
 def test_cli_overrides_and_grid_file(tmp_path: Path, full_grid) -> None:

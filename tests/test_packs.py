@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shutil
 from pathlib import Path
@@ -54,7 +55,7 @@ def test_packs_group_compatible_cells_and_fill_every_slot() -> None:
 def test_a_packed_cell_is_the_cell_trained_alone_and_each_point_is_logged_once(experiment: str, digits) -> None:
     cells = [tiny(0), tiny(1, lr=1e-2, freeze_depth=2)]
     alone = stages.train_cell(cells[0], experiment + "-alone", digits)
-    result = packs.run_pack(cells, stages.TRAINING, experiment, {"mnist5k": digits})
+    result = packs.run_pack(cells, stages.TRAINING, experiment, {"mnist5k": digits}, vectorise="never")
     assert result.ran == [specs.key(c) for c in cells] and not result.failed and result.mode == "packed_sequential"
     records = [tracking.find_finished(experiment, specs.key(c)) for c in cells]
     assert all(r is not None and names.TAG_CHECKPOINT_SHA in r.tags for r in records)
@@ -71,6 +72,28 @@ def test_a_packed_cell_is_the_cell_trained_alone_and_each_point_is_logged_once(e
     # Run again: every cell is found finished in MLflow, nothing trains.
     again = packs.run_pack(cells, stages.TRAINING, experiment, {"mnist5k": digits})
     assert again.skipped == [specs.key(c) for c in cells] and not again.ran
+
+
+def test_a_vectorised_pack_records_each_cell_as_if_trained_alone(experiment: str, digits) -> None:
+    cells = [tiny(0), tiny(1, lr=1e-2, freeze_depth=2, weight_decay=1e-3), tiny(2, lr=5e-3)]
+    result = packs.run_pack(cells, stages.TRAINING, experiment, {"mnist5k": digits}, vectorise="always")
+    assert result.mode == "packed_vectorised" and result.ran == [specs.key(c) for c in cells], result.why
+    for spec in cells:
+        splits = data.make_splits(digits, 300, 100, spec.train.seed)
+        alone = loop.train(spec.train, splits, loop.prepare_model(spec.train, splits))
+        record = tracking.find_finished(experiment, specs.key(spec))
+        curve = tracking.read_curve(record.run_id)
+        assert [(r["step"], r["split"]) for r in curve] == [(r["step"], r["split"]) for r in alone.curve]
+        # Within one example of each window (AdamW: float-order noise; tests/test_vectorised.py has the detail).
+        assert [r["error"] for r in curve] == pytest.approx([r["error"] for r in alone.curve], abs=1 / 32 + 1e-6)
+        assert [step for step, _ in history(record.run_id, names.VAL_ERROR)] == [9, 18]
+    # --vectorise auto on a CPU measures once, keeps the answer in the runs folder, and says why it chose.
+    auto = packs.run_pack([tiny(3), tiny(4)], stages.TRAINING, experiment, {"mnist5k": digits})
+    assert auto.mode in ("packed_sequential", "packed_vectorised") and auto.why
+    calibration = json.loads((tracking.runs_dir() / packs.CALIBRATION_FILE).read_text())
+    [(key, measured)] = [(k, v) for k, v in calibration.items() if "/lenet5/batch32/cells2/" in k]
+    assert key.startswith("vectorised/cpu/") and measured["speedup"] > 0
+    assert (auto.mode == "packed_vectorised") == measured["vectorised_is_faster"]
 
 
 def _broken_for(seeds_nan: set[int], seeds_refused: set[int]) -> packs.Kind:
@@ -94,9 +117,11 @@ def _broken_for(seeds_nan: set[int], seeds_refused: set[int]) -> packs.Kind:
     return dataclasses.replace(stages.TRAINING, name="broken", cell=cell)
 
 
-def test_a_failing_cell_fails_alone_and_its_pack_mates_finish(experiment: str, digits) -> None:
+@pytest.mark.parametrize("vectorise", ["never", "always"])
+def test_a_failing_cell_fails_alone_and_its_pack_mates_finish(experiment: str, digits, vectorise: str) -> None:
     cells = [tiny(0), tiny(13), tiny(14), tiny(2)]
-    result = packs.run_pack(cells, _broken_for({13}, {14}), experiment, {"mnist5k": digits})
+    result = packs.run_pack(cells, _broken_for({13}, {14}), experiment, {"mnist5k": digits}, vectorise=vectorise)
+    assert result.mode == ("packed_vectorised" if vectorise == "always" else "packed_sequential")
     keys = [specs.key(c) for c in cells]
     assert result.ran == [keys[0], keys[3]]
     assert "non-finite loss" in result.failed[keys[1]] and "broken-14.safetensors" in result.failed[keys[2]]
@@ -114,19 +139,19 @@ def test_a_crashed_pack_resumes_each_cell_from_its_last_epoch(experiment: str, d
     def report(metrics: dict, state_dir: Path | None) -> None:
         if state_dir is not None:   # what Tune would keep: a copy of the folder
             handed.append(Path(shutil.copytree(state_dir, tmp_path / f"ckpt-{len(handed)}")))
-        if metrics["cells_done"] == 1 and metrics[names.EPOCH] == 2:
+        if metrics["cells_done"] == 1 and metrics.get(names.EPOCH) == 2:
             raise RuntimeError("the node went away")   # a crash, not bad input: the pack (trial) ends
 
     store = packs.PackCheckpoint({}, 0.0, report, len(cells))
     with pytest.raises(RuntimeError, match="went away"):
-        packs.run_pack(cells, stages.TRAINING, experiment, {"mnist5k": digits}, store.session)
+        packs.run_pack(cells, stages.TRAINING, experiment, {"mnist5k": digits}, store, vectorise="never")
     crashed = tracking.query(experiment, status=None, tags={names.TAG_KEY: keys[1]})
     restored = packs.PackCheckpoint.load(handed[-1])
     assert set(restored) == {keys[1]} and restored[keys[1]].epoch == 2
 
     # Tune restarts the trial with its last checkpoint: cell 0 is done, cell 1 resumes at epoch 2, cell 2 starts.
     retry = packs.PackCheckpoint(restored, 0.0, lambda metrics, state_dir: None, len(cells))
-    result = packs.run_pack(cells, stages.TRAINING, experiment, {"mnist5k": digits}, retry.session)
+    result = packs.run_pack(cells, stages.TRAINING, experiment, {"mnist5k": digits}, retry, vectorise="never")
     assert result.skipped == [keys[0]] and result.ran == keys[1:]
     record = tracking.find_finished(experiment, keys[1])
     assert record.run_id == crashed[0].run_id and record.tags[names.TAG_RESUMED] == "2"   # the same MLflow run

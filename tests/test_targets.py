@@ -44,7 +44,8 @@ def tiny(preset: str, **overrides) -> grids.Grid:
 
 
 def prepare(grid: grids.Grid, root: Path, experiment: str) -> tuple[grids.Cells, dict]:
-    return pipeline.prepare(grid, RunOptions(experiment=experiment, data_root=str(root)))
+    prepared = pipeline.prepare(grid, RunOptions(experiment=experiment, data_root=str(root)))
+    return prepared.cells, prepared.datasets
 
 
 def train(spec, experiment: str, datasets: dict) -> tracking.RunRecord:

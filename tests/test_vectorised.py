@@ -117,8 +117,9 @@ def test_each_cell_trains_as_it_would_alone(pool: data.Dataset, arch: str) -> No
     assert all(torch.equal(dict(models.layers(trained[1]))[n].cpu(), before) for n, before in frozen.items())
     # The cells really differ (a pack that trained one cell N times would fail here).
     assert not torch.allclose(trained[0].head.weight, trained[2].head.weight)
-    # Each cell reports as train.train does: train rows every 3 steps, an epoch row after each epoch.
-    assert [r["kind"] for r in records[0]] == ["train", "epoch", "train", "epoch"]
+    # Each cell reports as train.train does: train rows every 3 steps (and the last steps' window before the
+    # last epoch row), an epoch row after each epoch.
+    assert [r["kind"] for r in records[0]] == ["train", "epoch", "train", "train", "epoch"]
     assert records[2][-1][names.TEST_ERROR] == batched[2].curve[-1]["error"]
 
 

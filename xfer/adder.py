@@ -119,8 +119,8 @@ def cells(sizes: Sequence[int], seeds: Sequence[int], dataset: str = "mnist5k", 
 
 
 def label(spec: AdderSpec) -> str:
-    via = f"{spec.pretrain.train.arch}→" if spec.pretrain is not None else ""
-    return f"{names.ADDER}:{spec.variant}/{via}{spec.dataset}/n={spec.size}/seed={spec.seed}"
+    via = f" from {spec.pretrain.train.arch}" if spec.pretrain is not None else ""
+    return f"{names.ADDER} {spec.variant}{via} {spec.dataset} n={spec.size} seed={spec.seed}"
 
 
 # ---- pairs ---------------------------------------------------------------------------------------
@@ -323,7 +323,8 @@ def adder_cell(spec: AdderSpec, context: packs.Context) -> Cell:
         torch.manual_seed(spec.seed)  # the new layers' initialisation
         return splits, transfer_model(pretrained, spec.variant)
 
-    return Cell(spec, names.ADDER, label(spec), spec.train_spec(), tags_of(spec, pretrain_run), prepare)
+    return Cell(spec, names.ADDER, label(spec), spec.train_spec(), tags_of(spec, pretrain_run), prepare,
+                parent_run_id=context.parent_run_id)
 
 
 def _train_spec(spec: AdderSpec) -> TrainSpec:
@@ -346,15 +347,15 @@ def run_cell(spec: AdderSpec, experiment: str, dataset: data.Dataset, session: S
 # ---- the stage on Ray Tune -----------------------------------------------------------------------
 
 def run_stage(adder_cells: Sequence[AdderSpec], options: stages.RunOptions,
-              dataset: data.Dataset) -> list[stages.StageSummary]:
+              dataset: data.Dataset, view: Any = None) -> list[stages.StageSummary]:
     """The digit pretrain cells the transfer cells need (if not finished), then the adder cells, as packs."""
     check(adder_cells, dataset)
     pretrain = list(dict.fromkeys(c.pretrain for c in adder_cells if c.pretrain is not None))
     datasets = {dataset.name: dataset}
     summaries = []
     if pretrain:
-        summaries.append(stages.run_stage(names.PRETRAIN, pretrain, stages.TRAINING, options, datasets))
-    summaries.append(stages.run_stage(names.ADDER, adder_cells, ADDER, options, datasets))
+        summaries.append(stages.run_stage(names.PRETRAIN, pretrain, stages.TRAINING, options, datasets, view))
+    summaries.append(stages.run_stage(names.ADDER, adder_cells, ADDER, options, datasets, view))
     return summaries
 
 

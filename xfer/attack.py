@@ -458,8 +458,9 @@ class Context:
     """What one process of the attack stage shares: the experiment's training runs and finished attack runs
     (one search each), and every model and attacked dataset loaded once."""
 
-    def __init__(self, experiment: str, data_root: str | Path | None = None) -> None:
+    def __init__(self, experiment: str, data_root: str | Path | None = None, parent_run_id: str | None = None) -> None:
         self.experiment, self.data_root = experiment, data_root
+        self.parent_run_id = parent_run_id   # the attack stage's run: generation runs are its children
         self.done = {r.key: r for r in tracking.query(experiment, names.ATTACK)}   # finished generation / evaluation runs
         self._runs: dict[str, _Model] | None = None
         self._models: dict[str, nn.Module] = {}
@@ -567,22 +568,28 @@ def run_cell(experiment: str, cell: AttackCell, device: torch.device | str | Non
 
 
 def run_pack(experiment: str, cells: Sequence[AttackCell], device: torch.device | str | None = None,
-             data_root: str | Path | None = None) -> dict[str, str]:
+             data_root: str | Path | None = None, parent_run_id: str | None = None,
+             progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, str]:
     """Several attack cells in one process, sharing look-ups, models and data; returns the failed cells' reasons
-    by key. A cell refused for bad input (`XferError`) fails alone; its pack-mates go on."""
-    context = Context(experiment, data_root)
+    by key. A cell refused for bad input (`XferError`) fails alone; its pack-mates go on. `progress` hears each
+    cell's end."""
+    context = Context(experiment, data_root, parent_run_id)
     failed: dict[str, str] = {}
-    for cell in cells:
+    for done, cell in enumerate(cells, 1):
         try:
             run_cell(experiment, cell, device, context=context)
         except XferError as exc:
             failed[cell.key] = str(exc)
+        if progress is not None:
+            progress({"cell": label(cell), "cell_finished": float(cell.key not in failed),
+                      "reason": failed.get(cell.key, ""), "cells_done": float(done), "cells": float(len(cells))})
     return failed
 
 
 def label(cell: AttackCell) -> str:
     a = cell.spec.attack
-    return f"attack:{a.attack}/eps={a.eps}/surrogate={cell.spec.surrogate_key}"
+    return (f"{a.attack}{' targeted' if a.targeted else ''} eps={a.eps:g} from {cell.spec.surrogate_key[:12]} "
+            f"→ {len(cell.target_run_ids)} target(s)")
 
 
 def _check_cell(spec: AttackSpec, surrogates: list[_Model], targets: list[_Model], class_names: tuple[str, ...],
@@ -619,8 +626,9 @@ def _generation_run(context: Context, cell: AttackCell, surrogates: list[_Model]
     # Scored as stored: float16, so a fresh cell and one read back from MLflow give the same numbers.
     examples = Examples(clean, adv.half().float(), labels, index, aims, dataset.class_names)
     whitebox = _whitebox_success(models_, examples, spec, device)
-    with tracking.start_run(context.experiment, names.ATTACK, cell.key, tags=_generation_tags(cell), params=cell.spec,
-                            run_name=_run_name(cell)) as run, tempfile.TemporaryDirectory(prefix="xfer-adv-") as tmp:
+    generation = tracking.start_run(context.experiment, names.ATTACK, cell.key, tags=_generation_tags(cell),
+                                    params=cell.spec, run_name=_run_name(cell), parent_run_id=context.parent_run_id)
+    with generation as run, tempfile.TemporaryDirectory(prefix="xfer-adv-") as tmp:
         run.log_artifact(save_examples(Path(tmp) / EXAMPLES_FILE, examples, spec), names.ADVERSARIAL_DIR)
         run.log_metrics({names.WHITEBOX_SUCCESS: whitebox, names.SECONDS: seconds})
     return examples, run.run_id, whitebox

@@ -57,7 +57,7 @@ class Session(Protocol):
     """Where a cell keeps its epoch states and reports progress."""
 
     def restore(self) -> TrainState | None: ...
-    def epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None: ...
+    def epoch_end(self, state: TrainState, metrics: dict[str, Any]) -> None: ...
     def done(self, result: loop.Result) -> None: ...
 
 
@@ -67,7 +67,7 @@ class NoSession:
     def restore(self) -> TrainState | None:
         return None
 
-    def epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None:
+    def epoch_end(self, state: TrainState, metrics: dict[str, Any]) -> None:
         pass
 
     def done(self, result: loop.Result) -> None:
@@ -130,7 +130,8 @@ class Life:
         """The loop's per-epoch hook: the epoch's points to MLflow, then the state to the session (to resume from)."""
         state.extra[RUN_ID] = self.run.run_id if self.run is not None else ""
         errors = {r["split"]: r["error"] for r in state.curve if r["epoch"] == state.epoch}
-        metrics = {names.EPOCH: float(state.epoch), names.VAL_ERROR: errors.get("val", math.nan)}
+        metrics = {names.EPOCH: float(state.epoch), names.VAL_ERROR: errors.get("val", math.nan),
+                   "epochs": float(self.cell.train.epochs), "cell": self.cell.label}
         if self.cell.log_test:
             metrics[names.TEST_ERROR] = errors.get("test", math.nan)
         self._log_rows(state.curve)

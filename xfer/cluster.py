@@ -8,6 +8,7 @@ environment, so every trial logs to the same MLflow server.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from xfer import tracking
@@ -15,14 +16,21 @@ from xfer import tracking
 GPU_SHARE = 0.25   # default GPUs per trial when the cluster has GPUs: several packs share one device
 
 
-def connect(address: str | None = None) -> Any:
+def connect(address: str | None = None, log_file: str | None = None) -> Any:
     """Join `address` / $RAY_ADDRESS, else start Ray locally; a Ray this process already runs is kept (tests,
-    notebooks). Returns the `ray` module."""
+    notebooks). Returns the `ray` module.
+
+    With `log_file`, Ray's start-up output (its banners are printed by its C++ core, past Python's logging)
+    goes to that file, and the workers' output stays in Ray's own session logs instead of the terminal.
+    """
     import ray
 
+    from xfer.progress import redirected
+
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": tracking.worker_env()},
-                 configure_logging=False)
+        with redirected(Path(log_file) if log_file else None):
+            ray.init(address=address or os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": tracking.worker_env()},
+                     configure_logging=False, log_to_driver=log_file is None)
     return ray
 
 

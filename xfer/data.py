@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import gzip
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -19,11 +21,12 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 
 from xfer.errors import XferError
 
@@ -213,6 +216,86 @@ def load(name: str, root: str | Path | None = None, download: bool = False, skip
     return _loaded[key]
 
 
+@dataclass(frozen=True)
+class Info:
+    """What planning a grid needs of a dataset, without its images: split sizes, image shape, classes."""
+
+    name: str
+    train: int
+    test: int
+    in_shape: tuple[int, int, int]
+    num_classes: int
+    source: str = "loaded"   # "loaded" | "cache" (files unchanged since) | "published" (files absent)
+
+
+# The published sizes of the torchvision sets, in xfer's canonical shapes: what a plan shows for a set whose files
+# are not here yet (`info(..., published=True)`), so a grid can be planned and costed before its data arrives.
+PUBLISHED: dict[str, tuple[int, int, tuple[int, int, int], int]] = {
+    "mnist": (60000, 10000, (1, 28, 28), 10), "kmnist": (60000, 10000, (1, 28, 28), 10),
+    "fashion_mnist": (60000, 10000, (1, 28, 28), 10), "qmnist": (60000, 60000, (1, 28, 28), 10),
+    "emnist_balanced": (112800, 18800, (1, 28, 28), 47), "emnist_letters": (124800, 20800, (1, 28, 28), 26),
+    "emnist_digits": (240000, 40000, (1, 28, 28), 10), "svhn": (73257, 26032, (1, 28, 28), 10),
+    "usps": (7291, 2007, (1, 28, 28), 10), "cifar10": (50000, 10000, (3, 32, 32), 10),
+    "cifar10_gray": (50000, 10000, (1, 32, 32), 10),
+}
+
+
+def info(name: str, root: str | Path | None = None, cache: Path | None = None, skip_bad_images: bool = False,
+         published: bool = False, download: bool = False) -> Info:
+    """A dataset's `Info`, read from `cache` (a JSON file) when the set's files are unchanged since it was
+    recorded there, else by loading the set (and recording it). A finished grid's rerun plans from the cache
+    and loads no images. With `published`, a torchvision set whose files are absent is described by its
+    published sizes (`PUBLISHED`) instead of being refused.
+    """
+    root = data_root(root)
+    if published and not name.startswith(IMAGEFOLDER) and name in PUBLISHED and _absent_files(_entry(name), root):
+        train, test, shape, classes = PUBLISHED[name]
+        return Info(name, train, test, shape, classes, "published")
+    key, signature = f"{name}|{root}|skip_bad_images={skip_bad_images}", _signature(name, root)
+    known = _read_cache(cache)
+    if signature and key in known and known[key].get("signature") == signature:
+        return Info(**{**known[key]["info"], "in_shape": tuple(known[key]["info"]["in_shape"]), "source": "cache"})
+    ds = load(name, root, download, skip_bad_images)
+    found = Info(name, len(ds.train), len(ds.test), ds.in_shape, ds.num_classes)
+    if cache is not None and signature:
+        known = _read_cache(cache)   # another process may have written meanwhile
+        known[key] = {"signature": signature, "info": {k: v for k, v in vars(found).items() if k != "source"}}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(json.dumps(known, indent=1, sort_keys=True))
+        partial.replace(cache)
+    return found
+
+
+def _signature(name: str, root: Path) -> str:
+    """What a dataset's content depends on: its files' names, sizes and times (a folder's too); for an
+    embedded set, this module's source (its generators). "" when it cannot be told (nothing is cached)."""
+    if name.startswith(IMAGEFOLDER):
+        folder = _folder_of(name, root)
+        files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+    else:
+        entry = _entry(name)
+        if entry.embedded:
+            return "embedded:" + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+        files = [root / f for f in entry.files]
+        files += [root / f"{f}.gz" for f in entry.files if entry.gzipped]
+        files = [f for f in files if f.is_file()]
+    if not files:
+        return ""
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _read_cache(cache: Path | None) -> dict[str, Any]:
+    try:
+        return json.loads(cache.read_text()) if cache is not None else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def missing(names: Iterable[str], root: str | Path | None = None) -> list[str]:
     """Which of `names` cannot be loaded offline from the data root (a cheap check for expected files).
 
@@ -392,6 +475,14 @@ def _decompress(archive: Path, member: str | None, target: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- conversions
 
+def _tv() -> ModuleType:
+    """torchvision, imported when a torchvision set is first loaded: its import (models, ops, dynamo) takes
+    seconds, which a refused command or a finished grid's rerun never needs."""
+    import torchvision
+
+    return torchvision
+
+
 def _to_grid(images: torch.Tensor, gray: bool, size: int) -> torch.Tensor:
     """uint8 N×C×H×W -> uint8 N×(1 if gray else C)×size×size: luma, then antialiased bilinear resize."""
     n, c, h, w = images.shape
@@ -428,7 +519,7 @@ def _idx_files(
     return tuple(f"{folder}/raw/{prefix}{part}-{kind}" for part in names for kind in ("images-idx3-ubyte", labels))
 
 
-def _mnist_like(name: str, cls: type[torchvision.datasets.MNIST], root: Path, download: bool) -> Dataset:
+def _mnist_like(name: str, cls: type, root: Path, download: bool) -> Dataset:
     train, test = (cls(root, train=flag, download=download) for flag in (True, False))
     return Dataset(
         name, Split(train.data.unsqueeze(1), train.targets), Split(test.data.unsqueeze(1), test.targets), tuple(train.classes),
@@ -437,21 +528,21 @@ def _mnist_like(name: str, cls: type[torchvision.datasets.MNIST], root: Path, do
 
 @dataset("mnist", files=_idx_files("MNIST"), gzipped=True)
 def _mnist(root: Path, download: bool) -> Dataset:
-    return _mnist_like("mnist", torchvision.datasets.MNIST, root, download)
+    return _mnist_like("mnist", _tv().datasets.MNIST, root, download)
 
 
 @dataset("kmnist", files=_idx_files("KMNIST"), gzipped=True)
 def _kmnist(root: Path, download: bool) -> Dataset:
-    return _mnist_like("kmnist", torchvision.datasets.KMNIST, root, download)
+    return _mnist_like("kmnist", _tv().datasets.KMNIST, root, download)
 
 
 @dataset("fashion_mnist", files=_idx_files("FashionMNIST"), gzipped=True)
 def _fashion_mnist(root: Path, download: bool) -> Dataset:
-    return _mnist_like("fashion_mnist", torchvision.datasets.FashionMNIST, root, download)
+    return _mnist_like("fashion_mnist", _tv().datasets.FashionMNIST, root, download)
 
 
 def _emnist(split_name: str, root: Path, download: bool) -> Dataset:
-    train, test = (torchvision.datasets.EMNIST(root, split=split_name, train=flag, download=download) for flag in (True, False))
+    train, test = (_tv().datasets.EMNIST(root, split=split_name, train=flag, download=download) for flag in (True, False))
     # EMNIST letters are labelled 1..26 (0 is an unused "N/A" class): shift to 0..25 and drop the name.
     offset = 1 if split_name == "letters" else 0
     # EMNIST's files hold each image transposed; swapping H and W makes the characters upright.
@@ -481,7 +572,7 @@ def _emnist_digits(root: Path, download: bool) -> Dataset:
 @dataset("qmnist", files=_idx_files("QMNIST", prefix="qmnist-", labels="labels-idx2-int", names=("train", "test")),
          gzipped=True)
 def _qmnist(root: Path, download: bool) -> Dataset:
-    train, test = (torchvision.datasets.QMNIST(root, what=what, download=download) for what in ("train", "test"))
+    train, test = (_tv().datasets.QMNIST(root, what=what, download=download) for what in ("train", "test"))
     # QMNIST's targets are N×8 (class, writer, NIST ids, ...); column 0 is the class, as MNIST's.
     splits = [Split(part.data.unsqueeze(1), part.targets[:, 0]) for part in (train, test)]
     return Dataset("qmnist", *splits, tuple(train.classes))
@@ -490,7 +581,7 @@ def _qmnist(root: Path, download: bool) -> Dataset:
 @dataset("svhn", files=("SVHN/train_32x32.mat", "SVHN/test_32x32.mat"))
 def _svhn(root: Path, download: bool) -> Dataset:
     # torchvision reads SVHN's files from the folder it is given; a subfolder keeps the data root tidy.
-    parts = [torchvision.datasets.SVHN(root / "SVHN", split=split, download=download) for split in ("train", "test")]
+    parts = [_tv().datasets.SVHN(root / "SVHN", split=split, download=download) for split in ("train", "test")]
     # torchvision already maps SVHN's label 10 to digit 0; .data is N×3×32×32 uint8.
     splits = [Split(_to_grid(torch.from_numpy(part.data), gray=True, size=GRID), _labels(part.labels)) for part in parts]
     return Dataset("svhn", *splits, tuple(string.digits))
@@ -498,7 +589,7 @@ def _svhn(root: Path, download: bool) -> Dataset:
 
 @dataset("usps", files=("USPS/usps.bz2", "USPS/usps.t.bz2"))
 def _usps(root: Path, download: bool) -> Dataset:
-    parts = [torchvision.datasets.USPS(root / "USPS", train=flag, download=download) for flag in (True, False)]
+    parts = [_tv().datasets.USPS(root / "USPS", train=flag, download=download) for flag in (True, False)]
     # torchvision maps USPS's [-1, 1] pixels to uint8 0..255 (N×16×16) and its labels 1..10 to 0..9.
     splits = [Split(_to_grid(_uint8(part.data)[:, None], gray=True, size=GRID), _labels(part.targets)) for part in parts]
     return Dataset("usps", *splits, tuple(string.digits))
@@ -511,7 +602,7 @@ _CIFAR10_FILES = tuple(
 
 @dataset("cifar10", files=_CIFAR10_FILES)
 def _cifar10(root: Path, download: bool) -> Dataset:
-    train, test = (torchvision.datasets.CIFAR10(root, train=flag, download=download) for flag in (True, False))
+    train, test = (_tv().datasets.CIFAR10(root, train=flag, download=download) for flag in (True, False))
     # CIFAR10.data is N×H×W×C; the grid is channels-first.
     splits = [Split(_uint8(part.data).permute(0, 3, 1, 2), _labels(part.targets)) for part in (train, test)]
     return Dataset("cifar10", *splits, tuple(train.classes))
@@ -759,7 +850,7 @@ def _read_images(folder: Path, skip_bad_images: bool) -> tuple[_FolderImages, tu
     from PIL import Image  # torchvision's image loader is PIL's; its errors name a file PIL cannot decode
 
     try:
-        found = torchvision.datasets.ImageFolder(str(folder))
+        found = _tv().datasets.ImageFolder(str(folder))
     except FileNotFoundError as exc:
         raise XferError(
             f"image folder {folder} has no usable class subfolders ({exc}); put each class's images "
@@ -878,6 +969,6 @@ def channel_stats(split: Split) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 __all__ = [
-    "Split", "Dataset", "Splits", "Loader", "dataset", "list_datasets", "data_root", "load", "missing", "describe_missing",
+    "Info", "info", "PUBLISHED", "Split", "Dataset", "Splits", "Loader", "dataset", "list_datasets", "data_root", "load", "missing", "describe_missing",
     "make_splits", "stratified_indices", "channel_stats", "DATA_ENV", "IMAGEFOLDER",
 ]

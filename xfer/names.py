@@ -12,6 +12,7 @@ ADDER = "adder"
 REPORT = "report"
 TUNE = "tune"
 STAGES = (PRETRAIN, FINETUNE, SCRATCH, ATTACK, ADDER, REPORT, TUNE)
+GRID = "grid"   # the runs that make the MLflow UI's tree: one per grid invocation, one per stage under it (TAG_GRID_STAGE)
 
 # Tags (MLflow run tags).
 TAG_STAGE = "xfer.stage"
@@ -21,6 +22,7 @@ TAG_SURROGATE_RUN = "xfer.surrogate_run"  # on attack runs
 TAG_TARGET_RUN = "xfer.target_run"        # on per-target attack evaluations
 TAG_CHECKPOINT_SHA = "xfer.checkpoint_sha256"
 TAG_FAILURE = "xfer.failure"              # reason a run ended FAILED
+TAG_GRID_STAGE = "xfer.grid_stage"        # on a stage's parent run (stage GRID): which stage its children are
 TAG_NODE = "xfer.node"                    # training runs: the Ray node the cell trained on ("" outside Ray)
 TAG_WORKERS = "xfer.workers"              # ... its data-parallel world size
 TAG_RESUMED = "xfer.resumed_from_epoch"   # ... after a crash: the epoch it resumed from

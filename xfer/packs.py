@@ -14,7 +14,10 @@ epoch state (`PackCheckpoint`), and cells that finished in MLflow are skipped.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -26,7 +29,7 @@ import torch
 
 from xfer import checkpoint, data, specs, tracking
 from xfer import train as loop
-from xfer.cells import Cell, Session, live
+from xfer.cells import Cell, Life, Session, live
 from xfer.checkpoint import TrainState
 from xfer.errors import XferError
 from xfer.models import XferModel
@@ -98,9 +101,10 @@ def describe(pack: Sequence[Any], kind: Kind) -> str:
 class Context:
     """What the cells of one pack share in their process: datasets, MLflow look-ups made once, models loaded once."""
 
-    def __init__(self, experiment: str, datasets: dict[str, data.Dataset]) -> None:
+    def __init__(self, experiment: str, datasets: dict[str, data.Dataset], parent_run_id: str | None = None) -> None:
         self.experiment = experiment
         self.datasets = datasets
+        self.parent_run_id = parent_run_id   # the stage's run in MLflow: every cell's run is its child
         self._finished: dict[tuple[str, float | None], dict[str, tracking.RunRecord]] = {}
         self._models: dict[str, XferModel] = {}
 
@@ -129,41 +133,157 @@ class PackResult:
     mode: str = "packed_sequential"                           # or "packed_vectorised"
     why: str = ""                                             # why the mode was chosen
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self) -> dict[str, Any]:
         return {"cells_ran": float(len(self.ran)), "cells_failed": float(len(self.failed)),
-                "cells_skipped": float(len(self.skipped)), "vectorised": float(self.mode == "packed_vectorised")}
+                "cells_skipped": float(len(self.skipped)), "vectorised": float(self.mode == "packed_vectorised"),
+                "mode": self.mode, "why": self.why}
+
+
+VECTORISE = ("auto", "always", "never")   # --vectorise: batched where it measures faster / wherever it can / never
 
 
 def run_pack(pack: Sequence[Any], kind: Kind, experiment: str, datasets: dict[str, data.Dataset],
-             sessions: Callable[[str], Session] | None = None, device: str | torch.device | None = None,
-             since: float | None = None, is_chief: bool = True, node: str = "") -> PackResult:
-    """Train a pack's cells in this process, each recorded as its own MLflow run; no Ray needed.
+             store: PackCheckpoint | None = None, device: str | torch.device | None = None,
+             since: float | None = None, is_chief: bool = True, node: str = "",
+             parent_run_id: str | None = None, vectorise: str = "auto") -> PackResult:
+    """Train a pack's cells in this process, each recorded as its own MLflow run (a child of `parent_run_id`).
 
-    Cells already finished in MLflow (started at or after `since`, when given: a forced re-run) are skipped,
-    so a resumed pack picks up where it stopped. A cell that fails permanently — a non-finite loss, or an
+    No Ray needed: `store` (a `PackCheckpoint`) is where epoch states and progress go, if anywhere. Cells
+    already finished in MLflow (started at or after `since`, when given: a forced re-run) are skipped, so a
+    resumed pack picks up where it stopped. A cell that fails permanently — a non-finite loss, or an
     `XferError` such as a damaged checkpoint — is recorded as failed and its pack-mates go on; any other
     exception ends the pack (its trial), which Tune retries as a crash.
-    """
-    from xfer.cells import NoSession
 
-    sessions = sessions or (lambda key: NoSession())
-    context = Context(experiment, datasets)
+    The cells train together as one batched model (`xfer.vectorised`) when they can and `vectorise` says so:
+    "always"; "auto" on a GPU, and on a CPU where it measured faster for this arch, batch and pack size
+    (measured once and kept in <runs>/calibration.json); else one after another. `PackResult.mode` and `.why`
+    say which, and why.
+    """
+    if vectorise not in VECTORISE:
+        raise XferError(f"--vectorise {vectorise!r} is not one of {', '.join(VECTORISE)}.")
+    store = store or PackCheckpoint({}, math.inf, lambda metrics, state_dir: None, len(pack))
+    context = Context(experiment, datasets, parent_run_id)
     outcome = PackResult()
+    todo = []
     for spec in pack:
-        key = specs.key(spec)
-        if key in context.finished(kind.stage(spec), since):
-            outcome.skipped.append(key)
-            continue
-        try:
-            result = live(kind.cell(spec, context), experiment, sessions(key), device, is_chief, node)
-        except XferError as exc:
-            outcome.failed[key] = str(exc)
-            continue
-        if result.ok:
-            outcome.ran.append(key)
+        if specs.key(spec) in context.finished(kind.stage(spec), since):
+            outcome.skipped.append(specs.key(spec))
         else:
-            outcome.failed[key] = result.reason
+            todo.append(spec)
+    device = torch.device(device) if device is not None else loop._default_device()
+    if len(todo) > 1 and vectorise != "never" and loop.dist_world()[1] == 1:
+        _together(todo, kind, context, store, device, is_chief, node, vectorise, outcome)
+    else:
+        outcome.why = "one cell" if len(todo) <= 1 else "--vectorise never" if vectorise == "never" else "data-parallel"
+        for spec in todo:
+            _alone(spec, kind, context, store, device, is_chief, node, outcome)
     return outcome
+
+
+def _alone(spec: Any, kind: Kind, context: Context, store: PackCheckpoint, device: torch.device, is_chief: bool,
+           node: str, outcome: PackResult) -> None:
+    key = specs.key(spec)
+    try:
+        reason = live(kind.cell(spec, context), context.experiment, store.session(key), device, is_chief, node).reason
+    except XferError as exc:
+        reason = str(exc)
+    _record(outcome, store, key, kind.label(spec), reason)
+
+
+def _record(outcome: PackResult, store: PackCheckpoint, key: str, label: str, reason: str) -> None:
+    if reason:
+        outcome.failed[key] = reason
+    else:
+        outcome.ran.append(key)
+    store.cell_finished(key, label, reason)
+
+
+def _together(todo: Sequence[Any], kind: Kind, context: Context, store: PackCheckpoint, device: torch.device,
+              is_chief: bool, node: str, vectorise: str, outcome: PackResult) -> None:
+    """The pack's cells with their runs open side by side, trained as one batched model if that is the choice."""
+    from xfer import vectorised
+
+    lives: list[tuple[Any, Life]] = []
+    refused: dict[str, str] = {}
+    with contextlib.ExitStack() as stack:
+        for spec in todo:
+            key = specs.key(spec)
+            try:
+                lives.append((spec, stack.enter_context(Life(kind.cell(spec, context), context.experiment,
+                                                              store.session(key), is_chief, node))))
+            except XferError as exc:
+                refused[key] = str(exc)
+        why = _why_not(lives, device, vectorise) if len(lives) > 1 else "one cell left"
+        outcome.mode, outcome.why = ("packed_sequential", why) if why else ("packed_vectorised", _why(lives, device))
+        if why:
+            results = [life.train(device) for _, life in lives]
+        else:
+            trained = vectorised.train_many(
+                [life.cell.train for _, life in lives], [life.splits for _, life in lives],
+                [life.model for _, life in lives], device=device, resumes=[life.resume for _, life in lives],
+                on_epoch_end=[life.epoch_end for _, life in lives])
+            results = [life.finish(result) for (_, life), result in zip(lives, trained)]
+    for spec in todo:
+        key = specs.key(spec)
+        if key in refused:
+            _record(outcome, store, key, kind.label(spec), refused[key])
+    for (spec, _), result in zip(lives, results):
+        _record(outcome, store, specs.key(spec), kind.label(spec), result.reason)
+
+
+def _why_not(lives: list[tuple[Any, Life]], device: torch.device, vectorise: str) -> str:
+    """Why these cells train one after another ("" when they train as one batched model)."""
+    from xfer import vectorised
+
+    models_ = [life.model for _, life in lives]
+    refused = vectorised.vectorisable([life.cell.train for _, life in lives], models_)
+    if refused:
+        return refused
+    if len({life.resume.epoch if life.resume else 0 for _, life in lives}) > 1:
+        return "after a crash the cells resume from different epochs (each resumes on its own)"
+    if vectorise == "always" or device.type == "cuda":
+        return ""
+    timing = calibrated(lives, device)
+    if not timing["vectorised_is_faster"]:
+        return (f"on {device.type} the batched model measured {timing['speedup']:.2f}× the speed of one cell after "
+                f"another for {lives[0][1].cell.train.arch} ({len(lives)} cells, batch {lives[0][1].cell.train.batch_size})")
+    return ""
+
+
+def _why(lives: list[tuple[Any, Life]], device: torch.device) -> str:
+    t = lives[0][1].cell.train
+    return f"{len(lives)} {t.arch} cells as one batched model on {device.type}"
+
+
+CALIBRATION_FILE = "calibration.json"   # in the runs folder: measured speeds this machine's runs reuse
+
+
+def calibrated(lives: list[tuple[Any, Life]], device: torch.device, steps: int = 4) -> dict[str, Any]:
+    """Whether the batched model is faster here for this arch, batch and pack size: measured on the pack's own
+    cells the first time (`vectorised.measure`, about 2·steps·N single steps), then read from the runs folder."""
+    from xfer import vectorised
+
+    t = lives[0][1].cell.train
+    key = f"vectorised/{device.type}/{t.arch}/batch{t.batch_size}/cells{len(lives)}/threads{torch.get_num_threads()}"
+    path = tracking.runs_dir() / CALIBRATION_FILE
+    known = _read_json(path)
+    if key not in known:
+        timing = vectorised.measure([life.cell.train for _, life in lives], [life.splits for _, life in lives],
+                                    [life.model for _, life in lives], device, steps)
+        known = _read_json(path)   # another pack may have written meanwhile
+        known[key] = {"vectorised_is_faster": timing.vectorised_is_faster, "speedup": timing.speedup,
+                      "measured": time.strftime("%Y-%m-%d %H:%M:%S"), "steps": timing.steps}
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(json.dumps(known, indent=2, sort_keys=True))
+        partial.replace(path)
+    return known[key]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 # ---- on Ray Tune: one checkpoint folder for the pack's running cells --------------------------------
@@ -188,7 +308,7 @@ class PackCheckpoint:
     def session(self, key: str) -> Session:
         return _CellSession(self, key)
 
-    def epoch_end(self, key: str, state: TrainState, metrics: dict[str, float]) -> None:
+    def epoch_end(self, key: str, state: TrainState, metrics: dict[str, Any]) -> None:
         self._running[key] = state
         progress = {**metrics, "cells_done": float(self.done), "cells": float(self.cells)}
         if time.monotonic() - self._last < self.interval_s:
@@ -201,9 +321,16 @@ class PackCheckpoint:
         self._last = time.monotonic()
 
     def cell_done(self, key: str) -> None:
+        """A cell's run has ended: its state is no longer needed to resume."""
         self._running.pop(key, None)
         self.restored.pop(key, None)
+
+    def cell_finished(self, key: str, label: str, reason: str = "") -> None:
+        """Progress: one more of the pack's cells finished (or failed, with `reason`)."""
+        self.cell_done(key)
         self.done += 1
+        self._report({"cell": label, "cell_finished": float(not reason), "reason": reason,
+                      "cells_done": float(self.done), "cells": float(self.cells)}, None)
 
     @staticmethod
     def load(directory: Path | None) -> dict[str, TrainState]:

@@ -7,14 +7,15 @@ own; finished cells are found by key and skipped, and a stage with nothing left 
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from xfer import cluster, data, grid as grids, names, packs, specs, stages, tracking
 from xfer.errors import XferError
-from xfer.stages import RunOptions, StageSummary, load_datasets, pending, run_training_stage
+from xfer.stages import RunOptions, StageSummary, load_datasets, pending, run_training_stage  # noqa: F401 (load_datasets: for callers)
 
 STAGE_ORDER = (names.PRETRAIN, names.FINETUNE, names.SCRATCH, names.ATTACK, names.REPORT)
 
@@ -23,50 +24,114 @@ STAGE_ORDER = (names.PRETRAIN, names.FINETUNE, names.SCRATCH, names.ATTACK, name
 class GridOutcome:
     summaries: list[StageSummary]
     report_dir: str | None
+    seconds: float = 0.0          # the grid's wall time, from its first stage to its report
 
     @property
     def failed(self) -> list[tuple[str, str]]:
         return [f for s in self.summaries for f in s.failed]
 
+    @property
+    def work_seconds(self) -> float:
+        """The cells' own work (training, making adversarial sets), summed over the cells this invocation ran."""
+        return sum(s.work_seconds for s in self.summaries)
+
+    def timing(self) -> str:
+        """The wall time, and the share of it not spent in the cells' own work (orchestration)."""
+        if not self.seconds:
+            return ""
+        share = max(0.0, 1 - self.work_seconds / self.seconds)
+        return (f"grid: {self.seconds:.0f} s wall time, of which the cells' own work (training, making adversarial "
+                f"sets; summed over cells) {self.work_seconds:.0f} s: {share:.0%} orchestration (start-up, data "
+                "hand-off, MLflow, scoring targets, the report)")
+
 
 class Prepared(NamedTuple):
-    """A validated grid: each stage's cells, and the datasets they read."""
+    """A validated grid: each stage's cells, and the datasets they read (loaded when a stage first needs them)."""
 
     cells: grids.Cells
-    datasets: dict[str, data.Dataset]
+    datasets: Mapping[str, data.Dataset]
+    infos: dict[str, data.Info] = {}
+    missing: dict[str, str] = {}            # dataset → what is missing of it (dry-run without the data)
 
 
-def check_data(grid: grids.Grid, options: RunOptions) -> dict[str, data.Dataset]:
-    """Load every dataset the grid needs, or stop before launch naming all missing ones and the remedies."""
-    wanted = {*grid.sources, grid.target}
-    missing = [] if options.download else data.missing(sorted(wanted), options.data_root)
-    if missing:
+DATASETS_CACHE = "datasets.json"   # in the runs folder: each dataset's sizes and shape, checked against its files
+
+
+class Datasets(Mapping[str, data.Dataset]):
+    """The grid's datasets, each loaded the first time a stage asks for it: a stage with nothing to do never
+    loads one."""
+
+    def __init__(self, wanted: set[str], options: RunOptions) -> None:
+        self._wanted, self._options = sorted(wanted), options
+        self._loaded: set[str] = set()
+
+    def __getitem__(self, name: str) -> data.Dataset:
+        if name not in self._wanted:
+            raise KeyError(name)
+        o = self._options
+        self._loaded.add(name)
+        return data.load(name, o.data_root, o.download, o.skip_bad_images)
+
+    def skipped(self) -> dict[str, tuple[str, ...]]:
+        """The unreadable images left out (`--skip-bad-images`) of the datasets loaded so far, by dataset."""
+        return {name: self[name].skipped for name in sorted(self._loaded) if getattr(self[name], "skipped", ())}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._wanted)
+
+    def __len__(self) -> int:
+        return len(self._wanted)
+
+
+def check_data(grid: grids.Grid, options: RunOptions, allow_missing: bool = False) -> dict[str, str]:
+    """What is missing of the grid's datasets (name → the expected files and folder); refused, before anything
+    starts, unless `allow_missing` (a dry run plans with the published sizes) or `--download`."""
+    wanted = sorted({*grid.sources, grid.target})
+    missing = {} if options.download else {n: d for n in wanted if (d := data.describe_missing(n, options.data_root))}
+    if missing and not allow_missing:
         raise XferError(
-            f"the grid needs dataset(s) {', '.join(missing)}, which are not under {data.data_root(options.data_root)}. "
-            "Run once with --download on a machine with network access, place torchvision's files there "
-            "(--data-root or XFER_DATA), or run the offline preset: python sweeps/full_grid.py --preset smoke. "
-            "Nothing was launched."
+            f"the grid needs dataset(s) {', '.join(missing)}, which are not under {data.data_root(options.data_root)}: "
+            + "; ".join(missing.values()) + ". Run once with --download on a machine with network access, place "
+            "torchvision's files there (--data-root or XFER_DATA), or run the offline preset: "
+            "python sweeps/full_grid.py --preset smoke. Nothing was launched."
         )
-    return load_datasets(wanted, options)
+    return missing
 
 
-def prepare(grid: grids.Grid, options: RunOptions) -> Prepared:
-    """Validate the grid against its data and expand it into cells; nothing is started."""
+def prepare(grid: grids.Grid, options: RunOptions, allow_missing: bool = False) -> Prepared:
+    """Validate the grid against its data and expand it into cells; nothing is started and, when the runs
+    folder already knows the datasets' files (`data.info`), no image is loaded."""
     grids.validate(grid)
-    datasets = check_data(grid, options)
-    pools = {name: len(ds.train) for name, ds in datasets.items()}
+    missing = check_data(grid, options, allow_missing)
+    wanted = {*grid.sources, grid.target}
+    cache = tracking.runs_dir() / DATASETS_CACHE
+    infos = {name: data.info(name, options.data_root, cache, options.skip_bad_images, published=allow_missing,
+                             download=options.download) for name in sorted(wanted)}
+    pools = {name: i.train for name, i in infos.items()}
     grids.validate(grid, pools)
-    target = datasets[grid.target]
-    odd = [f"{name} {ds.in_shape}" for name, ds in datasets.items() if name in grid.sources and ds.in_shape != target.in_shape]
+    target = infos[grid.target]
+    odd = [f"{name} {i.in_shape}" for name, i in infos.items() if name in grid.sources and i.in_shape != target.in_shape]
     if odd:
         raise XferError(f"source(s) {', '.join(odd)} do not share the target {grid.target}'s image shape {target.in_shape}, "
                         "so their models cannot be fine-tuned on it; pick sources of the target's shape (digit and "
                         "character sets are 1×28×28, CIFAR-10 3×32×32, cifar10_gray 1×32×32). Nothing was launched.")
-    return Prepared(grids.cells(grid, pools), datasets)
+    return Prepared(grids.cells(grid, pools), Datasets(wanted, options), infos, missing)
 
 
 def training_stages(cells: grids.Cells) -> tuple[tuple[str, tuple[Any, ...]], ...]:
     return ((names.PRETRAIN, cells.pretrain), (names.FINETUNE, cells.finetune), (names.SCRATCH, cells.scratch))
+
+
+def plan_lines(prepared: Prepared, options: RunOptions) -> list[str]:
+    """The plan in a few lines: per training stage, its cells and how many MLflow already has (one search each)."""
+    lines = [f"grid {options.experiment!r}:"]
+    for stage, group in training_stages(prepared.cells):
+        if group:
+            todo, cached = pending(options.experiment, group, options.force, stage)
+            lines.append(f"  {stage:<9} {len(group):>5} cells, {cached} finished in MLflow, {len(todo)} to run")
+    if prepared.cells.attacks:
+        lines.append(f"  {names.ATTACK:<9} {len(prepared.cells.attacks)} setting(s) × every surrogate MLflow holds after training")
+    return lines
 
 
 def dry_run(grid: grids.Grid, options: RunOptions, echo: Callable[[str], None] = print,
@@ -85,36 +150,61 @@ def dry_run(grid: grids.Grid, options: RunOptions, echo: Callable[[str], None] =
 
 
 def run_grid(grid: grids.Grid, options: RunOptions, stages: tuple[str, ...] = STAGE_ORDER,
-             echo: Callable[[str], None] = print, prepared: Prepared | None = None) -> GridOutcome:
+             echo: Callable[[str], None] = print, prepared: Prepared | None = None, view: Any = None) -> GridOutcome:
+    """Every stage in order, under one MLflow run of this invocation (its stages' runs are its children)."""
     prepared = prepared or prepare(grid, options)
     cells, datasets = prepared.cells, prepared.datasets
     summaries: list[StageSummary] = []
+    started = time.perf_counter()
     tracking.log_grid(options.experiment, grids.describe(grid))
-    for stage, group in training_stages(cells):
-        if stage in stages and group:
-            echo(f"== {stage}: {len(group)} cells")
-            summaries.append(run_training_stage(stage, group, options, datasets))
+    with tracking.start_run(options.experiment, names.GRID, "", run_name=f"grid {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                            tags={names.TAG_GRID_STAGE: "all"}) as grid_run:
+        options = dataclasses.replace(options, grid_run_id=grid_run.run_id)
+        for stage, group in training_stages(cells):
+            if stage in stages and group:
+                summaries.append(run_training_stage(stage, group, options, datasets, view))
+                echo(summaries[-1].line())
+        if names.ATTACK in stages and cells.attacks:
+            summaries.append(run_attack_stage(cells.attacks, options, view))
             echo(summaries[-1].line())
-    if names.ATTACK in stages and cells.attacks:
-        echo(f"== {names.ATTACK}")
-        summaries.append(run_attack_stage(cells.attacks, options))
-        echo(summaries[-1].line())
-    report_dir = None
-    if names.REPORT in stages:
-        from reports import build_report
+        report_dir = None
+        if names.REPORT in stages:
+            from reports import build_report
 
-        start = time.perf_counter()
-        result = build_report(options.experiment)
-        report_dir = str(result.out)
-        summaries.append(StageSummary(names.REPORT, 1, ran=1, seconds=time.perf_counter() - start))
-        echo(summaries[-1].line() + f" → {report_dir}/index.html")
-    return GridOutcome(summaries, report_dir)
+            start = time.perf_counter()
+            result = build_report(options.experiment)
+            report_dir = str(result.out)
+            summaries.append(StageSummary(names.REPORT, 1, ran=1, seconds=time.perf_counter() - start))
+            grid_run.set_tags({"xfer.report_dir": report_dir})
+            echo(summaries[-1].line() + f" → {report_dir}/index.html")
+        skipped = datasets.skipped() if isinstance(datasets, Datasets) else {}
+        if skipped:
+            _record_skipped(grid_run, skipped, echo)
+        outcome = GridOutcome(summaries, report_dir, time.perf_counter() - started)
+        grid_run.log_metrics({"seconds": outcome.seconds, "work_seconds": outcome.work_seconds,
+                              "failed": float(len(outcome.failed))})
+    return outcome
 
 
-def run_attack_stage(attack_specs: tuple[Any, ...], options: RunOptions) -> StageSummary:
+def _record_skipped(run: tracking.Run, skipped: dict[str, tuple[str, ...]], echo: Callable[[str], None]) -> None:
+    """Unreadable images left out by --skip-bad-images: named on the terminal and kept in the grid's run."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="xfer-skipped-") as tmp:
+        path = Path(tmp) / "skipped_images.txt"
+        path.write_text("".join(f"{name}\t{file}\n" for name, files in skipped.items() for file in files))
+        run.log_artifact(path)
+    run.set_tags({"xfer.skipped_images": str(sum(map(len, skipped.values())))})
+    for name, files in skipped.items():
+        shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+        echo(f"skipped {len(files)} unreadable image(s) of {name} (--skip-bad-images): {shown}; the full list is "
+             f"skipped_images.txt in the grid's MLflow run {run.run_id}")
+
+
+def run_attack_stage(attack_specs: tuple[Any, ...], options: RunOptions, view: Any = None) -> StageSummary:
     """Attack cells in packs, one Tune trial each: a pack's surrogates and targets are loaded once in its process,
     each adversarial set is generated once and scored on every target."""
-
     from xfer import attack
 
     planned = attack.plan(options.experiment, list(attack_specs))
@@ -123,33 +213,41 @@ def run_attack_stage(attack_specs: tuple[Any, ...], options: RunOptions) -> Stag
     if not todo:
         return summary
     start = time.perf_counter()
-    cluster.connect(options.address)
+    cluster.connect(options.address, options.log_file)
     options = stages.resolved(options)
     # One surrogate's cells side by side: a pack loads each surrogate once.
     todo = sorted(todo, key=lambda c: c.surrogate_run_ids)
-    chosen = packs.plan(todo, lambda c: (), stages.pack_size(options), cluster.slots(options.cpus_per_trial,
-                                                                                    options.gpus_per_trial or 0.0))
-    errors = stages.launch(names.ATTACK, _attack_trial, chosen, [f"attack ×{len(p)}" for p in chosen], options)
-    summary.packs = len(chosen)
-    left = {c.key for c in attack.unfinished(options.experiment, todo)}
-    reasons = {r.key: r.tags.get(names.TAG_FAILURE, "") for r in tracking.query(options.experiment, names.ATTACK, status="FAILED")}
-    for index, pack in enumerate(chosen):
-        for cell in pack:
-            if cell.key not in left:
-                summary.ran += 1
-                continue
-            reason = errors[index] or reasons.get(cell.key) or "not every target was scored"
-            summary.failed.append((attack.label(cell), reason))
-            tracking.end_stale_runs(options.experiment, cell.key, reason)
-    summary.seconds = time.perf_counter() - start
+    slots = cluster.slots(options.cpus_per_trial, options.gpus_per_trial or 0.0)
+    chosen = packs.plan(todo, lambda c: (), stages.pack_size(options), slots)
+    with stages.stage_run(names.ATTACK, options) as parent:
+        ended = stages.launch(names.ATTACK, _attack_trial, chosen, [f"attack ×{len(p)}" for p in chosen], options, view,
+                              parent_run_id=parent.run_id)
+        summary.packs = len(chosen)
+        after = attack.Context(options.experiment)   # one search of the attack runs, as they stand now
+        finished, left = after.done, {c.key for c in attack.unfinished(options.experiment, todo, after)}
+        reasons = {r.key: r.tags.get(names.TAG_FAILURE, "")
+                   for r in tracking.query(options.experiment, names.ATTACK, status="FAILED")}
+        for index, pack in enumerate(chosen):
+            for cell in pack:
+                if cell.key not in left:
+                    summary.ran += 1
+                    summary.work_seconds += finished[cell.key].metrics.get(names.SECONDS, 0.0) if cell.key in finished else 0.0
+                    continue
+                reason = ended[index][0] or reasons.get(cell.key) or "not every target was scored"
+                summary.failed.append((attack.label(cell), reason))
+                tracking.end_stale_runs(options.experiment, cell.key, reason)
+        summary.seconds = time.perf_counter() - start
+        parent.log_metrics(summary.metrics())
     return summary
 
 
-def _attack_trial(config: dict[str, Any], packs_: list[tuple[Any, ...]], options: RunOptions) -> None:
+def _attack_trial(config: dict[str, Any], packs_: list[tuple[Any, ...]], options: RunOptions,
+                  parent_run_id: str | None) -> None:
     from ray import tune
 
     from xfer import attack
 
     stages.set_threads(options)
-    failed = attack.run_pack(options.experiment, packs_[config["cell"]["pack"]], data_root=options.data_root)
+    failed = attack.run_pack(options.experiment, packs_[config["cell"]["pack"]], data_root=options.data_root,
+                             parent_run_id=parent_run_id, progress=lambda metrics: tune.report(metrics))
     tune.report({stages.STATUS: 1.0, "cells_failed": float(len(failed))})

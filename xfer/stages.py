@@ -9,6 +9,7 @@ builds its search on) and turns Tune's results into a `StageSummary` (`summarise
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ class RunOptions:
     experiment: str
     data_root: str | None = None
     download: bool = False
+    skip_bad_images: bool = False        # image folders: leave unreadable files out (listed) instead of stopping
     address: str | None = None           # Ray: joined lazily, once a stage has work (None: $RAY_ADDRESS, else local)
     cpus_per_trial: float = 1.0
     gpus_per_trial: float | None = None  # fractional: several packs share one GPU; None: cluster.gpus_per_trial
@@ -42,6 +44,10 @@ class RunOptions:
     force: bool = False                  # re-run cells that already finished
     pack_size: int | None = None         # cells per trial; None: packs.PACK_SIZE for the trials' device
     checkpoint_interval_s: float = packs.CHECKPOINT_INTERVAL_S
+    vectorise: str = "auto"              # a pack's cells as one batched model: auto (where faster) | always | never
+    verbose: bool = False                # Tune's own tables and Ray's messages on the terminal too
+    log_file: str | None = None          # where Ray's start-up and worker output go when not verbose
+    grid_run_id: str | None = None       # the grid invocation's MLflow run: each stage's run is its child
 
 
 @dataclass
@@ -54,9 +60,17 @@ class StageSummary:
     seconds: float = 0.0
     packs: int = 0
     resumed: int = 0     # of the cells run: those that resumed from an epoch state after their trial crashed
+    work_seconds: float = 0.0   # the cells' own work (their runs' `seconds`: training, or making adversarial sets)
+    modes: dict[str, str] = field(default_factory=dict)   # how packs trained (packed_sequential / _vectorised) → why
+
+    def metrics(self) -> dict[str, float]:
+        return {"cells": float(self.cells), "cached": float(self.cached), "ran": float(self.ran),
+                "failed": float(len(self.failed)), "packs": float(self.packs), "seconds": self.seconds,
+                "work_seconds": self.work_seconds}
 
     def line(self) -> str:
-        packed = f" in {self.packs} pack{'s' * (self.packs != 1)}" if self.packs else ""
+        modes = "; ".join(f"{mode}: {why}" if why else mode for mode, why in self.modes.items())
+        packed = f" in {self.packs} pack{'s' * (self.packs != 1)}{f' ({modes})' if modes else ''}" if self.packs else ""
         resumed = f" ({self.resumed} resumed after a crash)" if self.resumed else ""
         return (f"{self.stage:<9} {self.cells:>5} cells: {self.ran} run{packed}{resumed}, {self.cached} cached, "
                 f"{len(self.failed)} failed, {self.seconds:.0f} s")
@@ -80,13 +94,25 @@ def tags_of(spec: TrainingCell, pretrain_run: str | None = None) -> dict[str, st
 
 
 def label(spec: TrainingCell) -> str:
+    """A cell by its axes, e.g. "kmnist→mnist resnet_mini n=500 freeze=20 lr=1e-3 seed=1" (its run's name too)."""
     t = spec.train
-    src = f"{spec.source}→" if isinstance(spec, FinetuneSpec) and spec.source else ""
-    recipe = "".join([f"/{t.optimizer}" if t.optimizer != "adamw" else "",
-                      f"/head×{t.head_lr_mult:g}" if t.head_lr_mult != 1 else "",
-                      f"/unfreeze@{t.unfreeze_epoch}" if t.unfreeze_epoch else ""])
-    return (f"{spec.stage}:{src}{t.dataset}/{t.arch}/n={t.size or 'all'}/freeze={t.freeze_depth}/lr={t.lr}"
-            f"{recipe}/seed={t.seed}")
+    if isinstance(spec, PretrainSpec):
+        head = f"pretrain {t.dataset}"
+    else:
+        head = f"{spec.source}→{t.dataset}" if spec.source else f"scratch {t.dataset}"
+    recipe = "".join([f" {t.optimizer}" if t.optimizer != "adamw" else "",
+                      f" head×{t.head_lr_mult:g}" if t.head_lr_mult != 1 else "",
+                      f" unfreeze@{t.unfreeze_epoch}" if t.unfreeze_epoch else ""])
+    freeze = f" freeze={t.freeze_depth}" if isinstance(spec, FinetuneSpec) and spec.source else ""
+    return f"{head} {t.arch} n={t.size or 'all'}{freeze} lr={number(t.lr)} seed={t.seed}{recipe}"
+
+
+def number(value: float) -> str:
+    """A learning rate the way people write it: 1e-3, 2.5e-4, 0.1."""
+    if value == 0 or 1e-2 <= abs(value) < 10:
+        return f"{value:g}"
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
 
 
 def training_cell(spec: TrainingCell, context: packs.Context) -> Cell:
@@ -108,7 +134,8 @@ def training_cell(spec: TrainingCell, context: packs.Context) -> Cell:
                             f"{splits.in_shape}; pretrain and fine-tune on data of one canonical shape.")
         return splits, loop.prepare_model(t, splits, pretrained)
 
-    return Cell(spec, spec.stage, label(spec), t, tags_of(spec, pretrain_run), prepare)
+    return Cell(spec, spec.stage, label(spec), t, tags_of(spec, pretrain_run), prepare,
+                parent_run_id=context.parent_run_id)
 
 
 def _training_spec(spec: TrainingCell) -> TrainSpec:
@@ -139,10 +166,12 @@ def pending(experiment: str, cells: Sequence[Any], force: bool = False, stage: s
 
 
 def run_stage(stage: str, cells: Sequence[Any], kind: packs.Kind, options: RunOptions,
-              datasets: dict[str, data.Dataset]) -> StageSummary:
+              datasets: dict[str, data.Dataset], view: Any = None) -> StageSummary:
     """A stage's cells as packs, one Tune trial each; failures are listed, never fatal to the stage.
 
-    Nothing to do costs nothing: when MLflow has every cell, no Ray starts and no trial runs.
+    Nothing to do costs nothing: when MLflow has every cell, no Ray starts and no trial runs. Otherwise the
+    stage gets an MLflow run (a child of the grid's) whose children are its cells' runs; `view` (a
+    `progress.GridView`) shows the stage's progress.
     """
     todo, cached = pending(options.experiment, cells, options.force, stage)
     summary = StageSummary(stage, len(cells), cached=cached)
@@ -150,39 +179,57 @@ def run_stage(stage: str, cells: Sequence[Any], kind: packs.Kind, options: RunOp
         return summary
     start = time.perf_counter()
     since = time.time() - 60 if options.force else None   # forced: only runs of this invocation count as finished
-    ray = cluster.connect(options.address)
+    ray = cluster.connect(options.address, options.log_file)
     options = resolved(options)
     chosen = plan_packs(todo, kind, options)
-    # Datasets go to the object store once per stage; each trial reads its pack's from its node's store.
-    refs = {name: ray.put(datasets[name]) for name in {kind.train(c).dataset for c in todo}}
-    trainable = _pack_trial if options.workers_per_trial <= 1 else _distributed_pack
-    errors = launch(stage, trainable, chosen, [packs.describe(p, kind) for p in chosen], options,
-                    kind=kind, refs=refs, since=since)
-    summary.packs = len(chosen)
-    trial_error = {specs.key(c): errors[i] for i, p in enumerate(chosen) for c in p}
-    summarise(summary, stage, {specs.key(c): kind.label(c) for c in todo}, trial_error, options, since)
-    summary.seconds = time.perf_counter() - start
+    with stage_run(stage, options) as parent:
+        # Datasets go to the object store once per stage; each trial reads its pack's from its node's store.
+        refs = {name: ray.put(datasets[name]) for name in {kind.train(c).dataset for c in todo}}
+        trainable = _pack_trial if options.workers_per_trial <= 1 else _distributed_pack
+        ended = launch(stage, trainable, chosen, [packs.describe(p, kind) for p in chosen], options, view, len(todo),
+                       kind=kind, refs=refs, since=since, parent_run_id=parent.run_id)
+        summary.packs = len(chosen)
+        for _, last in ended:
+            if last.get("mode"):
+                summary.modes.setdefault(str(last["mode"]), str(last.get("why", "")))
+        trial_error = {specs.key(c): ended[i][0] for i, p in enumerate(chosen) for c in p}
+        summarise(summary, stage, {specs.key(c): kind.label(c) for c in todo}, trial_error, options, since)
+        summary.seconds = time.perf_counter() - start
+        parent.log_metrics(summary.metrics())
     return summary
 
 
+def stage_run(stage: str, options: RunOptions) -> Any:
+    """The stage's parent run in MLflow (stage names.GRID): a child of the grid invocation's run."""
+    return tracking.start_run(options.experiment, names.GRID, "", tags={names.TAG_GRID_STAGE: stage},
+                              run_name=stage, parent_run_id=options.grid_run_id)
+
+
 def launch(stage: str, trainable: Callable[..., None], chosen: list[tuple[Any, ...]], names_: list[str],
-           options: RunOptions, **shared: Any) -> list[str]:
+           options: RunOptions, view: Any = None, cells: int = 0, **shared: Any) -> list[tuple[str, dict[str, Any]]]:
     """One Tune run of `trainable(config, packs_=chosen, options=options, **shared)`, a trial per pack; returns
-    each pack's trial error ('' for a trial that ended normally)."""
+    each pack's trial error ('' for a trial that ended normally) and last report. `view` shows its `cells`
+    cells' progress."""
     from ray import tune
 
+    progress = view.stage(stage, cells or sum(map(len, chosen))) if view is not None else None
     trial = tune.with_parameters(trainable, packs_=chosen, options=options, **shared)
-    results = fit(stage, trial, [{"pack": i, "cells": name} for i, name in enumerate(names_)], options)
-    errors = [""] * len(chosen)
+    try:
+        results = fit(stage, trial, [{"pack": i, "cells": name} for i, name in enumerate(names_)], options,
+                      callbacks=[progress.callback()] if progress is not None else [])
+    finally:
+        if progress is not None:
+            view.finish_stage(progress)
+    ended: list[tuple[str, dict[str, Any]]] = [("", {})] * len(chosen)
     for result in results:
-        errors[result.config["cell"]["pack"]] = failure_reason(result)
-    return errors
+        ended[result.config["cell"]["pack"]] = (failure_reason(result), dict(result.metrics or {}))
+    return ended
 
 
 def run_training_stage(stage: str, cells: Sequence[TrainingCell], options: RunOptions,
-                       datasets: dict[str, data.Dataset]) -> StageSummary:
+                       datasets: dict[str, data.Dataset], view: Any = None) -> StageSummary:
     """Pretrain, fine-tune or scratch cells (see `run_stage`)."""
-    return run_stage(stage, cells, TRAINING, options, datasets)
+    return run_stage(stage, cells, TRAINING, options, datasets, view)
 
 
 def resolved(options: RunOptions) -> RunOptions:
@@ -216,6 +263,7 @@ def summarise(summary: StageSummary, stage: str, todo: dict[str, str], trial_err
         if key in done:
             summary.ran += 1
             summary.resumed += names.TAG_RESUMED in done[key].tags
+            summary.work_seconds += done[key].metrics.get(names.SECONDS, 0.0)
             continue
         reason = trial_error.get(key) or reasons.get(key) or "the cell did not finish"
         failed[key] = reason
@@ -233,10 +281,19 @@ def resources(options: RunOptions) -> dict[str, float]:
     return {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial or 0.0}
 
 
-def tuner(name: str, trainable: Any, options: RunOptions, tune_config: Any, param_space: dict[str, Any] | None = None) -> Any:
-    """The one Tuner xfer builds: a stage's grid of packs, or a tuning study's search (with its own TuneConfig)."""
+def tuner(name: str, trainable: Any, options: RunOptions, tune_config: Any, param_space: dict[str, Any] | None = None,
+          callbacks: Sequence[Any] = ()) -> Any:
+    """The one Tuner xfer builds: a stage's grid of packs, or a tuning study's search (with its own TuneConfig).
+
+    Tune's own tables print only with `options.verbose`: the grid's progress view (`xfer.progress`) says what
+    runs, and Tune's messages go to the log file.
+    """
     from ray import tune
 
+    if not options.verbose:
+        # Tune's newer console output prints every run's configuration box whatever its verbosity; its classic
+        # reporter at verbosity 0 prints nothing (the grid's own progress view says what runs).
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     return tune.Tuner(
         tune.with_resources(trainable, resources(options)),
         param_space=param_space,
@@ -247,12 +304,14 @@ def tuner(name: str, trainable: Any, options: RunOptions, tune_config: Any, para
             failure_config=tune.FailureConfig(max_failures=options.max_failures),
             # Two kept, not one: Tune forces an experiment snapshot every `num_to_keep` checkpoints of a trial.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            verbose=1,
+            callbacks=list(callbacks),
+            verbose=1 if options.verbose else 0,
         ),
     )
 
 
-def fit(stage: str, trainable: Any, configs: list[dict[str, Any]], options: RunOptions) -> Any:
+def fit(stage: str, trainable: Any, configs: list[dict[str, Any]], options: RunOptions,
+        callbacks: Sequence[Any] = ()) -> Any:
     """Run `trainable` once per config (a pack, an attack group) as one Tune run; returns Tune's ResultGrid."""
     from ray import tune
 
@@ -262,7 +321,7 @@ def fit(stage: str, trainable: Any, configs: list[dict[str, Any]], options: RunO
         max_concurrent_trials=_max_concurrent(options),
     )
     return tuner(f"{options.experiment}-{stage}", trainable, options, config,
-                 param_space={"cell": tune.grid_search(configs)}).fit()
+                 param_space={"cell": tune.grid_search(configs)}, callbacks=callbacks).fit()
 
 
 def storage(options: RunOptions) -> str:
@@ -295,7 +354,7 @@ def _node_id() -> str:
 
 
 def _pack_trial(config: dict[str, Any], packs_: list[tuple[Any, ...]], kind: packs.Kind, refs: dict[str, Any],
-                options: RunOptions, since: float | None) -> None:
+                options: RunOptions, since: float | None, parent_run_id: str | None) -> None:
     """Ray Tune's view of one pack: its datasets from the object store once, its cells' states in one checkpoint."""
     import ray
     from ray import tune
@@ -305,7 +364,8 @@ def _pack_trial(config: dict[str, Any], packs_: list[tuple[Any, ...]], kind: pac
     datasets = {name: ray.get(refs[name]) for name in {kind.train(c).dataset for c in pack}}
     restored = _restored(tune.get_checkpoint())
     store = packs.PackCheckpoint(restored, options.checkpoint_interval_s, _tune_report, len(pack))
-    result = packs.run_pack(pack, kind, options.experiment, datasets, store.session, since=since, node=_node_id())
+    result = packs.run_pack(pack, kind, options.experiment, datasets, store, since=since, node=_node_id(),
+                            parent_run_id=parent_run_id, vectorise=options.vectorise)
     tune.report({STATUS: 1.0, **result.metrics()})
 
 
@@ -323,7 +383,7 @@ def _restored(ckpt: Any) -> dict[str, checkpoint.TrainState]:
 
 
 def _distributed_pack(config: dict[str, Any], packs_: list[tuple[Any, ...]], kind: packs.Kind, refs: dict[str, Any],
-                      options: RunOptions, since: float | None) -> None:
+                      options: RunOptions, since: float | None, parent_run_id: str | None) -> None:
     """A pack whose every cell trains data-parallel over `workers_per_trial` Ray Train workers."""
     from ray import tune
     from ray.train import RunConfig, ScalingConfig
@@ -333,7 +393,8 @@ def _distributed_pack(config: dict[str, Any], packs_: list[tuple[Any, ...]], kin
     pack = packs_[config["cell"]["pack"]]
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"pack": pack, "kind": kind, "refs": refs, "options": options, "since": since},
+        train_loop_config={"pack": pack, "kind": kind, "refs": refs, "options": options, "since": since,
+                           "parent_run_id": parent_run_id},
         scaling_config=ScalingConfig(num_workers=options.workers_per_trial, use_gpu=bool(options.gpus_per_trial),
                                      resources_per_worker={"CPU": options.cpus_per_trial}),
         run_config=RunConfig(name=f"{options.experiment}-{specs.key(pack[0])}", storage_path=storage(options),
@@ -360,13 +421,13 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     # Every rank must report equally often: the checkpoint interval is per epoch on all ranks (0 s), not per clock.
     store = packs.PackCheckpoint(_restored(ray.train.get_checkpoint()), 0.0, report, len(pack))
-    result = packs.run_pack(pack, kind, options.experiment, datasets, store.session, device=ray.train.torch.get_device(),
-                            since=config["since"], is_chief=chief, node=_node_id())
+    result = packs.run_pack(pack, kind, options.experiment, datasets, store, device=ray.train.torch.get_device(),
+                            since=config["since"], is_chief=chief, node=_node_id(), parent_run_id=config["parent_run_id"])
     ray.train.report({STATUS: 1.0, **result.metrics()})
 
 
 def load_datasets(names_: set[str], options: RunOptions) -> dict[str, data.Dataset]:
-    return {name: data.load(name, options.data_root, options.download) for name in sorted(names_)}
+    return {name: data.load(name, options.data_root, options.download, options.skip_bad_images) for name in sorted(names_)}
 
 
 __all__ = ["RunOptions", "StageSummary", "TRAINING", "training_cell", "train_cell", "run_stage", "run_training_stage",

@@ -441,7 +441,7 @@ def free_slots(options: stages.RunOptions) -> int:
 def _search(context: TrialContext, ot_study: optuna.Study, ot_storage: optuna.storages.BaseStorage,
             dataset: data.Dataset, pretrained: models.XferModel, todo: int, options: stages.RunOptions) -> int:
     """Run `todo` trials on Ray Tune; end the MLflow runs of trials ASHA stopped. Returns how many it stopped."""
-    cluster.connect(options.address)
+    cluster.connect(options.address, options.log_file)
     options = stages.resolved(options)
     study = context.study
     defaults = default_params(study)

@@ -240,6 +240,9 @@ def _train_epoch(pack: _Pack, optim: _Optimiser, cells: list[_Cell], store: _Sto
         for i, total in enumerate(loss_sum.tolist()):
             if cells[i].live and not math.isfinite(total):
                 _fail(pack, i, cells[i], step, epoch, start)
+        if epoch == spec.epochs - 1:
+            # As train.py: the steps since the last full `log_every` window end the curve with a train error.
+            _log_train(pack, cells, loss_sum, correct, seen, step, epoch, epoch + 1, start)
     return step
 
 

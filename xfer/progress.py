@@ -1,0 +1,255 @@
+"""What the grid's user sees: one live progress view, and everything else in a log file in the runs folder.
+
+`GridView` is the terminal: the plan, a progress line per stage (done / running / failed / total cells, cells
+per minute, ETA) with each running pack named by its running cell's axes, failures with their reason, the end
+summary. It is built on rich: on a terminal the view updates in place; in a log (no tty) it prints a line per
+change. It hears Ray Tune through a Tune `Callback` (`StageProgress.callback`), which works whatever Tune's
+own output mode is; Tune's tables stay off unless `--verbose`.
+
+`quiet_logs` sends Ray's start-up banner, Ray's and MLflow's loggers and Tune's messages to
+``<runs>/logs/<name>-<time>.log`` (`-v/--verbose` keeps them on the terminal too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.text import Text
+
+from xfer import tracking
+
+NOISY_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.data", "mlflow", "alembic", "optuna", "urllib3", "filelock")
+
+
+def log_path(name: str) -> Path:
+    """Where this invocation's log goes: ``<runs>/logs/<name>-<time>.log``."""
+    folder = tracking.runs_dir() / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+
+
+@contextlib.contextmanager
+def quiet_logs(path: Path, enabled: bool = True) -> Iterator[None]:
+    """For the block, Ray's, MLflow's and Optuna's loggers write to `path` and not to the terminal (a no-op
+    when not `enabled`: --verbose)."""
+    if not enabled:
+        yield
+        return
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    saved = {}
+    for name in NOISY_LOGGERS:
+        logger = logging.getLogger(name)
+        saved[name] = (logger.level, logger.propagate, list(logger.handlers))
+        logger.handlers = [handler]   # Ray's own console handler too: its messages belong in the log
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    try:
+        yield
+    finally:
+        for name, (level, propagate, handlers) in saved.items():
+            logger = logging.getLogger(name)
+            logger.handlers, logger.propagate = handlers, propagate
+            logger.setLevel(level)
+        handler.close()
+
+
+@contextlib.contextmanager
+def redirected(path: Path | None) -> Iterator[None]:
+    """The process's stdout and stderr file descriptors go to `path` for the block (output written by C++ code,
+    such as Ray's start-up banner, included); a no-op for None."""
+    if path is None:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "ab") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+
+
+@dataclass
+class _Running:
+    pack: str                      # what the pack's cells share
+    cell: str = ""                 # the cell it trains now (its axes)
+    epoch: float = 0.0
+    epochs: float = 0.0
+
+
+@dataclass
+class StageProgress:
+    """One stage's counts, fed by its Tune callback; `render` draws its lines."""
+
+    name: str
+    total: int                      # cells this invocation runs (finished ones are not counted)
+    view: GridView
+    done: int = 0
+    failed: int = 0
+    started: float = field(default_factory=time.monotonic)
+    running: dict[str, _Running] = field(default_factory=dict)
+
+    def rate(self) -> float:
+        """Cells per minute so far."""
+        minutes = (time.monotonic() - self.started) / 60
+        return self.done / minutes if minutes > 0 else 0.0
+
+    def eta(self) -> str:
+        left, rate = self.total - self.done - self.failed, self.rate()
+        if left <= 0:
+            return "0 s"
+        return _duration(left / rate * 60) if rate else "…"
+
+    def headline(self) -> str:
+        return (f"{self.name:<9} {self.done}/{self.total} cells done, {len(self.running)} running, {self.failed} failed, "
+                f"{self.rate():.1f} cells/min, ETA {self.eta()}")
+
+    def render(self) -> Group:
+        lines = [Text(self.headline(), style="bold")]
+        for run in self.running.values():
+            where = f"{run.cell or run.pack}"
+            if run.epochs:
+                where += f"  epoch {run.epoch:g}/{run.epochs:g}"
+            lines.append(Text(f"  ▸ {where}", style="dim" if not run.cell else ""))
+        return Group(*lines)
+
+    def callback(self) -> Any:
+        """The Tune callback that feeds this stage's counts."""
+        return _TuneCallback(self)
+
+    # --- events ---------------------------------------------------------------------------------------
+    def started_pack(self, trial_id: str, pack: str) -> None:
+        self.running[trial_id] = _Running(pack)
+        self.view.changed(f"{self.name}: started {pack}")
+
+    def result(self, trial_id: str, result: dict[str, Any]) -> None:
+        run = self.running.setdefault(trial_id, _Running(str(result.get("pack", ""))))
+        cell = str(result.get("cell", "") or run.cell)
+        if cell != run.cell and cell:
+            self.view.changed(f"{self.name}: training {cell}", quiet=True)
+        run.cell, run.epoch, run.epochs = cell, float(result.get("epoch", 0) or 0), float(result.get("epochs", 0) or 0)
+        if "cell_finished" in result:
+            ok = bool(result["cell_finished"])
+            self.done += ok
+            self.failed += not ok
+            reason = f": {result.get('reason', '')}" if not ok else ""
+            self.view.changed(f"{self.name}: {'finished' if ok else 'FAILED'} {cell}{reason}")
+        else:
+            self.view.refresh()
+
+    def ended_pack(self, trial_id: str, error: str = "") -> None:
+        run = self.running.pop(trial_id, None)
+        if error and run is not None:
+            self.view.changed(f"{self.name}: pack {run.pack} crashed: {error}")
+        self.view.refresh()
+
+
+class _TuneCallback:
+    """A ray.tune.Callback (built lazily, so importing this module does not import Ray)."""
+
+    def __new__(cls, stage: StageProgress) -> Any:
+        from ray import tune
+
+        class Feed(tune.Callback):
+            def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                stage.started_pack(trial.trial_id, str(trial.config.get("cell", {}).get("cells", "")))
+
+            def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+                stage.result(trial.trial_id, result)
+
+            def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                stage.ended_pack(trial.trial_id)
+
+            def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                stage.ended_pack(trial.trial_id, str(getattr(trial, "error_msg", "") or "see the log").splitlines()[-1][:200])
+
+            def __reduce__(self) -> tuple[Any, tuple[()]]:
+                # Tune pickles its run config (callbacks included) into the experiment folder; that copy is a
+                # silent callback, since a terminal cannot be pickled. The live Tuner keeps this object.
+                return tune.Callback, ()
+
+        return Feed()
+
+
+class GridView:
+    """The terminal of one grid invocation: lines (plan, summaries) and a live block of the stages in flight."""
+
+    def __init__(self, console: Console | None = None, live: bool | None = None) -> None:
+        self.console = console or Console(highlight=False, soft_wrap=True)
+        self.live_mode = self.console.is_terminal if live is None else live
+        self.stages: list[StageProgress] = []
+        self._live: Live | None = None
+
+    def __enter__(self) -> GridView:
+        if self.live_mode:
+            self._live = Live(Group(), console=self.console, refresh_per_second=4, transient=True)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._live is not None:
+            self._live.__exit__(*exc)
+            self._live = None
+
+    def line(self, text: str) -> None:
+        """A line that stays (above the live block on a terminal)."""
+        self.console.print(text, markup=False, highlight=False)
+
+    def stage(self, name: str, total: int) -> StageProgress:
+        progress = StageProgress(name, total, self)
+        self.stages.append(progress)
+        self.refresh()
+        return progress
+
+    def finish_stage(self, progress: StageProgress) -> None:
+        if progress in self.stages:
+            self.stages.remove(progress)
+        self.refresh()
+
+    def changed(self, event: str, quiet: bool = False) -> None:
+        """Something happened: in a log, a line with the stage's counts; on a terminal, a redraw."""
+        if self._live is None:
+            if not quiet:
+                stage = next((s for s in self.stages if event.startswith(s.name + ":")), None)
+                self.line(f"{event}" + (f"  [{stage.headline()}]" if stage else ""))
+            return
+        if event and not quiet and ("FAILED" in event or "crashed" in event):
+            self.line(event)   # failures stay on screen
+        self.refresh()
+
+    def refresh(self) -> None:
+        if self._live is not None:
+            self._live.update(Group(*(s.render() for s in self.stages)))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+__all__ = ["GridView", "StageProgress", "quiet_logs", "redirected", "log_path"]
