@@ -110,10 +110,10 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         Column("claim", STR, "", "which claim: finetune_beats_scratch, adder_transfer_beats_scratch, "
                                    "same_source_lowers_more or parent_beats_unrelated"),
         Column("scope", STR, "", "the slice the claim is tested on, e.g. 'target=mnist size=1000'"),
-        Column("n_seeds", I64, "seeds", "independent seeds (pairs) the bootstrap resamples"),
+        Column("n_seeds", I64, "seeds", "independent seeds: per-seed mean differences the t interval is computed over"),
         Column("effect", F64, "fraction", "mean paired difference; > 0 favours the claim"),
-        Column("ci_low", F64, "fraction", "95% paired-bootstrap interval, lower end (null if insufficient)"),
-        Column("ci_high", F64, "fraction", "95% paired-bootstrap interval, upper end (null if insufficient)"),
+        Column("ci_low", F64, "fraction", "95% Student's t interval over the per-seed differences, lower end (null if insufficient)"),
+        Column("ci_high", F64, "fraction", "95% Student's t interval over the per-seed differences, upper end (null if insufficient)"),
         Column("measure", STR, "", "what `effect` is a difference of"),
         Column("verdict", STR, "", "supported, contradicted, inconclusive or insufficient seeds"),
         Column("line", STR, "", "the verdict as one sentence"),

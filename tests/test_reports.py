@@ -26,7 +26,7 @@ from tracking_fixtures import Server
 from reports import SCHEMAS, build_report
 from reports.__main__ import main as cli_main
 from reports.schema import MATRIX_PREFIX, arrow_schema
-from reports.verdicts import ADDER_CLAIM, INSUFFICIENT, MIN_SEEDS, bootstrap_mean, verdict_rows
+from reports.verdicts import ADDER_CLAIM, INSUFFICIENT, MIN_SEEDS, t_interval
 from xfer import names, tracking
 from xfer.cli import run_main
 from xfer.errors import XferError
@@ -217,26 +217,14 @@ def test_verdicts_find_planted_effects_and_only_those(report) -> None:
         row = verdicts.loc[(claim, "attack=pgd eps=0.3")]
         assert row["verdict"] == "supported" and row["effect"] == pytest.approx(OTHER_ADV - PARENT_ADV)
     adder = verdicts.loc[(ADDER_CLAIM, "size=200")]
-    # Paired by seed: the interval is the bootstrap over the 3 per-seed differences, not over 6 unpaired errors.
-    effect, low, high = bootstrap_mean(np.subtract(ADDER_SCRATCH_ERROR, ADDER_TRANSFER_ERROR))
+    # Paired by seed: the interval is Student's t over the 3 per-seed differences, not over 6 unpaired errors.
+    effect, low, high = t_interval(np.subtract(ADDER_SCRATCH_ERROR, ADDER_TRANSFER_ERROR))
     assert adder["verdict"] == "supported" and adder["n_seeds"] == 3
     assert (adder["effect"], adder["ci_low"], adder["ci_high"]) == pytest.approx((effect, low, high))
     assert f"effect {100 * effect:+.2f} pp, 95% CI [{100 * low:+.2f}, {100 * high:+.2f}] pp over 3 seeds" in adder["line"]
     assert "95% CI" in planted["line"] and "+10.00 pp" in planted["line"]
     as_json = json.loads((report.out / "data" / "verdicts.json").read_text())
     assert [v["line"] for v in as_json] == list(verdicts["line"])
-
-
-def test_bootstrap_over_seeds() -> None:
-    effect, low, high = bootstrap_mean(np.array([0.1, 0.1, 0.1, 0.1]))
-    assert (effect, low, high) == pytest.approx((0.1, 0.1, 0.1))
-    again = bootstrap_mean(np.array([0.3, -0.1, 0.2, 0.0, 0.1]))
-    assert again == bootstrap_mean(np.array([0.3, -0.1, 0.2, 0.0, 0.1]))   # seeded
-    assert again[1] < again[0] < again[2]
-    # many pairs within one seed are one replicate, not many: still insufficient
-    pairs = pd.DataFrame({"seed": [0] * 20 + [1] * 20, "diff": np.full(40, 0.5), "size": 1})
-    [row] = verdict_rows(pairs, "finetune_beats_scratch", ["size"])
-    assert row["verdict"] == INSUFFICIENT and row["n_seeds"] == 2
 
 
 def test_markdown_tables_in_the_seed_shape(report) -> None:
