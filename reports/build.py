@@ -73,8 +73,8 @@ def missing_inputs(experiment: str, found: Tables) -> list[str]:
          f"from the curves: {', '.join(found.without_curve[:5])}{' ...' if len(found.without_curve) > 5 else ''}"),
         (found.transfer.empty, "no finished attack evaluation runs: the transfer table, transfer matrices, heatmaps, "
                                "attack table and attack verdicts are not made"),
-        (found.adder.empty, "no finished adder transfer runs (stage adder, variant transfer): the adder table is "
-                            "empty and adder transfer is not compared with scratch"),
+        (found.adder.empty, "no finished adder transfer runs (stage adder, any variant but scratch): the adder table "
+                            "is empty and adder transfer is not compared with scratch"),
     ]
     return [message for absent, message in checks if absent]
 
@@ -85,7 +85,8 @@ def write_data(found: Tables, verdicts: pd.DataFrame, out: Path) -> list[Path]:
     data.mkdir(exist_ok=True)
     files = []
     for table, frame, extra in (("runs", found.runs, found.params), ("pretrain", found.pretrain, []),
-                                ("finetune", found.finetune, []), ("adder", found.adder, []),
+                                ("finetune", found.finetune, []), ("scratch", found.scratch, []),
+                                ("adder", found.adder, []),
                                 ("curves", found.curves, []), ("transfer", found.transfer, []),
                                 ("verdicts", verdicts, [])):
         files.append(data / f"{table}.parquet")
@@ -118,20 +119,21 @@ def write_figures(found: Tables, out: Path) -> list[Path]:
 def curve_sets(found: Tables) -> dict[tuple[str, str], pd.DataFrame]:
     """Curves of each transfer-vs-scratch comparison keyed by (file stem, title); `group` says a run's side.
 
-    Fine-tune vs scratch: one figure per (target, size); adder transfer vs scratch: one per size.
+    Fine-tune vs scratch: one figure per (target, size); adder transfer arms (every variant) vs scratch: one per size.
     """
     runs = found.runs.set_index("run_id")[["stage", "target", "size", "variant"]]
     curves = found.curves.join(runs, on="run_id")
     training = curves[curves["stage"].isin([names.FINETUNE, names.SCRATCH])]
     training = training.assign(group=training["stage"].map({names.FINETUNE: tables.TRANSFER, names.SCRATCH: names.SCRATCH}))
-    adder = curves[(curves["stage"] == names.ADDER) & curves["variant"].isin([names.VARIANT_TRANSFER, names.VARIANT_SCRATCH])]
+    adder = curves[(curves["stage"] == names.ADDER) & curves["variant"].notna()]
     sets = {}
     for (target, size), rows in training.groupby(["target", "size"], sort=True):
         n = tables.size_text(size)
         sets[(f"curves_{_slug(target)}_n{n}", f"{target}, n={n}: fine-tuned (transfer) vs scratch")] = rows
     for size, rows in adder.assign(group=adder["variant"]).groupby("size", sort=True):
         n = tables.size_text(size)
-        sets[(f"curves_adder_n{n}", f"adder, n={n}: transfer vs scratch")] = rows
+        arms = " / ".join(sorted(set(rows["group"]) - {names.VARIANT_SCRATCH})) or "transfer"
+        sets[(f"curves_adder_n{n}", f"adder, n={n}: {arms} vs scratch")] = rows
     return sets
 
 

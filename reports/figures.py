@@ -21,6 +21,7 @@ from xfer import names
 
 SPLIT_PREFERENCE = ("test", "val", "train")   # the curve drawn is the first split the runs recorded
 GROUP_COLORS = {TRANSFER: "tab:blue", names.SCRATCH: "tab:orange"}
+OTHER_COLORS = ("tab:green", "tab:purple", "tab:brown", "tab:pink")   # further adder arms, by name
 ANNOTATE_MAX_CELLS = 400                       # beyond this, numbers in heatmap cells are unreadable
 DPI = 100
 # Constrained layout fits labels while drawing; bbox_inches="tight" would draw every figure twice per file.
@@ -44,18 +45,25 @@ def error_curves(curves: pd.DataFrame, title: str) -> Figure:
     split = next(s for s in SPLIT_PREFERENCE if (curves["split"] == s).any())
     fig = Figure(figsize=(11, 4), layout=LAYOUT)
     axes = fig.subplots(1, 2, sharey=True)
+    colors = group_colors(curves["group"])
     for (group, _run), run in curves[curves["split"] == split].groupby(["group", "run_id"], sort=True):
         run = run.sort_values("step")
         for ax, x in zip(axes, ("step", "seconds")):
-            ax.plot(run[x], run["error"], color=GROUP_COLORS[group], alpha=0.6, lw=1)
-    for g, c in GROUP_COLORS.items():
-        if g in set(curves["group"]):
-            axes[0].plot([], [], color=c, label=g)  # one legend entry per side, not one per run
+            ax.plot(run[x], run["error"], color=colors[group], alpha=0.6, lw=1)
+    for g, c in colors.items():
+        axes[0].plot([], [], color=c, label=g)  # one legend entry per side, not one per run
     for ax, xlabel in zip(axes, ("iterations (optimizer steps)", "wall-clock seconds")):
         _finish(ax, "", xlabel)
     axes[0].set_ylabel(f"{split} error")
     fig.suptitle(title)
     return fig
+
+
+def group_colors(groups: pd.Series) -> dict[str, str]:
+    """Transfer blue, scratch orange (as in every curve figure), further arms the next colours by name."""
+    others = sorted(set(groups) - set(GROUP_COLORS))
+    colors = {g: c for g, c in GROUP_COLORS.items() if g in set(groups)}
+    return colors | {g: OTHER_COLORS[i % len(OTHER_COLORS)] for i, g in enumerate(others)}
 
 
 def accuracy_vs_size(finetune: pd.DataFrame) -> Figure:

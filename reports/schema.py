@@ -35,6 +35,11 @@ SIZE = Column("size", I64, "examples", "training-set size; 0 = the whole trainin
 FREEZE = Column("freeze_depth", I64, "layers", "leading layers frozen during fine-tuning")
 LR = Column("lr", F64, "", "base learning rate")
 SEED = Column("seed", I64, "", "random seed of the cell")
+# The fine-tuning recipe (xfer.grid.RECIPES), from the run's train.* params; TrainSpec's default when not logged.
+OPTIMIZER = Column("optimizer", STR, "", "train.optimizer: adamw, adam or sgd (training stages only)")
+HEAD_LR_MULT = Column("head_lr_mult", F64, "", "train.head_lr_mult: the head's lr is lr × this (1 = one lr)")
+UNFREEZE = Column("unfreeze_epoch", I64, "epochs", "train.unfreeze_epoch: freeze-then-unfreeze at this epoch "
+                                                    "(null = the body stays as frozen as freeze_depth says)")
 
 # Final metrics of a training run (also on adder runs).
 TRAIN_METRICS = (
@@ -66,7 +71,8 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         Column("start_time", TIME, "UTC", "run start"),
         Column("end_time", TIME, "UTC", "run end (null while running)"),
         SOURCE, TARGET, ARCH, SIZE, FREEZE, LR, SEED,
-        Column("variant", STR, "", "adder runs: transfer or scratch"),
+        OPTIMIZER, HEAD_LR_MULT, UNFREEZE,
+        Column("variant", STR, "", "adder runs: scratch, transfer, or another transfer arm (e.g. transfer_features)"),
         Column("attack", STR, "", "attack runs: attack registry name"),
         Column("eps", F64, "pixel [0,1]", "attack runs: L-inf budget"),
         Column("same_source", BOOL, "", "attack evaluations: surrogate and target share a pretraining source"),
@@ -75,13 +81,17 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         Column("surrogate_run_id", STR, "id", "attack runs: the surrogate model's run"),
         Column("target_run_id", STR, "id", "attack evaluations: the attacked model's run"),
         Column("parent_run_id", STR, "id", "MLflow parent run (attack evaluations: their generation run)"),
+        Column("failure", STR, "", "xfer.failure: why the run ended FAILED or KILLED (null otherwise)"),
         *TRAIN_METRICS,
         *ATTACK_METRICS,
     ),
     "pretrain": (RUN_ID, KEY, SOURCE, ARCH, SIZE, LR, SEED, *TRAIN_METRICS),
     "finetune": (RUN_ID, KEY, Column("pretrain_run_id", STR, "id", "the pretrain run it started from"),
-                 SOURCE, TARGET, ARCH, SIZE, FREEZE, LR, SEED, *TRAIN_METRICS, *BASELINE),
-    "adder": (RUN_ID, SIZE, SEED, *TRAIN_METRICS, *BASELINE),
+                 SOURCE, TARGET, ARCH, SIZE, FREEZE, LR, SEED, OPTIMIZER, HEAD_LR_MULT, UNFREEZE,
+                 *TRAIN_METRICS, *BASELINE),
+    "scratch": (RUN_ID, KEY, TARGET, ARCH, SIZE, LR, SEED, OPTIMIZER, *TRAIN_METRICS),
+    "adder": (RUN_ID, Column("variant", STR, "", "the transfer arm: transfer, or another (e.g. transfer_features)"),
+              SIZE, SEED, *TRAIN_METRICS, *BASELINE),
     "curves": (
         RUN_ID,
         Column("step", I64, "optimizer steps", "iteration the point was recorded at"),
@@ -99,7 +109,12 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
                                            "white-box reference (surrogate = target); null for an ensemble"),
         Column("surrogate_label", STR, "", "readable surrogate, seed left out: source/arch for a pretrained model"),
         Column("target_label", STR, "", "readable target, seed left out: source>target/arch/n<size>/f<freeze>"),
-        Column("target_seed", I64, "", "the target run's seed (the unit verdicts resample)"),
+        Column("target_seed", I64, "", "the target run's seed (the unit verdicts pair over)"),
+        Column("surrogate_source", STR, "", "the surrogate's pretraining source (null for an ensemble)"),
+        Column("surrogate_arch", STR, "", "the surrogate's arch (null for an ensemble)"),
+        Column("target_source", STR, "", "the target's pretraining source"),
+        Column("target_arch", STR, "", "the target's arch"),
+        Column("target_size", I64, "examples", "the target's fine-tune size (0 = the whole pool)"),
         Column("attack", STR, "", "attack registry name"),
         Column("eps", F64, "pixel [0,1]", "L-inf budget"),
         *ATTACK_METRICS,

@@ -48,7 +48,8 @@ def _training_run(stage: str, seed: int, size: int, test_error: float, source: s
             names.TAG_FREEZE: "0", names.TAG_LR: str(LR), names.TAG_SEED: str(seed)}
     if pretrain_run:
         tags[names.TAG_PRETRAIN_RUN] = pretrain_run
-    params = {"train.arch": ARCH, "train.lr": LR, "train.seed": seed, "train.size": size, "train.head_lr_mult": 10.0}
+    params = {"train.arch": ARCH, "train.lr": LR, "train.seed": seed, "train.size": size, "train.optimizer": "adamw",
+              "train.head_lr_mult": 1.0, "train.unfreeze_epoch": None}
     with tracking.start_run(experiment, stage, f"{stage}-{source}-{size}-{seed}", tags=tags, params=params) as run:
         # The last point is the final error: MLflow's "latest" metric value is the one at the highest step.
         points = [(step, test_error + 0.01 * (30 - step)) for step in (0, 10, 20, 30)]
@@ -153,8 +154,14 @@ def test_tables_hold_the_planted_runs(report) -> None:
     # pretrain, ft+scratch, n=100, generation, evaluation, white-box, adder, failed, tune
     assert len(runs) == 2 + 2 * 10 + 2 * 2 + 2 + 10 + 2 * 5 + 6 + 1 + 1
     assert set(runs["status"]) == {"FINISHED", "FAILED"}
-    assert runs.loc[runs["stage"] == names.FINETUNE, "train.head_lr_mult"].dropna().eq("10.0").all()
+    assert runs.loc[runs["stage"] == names.FINETUNE, "train.head_lr_mult"].dropna().eq("1.0").all()
     assert runs.loc[runs["stage"] == names.TUNE, "study.trials"].tolist() == ["4"]
+    [failed] = runs[runs["status"] == "FAILED"].itertuples()
+    assert failed.failure == "RuntimeError: a crashed cell"
+    # the recipe, typed from the train.* params ("None" is null); the failed run logged none: TrainSpec's defaults
+    trained = runs[runs["stage"].isin([names.FINETUNE, names.SCRATCH])]
+    assert trained["optimizer"].eq("adamw").all() and trained["head_lr_mult"].eq(1.0).all()
+    assert trained["unfreeze_epoch"].isna().all()
 
     finetune = pd.read_parquet(_data(report, "finetune"))
     assert len(finetune) == 12   # the FAILED fine-tune run is not analysed
@@ -162,6 +169,8 @@ def test_tables_hold_the_planted_runs(report) -> None:
     assert at_1000["scratch_test_error"].mean() == pytest.approx(0.15)
     assert at_1000["test_error"].mean() == pytest.approx(0.05)
     assert finetune["pretrain_run_id"].nunique() == 1 and finetune["scratch_run_id"].notna().all()
+    assert finetune["optimizer"].eq("adamw").all() and finetune["unfreeze_epoch"].isna().all()
+    assert len(pd.read_parquet(_data(report, "scratch"))) == 12
     # each fine-tune run is paired with the scratch run of its own seed and size, never another's
     scratch = runs.set_index("run_id").loc[finetune["scratch_run_id"]]
     assert (scratch["seed"].to_numpy() == finetune["seed"].to_numpy()).all()
@@ -174,6 +183,10 @@ def test_tables_hold_the_planted_runs(report) -> None:
     assert set(transfer["surrogate_label"]) == {f"kmnist/{ARCH}", f"fashion_mnist/{ARCH}", f"kmnist>{TARGET}/{ARCH}/n1000/f0"}
     assert transfer["surrogate_stage"].value_counts().to_dict() == {names.PRETRAIN: 10, names.FINETUNE: 5}
     assert sorted(transfer["target_seed"]) == sorted(list(SEEDS) * 3)
+    assert transfer["target_arch"].eq(ARCH).all() and transfer["target_size"].eq(1000).all()
+    assert set(transfer["surrogate_source"]) == {"kmnist", "fashion_mnist"} and transfer["target_source"].eq("kmnist").all()
+    adder = pd.read_parquet(_data(report, "adder"))
+    assert adder["variant"].eq(names.VARIANT_TRANSFER).all() and adder["scratch_run_id"].notna().all()
 
     curves = pd.read_parquet(_data(report, "curves"))
     assert curves["run_id"].nunique() == 2 + 20 + 4 - 1 + 6   # every training run but the one without a curve
