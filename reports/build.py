@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from reports import figures, markdown, schema, tables
 from reports.html import index_page
 from reports.tables import Tables
-from reports.verdicts import all_verdicts
+from reports.verdicts import CLAIMS, FIGURE, all_verdicts, claims_doc, claims_table
 from xfer import names, tracking
 
 DATA, FIGURES, TABLES = "data", "figures", "tables"   # sub-folders of the report folder
@@ -28,7 +28,7 @@ SCHEMA_FILE = "SCHEMA.md"
 @dataclass(frozen=True)
 class ReportResult:
     """Where the report went, what it wrote, what it could not make, its MLflow run (None if not logged), and its
-    verdicts (the `verdicts` table: one row per claim and scope, with its printable `line`)."""
+    verdicts (the `verdicts` table: each claim 1-7's headline row and its narrower scopes, with a printable `line`)."""
 
     out: Path
     files: list[Path]
@@ -47,11 +47,12 @@ def build_report(experiment: str, out: Path | None = None, log_to_mlflow: bool =
     out = Path(out) if out is not None else tracking.runs_dir() / "reports" / experiment
     out.mkdir(parents=True, exist_ok=True)
     found = tables.collect(experiment)
-    verdicts = all_verdicts(found.finetune, found.adder, found.transfer)
+    verdicts = all_verdicts(found)
     missing = missing_inputs(experiment, found)
-    files = write_data(found, verdicts, out) + write_figures(found, out) + write_markdown(found, verdicts, out)
+    files = (write_data(found, verdicts, out) + write_figures(found, verdicts, out)
+             + write_markdown(found, verdicts, out))
     index = out / "index.html"
-    index.write_text(index_page(experiment, out, files, missing, list(verdicts["line"])))
+    index.write_text(index_page(experiment, out, files, missing, verdicts, found.runs))
     files.append(index)
     run_id = log_report(experiment, out, files, found.runs["run_id"]) if log_to_mlflow else None
     return ReportResult(out, files, missing, run_id, verdicts)
@@ -97,14 +98,18 @@ def write_data(found: Tables, verdicts: pd.DataFrame, out: Path) -> list[Path]:
     files.append(data / "verdicts.json")
     files[-1].write_text(json.dumps(json.loads(verdicts.to_json(orient="records")), indent=2))
     files.append(out / SCHEMA_FILE)
-    files[-1].write_text("# Report tables\n\n" + schema.markdown_doc() + "\n")
+    files[-1].write_text("# Report tables\n\n" + schema.markdown_doc() + "\n\n" + claims_doc() + "\n")
     return files
 
 
-def write_figures(found: Tables, out: Path) -> list[Path]:
-    """Curves (transfer vs scratch), accuracy vs size, freeze depth, one heatmap per attack setting."""
+def write_figures(found: Tables, verdicts: pd.DataFrame, out: Path) -> list[Path]:
+    """Each claim's forest plot, curves (transfer vs scratch), accuracy vs size, freeze depth, transfer heatmaps."""
     directory = out / FIGURES
     files = []
+    for claim in CLAIMS:
+        rows = verdicts[verdicts["claim_id"] == claim.id]
+        if rows["n_seeds"].sum() > 0:
+            files += figures.save(figures.claim_forest(rows), directory, Path(FIGURE.format(id=claim.id)).stem)
     for (stem, title), curves in curve_sets(found).items():
         files += figures.save(figures.error_curves(curves, title), directory, stem)
     if len(found.finetune):
@@ -141,7 +146,8 @@ def write_markdown(found: Tables, verdicts: pd.DataFrame, out: Path) -> list[Pat
     """The seed-shaped tables; a table whose input is empty is left out (its absence is already in `missing`)."""
     directory = out / TABLES
     made = {"pretrain": (found.pretrain, markdown.pretrain_table), "finetune": (found.finetune, markdown.finetune_table),
-            "attacks": (found.transfer, markdown.attacks_table), "verdicts": (verdicts, markdown.verdicts_list)}
+            "attacks": (found.transfer, markdown.attacks_table), "claims": (claims_table(verdicts), markdown.claims_table),
+            "verdicts": (verdicts, markdown.verdicts_list)}
     files = []
     for name, (frame, render) in made.items():
         if len(frame):

@@ -6,6 +6,7 @@ backend state, so building a report inside a long-lived process (the grid's last
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +144,48 @@ def transfer_heatmap(matrix: pd.DataFrame, same_source: pd.DataFrame, title: str
             ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize="x-small", color="white")
     ax.set_title(f"{title}\nred outline: surrogate and target share a source", fontsize="medium")
     return fig
+
+
+VERDICT_COLORS = {"supported": "tab:green", "contradicted": "tab:red", "inconclusive": "tab:gray",
+                  "insufficient seeds": "silver"}
+LABEL_WIDTH = 48   # characters per line of a forest plot's row label: long scopes wrap instead of crowding the axes
+
+
+def claim_forest(rows: pd.DataFrame) -> Figure:
+    """One claim's verdict rows as a forest plot: per-seed differences (dots), effect and 95% t interval (bar), in pp.
+
+    The headline is the top row (bold); the narrower scopes follow in table order. Colour says the verdict.
+    """
+    rows = rows[rows["n_seeds"] > 0].reset_index(drop=True)
+    head = rows.iloc[0]
+    labels = [wrap(("headline: " if headline else "") + (scope or "(all)"), LABEL_WIDTH)
+              for scope, headline in zip(rows["scope"], rows["headline"])]
+    lines = sum(label.count("\n") + 1 for label in labels)
+    fig = Figure(figsize=(10, 1.9 + 0.22 * lines + 0.12 * len(rows)), layout=LAYOUT)
+    ax = fig.subplots()
+    for y, row in rows.iterrows():
+        color = VERDICT_COLORS.get(row["verdict"], "black")
+        ax.scatter(100 * np.asarray(row["seed_effects"], dtype=float), np.full(len(row["seed_effects"]), y),
+                   s=14, color=color, alpha=0.5, zorder=2)
+        if pd.notna(row["effect"]):
+            ax.errorbar(100 * row["effect"], y, xerr=[[100 * (row["effect"] - row["ci_low"])],
+                                                      [100 * (row["ci_high"] - row["effect"])]],
+                        fmt="D", color=color, capsize=4, lw=2, ms=6, zorder=3)
+    ax.axvline(0, color="black", lw=0.8, ls="--")
+    ax.set_yticks(range(len(rows)), labels, fontsize="small")
+    ax.get_yticklabels()[0].set_fontweight("bold")
+    ax.set_ylim(len(rows) - 0.5, -0.5)   # headline on top
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_xlabel(wrap(f"effect (pp): {head['measure']}", 110), fontsize="small")
+    for verdict, color in VERDICT_COLORS.items():
+        if verdict in set(rows["verdict"]):
+            ax.plot([], [], "D", color=color, label=verdict)
+    ax.legend(fontsize="x-small", loc="best")
+    ax.set_title(wrap(f"claim {head['claim_id']} (seed {head['seed_doc']}): {head['text']} — {head['verdict']}", 90)
+                 + "\ndots: each seed's mean difference; bar: mean and 95% t interval", fontsize="medium")
+    return fig
+
+
+def wrap(text: str, width: int) -> str:
+    """`text` broken at spaces into lines of at most `width` characters (a longer word keeps its own line)."""
+    return "\n".join(textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)) or text

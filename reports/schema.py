@@ -122,16 +122,37 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         Column("is_parent", BOOL, "", "surrogate is the target's own pretrain run"),
     ),
     "verdicts": (
-        Column("claim", STR, "", "which claim: finetune_beats_scratch, adder_transfer_beats_scratch, "
-                                   "same_source_lowers_more or parent_beats_unrelated"),
-        Column("scope", STR, "", "the slice the claim is tested on, e.g. 'target=mnist size=1000'"),
+        Column("claim_id", I64, "", "the seed claim, 1-7 (see 'The claims' below)"),
+        Column("claim", STR, "", "the claim's stable key, e.g. finetune_beats_scratch, adder_transfer_beats_scratch"),
+        Column("headline", BOOL, "", "true on the claim's one headline row (the claims table); false on the narrower "
+                                     "scopes beneath it"),
+        Column("scope", STR, "", "the slice the row tests, e.g. 'size=100, 2 sources x 3 archs pooled' "
+                                 "(empty for a claim with no runs)"),
+        Column("text", STR, "", "the claim in words"),
+        Column("seed_doc", STR, "", "the seed document it comes from: 000-004"),
+        Column("measure", STR, "", "what `effect` is a difference of; > 0 favours the claim"),
+        Column("effect", F64, "fraction", "mean over seeds of the per-seed mean paired difference (x 100 = pp); null "
+                                          "with fewer than 3 seeds"),
+        Column("ci_low", F64, "fraction", "95% Student's t interval over the per-seed differences, lower end (null if "
+                                          "insufficient)"),
+        Column("ci_high", F64, "fraction", "95% Student's t interval over the per-seed differences, upper end (null "
+                                           "if insufficient)"),
+        Column("method", STR, "", "how the interval is made: 'paired t over seeds'"),
         Column("n_seeds", I64, "seeds", "independent seeds: per-seed mean differences the t interval is computed over"),
-        Column("effect", F64, "fraction", "mean paired difference; > 0 favours the claim"),
-        Column("ci_low", F64, "fraction", "95% Student's t interval over the per-seed differences, lower end (null if insufficient)"),
-        Column("ci_high", F64, "fraction", "95% Student's t interval over the per-seed differences, upper end (null if insufficient)"),
-        Column("measure", STR, "", "what `effect` is a difference of"),
-        Column("verdict", STR, "", "supported, contradicted, inconclusive or insufficient seeds"),
-        Column("line", STR, "", "the verdict as one sentence"),
+        Column("verdict", STR, "", "supported (interval above 0), contradicted (below 0), inconclusive (holds 0), "
+                                   "insufficient seeds (fewer than 3) or no runs"),
+        Column("why", STR, "", "why there is no verdict or what qualifies it, e.g. 'no scratch cells in this grid' "
+                               "(null when nothing needs saying)"),
+        Column("figure", STR, "path", "the claim's figure relative to the report folder (null with no runs)"),
+        Column("treated_mean", F64, "fraction", "mean over seeds of the treated side (e.g. fine-tuned test_error, "
+                                                "A's success rate); of a trend row, the effect at the smaller size"),
+        Column("control_mean", F64, "fraction", "mean over seeds of the control side (e.g. scratch test_error, B's "
+                                                "success rate); of a trend row, the effect at the larger size"),
+        Column("ceiling", F64, "fraction", "claim 3: white-box success on the parent A, the most its examples do "
+                                           "(null elsewhere)"),
+        Column("seeds", pa.list_(I64), "", "the paired seeds, ascending"),
+        Column("seed_effects", pa.list_(F64), "fraction", "each seed's mean paired difference, in `seeds` order"),
+        Column("line", STR, "", "the row as one sentence"),
     ),
 }
 
