@@ -108,16 +108,23 @@ def write_figures(found: Tables, verdicts: pd.DataFrame, out: Path) -> list[Path
     files = []
     for claim in CLAIMS:
         rows = verdicts[verdicts["claim_id"] == claim.id]
+        stem = Path(FIGURE.format(id=claim.id)).stem
         if rows["n_seeds"].sum() > 0:
-            files += figures.save(figures.claim_forest(rows), directory, Path(FIGURE.format(id=claim.id)).stem)
+            files += figures.save(figures.claim_forest(rows), directory, stem)
+        if figures.cells_apart(rows):
+            files += figures.save(figures.claim_cells(rows), directory, f"{stem}_cells")
     for (stem, title), curves in curve_sets(found).items():
         files += figures.save(figures.error_curves(curves, title), directory, stem)
     if len(found.finetune):
         files += figures.save(figures.accuracy_vs_size(found.finetune), directory, "accuracy_vs_size")
         files += figures.save(figures.freeze_effect(found.finetune), directory, "freeze_depth")
+    groups = {label: (arch, size) for label, arch, size in
+              found.transfer[["target_label", "target_arch", "target_size"]].drop_duplicates().itertuples(index=False)}
     for (attack, eps), (matrix, same) in tables.matrices(found.transfer).items():
-        fig = figures.transfer_heatmap(matrix, same, f"{attack}, eps={eps:g}: adversarial accuracy")
-        files += figures.save(fig, directory, f"transfer_{_slug(attack)}_eps{eps:g}")
+        for suffix, columns in figures.heatmap_splits(matrix, groups):
+            part = matrix[columns].dropna(how="all")   # surrogates that attacked none of these targets are left out
+            fig = figures.transfer_heatmap(part, same.loc[part.index, columns], f"{attack}, eps={eps:g}")
+            files += figures.save(fig, directory, f"transfer_{_slug(attack)}_eps{eps:g}{_slug(suffix)}")
     return files
 
 

@@ -21,6 +21,15 @@ SECTIONS = (  # file suffix → section heading, in page order
 )
 # Figures that show a claim's raw numbers, by file-name prefix, linked beside its forest plot.
 RELATED = {1: ("accuracy_vs_size",), 2: ("freeze_depth",), 3: ("transfer_",), 4: ("curves_adder_",)}
+FIGURE_KINDS = (  # file-name prefix → heading; the first matching prefix wins ("" catches the rest)
+    ("claim_", "Claims: forest plots and per-cell grids"),
+    ("curves_adder_", "Adder: error curves, transfer arms vs scratch"),
+    ("curves_", "Fine-tuning vs scratch: error curves"),
+    ("accuracy_vs_size", "Fine-tuning: accuracy against size and freeze depth"),
+    ("freeze_depth", "Fine-tuning: accuracy against size and freeze depth"),
+    ("transfer_", "Adversarial transfer: target accuracy under each surrogate's examples"),
+    ("", "Other figures"),
+)
 DECIDED = ("supported", "contradicted")
 LARGEST = 5          # decided effects listed under "largest effects"
 FAILURES_SHOWN = 20  # failed runs listed by name; the rest are counted
@@ -43,14 +52,17 @@ def index_page(experiment: str, out: Path, files: list[Path], missing: list[str]
     if missing:
         parts.append("<h2>Missing</h2><p>This report is partial; these parts could not be made:</p><ul>"
                      + "".join(f"<li>{escape(m)}</li>" for m in missing) + "</ul>")
-    parts.append("<h2>Verdicts, every scope</h2><ul>" + "".join(
-        f"<li>{'<b>headline</b> ' if headline else ''}{escape(line)}</li>"
-        for headline, line in zip(verdicts["headline"], verdicts["line"])) + "</ul>")
+    parts.append(f"<h2>Verdicts, every scope</h2><details><summary>{len(verdicts)} rows: each claim's headline and "
+                 "the narrower scopes beneath it</summary><ul>" + "".join(
+                     f"<li>{'<b>headline</b> ' if headline else ''}{escape(line)}</li>"
+                     for headline, line in zip(verdicts["headline"], verdicts["line"])) + "</ul></details>")
     figures = [p for p in files if p.suffix == ".png"]
     if figures:
-        parts.append("<h2>Figures</h2>" + "".join(
+        parts.append("<h2>Figures</h2>")
+    for heading, chosen in figure_groups(figures):
+        parts.append(f"<h3>{heading}</h3>" + "".join(
             f'<figure id="{escape(p.stem)}">{link(p)}<br><img src="{quote(p.relative_to(out).as_posix())}" '
-            f'alt="{escape(p.stem)}" style="max-width:100%"></figure>' for p in figures))
+            f'alt="{escape(p.stem)}" style="max-width:100%"></figure>' for p in chosen))
     for suffix, heading in SECTIONS:
         chosen = [p for p in files if p.suffix == suffix]
         if chosen:
@@ -60,13 +72,22 @@ def index_page(experiment: str, out: Path, files: list[Path], missing: list[str]
             f"</title><style>{STYLE}</style></head>\n<body>\n{body}\n</body></html>\n")
 
 
+def figure_groups(pngs: list[Path]) -> list[tuple[str, list[Path]]]:
+    """The figures under their FIGURE_KINDS heading (the first matching prefix), headings in that order."""
+    groups: dict[str, list[Path]] = {heading: [] for _, heading in FIGURE_KINDS}
+    for png in pngs:
+        groups[next(heading for prefix, heading in FIGURE_KINDS if png.stem.startswith(prefix))].append(png)
+    return [(heading, chosen) for heading, chosen in groups.items() if chosen]
+
+
 def claims_section(verdicts: pd.DataFrame, files: list[Path], link: Callable[..., str]) -> str:
     """The claims table: one row per claim 1-7 (its headline), effect and interval in pp, its figures."""
     pngs = [p for p in files if p.suffix == ".png"]
     rows = []
     for claim in verdicts[verdicts["headline"]].itertuples():
         figure = next((p for p in pngs if isinstance(claim.figure, str) and p.as_posix().endswith(claim.figure)), None)
-        related = [p for p in pngs if p.stem.startswith(RELATED.get(claim.claim_id, ())) and p != figure]
+        prefixes = (f"claim_{claim.claim_id}_cells", *RELATED.get(claim.claim_id, ()))
+        related = [p for p in pngs if p.stem.startswith(prefixes) and p != figure]
         links = ([link(figure, "forest plot")] if figure else []) + [link(p, p.stem) for p in related]
         ci = f"[{_pp(claim.ci_low)}, {_pp(claim.ci_high)}]" if pd.notna(claim.ci_low) else ""
         rows.append(
@@ -83,13 +104,17 @@ def claims_section(verdicts: pd.DataFrame, files: list[Path], link: Callable[...
 
 
 def largest_section(verdicts: pd.DataFrame) -> str:
-    """The largest decided effects (interval clear of 0), any scope, by size."""
+    """The largest decided effects (interval clear of 0), any scope; a scope repeating a claim's effect exactly
+    (a headline and its only cell) is listed once."""
     decided = verdicts[verdicts["verdict"].isin(DECIDED)]
+    decided = decided.loc[decided.assign(rounded=decided["effect"].round(12)).drop_duplicates(["claim_id", "rounded"]).index]
     if decided.empty:
         return "<h3>Largest effects</h3><p>No claim is decided on any scope (no interval clear of 0).</p>"
-    top = decided.loc[decided["effect"].abs().sort_values(ascending=False).index[:LARGEST]]
-    return ("<h3>Largest effects</h3><p>Decided rows (interval clear of 0), largest |effect| first:</p><ol>"
-            + "".join(f"<li>claim {r.claim_id}: {escape(r.line)}</li>" for r in top.itertuples()) + "</ol>")
+    top = decided.loc[decided["effect"].abs().sort_values(ascending=False, kind="stable").index[:LARGEST]]
+    items = "".join(f"<li>claim {r.claim_id} ({escape(r.scope)}): {r.verdict}, {_pp(r.effect)} pp "
+                    f"[{_pp(r.ci_low)}, {_pp(r.ci_high)}], {r.n_seeds} seeds</li>" for r in top.itertuples())
+    return ("<h3>Largest effects</h3><p>Decided rows (95% interval clear of 0) of any scope, largest |effect| first; "
+            f"effect &gt; 0 favours the claim:</p><ol>{items}</ol>")
 
 
 def failures_section(runs: pd.DataFrame) -> str:

@@ -126,6 +126,8 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         Column("claim", STR, "", "the claim's stable key, e.g. finetune_beats_scratch, adder_transfer_beats_scratch"),
         Column("headline", BOOL, "", "true on the claim's one headline row (the claims table); false on the narrower "
                                      "scopes beneath it"),
+        Column("level", STR, "", "headline; summary (a narrower scope pooled: a size, a trend, another arm or "
+                                 "attack setting); or cell (one cell of the grid, e.g. target x source x arch x size)"),
         Column("scope", STR, "", "the slice the row tests, e.g. 'size=100, 2 sources x 3 archs pooled' "
                                  "(empty for a claim with no runs)"),
         Column("text", STR, "", "the claim in words"),

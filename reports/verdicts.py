@@ -32,6 +32,8 @@ METHOD = "paired t over seeds"
 INSUFFICIENT = "insufficient seeds"
 NO_RUNS = "no runs"
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
+# A row's level: the claim's headline; a summary beneath it (a size pooled, a trend, another arm); one cell of the grid.
+HEADLINE, SUMMARY, CELL = "headline", "summary", "cell"
 VALUES = ("diff", "treated", "control", "ceiling")   # per-pair numbers averaged per seed (ceiling: claim 3 only)
 FIGURE = "figures/claim_{id}.png"                     # each claim's forest plot, relative to the report folder
 SGD, HEAD_LR_MULT = "sgd", 10.0                       # claim 5: seed 004's recipe (xfer.grid.RECIPES["head10x_sgd"])
@@ -123,10 +125,11 @@ def per_seed(pairs: pd.DataFrame, pool: list[str]) -> pd.DataFrame:
 
 
 def verdict_row(claim: Claim, scope: str, seeds: pd.DataFrame, headline: bool = False, measure: str | None = None,
-                note: str = "") -> dict:
+                note: str = "", level: str = SUMMARY) -> dict:
     """The claim on one scope from its per-seed means (`per_seed`): effect, t interval, verdict, why, line."""
     n = len(seeds)
-    row = dict(claim_id=claim.id, claim=claim.key, headline=headline, text=claim.text, seed_doc=claim.seed_doc,
+    row = dict(claim_id=claim.id, claim=claim.key, headline=headline, level=HEADLINE if headline else level,
+               text=claim.text, seed_doc=claim.seed_doc,
                scope=scope, measure=measure or claim.measure, method=METHOD, n_seeds=n,
                effect=np.nan, ci_low=np.nan, ci_high=np.nan,
                treated_mean=_mean(seeds, "treated"), control_mean=_mean(seeds, "control"),
@@ -149,7 +152,8 @@ def verdict_row(claim: Claim, scope: str, seeds: pd.DataFrame, headline: bool = 
 
 def no_runs(claim: Claim, why: str) -> dict:
     """The headline of a claim the grid cannot speak to, and why."""
-    return dict(claim_id=claim.id, claim=claim.key, headline=True, text=claim.text, seed_doc=claim.seed_doc, scope="",
+    return dict(claim_id=claim.id, claim=claim.key, headline=True, level=HEADLINE, text=claim.text,
+                seed_doc=claim.seed_doc, scope="",
                 measure=claim.measure, method=METHOD, n_seeds=0, effect=np.nan, ci_low=np.nan, ci_high=np.nan,
                 treated_mean=np.nan, control_mean=np.nan, ceiling=np.nan, seeds=[], seed_effects=[], figure=None,
                 verdict=NO_RUNS, why=why, line=f"{claim.text}: {NO_RUNS}; {why}.")
@@ -192,13 +196,20 @@ def scope_text(columns: list[str], values: object) -> str:
     return " ".join(f"{c}={size_text(v) if c == 'size' else _fmt(v)}" for c, v in zip(columns, values))
 
 
+def scope_values(scope: str) -> dict[str, str]:
+    """The inverse of `scope_text` for a cell row's scope: ``arch=resnet_mini size=all, 2 sources pooled`` ->
+    ``{"arch": "resnet_mini", "size": "all"}`` (what follows the first ", " says what was pooled)."""
+    return dict(part.split("=", 1) for part in scope.split(", ")[0].split() if "=" in part)
+
+
 def pooled_text(pairs: pd.DataFrame, columns: list[str]) -> str:
     """What a pooled headline spans: ``2 sources x 3 archs pooled`` (columns with one value left out)."""
     spans = [f"{pairs[c].nunique()} {c}s" for c in columns if pairs[c].nunique() > 1]
     return f"{' x '.join(spans)} pooled" if spans else ""
 
 
-def scoped(claim: Claim, pairs: pd.DataFrame, by: list[str], pool: list[str], skip: tuple | None = None) -> list[dict]:
+def scoped(claim: Claim, pairs: pd.DataFrame, by: list[str], pool: list[str], skip: tuple | None = None,
+           level: str = SUMMARY) -> list[dict]:
     """One row per value of `by` (pooling `pool` within it), sizes ascending with "all" last; the group `skip` is
     the headline's and is not repeated."""
     def order(item: tuple[tuple, pd.DataFrame]) -> tuple:
@@ -208,7 +219,7 @@ def scoped(claim: Claim, pairs: pd.DataFrame, by: list[str], pool: list[str], sk
     for values, group in sorted(pairs.groupby(by, sort=False), key=order):
         if values != skip:
             scope = ", ".join(filter(None, [scope_text(by, values), pooled_text(group, pool)]))
-            rows.append(verdict_row(claim, scope, per_seed(group, pool)))
+            rows.append(verdict_row(claim, scope, per_seed(group, pool), level=level))
     return rows
 
 
@@ -243,7 +254,7 @@ def claim_finetune_vs_scratch(finetune: pd.DataFrame, scratch: pd.DataFrame) -> 
             claim, f"trend: size={size_text(small)} minus size={size_text(large)}", trend,
             measure=f"effect at size={size_text(small)} - effect at size={size_text(large)} (the gap of the measure "
                     "above); > 0: the gap shrinks as target data grows"))
-    rows += scoped(claim, pairs, ["target", "source", "arch", "size"], [])
+    rows += scoped(claim, pairs, ["target", "source", "arch", "size"], [], level=CELL)
     return rows
 
 
@@ -266,7 +277,7 @@ def claim_freezing(finetune: pd.DataFrame) -> list[dict]:
     rows = [verdict_row(claim, ", ".join(filter(None, [f"size={size_text(small)}", pooled_text(at_small, pool)])),
                         per_seed(at_small, pool), headline=True)]
     rows += scoped(claim, pairs, ["size"], pool, skip=(small,))
-    rows += scoped(claim, pairs, ["arch", "freeze_depth", "size"], ["source", "target"])
+    rows += scoped(claim, pairs, ["arch", "freeze_depth", "size"], ["source", "target"], level=CELL)
     return rows
 
 
@@ -382,7 +393,7 @@ def claim_lenet(scratch: pd.DataFrame, finetune: pd.DataFrame) -> list[dict]:
     at_large = main[main["size"] == large]
     scope = ", ".join(filter(None, [f"{headline_stage} size={size_text(large)}", pooled_text(at_large, ["target"])]))
     rows = [verdict_row(claim, scope, per_seed(at_large, ["target", "source"]), headline=True)]
-    rows += scoped(claim, pairs, ["stage", "target", "size"], ["source"])
+    rows += scoped(claim, pairs, ["stage", "target", "size"], ["source"], level=CELL)
     return rows
 
 
@@ -395,7 +406,7 @@ def _pooled_claim(claim: Claim, pairs: pd.DataFrame, why: str) -> list[dict]:
                                                                                          pairs["size"].iloc[0])),
                         per_seed(pairs, pool), headline=True)]
     if pairs.groupby(["arch", "size"]).ngroups > 1:
-        rows += scoped(claim, pairs, ["arch", "size"], ["source", "freeze_depth", "target"])
+        rows += scoped(claim, pairs, ["arch", "size"], ["source", "freeze_depth", "target"], level=CELL)
     return rows
 
 

@@ -306,7 +306,8 @@ def test_index_opens_with_what_the_grid_found(report) -> None:
     assert 'href="figures/curves_adder_n200.png"' in claims and 'href="figures/transfer_pgd_eps0.3.png"' in claims
     assert "no lenet5 runs in this grid" in claims and ">+10.00<" not in claims   # n=1000 is not a headline
     largest = found[found.index("<h3>Largest effects"):found.index("<h3>Failures")]
-    assert largest.count("<li>") == 5 and "claim 3:" in largest.split("<li>")[1]   # 40 pp: the largest planted
+    assert largest.count("<li>") == 5 and "claim 3 (attack=pgd eps=0.3): supported, +40.00 pp" in largest.split("<li>")[1]
+    assert largest.count("claim 2 ") == 1   # the headline and its one cell hold the same effect: listed once
     assert "1 run(s) FAILED (1 finetune)" in found and "RuntimeError: a crashed cell" in found
 
 
