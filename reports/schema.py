@@ -40,6 +40,7 @@ OPTIMIZER = Column("optimizer", STR, "", "train.optimizer: adamw, adam or sgd (t
 HEAD_LR_MULT = Column("head_lr_mult", F64, "", "train.head_lr_mult: the head's lr is lr × this (1 = one lr)")
 UNFREEZE = Column("unfreeze_epoch", I64, "epochs", "train.unfreeze_epoch: freeze-then-unfreeze at this epoch "
                                                     "(null = the body stays as frozen as freeze_depth says)")
+EPOCHS = Column("epochs", I64, "epochs", "train.epochs: the training budget (training stages only)")
 
 # Final metrics of a training run (also on adder runs).
 TRAIN_METRICS = (
@@ -71,7 +72,7 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         Column("start_time", TIME, "UTC", "run start"),
         Column("end_time", TIME, "UTC", "run end (null while running)"),
         SOURCE, TARGET, ARCH, SIZE, FREEZE, LR, SEED,
-        OPTIMIZER, HEAD_LR_MULT, UNFREEZE,
+        OPTIMIZER, HEAD_LR_MULT, UNFREEZE, EPOCHS,
         Column("variant", STR, "", "adder runs: scratch, transfer, or another transfer arm (e.g. transfer_features)"),
         Column("attack", STR, "", "attack runs: attack registry name"),
         Column("eps", F64, "pixel [0,1]", "attack runs: L-inf budget"),
@@ -87,9 +88,9 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
     ),
     "pretrain": (RUN_ID, KEY, SOURCE, ARCH, SIZE, LR, SEED, *TRAIN_METRICS),
     "finetune": (RUN_ID, KEY, Column("pretrain_run_id", STR, "id", "the pretrain run it started from"),
-                 SOURCE, TARGET, ARCH, SIZE, FREEZE, LR, SEED, OPTIMIZER, HEAD_LR_MULT, UNFREEZE,
+                 SOURCE, TARGET, ARCH, SIZE, FREEZE, LR, SEED, OPTIMIZER, HEAD_LR_MULT, UNFREEZE, EPOCHS,
                  *TRAIN_METRICS, *BASELINE),
-    "scratch": (RUN_ID, KEY, TARGET, ARCH, SIZE, LR, SEED, OPTIMIZER, *TRAIN_METRICS),
+    "scratch": (RUN_ID, KEY, TARGET, ARCH, SIZE, LR, SEED, OPTIMIZER, EPOCHS, *TRAIN_METRICS),
     "adder": (RUN_ID, Column("variant", STR, "", "the transfer arm: transfer, or another (e.g. transfer_features)"),
               SIZE, SEED, *TRAIN_METRICS, *BASELINE),
     "curves": (

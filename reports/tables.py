@@ -41,7 +41,7 @@ BOOL_TAGS = {"same_source": names.TAG_SAME_SOURCE, "is_parent": names.TAG_IS_PAR
 # The fine-tuning recipe of a training run, from its TrainSpec params (typed columns; see xfer.grid.RECIPES).
 # A training run that did not log one (written before the field existed) ran with the TrainSpec default.
 RECIPE_PARAMS = {"optimizer": ("train.optimizer", str), "head_lr_mult": ("train.head_lr_mult", float),
-                 "unfreeze_epoch": ("train.unfreeze_epoch", int)}
+                 "unfreeze_epoch": ("train.unfreeze_epoch", int), "epochs": ("train.epochs", int)}
 TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(specs.TrainSpec)}
 SPEC_STAGES = (names.PRETRAIN, names.FINETUNE, names.SCRATCH)   # the stages whose params are a TrainSpec
 
@@ -111,7 +111,8 @@ def runs_frame(records: list[tracking.RunRecord]) -> tuple[pd.DataFrame, list[st
         rows.append(row | renamed)
     columns = [c.name for c in SCHEMAS["runs"]] + sorted(params)
     frame = pd.DataFrame(rows, columns=columns)
-    frame[list(INT_TAGS) + ["unfreeze_epoch"]] = frame[list(INT_TAGS) + ["unfreeze_epoch"]].astype("Int64")
+    integers = list(INT_TAGS) + ["unfreeze_epoch", "epochs"]
+    frame[integers] = frame[integers].astype("Int64")
     for col in BOOL_TAGS:  # object, not bool: a missing flag must stay missing, not become False
         frame[col] = frame[col].astype(object)
     return frame, sorted(params)
@@ -130,14 +131,15 @@ def recipe_of(params: dict[str, str]) -> dict[str, object]:
 
 
 def finetune_frame(finished: pd.DataFrame) -> pd.DataFrame:
-    """Fine-tune runs with the scratch run of the same target, arch, size, seed, lr and optimizer joined as scratch_*.
+    """Fine-tune runs with the scratch run of the same target, arch, size, seed, lr, optimizer and epochs joined as
+    scratch_*.
 
     The optimizer is part of the match because a grid trains one scratch cell per recipe optimizer (an `sgd`
     recipe's fine-tune cells are measured against SGD scratch cells, the rest against the grid's optimizer).
     """
     finetune = _select(finished[finished["stage"] == names.FINETUNE], "finetune")
     scratch = finished[finished["stage"] == names.SCRATCH]
-    on = ["target", "arch", "size", "seed", "lr", "optimizer"]
+    on = ["target", "arch", "size", "seed", "lr", "optimizer", "epochs"]
     return _select(with_baseline(finetune, scratch, on), "finetune")
 
 

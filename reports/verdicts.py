@@ -39,6 +39,8 @@ FIGURE = "figures/claim_{id}.png"                     # each claim's forest plot
 SGD, HEAD_LR_MULT = "sgd", 10.0                       # claim 5: seed 004's recipe (xfer.grid.RECIPES["head10x_sgd"])
 LENET, RESNET = "lenet5", "resnet_mini"               # claim 7's two archs
 ADDER_CLAIM = "adder_transfer_beats_scratch"          # claim 4's key: sweeps/adder.py prints its rows
+# "The same checkpoint": the pretrain run, and its source and arch for cells that have none (ImageNet weights).
+CHECKPOINT = ["pretrain_run_id", "source", "arch"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,8 @@ class Claim:
 CLAIMS = (
     Claim(1, "finetune_beats_scratch", "fine-tuning a pretrained model beats training from scratch when target data "
           "is scarce", "000", "scratch test_error - fine-tuned test_error (full fine-tuning: freeze 0, one lr, no "
-          "unfreeze; scratch of the same target, arch, size, seed, lr and optimizer); > 0 favours fine-tuning",
+          "unfreeze; scratch of the same target, arch, size, seed, lr, optimizer and epochs); > 0 favours "
+          "fine-tuning",
           "the smallest size at which at least 3 seeds are paired (else the smallest size), every target, source and "
           "arch pooled within a seed. Beneath it: each size pooled, the trend (per seed, the effect at the headline "
           "size minus the effect at the largest size; > 0: the gap shrinks as data grows), and every target x source x "
@@ -89,8 +92,8 @@ CLAIMS = (
           "the same checkpoint."),
     Claim(7, "lenet5_vs_resnet_mini", "LeNet-5 (sigmoid) against resnet_mini on the digits target, same budget: "
           "LeNet-5 has the lower test error", "003",
-          "resnet_mini test_error - lenet5 test_error, same target, size, seed and optimizer (and lr where both "
-          "archs ran it); > 0 favours LeNet-5",
+          "resnet_mini test_error - lenet5 test_error, same target, size, seed, optimizer and epochs (and lr "
+          "where both archs ran it); > 0 favours LeNet-5",
           "scratch cells (fine-tuned cells at freeze 0 only when no scratch pair exists) at the largest size at "
           "which at least 3 seeds are paired (else the largest size), every target pooled. Beneath it: each "
           "stage x target x size."),
@@ -233,7 +236,7 @@ def claim_finetune_vs_scratch(finetune: pd.DataFrame, scratch: pd.DataFrame) -> 
     why = ("no finished fine-tune runs" if finetune.empty
            else "no full fine-tuning cells (freeze depth 0, one lr, no unfreeze) in this grid" if full.empty
            else "no scratch cells in this grid" if scratch.empty
-           else "no fine-tune cell has a scratch run of the same target, arch, size, seed, lr and optimizer")
+           else "no fine-tune cell has a scratch run of the same target, arch, size, seed, lr, optimizer and epochs")
     if pairs.empty:
         return [no_runs(claim, why)]
     pairs = pairs.assign(treated=pairs["test_error"], control=pairs["scratch_test_error"],
@@ -264,7 +267,7 @@ def claim_freezing(finetune: pd.DataFrame) -> list[dict]:
     cells = finetune[one_lr(finetune)]
     frozen = cells["freeze_depth"] > 0
     pairs = paired(cells, frozen, cells["freeze_depth"].eq(0),
-                   ["pretrain_run_id", "target", "size", "lr", "seed", "optimizer"])
+                   CHECKPOINT + ["target", "size", "lr", "seed", "optimizer"])
     why = ("no finished fine-tune runs" if finetune.empty
            else "no fine-tune cells with a freeze depth > 0 in this grid" if not frozen.any()
            else "no full fine-tuning cells (freeze depth 0) in this grid" if not cells["freeze_depth"].eq(0).any()
@@ -335,7 +338,7 @@ def claim_head_lr(finetune: pd.DataFrame) -> list[dict]:
     sgd = finetune[finetune["optimizer"].eq(SGD)]
     mult = sgd["head_lr_mult"].fillna(1.0)
     pairs = paired(sgd, mult.eq(HEAD_LR_MULT), mult.eq(1.0),
-                   ["pretrain_run_id", "target", "size", "freeze_depth", "lr", "seed", "unfreeze_epoch"])
+                   CHECKPOINT + ["target", "size", "freeze_depth", "lr", "seed", "unfreeze_epoch"])
     why = ("no finished fine-tune runs" if finetune.empty
            else f"no SGD fine-tune cells with head_lr_mult {HEAD_LR_MULT:g} (recipe head10x_sgd) in this grid"
            if not mult.eq(HEAD_LR_MULT).any()
@@ -349,7 +352,7 @@ def claim_unfreeze(finetune: pd.DataFrame) -> list[dict]:
     claim = BY_KEY["unfreeze_helps"]
     unfreezing = finetune["unfreeze_epoch"].notna()
     never = finetune["unfreeze_epoch"].isna()
-    same_cell = ["pretrain_run_id", "target", "size", "lr", "seed", "optimizer", "head_lr_mult"]
+    same_cell = CHECKPOINT + ["target", "size", "lr", "seed", "optimizer", "head_lr_mult"]
     pairs = paired(finetune, unfreezing, never & (finetune["freeze_depth"] > 0), same_cell + ["freeze_depth"])
     why = ("no finished fine-tune runs" if finetune.empty
            else "no freeze-then-unfreeze cells (recipe unfreeze) in this grid" if not unfreezing.any()
@@ -369,9 +372,9 @@ def claim_unfreeze(finetune: pd.DataFrame) -> list[dict]:
 def claim_lenet(scratch: pd.DataFrame, finetune: pd.DataFrame) -> list[dict]:
     """Claim 7 (seed 003): LeNet-5 against resnet_mini at the same budget; scratch cells, else full fine-tuning."""
     claim = BY_KEY["lenet5_vs_resnet_mini"]
-    stages = [(names.SCRATCH, scratch, ["target", "size", "seed", "optimizer"]),
-              (names.FINETUNE, finetune[one_lr(finetune) & finetune["freeze_depth"].eq(0)],
-               ["source", "target", "size", "seed", "optimizer"])]
+    budget = ["target", "size", "seed", "optimizer", "epochs"]
+    stages = [(names.SCRATCH, scratch, budget),
+              (names.FINETUNE, finetune[one_lr(finetune) & finetune["freeze_depth"].eq(0)], ["source", *budget])]
     parts = []
     for stage, cells, on in stages:
         lenet, resnet = cells["arch"].eq(LENET), cells["arch"].eq(RESNET)
@@ -383,7 +386,8 @@ def claim_lenet(scratch: pd.DataFrame, finetune: pd.DataFrame) -> list[dict]:
     if not parts:
         missing = [a for a in (LENET, RESNET) if a not in archs]
         return [no_runs(claim, f"no {' or '.join(missing)} runs in this grid" if missing
-                        else f"no {LENET} cell has a {RESNET} cell of the same stage, target, size, seed and optimizer")]
+                        else f"no {LENET} cell has a {RESNET} cell of the same stage, target, size, seed, optimizer "
+                             "and epochs")]
     pairs = pd.concat(parts, ignore_index=True)
     if "source" not in pairs.columns:   # scratch cells have no source
         pairs["source"] = None

@@ -115,7 +115,7 @@ def _finetune(seed: int, size: int, error: float, scratch: float | None = None, 
               unfreeze: int | None = None, checkpoint: str = "") -> dict:
     return dict(run_id=f"ft-{source}-{arch}-{size}-{freeze}-{optimizer}-{head}-{unfreeze}-{seed}",
                 pretrain_run_id=checkpoint or f"pre-{source}-{arch}-{seed}", source=source, target="mnist5k", arch=arch,
-                size=size, freeze_depth=freeze, lr=1e-3, seed=seed, optimizer=optimizer, head_lr_mult=head,
+                size=size, freeze_depth=freeze, lr=1e-3, seed=seed, optimizer=optimizer, head_lr_mult=head, epochs=10,
                 unfreeze_epoch=unfreeze, test_error=error,
                 scratch_run_id=None if scratch is None else f"scratch-{arch}-{size}-{seed}", scratch_test_error=scratch)
 
@@ -259,7 +259,7 @@ def test_claim_6_unfreeze_against_the_frozen_cell_of_the_same_depth_and_against_
 def test_claim_7_lenet5_against_resnet_mini_from_scratch_at_the_largest_size() -> None:
     def scratch(arch: str, size: int, seed: int, error: float) -> dict:
         return dict(run_id=f"{arch}-{size}-{seed}", target="mnist5k", arch=arch, size=size, lr=1e-3, seed=seed,
-                    optimizer="adamw", test_error=error)
+                    optimizer="adamw", epochs=10, test_error=error)
 
     rows = []
     for seed in range(3):
