@@ -5,13 +5,14 @@
 
 The report folder (default ``<runs folder>/reports/<experiment>``, runs folder = ``$XFER_RUNS`` or ``./runs``):
 
-    index.html      opens from disk (relative links): missing parts, verdicts, every figure and table
-    SCHEMA.md       the tables' schema below
-    data/           runs, pretrain, finetune, adder, curves, transfer, verdicts (.parquet), verdicts.json,
+    index.html      opens from disk (relative links): "What this grid found" (the claims table, the largest
+                    effects, failed runs), missing parts, every verdict, every figure and table
+    SCHEMA.md       the tables' schema and the claims below
+    data/           runs, pretrain, finetune, scratch, adder, curves, transfer, verdicts (.parquet), verdicts.json,
                     transfer_matrix_<attack>_eps<eps>.parquet (one per attack setting)
-    figures/        curves_<target>_n<size>, curves_adder_n<size>, accuracy_vs_size, freeze_depth,
-                    transfer_<attack>_eps<eps> (heatmaps), each as .png and .svg
-    tables/         pretrain.md, finetune.md, attacks.md, verdicts.md
+    figures/        claim_<1-7> (forest plots), curves_<target>_n<size>, curves_adder_n<size>, accuracy_vs_size,
+                    freeze_depth, transfer_<attack>_eps<eps>[_<arch>_n<size>] (heatmaps), each as .png and .svg
+    tables/         claims.md, pretrain.md, finetune.md, attacks.md, verdicts.md
 
 The same files are logged as artifacts of a run with stage ``report`` in the experiment.
 Every Parquet table is written, empty if need be, with the schema below (`reports.schema.SCHEMAS`);
@@ -23,8 +24,9 @@ Schema
 
 from reports.build import ReportResult, build_report
 from reports.schema import SCHEMAS, markdown_doc
+from reports.verdicts import claims_doc
 
-# Generated from SCHEMAS, the one definition writers and tests use, so this documentation cannot drift.
-__doc__ += markdown_doc()
+# Generated from SCHEMAS and CLAIMS, the one definition writers and tests use, so this documentation cannot drift.
+__doc__ += markdown_doc() + "\n\n" + claims_doc()
 
 __all__ = ["ReportResult", "SCHEMAS", "build_report"]

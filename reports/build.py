@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from reports import figures, markdown, schema, tables
 from reports.html import index_page
 from reports.tables import Tables
-from reports.verdicts import all_verdicts
+from reports.verdicts import CLAIMS, FIGURE, all_verdicts, claims_doc, claims_table
 from xfer import names, tracking
 
 DATA, FIGURES, TABLES = "data", "figures", "tables"   # sub-folders of the report folder
@@ -28,7 +28,7 @@ SCHEMA_FILE = "SCHEMA.md"
 @dataclass(frozen=True)
 class ReportResult:
     """Where the report went, what it wrote, what it could not make, its MLflow run (None if not logged), and its
-    verdicts (the `verdicts` table: one row per claim and scope, with its printable `line`)."""
+    verdicts (the `verdicts` table: each claim 1-7's headline row and its narrower scopes, with a printable `line`)."""
 
     out: Path
     files: list[Path]
@@ -47,11 +47,12 @@ def build_report(experiment: str, out: Path | None = None, log_to_mlflow: bool =
     out = Path(out) if out is not None else tracking.runs_dir() / "reports" / experiment
     out.mkdir(parents=True, exist_ok=True)
     found = tables.collect(experiment)
-    verdicts = all_verdicts(found.finetune, found.adder, found.transfer)
+    verdicts = all_verdicts(found)
     missing = missing_inputs(experiment, found)
-    files = write_data(found, verdicts, out) + write_figures(found, out) + write_markdown(found, verdicts, out)
+    files = (write_data(found, verdicts, out) + write_figures(found, verdicts, out)
+             + write_markdown(found, verdicts, out))
     index = out / "index.html"
-    index.write_text(index_page(experiment, out, files, missing, list(verdicts["line"])))
+    index.write_text(index_page(experiment, out, files, missing, verdicts, found.runs))
     files.append(index)
     run_id = log_report(experiment, out, files, found.runs["run_id"]) if log_to_mlflow else None
     return ReportResult(out, files, missing, run_id, verdicts)
@@ -73,8 +74,8 @@ def missing_inputs(experiment: str, found: Tables) -> list[str]:
          f"from the curves: {', '.join(found.without_curve[:5])}{' ...' if len(found.without_curve) > 5 else ''}"),
         (found.transfer.empty, "no finished attack evaluation runs: the transfer table, transfer matrices, heatmaps, "
                                "attack table and attack verdicts are not made"),
-        (found.adder.empty, "no finished adder transfer runs (stage adder, variant transfer): the adder table is "
-                            "empty and adder transfer is not compared with scratch"),
+        (found.adder.empty, "no finished adder transfer runs (stage adder, any variant but scratch): the adder table "
+                            "is empty and adder transfer is not compared with scratch"),
     ]
     return [message for absent, message in checks if absent]
 
@@ -85,7 +86,8 @@ def write_data(found: Tables, verdicts: pd.DataFrame, out: Path) -> list[Path]:
     data.mkdir(exist_ok=True)
     files = []
     for table, frame, extra in (("runs", found.runs, found.params), ("pretrain", found.pretrain, []),
-                                ("finetune", found.finetune, []), ("adder", found.adder, []),
+                                ("finetune", found.finetune, []), ("scratch", found.scratch, []),
+                                ("adder", found.adder, []),
                                 ("curves", found.curves, []), ("transfer", found.transfer, []),
                                 ("verdicts", verdicts, [])):
         files.append(data / f"{table}.parquet")
@@ -96,42 +98,54 @@ def write_data(found: Tables, verdicts: pd.DataFrame, out: Path) -> list[Path]:
     files.append(data / "verdicts.json")
     files[-1].write_text(json.dumps(json.loads(verdicts.to_json(orient="records")), indent=2))
     files.append(out / SCHEMA_FILE)
-    files[-1].write_text("# Report tables\n\n" + schema.markdown_doc() + "\n")
+    files[-1].write_text("# Report tables\n\n" + schema.markdown_doc() + "\n\n" + claims_doc() + "\n")
     return files
 
 
-def write_figures(found: Tables, out: Path) -> list[Path]:
-    """Curves (transfer vs scratch), accuracy vs size, freeze depth, one heatmap per attack setting."""
+def write_figures(found: Tables, verdicts: pd.DataFrame, out: Path) -> list[Path]:
+    """Each claim's forest plot, curves (transfer vs scratch), accuracy vs size, freeze depth, transfer heatmaps."""
     directory = out / FIGURES
     files = []
+    for claim in CLAIMS:
+        rows = verdicts[verdicts["claim_id"] == claim.id]
+        stem = Path(FIGURE.format(id=claim.id)).stem
+        if rows["n_seeds"].sum() > 0:
+            files += figures.save(figures.claim_forest(rows), directory, stem)
+        if figures.cells_apart(rows):
+            files += figures.save(figures.claim_cells(rows), directory, f"{stem}_cells")
     for (stem, title), curves in curve_sets(found).items():
         files += figures.save(figures.error_curves(curves, title), directory, stem)
     if len(found.finetune):
         files += figures.save(figures.accuracy_vs_size(found.finetune), directory, "accuracy_vs_size")
         files += figures.save(figures.freeze_effect(found.finetune), directory, "freeze_depth")
+    groups = {label: (arch, size) for label, arch, size in
+              found.transfer[["target_label", "target_arch", "target_size"]].drop_duplicates().itertuples(index=False)}
     for (attack, eps), (matrix, same) in tables.matrices(found.transfer).items():
-        fig = figures.transfer_heatmap(matrix, same, f"{attack}, eps={eps:g}: adversarial accuracy")
-        files += figures.save(fig, directory, f"transfer_{_slug(attack)}_eps{eps:g}")
+        for suffix, columns in figures.heatmap_splits(matrix, groups):
+            part = matrix[columns].dropna(how="all")   # surrogates that attacked none of these targets are left out
+            fig = figures.transfer_heatmap(part, same.loc[part.index, columns], f"{attack}, eps={eps:g}")
+            files += figures.save(fig, directory, f"transfer_{_slug(attack)}_eps{eps:g}{_slug(suffix)}")
     return files
 
 
 def curve_sets(found: Tables) -> dict[tuple[str, str], pd.DataFrame]:
     """Curves of each transfer-vs-scratch comparison keyed by (file stem, title); `group` says a run's side.
 
-    Fine-tune vs scratch: one figure per (target, size); adder transfer vs scratch: one per size.
+    Fine-tune vs scratch: one figure per (target, size); adder transfer arms (every variant) vs scratch: one per size.
     """
     runs = found.runs.set_index("run_id")[["stage", "target", "size", "variant"]]
     curves = found.curves.join(runs, on="run_id")
     training = curves[curves["stage"].isin([names.FINETUNE, names.SCRATCH])]
     training = training.assign(group=training["stage"].map({names.FINETUNE: tables.TRANSFER, names.SCRATCH: names.SCRATCH}))
-    adder = curves[(curves["stage"] == names.ADDER) & curves["variant"].isin([names.VARIANT_TRANSFER, names.VARIANT_SCRATCH])]
+    adder = curves[(curves["stage"] == names.ADDER) & curves["variant"].notna()]
     sets = {}
     for (target, size), rows in training.groupby(["target", "size"], sort=True):
         n = tables.size_text(size)
         sets[(f"curves_{_slug(target)}_n{n}", f"{target}, n={n}: fine-tuned (transfer) vs scratch")] = rows
     for size, rows in adder.assign(group=adder["variant"]).groupby("size", sort=True):
         n = tables.size_text(size)
-        sets[(f"curves_adder_n{n}", f"adder, n={n}: transfer vs scratch")] = rows
+        arms = " / ".join(sorted(set(rows["group"]) - {names.VARIANT_SCRATCH})) or "transfer"
+        sets[(f"curves_adder_n{n}", f"adder, n={n}: {arms} vs scratch")] = rows
     return sets
 
 
@@ -139,7 +153,8 @@ def write_markdown(found: Tables, verdicts: pd.DataFrame, out: Path) -> list[Pat
     """The seed-shaped tables; a table whose input is empty is left out (its absence is already in `missing`)."""
     directory = out / TABLES
     made = {"pretrain": (found.pretrain, markdown.pretrain_table), "finetune": (found.finetune, markdown.finetune_table),
-            "attacks": (found.transfer, markdown.attacks_table), "verdicts": (verdicts, markdown.verdicts_list)}
+            "attacks": (found.transfer, markdown.attacks_table), "claims": (claims_table(verdicts), markdown.claims_table),
+            "verdicts": (verdicts, markdown.verdicts_list)}
     files = []
     for name, (frame, render) in made.items():
         if len(frame):

@@ -1,10 +1,17 @@
-"""The report's index.html: one self-contained page with relative links, so it opens from disk or an MLflow artifact view."""
+"""The report's index.html: one self-contained page with relative links, so it opens from disk or an MLflow artifact view.
+
+It opens with "What this grid found": the claims table (each claim's verdict, effect and 95% interval, its
+figure), the largest decided effects, and the runs that failed with their reasons.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from html import escape
 from pathlib import Path
 from urllib.parse import quote
+
+import pandas as pd
 
 SECTIONS = (  # file suffix → section heading, in page order
     (".md", "Tables (Markdown)"),
@@ -12,30 +19,116 @@ SECTIONS = (  # file suffix → section heading, in page order
     (".json", "Data (JSON)"),
     (".svg", "Figures (SVG)"),
 )
+# Figures that show a claim's raw numbers, by file-name prefix, linked beside its forest plot.
+RELATED = {1: ("accuracy_vs_size",), 2: ("freeze_depth",), 3: ("transfer_",), 4: ("curves_adder_",)}
+FIGURE_KINDS = (  # file-name prefix → heading; the first matching prefix wins ("" catches the rest)
+    ("claim_", "Claims: forest plots and per-cell grids"),
+    ("curves_adder_", "Adder: error curves, transfer arms vs scratch"),
+    ("curves_", "Fine-tuning vs scratch: error curves"),
+    ("accuracy_vs_size", "Fine-tuning: accuracy against size and freeze depth"),
+    ("freeze_depth", "Fine-tuning: accuracy against size and freeze depth"),
+    ("transfer_", "Adversarial transfer: target accuracy under each surrogate's examples"),
+    ("", "Other figures"),
+)
+DECIDED = ("supported", "contradicted")
+LARGEST = 5          # decided effects listed under "largest effects"
+FAILURES_SHOWN = 20  # failed runs listed by name; the rest are counted
+VERDICT_STYLE = {"supported": "#d4edda", "contradicted": "#f8d7da", "inconclusive": "#eeeeee",
+                 "insufficient seeds": "#fff3cd", "no runs": "#ffffff"}
+STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
+         "table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #ccc;padding:3px 6px;vertical-align:top}"
+         "td.num{text-align:right;white-space:nowrap}")
 
 
-def index_page(experiment: str, out: Path, files: list[Path], missing: list[str], verdict_lines: list[str]) -> str:
-    """The page: what is missing, the verdicts, every PNG figure inline, then links to every file by kind."""
-    def link(path: Path) -> str:
+def index_page(experiment: str, out: Path, files: list[Path], missing: list[str], verdicts: pd.DataFrame,
+               runs: pd.DataFrame) -> str:
+    """The page: what the grid found, what is missing, every verdict, every PNG figure inline, links by kind."""
+    def link(path: Path, text: str | None = None) -> str:
         rel = path.relative_to(out).as_posix()
-        return f'<a href="{quote(rel)}">{escape(rel)}</a>'
+        return f'<a href="{quote(rel)}">{escape(text or rel)}</a>'
 
-    parts = [f"<h1>xfer report: {escape(experiment)}</h1>"]
+    parts = [f"<h1>xfer report: {escape(experiment)}</h1>", "<h2>What this grid found</h2>",
+             claims_section(verdicts, files, link), largest_section(verdicts), failures_section(runs)]
     if missing:
         parts.append("<h2>Missing</h2><p>This report is partial; these parts could not be made:</p><ul>"
                      + "".join(f"<li>{escape(m)}</li>" for m in missing) + "</ul>")
-    parts.append("<h2>Verdicts</h2><ul>" + "".join(f"<li>{escape(v)}</li>" for v in verdict_lines) + "</ul>"
-                 if verdict_lines else "<h2>Verdicts</h2><p>No claim could be tested.</p>")
+    parts.append(f"<h2>Verdicts, every scope</h2><details><summary>{len(verdicts)} rows: each claim's headline and "
+                 "the narrower scopes beneath it</summary><ul>" + "".join(
+                     f"<li>{'<b>headline</b> ' if headline else ''}{escape(line)}</li>"
+                     for headline, line in zip(verdicts["headline"], verdicts["line"])) + "</ul></details>")
     figures = [p for p in files if p.suffix == ".png"]
     if figures:
-        parts.append("<h2>Figures</h2>" + "".join(
-            f'<figure>{link(p)}<br><img src="{quote(p.relative_to(out).as_posix())}" alt="{escape(p.stem)}" '
-            'style="max-width:100%"></figure>' for p in figures))
+        parts.append("<h2>Figures</h2>")
+    for heading, chosen in figure_groups(figures):
+        parts.append(f"<h3>{heading}</h3>" + "".join(
+            f'<figure id="{escape(p.stem)}">{link(p)}<br><img src="{quote(p.relative_to(out).as_posix())}" '
+            f'alt="{escape(p.stem)}" style="max-width:100%"></figure>' for p in chosen))
     for suffix, heading in SECTIONS:
         chosen = [p for p in files if p.suffix == suffix]
         if chosen:
             parts.append(f"<h2>{heading}</h2><ul>" + "".join(f"<li>{link(p)}</li>" for p in chosen) + "</ul>")
     body = "\n".join(parts)
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>xfer report: {escape(experiment)}'
-            f'</title><style>body{{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}}</style></head>'
-            f"<body>\n{body}\n</body></html>\n")
+            f"</title><style>{STYLE}</style></head>\n<body>\n{body}\n</body></html>\n")
+
+
+def figure_groups(pngs: list[Path]) -> list[tuple[str, list[Path]]]:
+    """The figures under their FIGURE_KINDS heading (the first matching prefix), headings in that order."""
+    groups: dict[str, list[Path]] = {heading: [] for _, heading in FIGURE_KINDS}
+    for png in pngs:
+        groups[next(heading for prefix, heading in FIGURE_KINDS if png.stem.startswith(prefix))].append(png)
+    return [(heading, chosen) for heading, chosen in groups.items() if chosen]
+
+
+def claims_section(verdicts: pd.DataFrame, files: list[Path], link: Callable[..., str]) -> str:
+    """The claims table: one row per claim 1-7 (its headline), effect and interval in pp, its figures."""
+    pngs = [p for p in files if p.suffix == ".png"]
+    rows = []
+    for claim in verdicts[verdicts["headline"]].itertuples():
+        figure = next((p for p in pngs if isinstance(claim.figure, str) and p.as_posix().endswith(claim.figure)), None)
+        prefixes = (f"claim_{claim.claim_id}_cells", *RELATED.get(claim.claim_id, ()))
+        related = [p for p in pngs if p.stem.startswith(prefixes) and p != figure]
+        links = ([link(figure, "forest plot")] if figure else []) + [link(p, p.stem) for p in related]
+        ci = f"[{_pp(claim.ci_low)}, {_pp(claim.ci_high)}]" if pd.notna(claim.ci_low) else ""
+        rows.append(
+            f"<tr><td>{claim.claim_id}</td><td>{escape(claim.text)}</td><td>{escape(claim.seed_doc)}</td>"
+            f"<td>{escape(claim.scope)}</td>"
+            f'<td style="background:{VERDICT_STYLE.get(claim.verdict, "#fff")}">{escape(claim.verdict)}</td>'
+            f'<td class="num">{_pp(claim.effect)}</td><td class="num">{ci}</td><td class="num">{claim.n_seeds}</td>'
+            f"<td>{escape(claim.why if isinstance(claim.why, str) else '')}</td><td>{'<br>'.join(links)}</td></tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("#", "claim", "seed doc", "headline scope", "verdict", "effect (pp)",
+                                             "95% CI (pp)", "seeds", "why", "figures"))
+    return ("<h3>Claims</h3><p>Each seed claim's headline: a paired difference per seed (effect &gt; 0 favours the "
+            "claim), 95% CI by Student's t over seeds (paired t over seeds); SCHEMA.md says how each headline is "
+            f"chosen, and the verdicts below list every scope.</p><table><tr>{head}</tr>{''.join(rows)}</table>")
+
+
+def largest_section(verdicts: pd.DataFrame) -> str:
+    """The largest decided effects (interval clear of 0), any scope; a scope repeating a claim's effect exactly
+    (a headline and its only cell) is listed once."""
+    decided = verdicts[verdicts["verdict"].isin(DECIDED)]
+    decided = decided.loc[decided.assign(rounded=decided["effect"].round(12)).drop_duplicates(["claim_id", "rounded"]).index]
+    if decided.empty:
+        return "<h3>Largest effects</h3><p>No claim is decided on any scope (no interval clear of 0).</p>"
+    top = decided.loc[decided["effect"].abs().sort_values(ascending=False, kind="stable").index[:LARGEST]]
+    items = "".join(f"<li>claim {r.claim_id} ({escape(r.scope)}): {r.verdict}, {_pp(r.effect)} pp "
+                    f"[{_pp(r.ci_low)}, {_pp(r.ci_high)}], {r.n_seeds} seeds</li>" for r in top.itertuples())
+    return ("<h3>Largest effects</h3><p>Decided rows (95% interval clear of 0) of any scope, largest |effect| first; "
+            f"effect &gt; 0 favours the claim:</p><ol>{items}</ol>")
+
+
+def failures_section(runs: pd.DataFrame) -> str:
+    """Runs that ended FAILED, with their xfer.failure reason."""
+    failed = runs[runs["status"] == "FAILED"]
+    if failed.empty:
+        return "<h3>Failures</h3><p>No run failed.</p>"
+    by_stage = ", ".join(f"{n} {stage}" for stage, n in failed["stage"].fillna("?").value_counts().sort_index().items())
+    items = "".join(f"<li>{escape(str(r.stage))} <code>{escape(str(r.run_name or r.run_id))}</code>: "
+                    f"{escape(r.failure or 'no reason recorded')}</li>" for r in failed.head(FAILURES_SHOWN).itertuples())
+    more = f"<p>… and {len(failed) - FAILURES_SHOWN} more (runs.parquet, status FAILED).</p>" \
+        if len(failed) > FAILURES_SHOWN else ""
+    return f"<h3>Failures</h3><p>{len(failed)} run(s) FAILED ({by_stage}):</p><ul>{items}</ul>{more}"
+
+
+def _pp(value: float) -> str:
+    return "" if pd.isna(value) else f"{100 * value:+.2f}"

@@ -5,6 +5,8 @@ Cells read "mean ± sd" over seeds, in percent; sizes of 0 (the whole training p
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
 from reports.tables import size_order, size_text
@@ -73,5 +75,25 @@ def attacks_table(transfer: pd.DataFrame) -> str:
 
 
 def verdicts_list(verdicts: pd.DataFrame) -> str:
-    """The verdict lines as a Markdown list."""
-    return "## Verdicts\n\n" + "".join(f"- {line}\n" for line in verdicts["line"])
+    """Every verdict line (headlines and the narrower scopes beneath them) as a Markdown list, per claim."""
+    parts = ["## Verdicts, every scope\n"]
+    for claim_id, rows in verdicts.groupby("claim_id", sort=True):
+        parts.append(f"### Claim {claim_id}\n\n" + "".join(
+            f"- {'**headline** ' if headline else ''}{line}\n" for headline, line in zip(rows["headline"], rows["line"])))
+    return "\n".join(parts)
+
+
+def claims_table(claims: pd.DataFrame) -> str:
+    """The claims table: one row per claim with its verdict, effect and 95% interval in pp, and its figure."""
+    def pp(value: float) -> str:
+        return "" if pd.isna(value) else f"{100 * value:+.2f}"
+
+    table = pd.DataFrame({
+        "#": claims["claim_id"], "claim": claims["text"], "seed": claims["seed_doc"], "scope": claims["scope"],
+        "effect (pp)": claims["effect"].map(pp),
+        "95% CI (pp)": [f"[{pp(lo)}, {pp(hi)}]" if pd.notna(lo) else "" for lo, hi in zip(claims["ci_low"], claims["ci_high"])],
+        "seeds": claims["n_seeds"], "verdict": claims["verdict"], "why": claims["why"].fillna(""),
+        "figure": [f"[{Path(f).name}](../{f})" if isinstance(f, str) else "" for f in claims["figure"]],
+    })
+    return ("## Claims: each seed claim's headline verdict (paired t over seeds, 95% CI)\n\n"
+            "Effect > 0 favours the claim; `verdicts.md` lists every scope beneath each headline.\n\n" + render(table))

@@ -35,6 +35,12 @@ SIZE = Column("size", I64, "examples", "training-set size; 0 = the whole trainin
 FREEZE = Column("freeze_depth", I64, "layers", "leading layers frozen during fine-tuning")
 LR = Column("lr", F64, "", "base learning rate")
 SEED = Column("seed", I64, "", "random seed of the cell")
+# The fine-tuning recipe (xfer.grid.RECIPES), from the run's train.* params; TrainSpec's default when not logged.
+OPTIMIZER = Column("optimizer", STR, "", "train.optimizer: adamw, adam or sgd (training stages only)")
+HEAD_LR_MULT = Column("head_lr_mult", F64, "", "train.head_lr_mult: the head's lr is lr × this (1 = one lr)")
+UNFREEZE = Column("unfreeze_epoch", I64, "epochs", "train.unfreeze_epoch: freeze-then-unfreeze at this epoch "
+                                                    "(null = the body stays as frozen as freeze_depth says)")
+EPOCHS = Column("epochs", I64, "epochs", "train.epochs: the training budget (training stages only)")
 
 # Final metrics of a training run (also on adder runs).
 TRAIN_METRICS = (
@@ -66,7 +72,8 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         Column("start_time", TIME, "UTC", "run start"),
         Column("end_time", TIME, "UTC", "run end (null while running)"),
         SOURCE, TARGET, ARCH, SIZE, FREEZE, LR, SEED,
-        Column("variant", STR, "", "adder runs: transfer or scratch"),
+        OPTIMIZER, HEAD_LR_MULT, UNFREEZE, EPOCHS,
+        Column("variant", STR, "", "adder runs: scratch, transfer, or another transfer arm (e.g. transfer_features)"),
         Column("attack", STR, "", "attack runs: attack registry name"),
         Column("eps", F64, "pixel [0,1]", "attack runs: L-inf budget"),
         Column("same_source", BOOL, "", "attack evaluations: surrogate and target share a pretraining source"),
@@ -75,13 +82,17 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         Column("surrogate_run_id", STR, "id", "attack runs: the surrogate model's run"),
         Column("target_run_id", STR, "id", "attack evaluations: the attacked model's run"),
         Column("parent_run_id", STR, "id", "MLflow parent run (attack evaluations: their generation run)"),
+        Column("failure", STR, "", "xfer.failure: why the run ended FAILED or KILLED (null otherwise)"),
         *TRAIN_METRICS,
         *ATTACK_METRICS,
     ),
     "pretrain": (RUN_ID, KEY, SOURCE, ARCH, SIZE, LR, SEED, *TRAIN_METRICS),
     "finetune": (RUN_ID, KEY, Column("pretrain_run_id", STR, "id", "the pretrain run it started from"),
-                 SOURCE, TARGET, ARCH, SIZE, FREEZE, LR, SEED, *TRAIN_METRICS, *BASELINE),
-    "adder": (RUN_ID, SIZE, SEED, *TRAIN_METRICS, *BASELINE),
+                 SOURCE, TARGET, ARCH, SIZE, FREEZE, LR, SEED, OPTIMIZER, HEAD_LR_MULT, UNFREEZE, EPOCHS,
+                 *TRAIN_METRICS, *BASELINE),
+    "scratch": (RUN_ID, KEY, TARGET, ARCH, SIZE, LR, SEED, OPTIMIZER, EPOCHS, *TRAIN_METRICS),
+    "adder": (RUN_ID, Column("variant", STR, "", "the transfer arm: transfer, or another (e.g. transfer_features)"),
+              SIZE, SEED, *TRAIN_METRICS, *BASELINE),
     "curves": (
         RUN_ID,
         Column("step", I64, "optimizer steps", "iteration the point was recorded at"),
@@ -99,7 +110,12 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
                                            "white-box reference (surrogate = target); null for an ensemble"),
         Column("surrogate_label", STR, "", "readable surrogate, seed left out: source/arch for a pretrained model"),
         Column("target_label", STR, "", "readable target, seed left out: source>target/arch/n<size>/f<freeze>"),
-        Column("target_seed", I64, "", "the target run's seed (the unit verdicts resample)"),
+        Column("target_seed", I64, "", "the target run's seed (the unit verdicts pair over)"),
+        Column("surrogate_source", STR, "", "the surrogate's pretraining source (null for an ensemble)"),
+        Column("surrogate_arch", STR, "", "the surrogate's arch (null for an ensemble)"),
+        Column("target_source", STR, "", "the target's pretraining source"),
+        Column("target_arch", STR, "", "the target's arch"),
+        Column("target_size", I64, "examples", "the target's fine-tune size (0 = the whole pool)"),
         Column("attack", STR, "", "attack registry name"),
         Column("eps", F64, "pixel [0,1]", "L-inf budget"),
         *ATTACK_METRICS,
@@ -107,16 +123,39 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         Column("is_parent", BOOL, "", "surrogate is the target's own pretrain run"),
     ),
     "verdicts": (
-        Column("claim", STR, "", "which claim: finetune_beats_scratch, adder_transfer_beats_scratch, "
-                                   "same_source_lowers_more or parent_beats_unrelated"),
-        Column("scope", STR, "", "the slice the claim is tested on, e.g. 'target=mnist size=1000'"),
-        Column("n_seeds", I64, "seeds", "independent seeds (pairs) the bootstrap resamples"),
-        Column("effect", F64, "fraction", "mean paired difference; > 0 favours the claim"),
-        Column("ci_low", F64, "fraction", "95% paired-bootstrap interval, lower end (null if insufficient)"),
-        Column("ci_high", F64, "fraction", "95% paired-bootstrap interval, upper end (null if insufficient)"),
-        Column("measure", STR, "", "what `effect` is a difference of"),
-        Column("verdict", STR, "", "supported, contradicted, inconclusive or insufficient seeds"),
-        Column("line", STR, "", "the verdict as one sentence"),
+        Column("claim_id", I64, "", "the seed claim, 1-7 (see 'The claims' below)"),
+        Column("claim", STR, "", "the claim's stable key, e.g. finetune_beats_scratch, adder_transfer_beats_scratch"),
+        Column("headline", BOOL, "", "true on the claim's one headline row (the claims table); false on the narrower "
+                                     "scopes beneath it"),
+        Column("level", STR, "", "headline; summary (a narrower scope pooled: a size, a trend, another arm or "
+                                 "attack setting); or cell (one cell of the grid, e.g. target x source x arch x size)"),
+        Column("scope", STR, "", "the slice the row tests, e.g. 'size=100, 2 sources x 3 archs pooled' "
+                                 "(empty for a claim with no runs)"),
+        Column("text", STR, "", "the claim in words"),
+        Column("seed_doc", STR, "", "the seed document it comes from: 000-004"),
+        Column("measure", STR, "", "what `effect` is a difference of; > 0 favours the claim"),
+        Column("effect", F64, "fraction", "mean over seeds of the per-seed mean paired difference (x 100 = pp); null "
+                                          "with fewer than 3 seeds"),
+        Column("ci_low", F64, "fraction", "95% Student's t interval over the per-seed differences, lower end (null if "
+                                          "insufficient)"),
+        Column("ci_high", F64, "fraction", "95% Student's t interval over the per-seed differences, upper end (null "
+                                           "if insufficient)"),
+        Column("method", STR, "", "how the interval is made: 'paired t over seeds'"),
+        Column("n_seeds", I64, "seeds", "independent seeds: per-seed mean differences the t interval is computed over"),
+        Column("verdict", STR, "", "supported (interval above 0), contradicted (below 0), inconclusive (holds 0), "
+                                   "insufficient seeds (fewer than 3) or no runs"),
+        Column("why", STR, "", "why there is no verdict or what qualifies it, e.g. 'no scratch cells in this grid' "
+                               "(null when nothing needs saying)"),
+        Column("figure", STR, "path", "the claim's figure relative to the report folder (null with no runs)"),
+        Column("treated_mean", F64, "fraction", "mean over seeds of the treated side (e.g. fine-tuned test_error, "
+                                                "A's success rate); of a trend row, the effect at the smaller size"),
+        Column("control_mean", F64, "fraction", "mean over seeds of the control side (e.g. scratch test_error, B's "
+                                                "success rate); of a trend row, the effect at the larger size"),
+        Column("ceiling", F64, "fraction", "claim 3: white-box success on the parent A, the most its examples do "
+                                           "(null elsewhere)"),
+        Column("seeds", pa.list_(I64), "", "the paired seeds, ascending"),
+        Column("seed_effects", pa.list_(F64), "fraction", "each seed's mean paired difference, in `seeds` order"),
+        Column("line", STR, "", "the row as one sentence"),
     ),
 }
 

@@ -1,4 +1,4 @@
-"""MLflow runs → the report's DataFrames: runs, pretrain, finetune (+ scratch baseline), adder, curves, transfer.
+"""MLflow runs → the report's DataFrames: runs, pretrain, finetune (+ scratch baseline), scratch, adder, curves, transfer.
 
 Joins go through run ids recorded as lineage tags (pretrain run, surrogate run, target run, MLflow parent),
 never through names; the only join on values is a transfer run with its scratch baseline, which by design
@@ -7,6 +7,7 @@ shares no lineage with it.
 
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from reports.schema import ATTACK_METRICS, SCHEMAS, TRAIN_METRICS
-from xfer import names, tracking
+from xfer import names, specs, tracking
 from xfer.errors import XferError
 
 # The treated side of every transfer-vs-scratch comparison (fine-tune runs, adder transfer runs) in figures.
@@ -37,6 +38,12 @@ INT_TAGS = {"size": names.TAG_SIZE, "freeze_depth": names.TAG_FREEZE, "seed": na
 FLOAT_TAGS = {"lr": names.TAG_LR, "eps": names.TAG_EPS}
 WHOLE_POOL = ("all", "None")  # size tags of a run on the whole training pool (stages write "all")
 BOOL_TAGS = {"same_source": names.TAG_SAME_SOURCE, "is_parent": names.TAG_IS_PARENT}
+# The fine-tuning recipe of a training run, from its TrainSpec params (typed columns; see xfer.grid.RECIPES).
+# A training run that did not log one (written before the field existed) ran with the TrainSpec default.
+RECIPE_PARAMS = {"optimizer": ("train.optimizer", str), "head_lr_mult": ("train.head_lr_mult", float),
+                 "unfreeze_epoch": ("train.unfreeze_epoch", int), "epochs": ("train.epochs", int)}
+TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(specs.TrainSpec)}
+SPEC_STAGES = (names.PRETRAIN, names.FINETUNE, names.SCRATCH)   # the stages whose params are a TrainSpec
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,7 @@ class Tables:
     without_curve: list[str]   # finished training runs that logged no curve artifact
     pretrain: pd.DataFrame
     finetune: pd.DataFrame
+    scratch: pd.DataFrame
     adder: pd.DataFrame
     curves: pd.DataFrame
     transfer: pd.DataFrame
@@ -63,6 +71,7 @@ def collect(experiment: str) -> Tables:
         runs=runs, params=params, without_curve=without_curve, curves=curves,
         pretrain=_select(finished[finished["stage"] == names.PRETRAIN], "pretrain"),
         finetune=finetune_frame(finished),
+        scratch=_select(finished[finished["stage"] == names.SCRATCH], "scratch"),
         adder=adder_frame(finished),
         transfer=transfer_frame(finished),
     )
@@ -93,31 +102,54 @@ def runs_frame(records: list[tracking.RunRecord]) -> tuple[pd.DataFrame, list[st
             row["size"] = 0
         row |= {col: _number(r.tags.get(tag), float) for col, tag in FLOAT_TAGS.items()}
         row |= {col: {"true": True, "false": False}.get(r.tags.get(tag, "")) for col, tag in BOOL_TAGS.items()}
+        row["failure"] = r.tags.get(names.TAG_FAILURE) or None
+        if r.stage in SPEC_STAGES:
+            row |= recipe_of(r.params)
         row |= {m: r.metrics.get(m, np.nan) for m in METRIC_NAMES}
         renamed = {("params." + k if k in fixed else k): v for k, v in r.params.items()}
         params.update(renamed)
         rows.append(row | renamed)
     columns = [c.name for c in SCHEMAS["runs"]] + sorted(params)
     frame = pd.DataFrame(rows, columns=columns)
-    frame[list(INT_TAGS)] = frame[list(INT_TAGS)].astype("Int64")
+    integers = list(INT_TAGS) + ["unfreeze_epoch", "epochs"]
+    frame[integers] = frame[integers].astype("Int64")
     for col in BOOL_TAGS:  # object, not bool: a missing flag must stay missing, not become False
         frame[col] = frame[col].astype(object)
     return frame, sorted(params)
 
 
+def recipe_of(params: dict[str, str]) -> dict[str, object]:
+    """A training run's recipe columns from its params; an absent param is the TrainSpec default."""
+    out = {}
+    for column, (param, kind) in RECIPE_PARAMS.items():
+        text = params.get(param)
+        if text is None:
+            out[column] = TRAIN_DEFAULTS[column]
+        else:  # "None" (unfreeze_epoch unset) parses to null
+            out[column] = text if kind is str else _number(text, kind)
+    return out
+
+
 def finetune_frame(finished: pd.DataFrame) -> pd.DataFrame:
-    """Fine-tune runs with the scratch run of the same target, arch, size, seed and lr joined as scratch_*."""
+    """Fine-tune runs with the scratch run of the same target, arch, size, seed, lr, optimizer and epochs joined as
+    scratch_*.
+
+    The optimizer is part of the match because a grid trains one scratch cell per recipe optimizer (an `sgd`
+    recipe's fine-tune cells are measured against SGD scratch cells, the rest against the grid's optimizer).
+    """
     finetune = _select(finished[finished["stage"] == names.FINETUNE], "finetune")
     scratch = finished[finished["stage"] == names.SCRATCH]
-    return _select(with_baseline(finetune, scratch, ["target", "arch", "size", "seed", "lr"]), "finetune")
+    on = ["target", "arch", "size", "seed", "lr", "optimizer", "epochs"]
+    return _select(with_baseline(finetune, scratch, on), "finetune")
 
 
 def adder_frame(finished: pd.DataFrame) -> pd.DataFrame:
-    """Adder transfer runs with the scratch variant of the same size and seed joined as scratch_*."""
+    """Adder runs of every transfer arm (any variant but scratch) with the scratch run of the same size and seed
+    joined as scratch_*."""
     adder = finished[finished["stage"] == names.ADDER]
-    transfer = adder[adder["variant"] == names.VARIANT_TRANSFER]
+    arms = adder[adder["variant"].notna() & (adder["variant"] != names.VARIANT_SCRATCH)]
     scratch = adder[adder["variant"] == names.VARIANT_SCRATCH]
-    return _select(with_baseline(transfer, scratch, ["size", "seed"]), "adder")
+    return _select(with_baseline(arms, scratch, ["size", "seed"]), "adder")
 
 
 def with_baseline(treated: pd.DataFrame, baseline: pd.DataFrame, on: list[str]) -> pd.DataFrame:
@@ -164,6 +196,11 @@ def transfer_frame(finished: pd.DataFrame) -> pd.DataFrame:
         surrogate_label=evaluations["surrogate_run_id"].map(surrogate_label, na_action="ignore"),
         target_label=evaluations["target_run_id"].map(labels),
         target_seed=evaluations["target_run_id"].map(models["seed"]).astype("Int64"),
+        surrogate_source=evaluations["surrogate_run_id"].map(models["source"]),
+        surrogate_arch=evaluations["surrogate_run_id"].map(models["arch"]),
+        target_source=evaluations["target_run_id"].map(models["source"]),
+        target_arch=evaluations["target_run_id"].map(models["arch"]),
+        target_size=evaluations["target_run_id"].map(models["size"]).astype("Int64"),
     )
     return _select(frame, "transfer")
 
@@ -185,15 +222,24 @@ def matrices(transfer: pd.DataFrame) -> dict[tuple[str, float], tuple[pd.DataFra
 
 
 def label(run: pd.Series) -> str:
-    """A model's readable name without its seed (matrices average seeds): e.g. ``kmnist>mnist/resnet_mini/n1000/f4``."""
+    """A model's readable name without its seed (matrices average seeds): e.g. ``kmnist>mnist/resnet_mini/n1000/f4``,
+    with its recipe when it is not the plain one (``/sgd``, ``/head10x``, ``/unfreeze@5``) so recipes are not averaged."""
     size = size_text(run["size"])
     if run["stage"] == names.PRETRAIN:
         return f"{run['source']}/{run['arch']}"
     if run["stage"] == names.FINETUNE:
-        return f"{run['source']}>{run['target']}/{run['arch']}/n{size}/f{run['freeze_depth']}"
+        return f"{run['source']}>{run['target']}/{run['arch']}/n{size}/f{run['freeze_depth']}{recipe_text(run)}"
     if run["stage"] == names.SCRATCH:
-        return f"scratch>{run['target']}/{run['arch']}/n{size}"
+        return f"scratch>{run['target']}/{run['arch']}/n{size}{recipe_text(run)}"
     return f"{run['stage']}:{run.name[:8]}"
+
+
+def recipe_text(run: pd.Series) -> str:
+    """The recipe part of a label: what differs from TrainSpec's defaults ("" for the plain recipe)."""
+    optimizer, mult, unfreeze = run.get("optimizer"), run.get("head_lr_mult"), run.get("unfreeze_epoch")
+    return "".join([f"/{optimizer}" if isinstance(optimizer, str) and optimizer != TRAIN_DEFAULTS["optimizer"] else "",
+                    f"/head{mult:g}x" if pd.notna(mult) and mult != TRAIN_DEFAULTS["head_lr_mult"] else "",
+                    f"/unfreeze@{int(unfreeze)}" if pd.notna(unfreeze) else ""])
 
 
 def size_text(size: int | None) -> str:

@@ -1,107 +1,458 @@
-"""Verdicts on the study's claims: paired differences per seed, a seeded bootstrap over seeds, one line each.
+"""The claims table: each seed document's claim 1-7 as paired differences per seed, a Student's t interval, a verdict.
 
-The unit of replication is the seed: every difference is first averaged within a seed (over archs,
-sources, freeze depths ... in the slice), and the bootstrap resamples seeds. Pairs within a seed are not
-independent, so resampling them would give intervals that are too narrow.
+The unit of replication is the seed: every difference is first averaged within a seed (over the archs,
+sources, freeze depths ... of a slice), and the interval is Student's t on those per-seed means. Pairs
+within a seed are not independent, so treating them as replicates would give intervals that are too narrow;
+and with the 3-5 seeds a grid affords, a percentile bootstrap is too narrow as well (its resamples can only
+take a handful of distinct means, and it ignores that the spread itself is estimated from 3-5 values).
+
+Every claim gets exactly one headline row (`headline` true), always, in claim order, even with no runs
+("no runs", with why); the rows beneath it are the same claim on narrower scopes (per size, per cell ...).
+When a headline pools several scopes, each seed's value is the mean over the scopes of its within-scope
+mean, so every scope weighs the same whatever its number of pairs. How each claim's headline is chosen is
+in its `Claim.headline_rule`, written into SCHEMA.md.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from reports.schema import SCHEMAS
+from reports.tables import Tables, size_order, size_text
 from xfer import names
 
-MIN_SEEDS = 3           # below this a bootstrap interval is meaningless: say so instead of guessing
-BOOTSTRAP_DRAWS = 10_000
-BOOTSTRAP_SEED = 0      # seeded, so the same runs always give the same report
+MIN_SEEDS = 3           # below this the sd over seeds is too unstable for an interval: say so instead of guessing
+CONFIDENCE = 0.95
+METHOD = "paired t over seeds"
 INSUFFICIENT = "insufficient seeds"
-
-ADDER_CLAIM = "adder_transfer_beats_scratch"
-CLAIMS = {
-    "finetune_beats_scratch": (
-        "fine-tuning beats scratch", "scratch test_error - fine-tune test_error"),
-    ADDER_CLAIM: (
-        "adder: transfer beats scratch", "scratch test_error - transfer test_error"),
-    "same_source_lowers_more": (
-        "same-source pretrained surrogates lower the target's accuracy more than other-source ones",
-        "adv_acc under other-source pretrained surrogates - adv_acc under same-source ones (parent included)"),
-    "parent_beats_unrelated": (
-        "the parent's examples lower the target's accuracy more than an unrelated pretrained surrogate's",
-        "adv_acc under other-source pretrained surrogates - adv_acc under the parent"),
-}
+NO_RUNS = "no runs"
+SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
+# A row's level: the claim's headline; a summary beneath it (a size pooled, a trend, another arm); one cell of the grid.
+HEADLINE, SUMMARY, CELL = "headline", "summary", "cell"
+VALUES = ("diff", "treated", "control", "ceiling")   # per-pair numbers averaged per seed (ceiling: claim 3 only)
+FIGURE = "figures/claim_{id}.png"                     # each claim's forest plot, relative to the report folder
+SGD, HEAD_LR_MULT = "sgd", 10.0                       # claim 5: seed 004's recipe (xfer.grid.RECIPES["head10x_sgd"])
+LENET, RESNET = "lenet5", "resnet_mini"               # claim 7's two archs
+ADDER_CLAIM = "adder_transfer_beats_scratch"          # claim 4's key: sweeps/adder.py prints its rows
+# "The same checkpoint": the pretrain run, and its source and arch for cells that have none (ImageNet weights).
+CHECKPOINT = ["pretrain_run_id", "source", "arch"]
 
 
-def bootstrap_mean(values: np.ndarray, draws: int = BOOTSTRAP_DRAWS, seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
-    """Mean of `values` and its 95% percentile-bootstrap interval (seeded)."""
-    rng = np.random.default_rng(seed)
-    samples = values[rng.integers(0, len(values), size=(draws, len(values)))].mean(axis=1)
-    low, high = np.percentile(samples, [2.5, 97.5])
-    return float(values.mean()), float(low), float(high)
+@dataclass(frozen=True)
+class Claim:
+    """One seed claim: what it says, where it comes from, what its effect is a difference of, how its headline is made."""
+
+    id: int
+    key: str
+    text: str
+    seed_doc: str
+    measure: str
+    headline_rule: str
 
 
-def verdict_rows(diffs: pd.DataFrame, claim: str, scope_cols: list[str]) -> list[dict]:
-    """One verdict per scope from per-pair differences (`seed`, `diff` > 0 favours the claim, `scope_cols`)."""
+CLAIMS = (
+    Claim(1, "finetune_beats_scratch", "fine-tuning a pretrained model beats training from scratch when target data "
+          "is scarce", "000", "scratch test_error - fine-tuned test_error (full fine-tuning: freeze 0, one lr, no "
+          "unfreeze; scratch of the same target, arch, size, seed, lr, optimizer and epochs); > 0 favours "
+          "fine-tuning",
+          "the smallest size at which at least 3 seeds are paired (else the smallest size), every target, source and "
+          "arch pooled within a seed. Beneath it: each size pooled, the trend (per seed, the effect at the headline "
+          "size minus the effect at the largest size; > 0: the gap shrinks as data grows), and every target x source x "
+          "arch x size cell."),
+    Claim(2, "freezing_beats_full_finetuning", "a frozen pretrained body (freeze depth > 0) beats full fine-tuning",
+          "000", "full fine-tuning (freeze 0) test_error - frozen-body test_error, same checkpoint, target, size, lr, "
+          "seed and optimizer (one lr, no unfreeze); > 0 favours freezing",
+          "the smallest size at which at least 3 seeds are paired (else the smallest size), every source, arch and "
+          "freeze depth > 0 pooled within a seed. Beneath it: each size pooled, and every arch x freeze depth x size."),
+    Claim(3, "parent_examples_transfer_to_descendant", "adversarial examples made on a model's parent transfer to "
+          "its fine-tuned descendant better than examples made on another source's model", "000",
+          "success_rate on C of examples made on its parent A - on B (pretrained on another source, same arch as C; "
+          "B's averaged), per attack setting; > 0 favours the claim. ceiling: white-box success on A",
+          "every attack x eps setting pooled within a seed (each setting weighs the same; a seed is the fine-tuned "
+          "target C's seed). Beneath it: each attack x eps setting."),
+    Claim(4, ADDER_CLAIM, "adder: transfer beats scratch", "002",
+          "scratch test_error - transfer test_error, same size (training pairs) and seed; > 0 favours transfer",
+          "the `transfer` arm (the seed's head: 10 + 10 logits -> 19 -> 19) at the largest size at which at least 3 "
+          "seeds are paired (else the largest size): the largest step budget, nearest the seed's ~2,500 steps. "
+          "Beneath it: the other sizes, and every other transfer arm (e.g. transfer_features) per size."),
+    Claim(5, "head10x_sgd_helps", "a 10x learning rate on the new head helps SGD fine-tuning", "004",
+          "test_error with SGD at one lr (head_lr_mult 1) - with SGD and head_lr_mult 10, same checkpoint, target, "
+          "size, freeze depth, lr, seed and unfreeze setting; > 0 favours the 10x head",
+          "every source, arch, size and freeze depth pooled within a seed. Beneath it: each arch x size."),
+    Claim(6, "unfreeze_helps", "freeze-then-unfreeze beats keeping the body frozen", "001",
+          "test_error of a frozen-body cell (freeze > 0, never unfrozen) - of the same cell with unfreeze_epoch set "
+          "(same checkpoint, target, size, freeze depth, lr, seed, optimizer, head_lr_mult); > 0 favours unfreezing",
+          "every source, arch, size and freeze depth pooled within a seed (the recipe only applies where something "
+          "is frozen). Beneath it: each arch x size, and the unfreeze cells against full fine-tuning (freeze 0) of "
+          "the same checkpoint."),
+    Claim(7, "lenet5_vs_resnet_mini", "LeNet-5 (sigmoid) against resnet_mini on the digits target, same budget: "
+          "LeNet-5 has the lower test error", "003",
+          "resnet_mini test_error - lenet5 test_error, same target, size, seed, optimizer and epochs (and lr "
+          "where both archs ran it); > 0 favours LeNet-5",
+          "scratch cells (fine-tuned cells at freeze 0 only when no scratch pair exists) at the largest size at "
+          "which at least 3 seeds are paired (else the largest size), every target pooled. Beneath it: each "
+          "stage x target x size."),
+)
+BY_KEY = {c.key: c for c in CLAIMS}
+
+
+# ---- the interval and the verdict --------------------------------------------------------------------
+
+def t_interval(values: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """Mean of `values` (one per seed, n >= 2) and its Student's t interval: mean ± t_{(1+c)/2, n-1} · sd / √n.
+
+    Identical values (sd 0) give a zero-width interval at their mean: every seed agreeing exactly is taken at
+    its word, so the verdict follows the sign of the mean (and is inconclusive only at exactly 0).
+    """
+    n = len(values)
+    mean = float(np.mean(values))
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1) * np.std(values, ddof=1) / np.sqrt(n))
+    return mean, mean - half, mean + half
+
+
+def decide(low: float, high: float) -> str:
+    """Supported when the interval lies above 0, contradicted when below, inconclusive when it holds 0."""
+    return SUPPORTED if low > 0 else CONTRADICTED if high < 0 else INCONCLUSIVE
+
+
+def per_seed(pairs: pd.DataFrame, pool: list[str]) -> pd.DataFrame:
+    """One row per seed: the mean within each (seed, pooled scope) first, then over the pooled scopes."""
+    values = [v for v in VALUES if v in pairs.columns]
+    within = pairs.dropna(subset=["seed", "diff"]).groupby(["seed", *pool], dropna=False)[values].mean()
+    return within.groupby(level="seed").mean()
+
+
+def verdict_row(claim: Claim, scope: str, seeds: pd.DataFrame, headline: bool = False, measure: str | None = None,
+                note: str = "", level: str = SUMMARY) -> dict:
+    """The claim on one scope from its per-seed means (`per_seed`): effect, t interval, verdict, why, line."""
+    n = len(seeds)
+    row = dict(claim_id=claim.id, claim=claim.key, headline=headline, level=HEADLINE if headline else level,
+               text=claim.text, seed_doc=claim.seed_doc,
+               scope=scope, measure=measure or claim.measure, method=METHOD, n_seeds=n,
+               effect=np.nan, ci_low=np.nan, ci_high=np.nan,
+               treated_mean=_mean(seeds, "treated"), control_mean=_mean(seeds, "control"),
+               ceiling=_mean(seeds, "ceiling"), seeds=[int(s) for s in seeds.index],
+               seed_effects=[float(d) for d in seeds["diff"]], figure=FIGURE.format(id=claim.id))
+    head = f"{claim.text} ({scope})"
+    if n < MIN_SEEDS:
+        why = "; ".join(filter(None, [f"{n} seed(s) paired, {MIN_SEEDS} needed", note]))
+        return row | dict(verdict=INSUFFICIENT, why=why,
+                          line=f"{head}: {INSUFFICIENT} ({n} paired, need {MIN_SEEDS}); no effect estimated.")
+    effect, low, high = t_interval(seeds["diff"].to_numpy(dtype=float))
+    verdict = decide(low, high)
+    degenerate = "identical difference in every seed: zero-width interval" if low == high else ""
+    ceiling = f"; white-box ceiling {100 * row['ceiling']:.1f}%" if pd.notna(row["ceiling"]) else ""
+    line = (f"{head}: {verdict}; effect {100 * effect:+.2f} pp, 95% CI [{100 * low:+.2f}, {100 * high:+.2f}] pp "
+            f"over {n} seeds ({METHOD}; {row['measure']}{ceiling}).")
+    return row | dict(effect=effect, ci_low=low, ci_high=high, verdict=verdict,
+                      why="; ".join(filter(None, [note, degenerate])) or None, line=line)
+
+
+def no_runs(claim: Claim, why: str) -> dict:
+    """The headline of a claim the grid cannot speak to, and why."""
+    return dict(claim_id=claim.id, claim=claim.key, headline=True, level=HEADLINE, text=claim.text,
+                seed_doc=claim.seed_doc, scope="",
+                measure=claim.measure, method=METHOD, n_seeds=0, effect=np.nan, ci_low=np.nan, ci_high=np.nan,
+                treated_mean=np.nan, control_mean=np.nan, ceiling=np.nan, seeds=[], seed_effects=[], figure=None,
+                verdict=NO_RUNS, why=why, line=f"{claim.text}: {NO_RUNS}; {why}.")
+
+
+# ---- pairing -----------------------------------------------------------------------------------------
+
+def paired(frame: pd.DataFrame, treated: pd.Series, control: pd.Series, on: list[str],
+           error: str = "test_error") -> pd.DataFrame:
+    """Each treated run with the control run equal on `on` (the newest of several): treated, control, diff.
+
+    `diff` = control error - treated error (> 0: the treated side is better). Keys are compared as text,
+    so a null (e.g. no unfreeze epoch) matches a null, as it should for "the same setting".
+    """
+    keys = [f"_key_{c}" for c in on]
+
+    def keyed(rows: pd.DataFrame) -> pd.DataFrame:
+        return rows.assign(**{k: rows[c].astype(str) for k, c in zip(keys, on)})
+
+    base = keyed(frame[control]).drop_duplicates(keys, keep="last")[keys + [error]].rename(columns={error: "control"})
+    merged = keyed(frame[treated]).merge(base, on=keys).drop(columns=keys)
+    return merged.assign(treated=merged[error], diff=merged["control"] - merged[error])
+
+
+def one_lr(finetune: pd.DataFrame) -> pd.Series:
+    """Cells fine-tuned with one lr for body and head and no unfreezing (the plain and sgd recipes)."""
+    return finetune["head_lr_mult"].fillna(1.0).eq(1.0) & finetune["unfreeze_epoch"].isna()
+
+
+def edge_size(pairs: pd.DataFrame, largest: bool) -> int:
+    """The smallest (or largest) size with at least MIN_SEEDS paired seeds; the smallest (largest) size if none has."""
+    order = size_order(pairs["size"])[::-1 if largest else 1]
+    seeds = pairs.groupby("size")["seed"].nunique()
+    return next((s for s in order if seeds[s] >= MIN_SEEDS), order[0])
+
+
+def scope_text(columns: list[str], values: object) -> str:
+    """``target=mnist size=1000`` (size 0 reads "all")."""
+    values = values if isinstance(values, tuple) else (values,)
+    return " ".join(f"{c}={size_text(v) if c == 'size' else _fmt(v)}" for c, v in zip(columns, values))
+
+
+def scope_values(scope: str) -> dict[str, str]:
+    """The inverse of `scope_text` for a cell row's scope: ``arch=resnet_mini size=all, 2 sources pooled`` ->
+    ``{"arch": "resnet_mini", "size": "all"}`` (what follows the first ", " says what was pooled)."""
+    return dict(part.split("=", 1) for part in scope.split(", ")[0].split() if "=" in part)
+
+
+def pooled_text(pairs: pd.DataFrame, columns: list[str]) -> str:
+    """What a pooled headline spans: ``2 sources x 3 archs pooled`` (columns with one value left out)."""
+    spans = [f"{pairs[c].nunique()} {c}s" for c in columns if pairs[c].nunique() > 1]
+    return f"{' x '.join(spans)} pooled" if spans else ""
+
+
+def scoped(claim: Claim, pairs: pd.DataFrame, by: list[str], pool: list[str], skip: tuple | None = None,
+           level: str = SUMMARY) -> list[dict]:
+    """One row per value of `by` (pooling `pool` within it), sizes ascending with "all" last; the group `skip` is
+    the headline's and is not repeated."""
+    def order(item: tuple[tuple, pd.DataFrame]) -> tuple:
+        return tuple((v == 0, v) if c == "size" else (False, str(v)) for c, v in zip(by, item[0]))
+
     rows = []
-    diffs = diffs.dropna(subset=["seed", "diff"])
-    for scope_values, group in diffs.groupby(scope_cols, sort=True):
-        scope = " ".join(f"{c}={_fmt(v)}" for c, v in zip(scope_cols, scope_values))
-        per_seed = group.groupby("seed")["diff"].mean().to_numpy(dtype=float)
-        rows.append(_verdict(claim, scope, per_seed))
+    for values, group in sorted(pairs.groupby(by, sort=False), key=order):
+        if values != skip:
+            scope = ", ".join(filter(None, [scope_text(by, values), pooled_text(group, pool)]))
+            rows.append(verdict_row(claim, scope, per_seed(group, pool), level=level))
     return rows
 
 
-def _verdict(claim: str, scope: str, per_seed: np.ndarray) -> dict:
-    text, measure = CLAIMS[claim]
-    n = len(per_seed)
-    head = f"{text} ({scope})"
-    if n < MIN_SEEDS:
-        return dict(claim=claim, scope=scope, n_seeds=n, effect=np.nan, ci_low=np.nan, ci_high=np.nan, measure=measure,
-                    verdict=INSUFFICIENT,
-                    line=f"{head}: {INSUFFICIENT} ({n} paired, need {MIN_SEEDS}); no effect estimated.")
-    effect, low, high = bootstrap_mean(per_seed)
-    verdict = "supported" if low > 0 else "contradicted" if high < 0 else "inconclusive"
-    line = (f"{head}: {verdict}; effect {100 * effect:+.2f} pp, 95% CI [{100 * low:+.2f}, {100 * high:+.2f}] pp "
-            f"over {n} seeds (paired bootstrap; {measure}).")
-    return dict(claim=claim, scope=scope, n_seeds=n, effect=effect, ci_low=low, ci_high=high, measure=measure,
-                verdict=verdict, line=line)
+# ---- the claims --------------------------------------------------------------------------------------
+
+def claim_finetune_vs_scratch(finetune: pd.DataFrame, scratch: pd.DataFrame) -> list[dict]:
+    """Claim 1 (seed 000): full fine-tuning against scratch per size, the headline at the smallest size, and the trend."""
+    claim = BY_KEY["finetune_beats_scratch"]
+    full = finetune[one_lr(finetune) & finetune["freeze_depth"].eq(0)]
+    pairs = full.dropna(subset=["scratch_run_id"])
+    why = ("no finished fine-tune runs" if finetune.empty
+           else "no full fine-tuning cells (freeze depth 0, one lr, no unfreeze) in this grid" if full.empty
+           else "no scratch cells in this grid" if scratch.empty
+           else "no fine-tune cell has a scratch run of the same target, arch, size, seed, lr, optimizer and epochs")
+    if pairs.empty:
+        return [no_runs(claim, why)]
+    pairs = pairs.assign(treated=pairs["test_error"], control=pairs["scratch_test_error"],
+                         diff=pairs["scratch_test_error"] - pairs["test_error"])
+    pool = ["target", "source", "arch"]
+    small = edge_size(pairs, largest=False)
+    at_small = pairs[pairs["size"] == small]
+    rows = [verdict_row(claim, ", ".join(filter(None, [f"size={size_text(small)}", pooled_text(at_small, pool)])),
+                        per_seed(at_small, pool), headline=True)]
+    rows += scoped(claim, pairs, ["size"], pool, skip=(small,))
+    large = size_order(pairs["size"])[-1]
+    if large != small:
+        ends = per_seed(at_small, pool)[["diff"]].join(per_seed(pairs[pairs["size"] == large], pool)[["diff"]],
+                                                       rsuffix="_large", how="inner")
+        trend = pd.DataFrame({"diff": ends["diff"] - ends["diff_large"], "treated": ends["diff"],
+                              "control": ends["diff_large"]})
+        rows.append(verdict_row(
+            claim, f"trend: size={size_text(small)} minus size={size_text(large)}", trend,
+            measure=f"effect at size={size_text(small)} - effect at size={size_text(large)} (the gap of the measure "
+                    "above); > 0: the gap shrinks as target data grows"))
+    rows += scoped(claim, pairs, ["target", "source", "arch", "size"], [], level=CELL)
+    return rows
 
 
-def transfer_vs_scratch(paired: pd.DataFrame, claim: str, scope_cols: list[str]) -> list[dict]:
-    """Transfer beats its matched scratch baseline: diff = scratch_test_error - test_error per pair."""
-    diffs = paired.assign(diff=paired["scratch_test_error"] - paired["test_error"])
-    return verdict_rows(diffs, claim, scope_cols)
+def claim_freezing(finetune: pd.DataFrame) -> list[dict]:
+    """Claim 2 (seed 000's 8 / 20 / 23): frozen-body against full fine-tuning from the same checkpoint, per size."""
+    claim = BY_KEY["freezing_beats_full_finetuning"]
+    cells = finetune[one_lr(finetune)]
+    frozen = cells["freeze_depth"] > 0
+    pairs = paired(cells, frozen, cells["freeze_depth"].eq(0),
+                   CHECKPOINT + ["target", "size", "lr", "seed", "optimizer"])
+    why = ("no finished fine-tune runs" if finetune.empty
+           else "no fine-tune cells with a freeze depth > 0 in this grid" if not frozen.any()
+           else "no full fine-tuning cells (freeze depth 0) in this grid" if not cells["freeze_depth"].eq(0).any()
+           else "no frozen cell has a full fine-tuning cell from the same checkpoint, size, lr, seed and optimizer")
+    if pairs.empty:
+        return [no_runs(claim, why)]
+    pool = ["source", "arch", "freeze_depth", "target"]
+    small = edge_size(pairs, largest=False)
+    at_small = pairs[pairs["size"] == small]
+    rows = [verdict_row(claim, ", ".join(filter(None, [f"size={size_text(small)}", pooled_text(at_small, pool)])),
+                        per_seed(at_small, pool), headline=True)]
+    rows += scoped(claim, pairs, ["size"], pool, skip=(small,))
+    rows += scoped(claim, pairs, ["arch", "freeze_depth", "size"], ["source", "target"], level=CELL)
+    return rows
 
 
-def surrogate_contrast(transfer: pd.DataFrame, claim: str, treated: pd.Series, control: pd.Series) -> list[dict]:
-    """Treated surrogates lower a target's accuracy more than control ones, per attack setting.
-
-    For each target run: mean adv_acc under control surrogates minus mean under treated ones, kept only
-    where the target was attacked by both; the target's seed is the pairing unit.
-    """
-    keys = ["attack", "eps", "target_run_id"]
-    treated_acc = transfer[treated].groupby(keys)["adv_acc"].mean()
-    control_acc = transfer[control].groupby(keys)["adv_acc"].mean()
-    seeds = transfer.groupby(keys)["target_seed"].first()
-    diffs = pd.DataFrame({"diff": control_acc - treated_acc, "seed": seeds}).reset_index()
-    return verdict_rows(diffs, claim, ["attack", "eps"])
-
-
-def all_verdicts(finetune: pd.DataFrame, adder: pd.DataFrame, transfer: pd.DataFrame) -> pd.DataFrame:
-    """Every claim the tables can speak to; a claim whose table is empty yields no row."""
-    rows = transfer_vs_scratch(finetune, "finetune_beats_scratch", ["target", "size"])
-    rows += transfer_vs_scratch(adder, ADDER_CLAIM, ["size"])
-    # The claims are about pretrained surrogates: white-box references (the target itself, which shares
-    # its own source) and scratch surrogates would bias either side. eq(True) / eq(False) rather than
-    # astype(bool): an evaluation with a missing flag belongs to neither side.
+def claim_parent_examples(transfer: pd.DataFrame) -> list[dict]:
+    """Claim 3 (seed 000's A/B -> C): success on C of its parent A's examples against another source's B's."""
+    claim = BY_KEY["parent_examples_transfer_to_descendant"]
+    keys = ["target_run_id", "attack", "eps"]
     pretrained = transfer[transfer["surrogate_stage"] == names.PRETRAIN]
-    same, other = pretrained["same_source"].eq(True), pretrained["same_source"].eq(False)
-    rows += surrogate_contrast(pretrained, "same_source_lowers_more", same, other)
-    rows += surrogate_contrast(pretrained, "parent_beats_unrelated", pretrained["is_parent"].eq(True),
-                               other & pretrained["is_parent"].eq(False))
+    parent = pretrained[pretrained["is_parent"].eq(True)]
+    other = pretrained[pretrained["same_source"].eq(False) & (pretrained["surrogate_arch"] == pretrained["target_arch"])]
+    a_side = parent.groupby(keys).agg(treated=("success_rate", "mean"), ceiling=("whitebox_success", "mean"))
+    b_side = other.groupby(keys)["success_rate"].mean().rename("control")
+    info = transfer.groupby(keys)[["target_seed", "target_arch", "target_source"]].first()
+    pairs = a_side.join(b_side, how="inner").join(info).reset_index().rename(columns={"target_seed": "seed"})
+    why = ("no finished attack evaluations in this grid" if transfer.empty
+           else "no fine-tuned model was attacked with its parent's examples" if parent.empty
+           else "no fine-tuned model was attacked with examples of another source's pretrained model of its arch"
+           if other.empty else "no fine-tuned model was attacked by both its parent and another source's model of "
+                               "its arch in the same attack setting")
+    if pairs.empty:
+        return [no_runs(claim, why)]
+    pairs = pairs.assign(diff=pairs["treated"] - pairs["control"])
+    settings = pairs[["attack", "eps"]].drop_duplicates()
+    pooled = f"{len(settings)} attack settings pooled" if len(settings) > 1 else scope_text(
+        ["attack", "eps"], tuple(settings.iloc[0]))
+    rows = [verdict_row(claim, pooled, per_seed(pairs, ["attack", "eps"]), headline=True)]
+    if len(settings) > 1:
+        rows += scoped(claim, pairs, ["attack", "eps"], [])
+    return rows
+
+
+def claim_adder(adder: pd.DataFrame) -> list[dict]:
+    """Claim 4 (seed 002): the adder's transfer arm against scratch at the largest budget; other arms beneath."""
+    claim = BY_KEY[ADDER_CLAIM]
+    pairs = adder.dropna(subset=["scratch_run_id"])
+    if pairs.empty:
+        return [no_runs(claim, "no adder runs in this grid" if adder.empty
+                        else "no adder transfer run has a scratch run of the same size and seed")]
+    pairs = pairs.assign(treated=pairs["test_error"], control=pairs["scratch_test_error"],
+                         diff=pairs["scratch_test_error"] - pairs["test_error"])
+    arms = sorted(set(pairs["variant"]), key=lambda v: (v != names.VARIANT_TRANSFER, v))
+    rows = []
+    for arm in arms:   # the transfer arm first: its largest budget is the headline
+        on_arm = pairs[pairs["variant"] == arm]
+        large = edge_size(on_arm, largest=True) if arm == arms[0] else None
+        for size in size_order(on_arm["size"]):
+            scope = scope_text(["size"], size) if arm == names.VARIANT_TRANSFER else scope_text(["arm", "size"], (arm, size))
+            rows.append(verdict_row(claim, scope, per_seed(on_arm[on_arm["size"] == size], []), headline=size == large))
+    return sorted(rows, key=lambda r: not r["headline"])
+
+
+def claim_head_lr(finetune: pd.DataFrame) -> list[dict]:
+    """Claim 5 (seed 004): SGD with a 10x head lr against SGD at one lr, same checkpoint and cell."""
+    claim = BY_KEY["head10x_sgd_helps"]
+    sgd = finetune[finetune["optimizer"].eq(SGD)]
+    mult = sgd["head_lr_mult"].fillna(1.0)
+    pairs = paired(sgd, mult.eq(HEAD_LR_MULT), mult.eq(1.0),
+                   CHECKPOINT + ["target", "size", "freeze_depth", "lr", "seed", "unfreeze_epoch"])
+    why = ("no finished fine-tune runs" if finetune.empty
+           else f"no SGD fine-tune cells with head_lr_mult {HEAD_LR_MULT:g} (recipe head10x_sgd) in this grid"
+           if not mult.eq(HEAD_LR_MULT).any()
+           else "no SGD fine-tune cells at one lr (recipe sgd) to compare with" if not mult.eq(1.0).any()
+           else "no head10x_sgd cell has an sgd cell from the same checkpoint, target, size, freeze depth, lr and seed")
+    return _pooled_claim(claim, pairs, why)
+
+
+def claim_unfreeze(finetune: pd.DataFrame) -> list[dict]:
+    """Claim 6 (seed 001): freeze-then-unfreeze against the same frozen cell never unfrozen; and against freeze 0."""
+    claim = BY_KEY["unfreeze_helps"]
+    unfreezing = finetune["unfreeze_epoch"].notna()
+    never = finetune["unfreeze_epoch"].isna()
+    same_cell = CHECKPOINT + ["target", "size", "lr", "seed", "optimizer", "head_lr_mult"]
+    pairs = paired(finetune, unfreezing, never & (finetune["freeze_depth"] > 0), same_cell + ["freeze_depth"])
+    why = ("no finished fine-tune runs" if finetune.empty
+           else "no freeze-then-unfreeze cells (recipe unfreeze) in this grid" if not unfreezing.any()
+           else "no unfreeze cell has a frozen cell from the same checkpoint, target, size, freeze depth, lr, seed, "
+                "optimizer and head_lr_mult")
+    rows = _pooled_claim(claim, pairs, why)
+    full = paired(finetune, unfreezing, never & finetune["freeze_depth"].eq(0), same_cell)
+    if len(full) and not pairs.empty:
+        pool = ["source", "arch", "size", "freeze_depth", "target"]
+        rows.append(verdict_row(
+            claim, ", ".join(filter(None, ["against full fine-tuning (freeze 0)", pooled_text(full, pool)])),
+            per_seed(full, pool), measure="test_error of full fine-tuning (freeze 0, same checkpoint, target, size, "
+                                          "lr, seed, optimizer) - of the unfreeze cell; > 0 favours unfreezing"))
+    return rows
+
+
+def claim_lenet(scratch: pd.DataFrame, finetune: pd.DataFrame) -> list[dict]:
+    """Claim 7 (seed 003): LeNet-5 against resnet_mini at the same budget; scratch cells, else full fine-tuning."""
+    claim = BY_KEY["lenet5_vs_resnet_mini"]
+    budget = ["target", "size", "seed", "optimizer", "epochs"]
+    stages = [(names.SCRATCH, scratch, budget),
+              (names.FINETUNE, finetune[one_lr(finetune) & finetune["freeze_depth"].eq(0)], ["source", *budget])]
+    parts = []
+    for stage, cells, on in stages:
+        lenet, resnet = cells["arch"].eq(LENET), cells["arch"].eq(RESNET)
+        # The same lr where both archs ran it (a shared lrs axis); else each at its own (a tuned grid).
+        found = paired(cells, lenet, resnet, on + ["lr"])
+        found = found if len(found) else paired(cells, lenet, resnet, on)
+        parts += [found.assign(stage=stage)] if len(found) else []
+    archs = set(scratch["arch"]) | set(finetune["arch"])
+    if not parts:
+        missing = [a for a in (LENET, RESNET) if a not in archs]
+        return [no_runs(claim, f"no {' or '.join(missing)} runs in this grid" if missing
+                        else f"no {LENET} cell has a {RESNET} cell of the same stage, target, size, seed, optimizer "
+                             "and epochs")]
+    pairs = pd.concat(parts, ignore_index=True)
+    if "source" not in pairs.columns:   # scratch cells have no source
+        pairs["source"] = None
+    headline_stage = names.SCRATCH if (pairs["stage"] == names.SCRATCH).any() else names.FINETUNE
+    main = pairs[pairs["stage"] == headline_stage]
+    large = edge_size(main, largest=True)
+    at_large = main[main["size"] == large]
+    scope = ", ".join(filter(None, [f"{headline_stage} size={size_text(large)}", pooled_text(at_large, ["target"])]))
+    rows = [verdict_row(claim, scope, per_seed(at_large, ["target", "source"]), headline=True)]
+    rows += scoped(claim, pairs, ["stage", "target", "size"], ["source"], level=CELL)
+    return rows
+
+
+def _pooled_claim(claim: Claim, pairs: pd.DataFrame, why: str) -> list[dict]:
+    """Claims 5 and 6: the headline pools every cell; beneath it, each arch x size."""
+    if pairs.empty:
+        return [no_runs(claim, why)]
+    pool = ["source", "arch", "size", "freeze_depth", "target"]
+    rows = [verdict_row(claim, pooled_text(pairs, pool) or scope_text(["arch", "size"], (pairs["arch"].iloc[0],
+                                                                                         pairs["size"].iloc[0])),
+                        per_seed(pairs, pool), headline=True)]
+    if pairs.groupby(["arch", "size"]).ngroups > 1:
+        rows += scoped(claim, pairs, ["arch", "size"], ["source", "freeze_depth", "target"], level=CELL)
+    return rows
+
+
+CLAIM_BUILDERS: dict[int, Callable[[Tables], list[dict]]] = {
+    1: lambda t: claim_finetune_vs_scratch(t.finetune, t.scratch),
+    2: lambda t: claim_freezing(t.finetune),
+    3: lambda t: claim_parent_examples(t.transfer),
+    4: lambda t: claim_adder(t.adder),
+    5: lambda t: claim_head_lr(t.finetune),
+    6: lambda t: claim_unfreeze(t.finetune),
+    7: lambda t: claim_lenet(t.scratch, t.finetune),
+}
+
+
+def all_verdicts(found: Tables) -> pd.DataFrame:
+    """Every claim 1-7, its headline row first and the narrower scopes beneath, in claim order."""
+    rows = [row for claim in CLAIMS for row in CLAIM_BUILDERS[claim.id](found)]
     return pd.DataFrame(rows, columns=[c.name for c in SCHEMAS["verdicts"]])
+
+
+def claims_table(verdicts: pd.DataFrame) -> pd.DataFrame:
+    """The headline rows: exactly one per claim 1-7."""
+    return verdicts[verdicts["headline"]].reset_index(drop=True)
+
+
+def _mean(seeds: pd.DataFrame, column: str) -> float:
+    return float(seeds[column].mean()) if column in seeds.columns and seeds[column].notna().any() else np.nan
 
 
 def _fmt(value: object) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def claims_doc() -> str:
+    """The claims, their measures and how each headline is made, as Markdown (SCHEMA.md and the package docstring)."""
+    items = "\n".join(f"{c.id}. **{c.text}** (seed {c.seed_doc}, key `{c.key}`). Effect: {c.measure}. Headline: "
+                      f"{c.headline_rule}" for c in CLAIMS)
+    return ("### The claims (`verdicts.parquet`)\n\n"
+            f"Every row is a paired difference averaged within each seed first; with at least {MIN_SEEDS} seeds its "
+            f"95% interval is Student's t on the per-seed means (mean ± t_0.975,n-1 · sd / √n; '{METHOD}'), and the "
+            "verdict is supported if the interval lies above 0, contradicted if below, inconclusive otherwise. "
+            "Identical per-seed differences give a zero-width interval at their value (decided by its sign). "
+            f"Fewer than {MIN_SEEDS} seeds: '{INSUFFICIENT}', no effect. Each claim has exactly one headline row "
+            f"(`headline` true; '{NO_RUNS}' with `why` when the grid has no cells for it); the rows beneath it are "
+            "narrower scopes. A pooled headline weighs every pooled scope equally within a seed.\n\n" + items)

@@ -1,0 +1,289 @@
+"""Verdict logic and the claims table on constructed tables whose answer is known: no MLflow, no runs.
+
+A wrong interval (too narrow, wrong quantile, pairs counted as seeds) turns noise into "supported", and a wrong
+pairing (another recipe, another checkpoint, another arch) moves an effect; each test below plants an answer a
+wrong implementation would miss.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from reports.schema import SCHEMAS
+from reports.tables import Tables
+from reports.verdicts import (ADDER_CLAIM, BY_KEY, INSUFFICIENT, METHOD, NO_RUNS, all_verdicts, claim_adder,
+                              claim_finetune_vs_scratch, claim_freezing, claim_head_lr, claim_lenet,
+                              claim_parent_examples, claim_unfreeze, claims_table, per_seed, t_interval, verdict_row)
+from xfer import names
+
+CLAIM = BY_KEY["finetune_beats_scratch"]
+NOISE = (0.004, -0.006, 0.002, 0.005, -0.005)   # per-seed noise with a spread; the first 3 and all 5 sum to 0
+
+
+def _pairs(per_seed: list[float], pairs_per_seed: int = 1) -> pd.DataFrame:
+    """`pairs_per_seed` identical pairs per seed, seeds 0..n-1, one scope."""
+    return pd.DataFrame({"seed": np.repeat(np.arange(len(per_seed)), pairs_per_seed),
+                         "diff": np.repeat(per_seed, pairs_per_seed), "size": 100})
+
+
+def _verdict(values: list[float], pairs_per_seed: int = 1) -> dict:
+    return verdict_row(CLAIM, "size=100", per_seed(_pairs(values, pairs_per_seed), []))
+
+
+def test_t_interval_is_mean_plus_minus_t_times_standard_error() -> None:
+    values = np.array([0.02, 0.05, 0.08])
+    mean, low, high = t_interval(values)
+    half = stats.t.ppf(0.975, 2) * values.std(ddof=1) / np.sqrt(3)   # t_{0.975, 2} = 4.303
+    assert (mean, low, high) == pytest.approx((0.05, 0.05 - half, 0.05 + half))
+    assert half == pytest.approx(4.303 * 0.03 / np.sqrt(3), rel=1e-3)
+
+
+def test_a_clear_effect_is_supported() -> None:
+    row = _verdict([0.10, 0.12, 0.09, 0.11, 0.10])
+    assert row["verdict"] == "supported" and 0 < row["ci_low"] < row["effect"] < row["ci_high"]
+    assert row["effect"] == pytest.approx(0.104)
+    assert METHOD in row["line"] and "over 5 seeds" in row["line"]
+
+
+def test_a_clear_opposite_effect_is_contradicted() -> None:
+    row = _verdict([-0.10, -0.12, -0.09])
+    assert row["verdict"] == "contradicted" and row["ci_high"] < 0
+
+
+def test_noise_around_zero_is_inconclusive() -> None:
+    row = _verdict([0.01, -0.02, 0.005, 0.02, -0.015])
+    assert row["verdict"] == "inconclusive" and row["ci_low"] < 0 < row["ci_high"]
+
+
+def test_an_effect_the_bootstrap_would_call_is_inconclusive_with_three_seeds() -> None:
+    # Three seeds all favour the claim, but one barely: t_{0.975,2} = 4.3 standard errors reach below 0. The
+    # percentile bootstrap of the same three values has its lower end at their smallest mean-of-resamples, > 0.
+    values = [0.01, 0.06, 0.11]
+    row = _verdict(values)
+    assert row["verdict"] == "inconclusive" and row["ci_low"] < 0
+    assert _bootstrap(np.array(values))[0] > 0
+
+
+def test_three_seeds_give_a_wider_interval_than_the_percentile_bootstrap() -> None:
+    for values in ([0.02, 0.05, 0.08], [0.1, 0.3, 0.2], [-0.05, 0.0, 0.4]):
+        _, low, high = t_interval(np.array(values))
+        boot_low, boot_high = _bootstrap(np.array(values))
+        assert low < boot_low and high > boot_high, values
+        assert (high - low) > 2 * (boot_high - boot_low)
+
+
+def test_two_seeds_are_insufficient_however_many_pairs_each_holds() -> None:
+    row = _verdict([0.5, 0.5], pairs_per_seed=20)   # 40 pairs, but two replicates
+    assert row["verdict"] == INSUFFICIENT and row["n_seeds"] == 2
+    assert np.isnan(row["effect"]) and np.isnan(row["ci_low"]) and np.isnan(row["ci_high"])
+    assert "no effect estimated" in row["line"]
+
+
+def test_pairs_are_averaged_within_a_seed_before_the_interval() -> None:
+    # seed 0 holds two pairs (0.0 and 0.2): one replicate with mean 0.1, not two values
+    pairs = pd.DataFrame({"seed": [0, 0, 1, 2], "diff": [0.0, 0.2, 0.1, 0.1], "size": 100})
+    row = verdict_row(CLAIM, "size=100", per_seed(pairs, []))
+    assert row["n_seeds"] == 3 and row["effect"] == pytest.approx(0.1)
+    assert row["ci_low"] == pytest.approx(0.1) and row["ci_high"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(("value", "verdict"), [(0.03, "supported"), (-0.03, "contradicted"), (0.0, "inconclusive")])
+def test_identical_differences_give_a_zero_width_interval_decided_by_the_sign(value: float, verdict: str) -> None:
+    row = _verdict([value] * 4)
+    assert row["verdict"] == verdict
+    assert row["ci_low"] == pytest.approx(value) and row["ci_high"] == pytest.approx(value)
+
+
+def test_a_pooled_headline_weighs_every_scope_equally_within_a_seed() -> None:
+    # seed 0: source a has 3 pairs at 0.3, source b one at 0.1; pooled, seed 0 is (0.3 + 0.1) / 2, not 0.25
+    pairs = pd.DataFrame({"seed": [0, 0, 0, 0], "source": ["a", "a", "a", "b"], "diff": [0.3, 0.3, 0.3, 0.1]})
+    assert per_seed(pairs, ["source"]).loc[0, "diff"] == pytest.approx(0.2)
+
+
+# ---- the claims table on constructed report tables ----------------------------------------------------
+
+def _table(name: str, rows: list[dict]) -> pd.DataFrame:
+    """A report table with its documented columns (absent ones null), as tables.collect returns it."""
+    return pd.DataFrame(rows).reindex(columns=[c.name for c in SCHEMAS[name]])
+
+
+def _finetune(seed: int, size: int, error: float, scratch: float | None = None, *, source: str = "kmnist",
+              arch: str = "resnet_mini", freeze: int = 0, optimizer: str = "adamw", head: float = 1.0,
+              unfreeze: int | None = None, checkpoint: str = "") -> dict:
+    return dict(run_id=f"ft-{source}-{arch}-{size}-{freeze}-{optimizer}-{head}-{unfreeze}-{seed}",
+                pretrain_run_id=checkpoint or f"pre-{source}-{arch}-{seed}", source=source, target="mnist5k", arch=arch,
+                size=size, freeze_depth=freeze, lr=1e-3, seed=seed, optimizer=optimizer, head_lr_mult=head, epochs=10,
+                unfreeze_epoch=unfreeze, test_error=error,
+                scratch_run_id=None if scratch is None else f"scratch-{arch}-{size}-{seed}", scratch_test_error=scratch)
+
+
+def _headline(rows: list[dict]) -> dict:
+    [headline] = [r for r in rows if r["headline"]]
+    assert rows[0] is headline   # the headline comes first, the narrower scopes beneath it
+    return headline
+
+
+def _row(rows: list[dict], scope: str) -> dict:
+    [row] = [r for r in rows if r["scope"] == scope]
+    return row
+
+
+def test_claim_1_fine_tuning_beats_scratch_at_the_smallest_size_and_the_gap_shrinks() -> None:
+    rows = []
+    for seed in range(3):
+        rows.append(_finetune(seed, 100, 0.10 + NOISE[seed], scratch=0.30))      # +20 pp at n=100
+        rows.append(_finetune(seed, 0, 0.05, scratch=0.06 + NOISE[seed]))        # +1 pp on the whole pool
+        # neither a frozen body nor another recipe is "fine-tuning" in claim 1: if pooled, they would sink it
+        rows.append(_finetune(seed, 100, 0.90, scratch=0.30, freeze=20))
+        rows.append(_finetune(seed, 100, 0.90, scratch=0.30, optimizer="sgd", head=10.0))
+    rows += [_finetune(seed, 50, 0.5, scratch=0.1) for seed in range(2)]         # smaller, but only 2 seeds
+    result = claim_finetune_vs_scratch(_table("finetune", rows), _table("scratch", [{"run_id": "s"}]))
+    headline = _headline(result)
+    assert headline["scope"] == "size=100" and headline["verdict"] == "supported"
+    assert headline["effect"] == pytest.approx(0.20) and headline["n_seeds"] == 3
+    assert headline["treated_mean"] == pytest.approx(0.10) and headline["control_mean"] == pytest.approx(0.30)
+    assert headline["figure"] == "figures/claim_1.png" and headline["seed_doc"] == "000"
+    assert _row(result, "size=50")["verdict"] == INSUFFICIENT
+    assert _row(result, "size=all")["effect"] == pytest.approx(0.01)
+    trend = _row(result, "trend: size=100 minus size=all")
+    assert trend["verdict"] == "supported" and trend["effect"] == pytest.approx(0.19)
+    assert "gap shrinks" in trend["measure"]
+    cell = _row(result, "target=mnist5k source=kmnist arch=resnet_mini size=100")
+    assert cell["effect"] == pytest.approx(0.20)
+    # sizes ascend with the whole pool last
+    assert [r["scope"] for r in result][1:3] == ["size=50", "size=all"]
+
+
+def test_claim_1_without_scratch_cells_says_so() -> None:
+    finetune = _table("finetune", [_finetune(seed, 100, 0.1) for seed in range(3)])
+    [row] = claim_finetune_vs_scratch(finetune, _table("scratch", []))
+    assert row["verdict"] == NO_RUNS and row["why"] == "no scratch cells in this grid" and row["headline"]
+    assert row["figure"] is None and np.isnan(row["effect"])
+
+
+def test_claim_2_freezing_is_paired_with_full_fine_tuning_from_the_same_checkpoint() -> None:
+    rows = []
+    for seed in range(3):
+        rows.append(_finetune(seed, 100, 0.10 + NOISE[seed]))
+        rows.append(_finetune(seed, 100, 0.15, freeze=20))                       # freezing hurts by 5 pp
+        rows.append(_finetune(seed, 100, 0.00, freeze=23, checkpoint="other"))   # another checkpoint: no pair
+        rows.append(_finetune(seed, 1000, 0.05))
+        rows.append(_finetune(seed, 1000, 0.05 + NOISE[seed], freeze=20))
+    result = claim_freezing(_table("finetune", rows))
+    headline = _headline(result)
+    assert headline["scope"] == "size=100" and headline["verdict"] == "contradicted"
+    assert headline["effect"] == pytest.approx(-0.05)
+    assert _row(result, "arch=resnet_mini freeze_depth=20 size=1000")["verdict"] == "inconclusive"
+    assert not any("freeze_depth=23" in r["scope"] for r in result)
+
+
+def test_claim_3_parent_examples_against_another_source_of_the_same_arch() -> None:
+    rows = []
+    for seed in range(3):
+        target = f"C{seed}"
+        for attack in ("fgsm", "pgd"):
+            common = dict(target_run_id=target, target_seed=seed, target_arch="resnet_mini", target_source="kmnist",
+                          attack=attack, eps=0.3)
+            rows.append(dict(common, surrogate_stage=names.PRETRAIN, surrogate_arch="resnet_mini", is_parent=True,
+                             same_source=True, success_rate=0.8 + NOISE[seed], whitebox_success=0.99))
+            rows.append(dict(common, surrogate_stage=names.PRETRAIN, surrogate_arch="resnet_mini", is_parent=False,
+                             same_source=False, success_rate=0.3, whitebox_success=0.97))
+            # B of another arch, and C attacked on itself: neither is the claim's B
+            rows.append(dict(common, surrogate_stage=names.PRETRAIN, surrogate_arch="alexnet_mini", is_parent=False,
+                             same_source=False, success_rate=0.0, whitebox_success=0.9))
+            rows.append(dict(common, surrogate_stage=names.FINETUNE, surrogate_arch="resnet_mini", is_parent=False,
+                             same_source=True, success_rate=1.0, whitebox_success=1.0))
+    result = claim_parent_examples(_table("transfer", rows))
+    headline = _headline(result)
+    assert headline["scope"] == "2 attack settings pooled" and headline["verdict"] == "supported"
+    assert headline["effect"] == pytest.approx(0.5) and headline["ceiling"] == pytest.approx(0.99)
+    assert headline["control_mean"] == pytest.approx(0.3) and "white-box ceiling 99.0%" in headline["line"]
+    assert {r["scope"] for r in result[1:]} == {"attack=fgsm eps=0.3", "attack=pgd eps=0.3"}
+
+
+def test_claim_4_headline_is_the_transfer_arm_at_the_largest_budget_with_other_arms_beneath() -> None:
+    def run(variant: str, size: int, seed: int, error: float, scratch: float) -> dict:
+        return dict(run_id=f"{variant}-{size}-{seed}", variant=variant, size=size, seed=seed, test_error=error,
+                    scratch_run_id=f"scratch-{size}-{seed}", scratch_test_error=scratch)
+
+    rows = []
+    for seed in range(3):
+        rows.append(run(names.VARIANT_TRANSFER, 5000, seed, 0.50 + NOISE[seed], 0.10))   # the README's measurement
+        rows.append(run("transfer_features", 5000, seed, 0.05 + NOISE[seed], 0.10))
+        rows.append(run(names.VARIANT_TRANSFER, 200, seed, 0.60 + NOISE[seed], 0.80))
+    result = claim_adder(_table("adder", rows))
+    headline = _headline(result)
+    assert headline["scope"] == "size=5000" and headline["verdict"] == "contradicted"
+    assert headline["effect"] == pytest.approx(-0.40)
+    assert _row(result, "arm=transfer_features size=5000")["verdict"] == "supported"
+    assert _row(result, "size=200")["verdict"] == "supported"
+    assert {r["claim"] for r in result} == {ADDER_CLAIM}
+
+
+def test_claim_4_with_one_seed_keeps_the_line_sweeps_adder_prints() -> None:
+    adder = _table("adder", [dict(run_id="t", variant=names.VARIANT_TRANSFER, size=200, seed=0, test_error=0.5,
+                                  scratch_run_id="s", scratch_test_error=0.4)])
+    [row] = claim_adder(adder)
+    assert row["line"] == (f"adder: transfer beats scratch (size=200): {INSUFFICIENT} (1 paired, need 3); "
+                           "no effect estimated.")
+
+
+def test_claim_5_head10x_sgd_against_sgd_of_the_same_cell() -> None:
+    rows = []
+    for seed in range(5):
+        rows.append(_finetune(seed, 100, 0.20, optimizer="sgd"))
+        rows.append(_finetune(seed, 100, 0.17 + NOISE[seed], optimizer="sgd", head=10.0))   # 3 pp better
+        rows.append(_finetune(seed, 100, 0.50))   # AdamW at one lr: not the seed's baseline
+    headline = _headline(claim_head_lr(_table("finetune", rows)))
+    assert headline["verdict"] == "supported" and headline["effect"] == pytest.approx(0.03)
+    assert headline["n_seeds"] == 5
+
+
+def test_claim_6_unfreeze_against_the_frozen_cell_of_the_same_depth_and_against_full_fine_tuning() -> None:
+    rows = []
+    for seed in range(3):
+        rows.append(_finetune(seed, 100, 0.20, freeze=20))
+        rows.append(_finetune(seed, 100, 0.16 + NOISE[seed], freeze=20, unfreeze=3))   # 4 pp better than frozen
+        rows.append(_finetune(seed, 100, 0.00, freeze=23))                             # another depth: no pair
+        rows.append(_finetune(seed, 100, 0.10))                                        # full fine-tuning, 6 pp better
+    result = claim_unfreeze(_table("finetune", rows))
+    headline = _headline(result)
+    assert headline["verdict"] == "supported" and headline["effect"] == pytest.approx(0.04)
+    [full] = [r for r in result if r["scope"].startswith("against full fine-tuning")]
+    assert full["verdict"] == "contradicted" and full["effect"] == pytest.approx(-0.06)
+
+
+def test_claim_7_lenet5_against_resnet_mini_from_scratch_at_the_largest_size() -> None:
+    def scratch(arch: str, size: int, seed: int, error: float) -> dict:
+        return dict(run_id=f"{arch}-{size}-{seed}", target="mnist5k", arch=arch, size=size, lr=1e-3, seed=seed,
+                    optimizer="adamw", epochs=10, test_error=error)
+
+    rows = []
+    for seed in range(3):
+        rows += [scratch("lenet5", 1000, seed, 0.08 + NOISE[seed]), scratch("resnet_mini", 1000, seed, 0.03),
+                 scratch("lenet5", 100, seed, 0.30), scratch("resnet_mini", 100, seed, 0.40 + NOISE[seed])]
+    result = claim_lenet(_table("scratch", rows), _table("finetune", []))
+    headline = _headline(result)
+    assert headline["scope"] == "scratch size=1000" and headline["verdict"] == "contradicted"
+    assert headline["effect"] == pytest.approx(-0.05)
+    assert _row(result, "stage=scratch target=mnist5k size=100")["verdict"] == "supported"
+
+
+def test_every_claim_has_exactly_one_headline_even_with_no_runs() -> None:
+    empty = Tables(**{name: _table(name, []) for name in ("runs", "pretrain", "finetune", "scratch", "adder",
+                                                           "curves", "transfer")}, params=[], without_curve=[])
+    claims = claims_table(all_verdicts(empty))
+    assert list(claims["claim_id"]) == [1, 2, 3, 4, 5, 6, 7]
+    assert claims["verdict"].eq(NO_RUNS).all() and claims["why"].str.len().gt(0).all()
+    assert list(claims["seed_doc"]) == ["000", "000", "000", "002", "004", "001", "003"]
+    assert claims.loc[claims["claim_id"] == 7, "why"].item() == "no lenet5 or resnet_mini runs in this grid"
+
+
+def _bootstrap(values: np.ndarray, draws: int = 10_000) -> tuple[float, float]:
+    """The percentile bootstrap the report used before (seeded): its 95% interval of the mean."""
+    means = values[np.random.default_rng(0).integers(0, len(values), size=(draws, len(values)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
