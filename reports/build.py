@@ -37,11 +37,13 @@ class ReportResult:
     verdicts: pd.DataFrame | None = None
 
 
-def build_report(experiment: str, out: Path | None = None, log_to_mlflow: bool = True) -> ReportResult:
+def build_report(experiment: str, out: Path | None = None, log_to_mlflow: bool = True,
+                 parent_run_id: str | None = None) -> ReportResult:
     """Build the report of `experiment` in `out` (default ``<runs folder>/reports/<experiment>``).
 
     Raises XferError, naming the known experiments, when `experiment` does not exist. Files an earlier
-    report left in `out` that this one does not write are left alone, and neither linked nor logged.
+    report left in `out` that this one does not write are left alone, and neither linked nor logged. The
+    report's run is a child of `parent_run_id` (the grid invocation's run) when given.
     """
     tables.ensure_experiment(experiment)
     out = Path(out) if out is not None else tracking.runs_dir() / "reports" / experiment
@@ -54,7 +56,7 @@ def build_report(experiment: str, out: Path | None = None, log_to_mlflow: bool =
     index = out / "index.html"
     index.write_text(index_page(experiment, out, files, missing, verdicts, found.runs))
     files.append(index)
-    run_id = log_report(experiment, out, files, found.runs["run_id"]) if log_to_mlflow else None
+    run_id = log_report(experiment, out, files, found.runs["run_id"], parent_run_id) if log_to_mlflow else None
     return ReportResult(out, files, missing, run_id, verdicts)
 
 
@@ -164,13 +166,13 @@ def write_markdown(found: Tables, verdicts: pd.DataFrame, out: Path) -> list[Pat
     return files
 
 
-def log_report(experiment: str, out: Path, files: list[Path], run_ids: pd.Series) -> str:
+def log_report(experiment: str, out: Path, files: list[Path], run_ids: pd.Series, parent_run_id: str | None = None) -> str:
     """Log the report's files as artifacts of a `report` run (same layout as on disk); its run id.
 
     The run's key hashes the runs the report read, so reports of the same runs share one key.
     """
     key = hashlib.sha256("\n".join([experiment, *sorted(run_ids)]).encode()).hexdigest()[:16]
-    with tracking.start_run(experiment, names.REPORT, key, run_name=f"report-{experiment}") as run:
+    with tracking.start_run(experiment, names.REPORT, key, run_name=f"report-{experiment}", parent_run_id=parent_run_id) as run:
         for path in files:
             folder = path.parent.relative_to(out).as_posix()
             run.log_artifact(path, None if folder == "." else folder)

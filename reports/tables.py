@@ -62,8 +62,8 @@ class Tables:
 
 
 def collect(experiment: str) -> Tables:
-    """Read every run of `experiment` (the report's own runs excepted) into the report tables."""
-    records = [r for r in tracking.query(experiment, status=None) if r.stage != names.REPORT]
+    """Read every run of `experiment` (the report's own runs and the grid's parent runs excepted) into the tables."""
+    records = [r for r in tracking.query(experiment, status=None) if r.stage not in (names.REPORT, names.GRID)]
     runs, params = runs_frame(records)
     finished = runs[runs["status"] == FINISHED]
     curves, without_curve = curves_frame(finished[finished["stage"].isin(TRAINING_STAGES)])

@@ -287,6 +287,8 @@ def claim_freezing(finetune: pd.DataFrame) -> list[dict]:
 def claim_parent_examples(transfer: pd.DataFrame) -> list[dict]:
     """Claim 3 (seed 000's A/B -> C): success on C of its parent A's examples against another source's B's."""
     claim = BY_KEY["parent_examples_transfer_to_descendant"]
+    if transfer.empty:   # an empty table's columns carry no numeric dtype to average
+        return [no_runs(claim, "no finished attack evaluations in this grid")]
     keys = ["target_run_id", "attack", "eps"]
     pretrained = transfer[transfer["surrogate_stage"] == names.PRETRAIN]
     parent = pretrained[pretrained["is_parent"].eq(True)]

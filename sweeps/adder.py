@@ -9,7 +9,7 @@ penultimate features under the scratch arm's head) and `scratch` (a CNN per digi
 pretrain cell per seed) is found in MLflow by its key or trained first; then the (variant, size, seed) cells
 train in packs of Ray Tune trials, each recorded in MLflow under stage "adder". Last, the experiment's report
 is built: per size, one figure of the variants' error curves (against iterations and seconds) and verdicts on
-"transfer beats scratch" with 95% intervals over seeds.
+"transfer beats scratch" with 95% paired-t intervals over seeds.
 Data: the embedded MNIST-5k (5,000 real MNIST digits, no files, no network) unless --dataset mnist.
 Ray: RAY_ADDRESS / --address joins a cluster, else Ray starts locally.
 MLflow: MLFLOW_TRACKING_URI is used as is, else a local server on 127.0.0.1 keeps the runs under ./runs.

@@ -1,7 +1,7 @@
 """The two-digit adder: pairs sum their digits' labels, test digits never reach training, the transfer model is
 the issue's classifier → 20 → Linear(20, 19) → Linear(19, 19) fine-tuned end to end from the pretrained weights,
 bad input is one paragraph, and `sweeps/adder.py --smoke` runs both variants as Ray Tune trials on a real 2-CPU
-Ray, records them in a real MLflow, and reports both curves on one figure with a paired-bootstrap verdict."""
+Ray, records them in a real MLflow, and reports the arms' curves on one figure with paired-t verdicts over seeds."""
 
 from __future__ import annotations
 
@@ -261,14 +261,18 @@ def test_smoke_sweep_runs_both_variants_as_tune_trials_and_reports_curves_and_a_
     assert figure.name == "curves_adder_n200.png" and figure.with_suffix(".svg").is_file()
     assert matplotlib.image.imread(figure).std() > 0.05
     assert colour_pixels(figure, "blue") > 50 and colour_pixels(figure, "orange") > 50  # transfer and scratch
-    [verdict] = [line for line in out.splitlines() if line.startswith("verdict: ")]
+    verdict, *arms = [line for line in out.splitlines() if line.startswith("verdict: ")]
     assert verdict == (f"verdict: adder: transfer beats scratch (size=200): {INSUFFICIENT} (1 paired, need {MIN_SEEDS}); "
                        "no effect estimated.")
-    saved = pd.read_parquet(figure.parents[1] / "data" / "verdicts.parquet").set_index("claim").loc[ADDER_CLAIM]
+    assert len(arms) == 1 and "arm=transfer_features" in arms[0] and INSUFFICIENT in arms[0]   # the second arm's row
+    table = pd.read_parquet(figure.parents[1] / "data" / "verdicts.parquet")
+    saved = table[(table["claim"] == ADDER_CLAIM) & table["headline"]].iloc[0]
     assert saved["line"] == verdict.removeprefix("verdict: ") and saved["n_seeds"] == 1
-    adder_table = pd.read_parquet(figure.parents[1] / "data" / "adder.parquet")
-    assert list(adder_table["run_id"]) == [runs[(adder.TRANSFER, "0")].run_id]
-    assert list(adder_table["scratch_run_id"]) == [runs[(adder.SCRATCH, "0")].run_id]  # paired by size and seed
+    adder_table = pd.read_parquet(figure.parents[1] / "data" / "adder.parquet").set_index("variant")
+    assert adder_table.loc[adder.TRANSFER, "run_id"] == runs[(adder.TRANSFER, "0")].run_id
+    assert adder_table.loc[adder.FEATURES, "run_id"] == runs[(adder.FEATURES, "0")].run_id
+    # Both transfer arms are paired with the scratch arm of the same size and seed.
+    assert set(adder_table["scratch_run_id"]) == {runs[(adder.SCRATCH, "0")].run_id}
     # Run again: every cell is found finished by key, and nothing trains.
     assert sweep.main(["--smoke", "--experiment", experiment]) == 0
     again = capsys.readouterr().out

@@ -172,7 +172,7 @@ def run_grid(grid: grids.Grid, options: RunOptions, stages: tuple[str, ...] = ST
             from reports import build_report
 
             start = time.perf_counter()
-            result = build_report(options.experiment)
+            result = build_report(options.experiment, parent_run_id=grid_run.run_id)
             report_dir = str(result.out)
             summaries.append(StageSummary(names.REPORT, 1, ran=1, seconds=time.perf_counter() - start))
             grid_run.set_tags({"xfer.report_dir": report_dir})
