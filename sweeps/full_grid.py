@@ -75,7 +75,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", nargs="+", default=list(pipeline.STAGE_ORDER), choices=pipeline.STAGE_ORDER)
     p.add_argument("--tuned", action="store_true", help="use the best Optuna configuration per (arch, size) from MLflow")
     p.add_argument("--force", action="store_true", help="re-run cells that already finished")
-    p.add_argument("--dry-run", action="store_true", help="print each stage's cells and what is finished; run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan: each stage's cells, what MLflow has, packs and an estimate of the wall time "
+                        "(the data need not be here); run nothing")
+    p.add_argument("--gpus", type=int, default=0, metavar="G", help="--dry-run: estimate the wall time on G GPUs too")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="Ray's and Tune's own output on the terminal too (by default it goes to a log in the runs folder)")
     return p
@@ -109,16 +112,17 @@ def main(argv: list[str] | None = None) -> int:
         grids.validate(grid)   # a bad grid is refused before the tuning look-up starts the MLflow server
         tracking.ensure_server()
         grid = tuning.apply_best(grid, echo=print)
+    if args.dry_run:   # the plan and its cost, with or without the data; starts no Ray and no trial
+        pipeline.dry_run(grid, options, gpus=args.gpus)
+        return 0
     prepared = pipeline.prepare(grid, options)   # every refusal happens here: no MLflow server, no Ray yet
     tracking.ensure_server()
-    if args.dry_run:
-        pipeline.dry_run(grid, options, prepared=prepared)
-        return 0
     log = progress.log_path(grid.name)
     if not args.verbose:   # Ray's banners, Tune's tables and worker output go to the log; -v keeps them here
         options = dataclasses.replace(options, log_file=str(log))
     view = progress.GridView()
-    for line in pipeline.plan_lines(prepared, options):
+    view.line(f"grid {grid.name!r}:")
+    for line in pipeline.planned(prepared, grid, options, echo=view.line).lines():
         view.line(line)
     with progress.quiet_logs(log, enabled=not args.verbose), view:
         outcome = pipeline.run_grid(grid, options, stages=tuple(args.stages), prepared=prepared, echo=view.line,

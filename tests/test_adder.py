@@ -260,7 +260,8 @@ def test_smoke_sweep_runs_both_variants_as_tune_trials_and_reports_curves_and_a_
     [figure] = [Path(line.split(": ", 1)[1]) for line in out.splitlines() if line.startswith("figure: ")]
     assert figure.name == "curves_adder_n200.png" and figure.with_suffix(".svg").is_file()
     assert matplotlib.image.imread(figure).std() > 0.05
-    assert colour_pixels(figure, "blue") > 50 and colour_pixels(figure, "orange") > 50  # transfer and scratch
+    # Transfer (blue) and scratch (orange) are both drawn; the features arm, drawn later, may cover part of them.
+    assert colour_pixels(figure, "blue") > 20 and colour_pixels(figure, "orange") > 20
     verdict, *arms = [line for line in out.splitlines() if line.startswith("verdict: ")]
     assert verdict == (f"verdict: adder: transfer beats scratch (size=200): {INSUFFICIENT} (1 paired, need {MIN_SEEDS}); "
                        "no effect estimated.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -304,3 +305,35 @@ def test_pretrain_size_is_a_cap_so_small_sources_are_used_whole() -> None:
     sizes = {c.train.dataset: c.train.size for c in grids.cells(grid, {"glyph_letters": 15600, "uci_digits": 1437}).pretrain}
     assert sizes == {"glyph_letters": 3000, "uci_digits": None}  # uci_digits' 1137 non-validation digits, all of them
     grids.validate(grid, {"glyph_letters": 15600, "uci_digits": 1437, "mnist5k": 4000})
+
+
+def test_dry_run_plans_the_seed_grid_without_its_data_ray_or_a_trial(full_grid, mlflow_server, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from xfer import cluster, plan
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("a dry run must not start Ray")
+
+    monkeypatch.setattr(cluster, "connect", no_ray)
+    # A calibration kept from earlier (what a second dry run reuses), so this test measures nothing itself.
+    calibration = {f"throughput/cpu/{arch}/1x28x28/batch128/threads1": {"samples_per_s": 500.0, "measured": "earlier"}
+                   for arch in ("alexnet_mini", "resnet_mini", "mlp_mixer", "mlp_mixer2")}
+    (mlflow_server.root / "calibration.json").write_text(json.dumps(calibration))
+    assert full_grid.main(["--dry-run", "--gpus", "2", "--data-root", str(tmp_path), "--name", f"dry-{tmp_path.name}"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("  ") and line.split()}
+    assert rows["pretrain"][1:4] == ["96", "0", "96"] and rows["finetune"][1:4] == ["1320", "0", "1320"]
+    assert rows["scratch"][1] == "60" and "on 2 GPU(s)" in out
+    assert "warning: the data of emnist_balanced, emnist_letters, fashion_mnist, kmnist, mnist, qmnist, svhn, usps is missing" in out
+    assert "train-images-idx3-ubyte" in out and "resnet_mini 500 (measured earlier)" in out
+    assert plan.duration(3 * 3600) == "3.0 h" and plan.duration(600) == "10 min"
+
+
+def test_throughput_is_measured_once_and_kept(tmp_path: Path) -> None:
+    from xfer import plan
+
+    cache = tmp_path / "calibration.json"
+    rate, how = plan.throughput("lenet5", (1, 28, 28), 10, 16, cache=cache)
+    assert rate > 0 and how == "measured now"
+    again, how_again = plan.throughput("lenet5", (1, 28, 28), 10, 16, cache=cache)
+    assert again == rate and how_again.startswith("measured 20")

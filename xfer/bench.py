@@ -21,10 +21,11 @@ same digits, same epochs, per seed; test accuracy on MNIST-5k's 1,000 test digit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import resource
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,14 +179,18 @@ def transfer(sources: list[str], arch: str, size: int, seeds: list[int], epochs:
 PACK_ARCHS = ("resnet_mini", "lenet5", "mlp_mixer")
 
 
-def pack_rows(archs: Sequence[str], cells: int, size: int, epochs: int, devices: Sequence[str],
-              echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Cells/hour and samples/s of `cells` pretrain cells per arch and device, as a trial per cell and as one pack.
+PACK_PATHS = (("trial_per_cell", False), ("packed_sequential", False), ("packed_vectorised", True))
 
-    Runs in a temporary runs folder with its own MLflow server and a one-slot Ray (one CPU; a whole GPU on
-    CUDA), so both paths pay the same start-ups and neither gains from parallelism: the ratio is orchestration.
+
+def pack_rows(archs: Sequence[str], cells: int, size: int, epochs: int, devices: Sequence[str],
+              echo: Callable[[str], None] = print, gpu_share: float = 0.25) -> list[dict[str, Any]]:
+    """Cells/hour and samples/s of `cells` pretrain cells per arch and device: a trial per cell, one packed trial
+    training them one after another, and one packed trial training them as one batched model.
+
+    Runs the grid's real path (MLflow server, Ray Tune, a run per cell) in a temporary runs folder. On a CPU Ray
+    has one slot, so no path gains from parallelism and the ratio is orchestration; on CUDA the trial per cell
+    takes `gpu_share` of the GPU (several share it, as a grid's trials do) and a pack takes the whole GPU.
     """
-    import os
     import tempfile
 
     import ray
@@ -194,48 +199,151 @@ def pack_rows(archs: Sequence[str], cells: int, size: int, epochs: int, devices:
     from xfer.specs import PretrainSpec
 
     rows = []
-    with tempfile.TemporaryDirectory(prefix="xfer-bench-") as runs:
-        saved = {k: os.environ.get(k) for k in (tracking.RUNS_ENV, tracking.TRACKING_URI_ENV)}
-        os.environ[tracking.RUNS_ENV] = runs
-        os.environ.pop(tracking.TRACKING_URI_ENV, None)
-        try:
-            tracking.ensure_server(runs)
-            dataset = data.load("mnist5k")
-            for device in devices:
-                gpus = 1 if device == "cuda" else 0
-                ray.init(num_cpus=1, num_gpus=gpus, include_dashboard=False, configure_logging=False,
-                         runtime_env={"env_vars": tracking.worker_env()}, logging_level="ERROR")
-                try:
-                    for arch in archs:
-                        grid = [PretrainSpec(TrainSpec(arch=arch, dataset="mnist5k", size=size, val_size=300, epochs=epochs,
-                                                       batch_size=64, seed=seed)) for seed in range(cells)]
-                        row: dict[str, Any] = {"device": device, "arch": arch, "cells": cells, "cells_per_hour": {},
-                                               "samples_per_s": {}}
-                        for path, pack_size in (("trial_per_cell", 1), ("packed_sequential", cells)):
-                            options = stages.RunOptions(experiment=f"bench-{device}-{arch}-{path}", gpus_per_trial=gpus,
-                                                        pack_size=pack_size)
-                            began = time.perf_counter()
-                            summary = stages.run_stage(names.PRETRAIN, grid, stages.TRAINING, options, {"mnist5k": dataset})
-                            wall = time.perf_counter() - began
-                            if summary.ran != cells:
-                                raise RuntimeError(f"bench cells failed: {summary.failed}")
-                            row["cells_per_hour"][path] = cells / wall * 3600
-                            row["samples_per_s"][path] = cells * size * epochs / wall
-                        rows.append(row)
-                        ratio = row["cells_per_hour"]["packed_sequential"] / row["cells_per_hour"]["trial_per_cell"]
-                        echo(f"{device:<5} {arch:<12} " + "  ".join(
-                            f"{path} {row['cells_per_hour'][path]:8.0f} cells/h {row['samples_per_s'][path]:7.0f} samples/s"
-                            for path in row["cells_per_hour"]) + f"  packed/trial-per-cell {ratio:.2f}×")
-                finally:
-                    ray.shutdown()
-        finally:
-            tracking.stop_server(runs)
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    with tempfile.TemporaryDirectory(prefix="xfer-bench-") as runs, _runs_folder(runs):
+        dataset = data.load("mnist5k")
+        for device in devices:
+            cuda = device == "cuda"
+            slots = int(round(1 / gpu_share)) if cuda else 1
+            ray.init(num_cpus=slots, num_gpus=1 if cuda else 0, include_dashboard=False, configure_logging=False,
+                     runtime_env={"env_vars": tracking.worker_env()}, logging_level="ERROR", log_to_driver=False)
+            try:
+                for arch in archs:
+                    grid = [PretrainSpec(TrainSpec(arch=arch, dataset="mnist5k", size=size, val_size=300, epochs=epochs,
+                                                   batch_size=64, lr=1e-3 * (1 + seed % 3), seed=seed))
+                            for seed in range(cells)]
+                    row: dict[str, Any] = {"device": device, "arch": arch, "cells": cells, "cells_per_hour": {},
+                                           "samples_per_s": {}}
+                    for path, batched in PACK_PATHS:
+                        options = stages.RunOptions(
+                            experiment=f"bench-{device}-{arch}-{path}", verbose=False,
+                            gpus_per_trial=(gpu_share if path == "trial_per_cell" else 1.0) if cuda else 0.0,
+                            pack_size=1 if path == "trial_per_cell" else cells, vectorise="always" if batched else "never")
+                        began = time.perf_counter()
+                        summary = stages.run_stage(names.PRETRAIN, grid, stages.TRAINING, options, {"mnist5k": dataset})
+                        wall = time.perf_counter() - began
+                        if summary.ran != cells:
+                            raise RuntimeError(f"bench cells failed: {summary.failed}")
+                        row["cells_per_hour"][path] = cells / wall * 3600
+                        row["samples_per_s"][path] = cells * size * epochs / wall
+                    rows.append(row)
+                    base = row["cells_per_hour"]["trial_per_cell"]
+                    echo(f"{device:<5} {arch:<12} " + "  ".join(
+                        f"{path} {rate:7.0f} cells/h ({rate / base:.2f}×)" for path, rate in row["cells_per_hour"].items()))
+            finally:
+                ray.shutdown()
     return rows
+
+
+@contextlib.contextmanager
+def _runs_folder(runs: str) -> Iterator[None]:
+    """A temporary runs folder with its own MLflow server for the block; the caller's settings restored after."""
+    import os
+
+    from xfer import tracking
+
+    saved = {k: os.environ.get(k) for k in (tracking.RUNS_ENV, tracking.TRACKING_URI_ENV)}
+    os.environ[tracking.RUNS_ENV] = runs
+    os.environ.pop(tracking.TRACKING_URI_ENV, None)
+    try:
+        tracking.ensure_server(runs)
+        yield
+    finally:
+        tracking.stop_server(runs)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# ---- the GPU report: everything a lent GPU should measure, in one call ---------------------------------
+
+GPU_REPORT_ARCHS = ("resnet_mini", "alexnet_mini", "mlp_mixer", "lenet5")
+
+
+def gpu_report(device: str = "cuda", quick: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Install check, correctness of the batched model against one cell at a time, cells/hour of the three paths,
+    batched throughput and peak memory per arch at the seed's sizes, and the projected seed-grid time.
+
+    Sized to finish in well under 8 minutes on one H100-class GPU; `quick` shrinks every size for a CPU check of
+    the script itself (its figures then mean nothing).
+    """
+    import platform
+
+    from xfer import plan as plans
+    from xfer import vectorised
+
+    report: dict[str, Any] = {"device": device}
+    began = time.perf_counter()
+    # 1. What is installed.
+    name = torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or platform.machine()
+    report["install"] = {"torch": torch.__version__, "cuda": torch.version.cuda, "device_name": name,
+                         "bf16": bool(device == "cuda" and torch.cuda.is_bf16_supported()),
+                         "cuda_available": torch.cuda.is_available()}
+    echo(f"install: torch {torch.__version__}, CUDA {torch.version.cuda}, device {name}, "
+         f"bf16 {report['install']['bf16']}")
+    # 2. Correctness: each batched cell against the same cell trained alone, on this device (bf16 on CUDA).
+    report["correctness"] = _batched_matches_alone(device, quick)
+    c = report["correctness"]
+    echo(f"correctness ({c['arch']}, {c['cells']} cells, {c['epochs']} epochs, {c['precision']}): largest curve "
+         f"difference {c['max_curve_diff']:.4f}, final test error difference {c['max_final_diff']:.4f} "
+         f"(tolerance {c['tolerance']:.3f}): {'ok' if c['ok'] else 'TOO FAR'}")
+    # 3. The grid's real path, three ways.
+    archs = GPU_REPORT_ARCHS[:2] if quick else GPU_REPORT_ARCHS
+    report["paths"] = pack_rows(archs, 2 if quick else 16, 200 if quick else 1000, 1, [device], echo)
+    # 4. The batched model alone at the seed's batch size: throughput, speed-up and peak memory per arch.
+    report["batched"] = []
+    for arch in archs:
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        row = vectorised.bench_pack(arch, 4 if quick else 32, device, 3 if quick else 20, 16 if quick else 128)
+        row["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
+        report["batched"].append(row)
+        echo(f"batched {arch:<12} {row['n_cells']} cells: {row['vectorised_samples_per_s']:,.0f} samples/s "
+             f"({row['speedup']:.2f}× one cell at a time), peak {row['peak_memory_mib']:,.0f} MiB")
+    # 5. The seed grid's training on this device: its examples per arch over the batched throughput measured here.
+    report["seed_grid_hours"] = _projected_seed_grid(report["batched"], plans) / 3600
+    echo(f"projected seed grid (training stages, packs of 32 as one batched model, one {name}): "
+         f"{report['seed_grid_hours']:.2f} h")
+    report["seconds"] = time.perf_counter() - began
+    echo(f"gpu report took {report['seconds']:.0f} s")
+    return report
+
+
+def _batched_matches_alone(device: str, quick: bool) -> dict[str, Any]:
+    from xfer import vectorised
+
+    arch, cells, epochs = "resnet_mini", 3, 1 if quick else 2
+    ds = data.load("mnist5k")
+    specs = [TrainSpec(arch=arch, dataset="mnist5k", size=300 if quick else 1000, val_size=200, epochs=epochs,
+                       batch_size=64, lr=1e-3 * (1 + i), seed=i) for i in range(cells)]
+    splits = [data.make_splits(ds, s.size, s.val_size, s.seed) for s in specs]
+    alone = [loop.train(s, d, loop.prepare_model(s, d), device=device) for s, d in zip(specs, splits)]
+    together = vectorised.train_many(specs, splits, [loop.prepare_model(s, d) for s, d in zip(specs, splits)], device=device)
+    curve = max(abs(a["error"] - b["error"]) for x, y in zip(alone, together) for a, b in zip(x.curve, y.curve))
+    final = max(abs(x.metrics["test_error"] - y.metrics["test_error"]) for x, y in zip(alone, together))
+    # float32 on a CPU agrees within one example of a window; bf16 autocast on a GPU moves a few percent of them.
+    tolerance = 0.05 if device == "cuda" else 1 / 64 + 1e-6
+    return {"arch": arch, "cells": cells, "epochs": epochs, "precision": "bf16 autocast" if device == "cuda" else "float32",
+            "max_curve_diff": curve, "max_final_diff": final, "tolerance": tolerance, "ok": final <= tolerance}
+
+
+def _projected_seed_grid(batched: list[dict[str, Any]], plans: Any) -> float:
+    """Seconds for the seed grid's training cells (published sizes) at the batched throughput measured per arch;
+    an arch not measured takes the slowest measured rate."""
+    from xfer import grid as grids
+
+    grid = grids.from_preset("seed")
+    pools = {name: train for name, (train, *_rest) in data.PUBLISHED.items()}
+    cells = grids.cells(grid, pools)
+    rate = {row["arch"]: row["vectorised_samples_per_s"] for row in batched}
+    slowest = min(rate.values())
+    seconds = 0.0
+    for spec in (*cells.pretrain, *cells.finetune, *cells.scratch):
+        t = spec.train
+        examples = (t.size or pools[t.dataset] - t.val_size) * t.epochs
+        seconds += examples * (1 + plans.EVAL_COST * 0.2) / rate.get(t.arch, slowest)
+    return seconds
 
 
 def main() -> None:
@@ -256,8 +364,24 @@ def main() -> None:
     p.add_argument("--cells", type=int, default=6, help="--pack: cells per arch")
     p.add_argument("--pack-cell-size", type=int, default=1000, help="--pack: training examples per cell")
     p.add_argument("--pack-epochs", type=int, default=1, help="--pack: epochs per cell")
-    p.add_argument("--json", action="store_true", help="--pack: print the rows as JSON")
+    p.add_argument("--json", action="store_true", help="--pack, --gpu-report: print the rows as JSON")
+    p.add_argument("--gpu-report", action="store_true",
+                   help="every GPU measurement in one go: install and correctness checks, cells/hour of the three "
+                        "paths, batched throughput and peak memory per arch, the projected seed-grid time")
+    p.add_argument("--device", default="cuda", help="--gpu-report: the device (cpu runs the script small, as a check)")
+    p.add_argument("--quick", action="store_true", help="--gpu-report: tiny sizes (checks the script, not the GPU)")
     args = p.parse_args()
+    if args.gpu_report:
+        import json
+        import sys
+
+        if args.device == "cuda" and not torch.cuda.is_available():
+            sys.exit("xfer: --gpu-report needs a CUDA GPU, and torch sees none here; --device cpu --quick checks the "
+                     "script itself on this machine.")
+        result = gpu_report(args.device, args.quick, echo=(lambda line: print(line, file=sys.stderr)) if args.json else print)
+        if args.json:
+            print(json.dumps(result, indent=2, default=str))
+        return
     if args.pack:
         import json
         import sys

@@ -122,31 +122,36 @@ def training_stages(cells: grids.Cells) -> tuple[tuple[str, tuple[Any, ...]], ..
     return ((names.PRETRAIN, cells.pretrain), (names.FINETUNE, cells.finetune), (names.SCRATCH, cells.scratch))
 
 
-def plan_lines(prepared: Prepared, options: RunOptions) -> list[str]:
-    """The plan in a few lines: per training stage, its cells and how many MLflow already has (one search each)."""
-    lines = [f"grid {options.experiment!r}:"]
-    for stage, group in training_stages(prepared.cells):
-        if group:
-            todo, cached = pending(options.experiment, group, options.force, stage)
-            lines.append(f"  {stage:<9} {len(group):>5} cells, {cached} finished in MLflow, {len(todo)} to run")
-    if prepared.cells.attacks:
-        lines.append(f"  {names.ATTACK:<9} {len(prepared.cells.attacks)} setting(s) × every surrogate MLflow holds after training")
-    return lines
+def planned(prepared: Prepared, grid: grids.Grid, options: RunOptions, gpus: int = 0,
+            echo: Callable[[str], None] | None = None) -> Any:
+    """The grid's `plan.Plan`: per stage its cells, what MLflow holds, packs and estimated wall time on this
+    machine (and on `gpus` GPUs). Starts no Ray; looks MLflow up only where it may hold runs."""
+    import os
+
+    from xfer import plan
+
+    finished = (lambda stage: set(tracking.finished_by_key(options.experiment, stage))) if tracking.recorded() \
+        else (lambda stage: set())
+    gpu_share = options.gpus_per_trial or cluster.GPU_SHARE
+    slots = max(1, int((os.cpu_count() or 1) // max(options.cpus_per_trial, 1e-3)))
+    size = (lambda on_gpu: options.pack_size or packs.PACK_SIZE["cuda" if on_gpu else "cpu"])
+    return plan.plan(grid, prepared.cells, prepared.infos, finished, prepared.missing, size, slots,
+                     options.cpus_per_trial, gpus, gpu_share, echo)
 
 
 def dry_run(grid: grids.Grid, options: RunOptions, echo: Callable[[str], None] = print,
-            prepared: Prepared | None = None) -> None:
-    """Print each stage's cells and how many are already finished in MLflow; run nothing."""
-    cells = (prepared or prepare(grid, options)).cells
-    for stage, group in training_stages(cells):
-        todo, cached = pending(options.experiment, group, options.force, stage)
-        echo(f"{stage}: {len(group)} cells, {cached} finished in MLflow, {len(todo)} to run")
-        for spec in todo[:50]:
-            echo(f"  {stages.label(spec)}  key={specs.key(spec)}")
-        if len(todo) > 50:
-            echo(f"  … and {len(todo) - 50} more")
-    echo(f"attack: {len(cells.attacks)} attack setting(s) × the surrogates found in MLflow once training has run: "
-         + ", ".join(f"{a.attack}(eps={a.eps})" for a in cells.attacks))
+            prepared: Prepared | None = None, gpus: int = 0) -> None:
+    """The plan and its cost, and the cells still to run; runs nothing (no Ray, no trial; the data may be absent)."""
+    prepared = prepared or prepare(grid, options, allow_missing=True)
+    echo(f"plan for grid {options.experiment!r} (nothing runs: --dry-run)")
+    for line in planned(prepared, grid, options, gpus, echo).lines():
+        echo(line)
+    for stage, group in training_stages(prepared.cells):
+        todo, _ = pending(options.experiment, group, options.force, stage) if tracking.recorded() else (list(group), 0)
+        for spec in todo[:10]:
+            echo(f"  {stage}: {stages.label(spec)}  key={specs.key(spec)}")
+        if len(todo) > 10:
+            echo(f"  {stage}: … and {len(todo) - 10} more")
 
 
 def run_grid(grid: grids.Grid, options: RunOptions, stages: tuple[str, ...] = STAGE_ORDER,

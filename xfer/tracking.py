@@ -126,6 +126,12 @@ def stop_server(root: str | Path | None = None) -> None:
         del os.environ[TRACKING_URI_ENV]
 
 
+def recorded(root: str | Path | None = None) -> bool:
+    """Whether MLflow may hold runs already: a tracking URI is set, or the runs folder has a database. A dry
+    run asks before it starts a server: with nothing recorded there is nothing to look up."""
+    return bool(os.environ.get(TRACKING_URI_ENV)) or (runs_dir(root) / "mlflow.db").exists()
+
+
 def worker_env() -> dict[str, str]:
     """Environment for Ray workers (``runtime_env={"env_vars": ...}``): the tracking URI, runs folder, retry settings."""
     env = {TRACKING_URI_ENV: ensure_server(), RUNS_ENV: str(runs_dir())}

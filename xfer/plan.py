@@ -1,0 +1,255 @@
+"""What a grid will do and what it will cost, before anything runs: cells, packs and an estimate per stage.
+
+`plan` needs neither the data (a torchvision set whose files are absent is planned from its published sizes
+and named as missing) nor Ray. Its estimate comes from measured throughput: `throughput` times a few
+training steps of each arch on this machine's CPU at the grid's batch size (kept in
+``<runs>/calibration.json``, so it is measured once), or on a GPU when one is here. For GPUs that are not
+here, the estimate is each arch's FLOPs per example over an assumed effective rate (`GPU_TFLOPS`), said so
+in the output. Per-cell and per-pack overheads are measured figures too (see the constants).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xfer import grid as grids
+from xfer import names, tracking
+from xfer.specs import TrainSpec
+
+# Fixed costs, measured 2026-12-02 on the 2-core development machine with the smoke preset (README, Results):
+# a pack's trial start (process, imports, dataset from the object store) and a cell's MLflow round trips.
+PACK_START_S = 6.0
+CELL_RECORD_S = 1.5
+STAGE_START_S = 8.0            # a stage's Tune run: its set-up and its ends
+EVAL_COST = 1 / 3              # an evaluated example costs about a third of a trained one (forward only)
+GPU_TFLOPS = 30.0              # assumed effective TFLOP/s of one GPU on these small models (issue 15's figure for an H100)
+CALIBRATION_STEPS = 3          # timed training steps per arch (after one warm-up step)
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    cells: int
+    finished: int
+    todo: int
+    packs: int
+    seconds_here: float            # on this machine's CPUs (or its GPU)
+    seconds_gpus: float            # on G GPUs not here (FLOP model), or measured when the GPU is here
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    stages: list[StagePlan]
+    missing: dict[str, str]
+    sources: list[str] = field(default_factory=list)   # where the throughput figures come from, in words
+    slots: int = 1
+    gpus: int = 0
+
+    def lines(self) -> list[str]:
+        head = f"  {'stage':<9} {'cells':>6} {'in MLflow':>9} {'to run':>7} {'packs':>6}  {'here':>12}"
+        head += f"  {f'on {self.gpus} GPU(s)':>14}" if self.gpus else ""
+        out = [head]
+        for s in self.stages:
+            row = (f"  {s.stage:<9} {s.cells:>6} {s.finished:>9} {s.todo:>7} {s.packs:>6}  {duration(s.seconds_here):>12}")
+            row += f"  {duration(s.seconds_gpus):>14}" if self.gpus else ""
+            out.append(row + (f"  ({s.note})" if s.note else ""))
+        total_here = sum(s.seconds_here for s in self.stages)
+        total = f"  {'total':<9} {sum(s.cells for s in self.stages):>6} {'':>9} {sum(s.todo for s in self.stages):>7} "
+        total += f"{sum(s.packs for s in self.stages):>6}  {duration(total_here):>12}"
+        total += f"  {duration(sum(s.seconds_gpus for s in self.stages)):>14}" if self.gpus else ""
+        out.append(total)
+        out += [f"  estimate: {source}" for source in self.sources]
+        if self.missing:
+            first, what = next(iter(self.missing.items()))
+            out.append(f"  warning: the data of {', '.join(self.missing)} is missing; planned from the published sizes. "
+                       f"The run needs the files (--download with network, or torchvision's files under --data-root); "
+                       f"{first}, for one, needs {what}.")
+        return out
+
+
+def duration(seconds: float) -> str:
+    if seconds <= 0:
+        return "—"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# ---- throughput ------------------------------------------------------------------------------------
+
+def throughput(arch: str, in_shape: tuple[int, int, int], classes: int, batch: int, device: str = "cpu",
+               threads: int = 1, cache: Path | None = None) -> tuple[float, str]:
+    """Training examples per second of `arch` at `batch` on `device` with `threads` CPU threads, and where the
+    figure comes from ("measured now" or the date it was measured, from `cache`)."""
+    key = f"throughput/{device}/{arch}/{'x'.join(map(str, in_shape))}/batch{batch}/threads{threads}"
+    known = _read(cache)
+    if key in known:
+        return known[key]["samples_per_s"], f"measured {known[key]['measured']}"
+    rate = _measure(arch, in_shape, classes, batch, device, threads)
+    if cache is not None:
+        known = _read(cache)
+        known[key] = {"samples_per_s": rate, "measured": time.strftime("%Y-%m-%d %H:%M")}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(json.dumps(known, indent=2, sort_keys=True))
+        partial.replace(cache)
+    return rate, "measured now"
+
+
+def _measure(arch: str, in_shape: tuple[int, int, int], classes: int, batch: int, device: str, threads: int) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    from xfer import models
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        model = models.build(arch, in_shape, classes).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        x = torch.rand(batch, *in_shape, device=device)
+        y = torch.randint(0, classes, (batch,), device=device)
+        elapsed = 0.0
+        for step in range(CALIBRATION_STEPS + 1):
+            began = time.perf_counter()
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss = F.cross_entropy(model(x).float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if step:   # the first step warms up kernels and the allocator
+                elapsed += time.perf_counter() - began
+        return CALIBRATION_STEPS * batch / elapsed
+    finally:
+        torch.set_num_threads(before)
+
+
+@functools.lru_cache(maxsize=None)
+def flops_per_example(arch: str, in_shape: tuple[int, int, int], classes: int) -> float:
+    """Forward FLOPs of one example (torch's FlopCounterMode); training costs about three times that."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from xfer import models
+
+    model = models.build(arch, in_shape, classes).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.rand(2, *in_shape))
+    return counter.get_total_flops() / 2
+
+
+def _read(path: Path | None) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text()) if path is not None else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+# ---- the plan ----------------------------------------------------------------------------------------
+
+def plan(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any], finished: Callable[[str], set[str]],
+         missing: dict[str, str], pack_size: Callable[[bool], int], slots: int, cpus_per_trial: float = 1.0,
+         gpus: int = 0, gpu_share: float = 0.25, echo: Callable[[str], None] | None = None) -> Plan:
+    """Each stage's cells, what MLflow already has (`finished(stage)`: keys), packs and estimated wall time here
+    (`slots` trials at once on this machine) and on `gpus` GPUs (`gpu_share` of a GPU per trial)."""
+    from xfer import specs
+
+    cache = tracking.runs_dir() / "calibration.json"
+    threads = max(1, int(cpus_per_trial))
+    rates: dict[tuple[str, tuple[int, int, int]], float] = {}   # by arch and input shape (the head is negligible)
+    sources: dict[str, str] = {}
+
+    def seconds(t: TrainSpec, on_gpu: bool) -> float:
+        info = infos[t.dataset]
+        examples = t.size or (info.train - t.val_size)
+        steps = max(1, examples // min(t.batch_size, examples)) * t.epochs
+        trained = steps * min(t.batch_size, examples)
+        evaluated = t.epochs * (min(t.val_size, info.train) + info.test)
+        key = (t.arch, info.in_shape)
+        if on_gpu:
+            work = 3 * flops_per_example(*key, info.num_classes) * (trained + EVAL_COST * evaluated)
+            return work / (GPU_TFLOPS * 1e12 * gpu_share) + CELL_RECORD_S
+        if key not in rates:
+            if echo is not None and not _known(cache, t.arch):
+                echo(f"  measuring {t.arch}'s training throughput on this CPU ({CALIBRATION_STEPS} steps)…")
+            rates[key], sources[t.arch] = throughput(*key, 10, t.batch_size, "cpu", threads, cache)
+        return (trained + EVAL_COST * evaluated) / rates[key] + CELL_RECORD_S
+
+    stages = []
+    for stage, group in ((names.PRETRAIN, cells.pretrain), (names.FINETUNE, cells.finetune), (names.SCRATCH, cells.scratch)):
+        done = finished(stage)
+        todo = [c for c in group if specs.key(c) not in done]
+        here, packs = _packed(todo, pack_size(False), slots, lambda c: seconds(c.train, False))
+        on_gpus = _packed(todo, pack_size(True), max(1, int(gpus / gpu_share)), lambda c: seconds(c.train, True))[0] if gpus else 0.0
+        stages.append(StagePlan(stage, len(group), len(group) - len(todo), len(todo), packs, here, on_gpus))
+    stages.append(_attack_plan(grid, cells, stages, infos, slots, gpus))
+    stages.append(StagePlan(names.REPORT, 1, 0, 1, 0, 5.0, 5.0 if gpus else 0.0))
+    words = []
+    if rates:
+        words.append("CPU throughput per arch (training examples/s, " + f"{threads} thread(s) a trial): "
+                     + ", ".join(f"{arch} {r:,.0f} ({sources[arch]})" for (arch, _), r in rates.items())
+                     + f"; kept in {cache}")
+    words.append(f"{slots} trial(s) at once here; a pack's start {PACK_START_S:.0f} s and a cell's MLflow records "
+                 f"{CELL_RECORD_S:.0f} s (measured on the 2-core development machine)")
+    if gpus:
+        words.append(f"GPUs are not measured here: their column assumes {GPU_TFLOPS:.0f} TFLOP/s effective per GPU on "
+                     f"each arch's FLOPs (torch's FlopCounter), {gpu_share:g} GPU per trial")
+    return Plan(stages, missing, words, slots, gpus)
+
+
+def _packed(todo: list[Any], size: int, slots: int, cost: Callable[[Any], float]) -> tuple[float, int]:
+    """Wall time of `todo` in packs of ≤ `size` over `slots` (longest pack first onto the least loaded slot),
+    and the number of packs."""
+    if not todo:
+        return 0.0, 0
+    packs = max(min(slots, len(todo)), math.ceil(len(todo) / size))
+    per_pack = [0.0] * packs
+    for i, cell in enumerate(todo):
+        per_pack[i % packs] += cost(cell)
+    loads = [0.0] * max(1, slots)
+    for work in sorted(per_pack, reverse=True):
+        loads[loads.index(min(loads))] += work + PACK_START_S
+    return max(loads) + STAGE_START_S, packs
+
+
+def _attack_plan(grid: grids.Grid, cells: grids.Cells, stages: list[StagePlan], infos: dict[str, Any],
+                 slots: int, gpus: int) -> StagePlan:
+    """The attack stage's cells: every pretrained and scratch model and every target as its own reference,
+    per attack setting, each generated once and scored on its targets."""
+    settings = len(cells.attacks)
+    surrogates = len(cells.pretrain) + len(cells.scratch) + len(cells.finetune)
+    count = settings * surrogates
+    if not count:
+        return StagePlan(names.ATTACK, 0, 0, 0, 0, 0.0, 0.0)
+    steps = grid.attack_steps
+    targets = len(cells.finetune) + len(cells.scratch)
+    # Per generation: attack_n examples × steps forward+backward; per score: two forward passes of attack_n.
+    examples = count * grid.attack_n * steps * 3 + settings * (len(cells.pretrain) + len(cells.scratch)) * targets * 2 * grid.attack_n
+    arch = grid.archs[0]
+    target = infos[grid.target]
+    rate, _ = throughput(arch, target.in_shape, target.num_classes, grid.batch_size, "cpu", 1,
+                         tracking.runs_dir() / "calibration.json")
+    here = examples / 3 / rate / max(1, slots) + STAGE_START_S
+    gpu = examples * flops_per_example(arch, target.in_shape, target.num_classes) / (GPU_TFLOPS * 1e12 * gpus) if gpus else 0.0
+    return StagePlan(names.ATTACK, count, 0, count, 0, here, gpu, note="cells once training has run: rough")
+
+
+def _known(cache: Path, arch: str) -> bool:
+    return any(f"/{arch}/" in key for key in _read(cache))
+
+
+__all__ = ["Plan", "StagePlan", "plan", "throughput", "flops_per_example", "duration", "GPU_TFLOPS"]
