@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                          max_failures=args.max_failures, storage_path=args.storage_path, force=args.force,
                          pack_size=args.pack_size, verbose=args.verbose, log_file=None if args.verbose else str(log))
     with progress.quiet_logs(log, enabled=not args.verbose), progress.GridView() as view:
-        summaries = adder.run_stage(cells, options, dataset, view)
+        summaries = adder.run_stage(cells, options, {dataset.name: dataset}, view)
     print("\n== summary")
     for summary in summaries:
         print(summary.line())

@@ -27,6 +27,7 @@ from xfer.stages import RunOptions  # noqa: E402
 # Grid axes settable on the command line: flag → (Grid field, element type).
 AXES = {
     "sources": str, "archs": str, "sizes": int, "lrs": float, "seeds": int, "recipes": str, "attacks": str, "eps": float,
+    "attack_surrogates": str,
 }
 SCALARS = {
     "name": str, "target": str, "epochs": int, "pretrain_epochs": int, "pretrain_size": int, "batch_size": int,
@@ -37,6 +38,8 @@ HELP = {
     "recipes": f"fine-tuning recipes: {', '.join(grids.RECIPES)}, or several joined with '+' (e.g. head10x_sgd+unfreeze)",
     "unfreeze_epoch": "epoch at which the unfreeze recipe unfreezes every layer (0 = half of --epochs)",
     "weights": "resnet18's ImageNet weights: a resnet18-f37072fd.pth file, or 'imagenet' (torchvision's cache or download)",
+    "attack_surrogates": "whose adversarial examples are scored: pretrain and scratch (on every target), self (each "
+                         "target on itself); default all three",
 }
 
 
@@ -47,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
                         f"{', '.join(grids.PRESETS)}, the others are the grid files in sweeps/presets/")
     p.add_argument("--grid", type=Path, help="YAML or TOML file of grid settings, applied over the preset")
     for axis, kind in AXES.items():
-        p.add_argument(f"--{axis}", nargs="+", type=kind, help=HELP.get(axis, f"override the {axis} axis"))
+        p.add_argument(f"--{axis.replace('_', '-')}", dest=axis, nargs="+", type=kind, help=HELP.get(axis, f"override the {axis} axis"))
     p.add_argument("--freeze", nargs="+", help="freeze depths in tensors: `0 8` for every arch or `resnet_mini=0,20,23`")
     for name, kind in SCALARS.items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=HELP.get(name))

@@ -337,3 +337,32 @@ def test_throughput_is_measured_once_and_kept(tmp_path: Path) -> None:
     assert rate > 0 and how == "measured now"
     again, how_again = plan.throughput("lenet5", (1, 28, 28), 10, 16, cache=cache)
     assert again == rate and how_again.startswith("measured 20")
+
+
+def test_the_claims_preset_answers_every_claim_from_embedded_data() -> None:
+    grid = grids.from_preset("claims")
+    grids.validate(grid)   # no data needed: every source and the target are embedded or rendered
+    assert {grid.target, *grid.sources} <= {n for n in data.list_datasets() if data._entry(n).embedded}
+    cells = grids.cells(grid, {"mnist5k": 4000, "glyph_digits": 6000, "glyph_letters": 15600})
+    assert len(grid.seeds) >= 3 and {"resnet_mini", "lenet5"} <= set(grid.archs)      # claim 7
+    assert {c.train.freeze_depth for c in cells.finetune} == {0, 4, 20}                # claim 2
+    assert {c.train.head_lr_mult for c in cells.finetune if c.train.optimizer == "sgd"} == {1.0, 10.0}   # claim 5
+    assert any(c.train.unfreeze_epoch for c in cells.finetune)                          # claim 6
+    assert len({c.train.size for c in cells.finetune}) >= 3 and cells.scratch            # claim 1
+    assert grid.attack_surrogates == ("pretrain",) and len(grid.sources) >= 2            # claim 3: A and B
+    adder_cells = grids.adder_cells(grid)                                                # claim 4
+    assert {c.variant for c in adder_cells} == {"transfer", "transfer_features", "scratch"}
+    assert {c.seed for c in adder_cells} == set(grid.seeds) and all(c.dataset == "mnist5k" for c in adder_cells)
+    steps = {c.size // c.batch_size * c.epochs for c in adder_cells}
+    assert steps == {2500}   # the seed's step budget
+
+
+def test_adder_and_attack_surrogate_settings_are_checked_before_launch() -> None:
+    with pytest.raises(XferError, match="adder settings colour are unknown"):
+        grids.validate(grids.from_preset("smoke", adder={"colour": "blue"}))
+    with pytest.raises(XferError, match="adder variants nope"):
+        grids.validate(grids.from_preset("smoke", adder={"variants": ["nope"]}))
+    with pytest.raises(XferError, match="--attack-surrogates / attack_surrogates: everyone are not surrogates"):
+        grids.validate(grids.from_preset("smoke", attack_surrogates=["pretrain", "everyone"]))
+    with pytest.raises(XferError, match="is not a mapping of adder settings"):
+        grids.make(adder=[5000])

@@ -12,7 +12,7 @@ channel. Three arms:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -256,16 +256,27 @@ def _adder_features(in_shape: models.Shape, digit_arch: str = "resnet_mini",
     return nn.Sequential(PerDigit(features), nn.Linear(2 * width, ADDER_HIDDEN), nn.ReLU(inplace=True)), ADDER_HIDDEN
 
 
+def _digit_body(channels: int, h: int, w: int) -> nn.Sequential:
+    """The seed's per-digit CNN: conv 32-64 (3×3, each followed by a 2×2 max-pool), fc 128: 128 features."""
+    return nn.Sequential(
+        nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(64 * (h // 4) * (w // 4), 128), nn.ReLU(inplace=True),
+    )
+
+
+@models.arch("digit_cnn")
+def _digit_cnn(in_shape: models.Shape) -> tuple[nn.Module, int]:
+    """The scratch arm's per-digit CNN as a digit classifier (+ a 128 → 10 head). Pretrained as the adder's
+    classifier, it makes the features arm the scratch arm with a pretrained start: nothing else differs."""
+    return _digit_body(*in_shape), 128
+
+
 @models.arch(ARCHS[SCRATCH])
 def _adder_scratch(in_shape: models.Shape) -> tuple[nn.Module, int]:
     """A small CNN (conv 32-64, fc 128) on each digit → 256 → fc 128; the head maps 128 → 19."""
     h, w = _pair_shape(ARCHS[SCRATCH], in_shape)
-    cnn = nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(64 * (h // 4) * (w // 4), 128), nn.ReLU(inplace=True),
-    )
-    return nn.Sequential(PerDigit(cnn), nn.Linear(2 * 128, ADDER_HIDDEN), nn.ReLU(inplace=True)), ADDER_HIDDEN
+    return nn.Sequential(PerDigit(_digit_body(1, h, w)), nn.Linear(2 * 128, ADDER_HIDDEN), nn.ReLU(inplace=True)), ADDER_HIDDEN
 
 
 def transfer_model(pretrained: models.XferModel, variant: str = TRANSFER) -> models.XferModel:
@@ -347,11 +358,16 @@ def run_cell(spec: AdderSpec, experiment: str, dataset: data.Dataset, session: S
 # ---- the stage on Ray Tune -----------------------------------------------------------------------
 
 def run_stage(adder_cells: Sequence[AdderSpec], options: stages.RunOptions,
-              dataset: data.Dataset, view: Any = None) -> list[stages.StageSummary]:
-    """The digit pretrain cells the transfer cells need (if not finished), then the adder cells, as packs."""
-    check(adder_cells, dataset)
+              datasets: Mapping[str, data.Dataset], view: Any = None) -> list[stages.StageSummary]:
+    """The digit pretrain cells the transfer cells need (if not finished), then the adder cells, as packs.
+
+    `datasets` holds the digit set by name; it is read (and the cells checked against it) only when something
+    is left to run."""
     pretrain = list(dict.fromkeys(c.pretrain for c in adder_cells if c.pretrain is not None))
-    datasets = {dataset.name: dataset}
+    left = (stages.pending(options.experiment, adder_cells, options.force, names.ADDER)[0]
+            or stages.pending(options.experiment, pretrain, options.force, names.PRETRAIN)[0])
+    if left:
+        check(adder_cells, datasets[adder_cells[0].dataset])
     summaries = []
     if pretrain:
         summaries.append(stages.run_stage(names.PRETRAIN, pretrain, stages.TRAINING, options, datasets, view))

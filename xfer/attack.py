@@ -28,7 +28,7 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -413,7 +413,11 @@ class _Model:
         return self.record.run_id
 
 
-def plan(experiment: str, attacks: Sequence[AttackSpec], ensembles: bool = False) -> list[AttackCell]:
+SELF = "self"   # in `surrogate_stages`: each target attacked on itself (the white-box reference)
+
+
+def plan(experiment: str, attacks: Sequence[AttackSpec], ensembles: bool = False, keys: Collection[str] | None = None,
+         surrogate_stages: Sequence[str] = (names.PRETRAIN, names.SCRATCH, SELF)) -> list[AttackCell]:
     """The attack stage's cells, from the experiment's finished training runs in MLflow.
 
     Targets of an attack setting are the fine-tuned and scratch runs trained on its dataset. Surrogates:
@@ -421,13 +425,15 @@ def plan(experiment: str, attacks: Sequence[AttackSpec], ensembles: bool = False
     fine-tuned run as its own white-box reference (scored on itself). A surrogate that does not
     classify the task's classes runs `feature_pgd` instead (see the module notes) and is skipped for
     targeted and L2 settings. `ensembles` adds, per pretraining source with two or more runs, one
-    cell whose surrogate is all of them. Cells with equal keys are planned once.
+    cell whose surrogate is all of them. Cells with equal keys are planned once. `keys` (a grid's cells) keeps
+    only those runs (None: every training run of the experiment); `surrogate_stages` says whose examples are
+    scored: pretrained and scratch models' on every target, and with SELF each target's own (white-box).
     """
     for spec in attacks:
         kind(spec.attack)  # an unknown name fails before any look-up
-    runs = _training_runs(experiment)
-    pretrained = [m for m in runs.values() if m.record.stage == names.PRETRAIN]
-    scratch = [m for m in runs.values() if m.record.stage == names.SCRATCH]
+    runs = {i: m for i, m in _training_runs(experiment).items() if keys is None or m.record.key in keys}
+    pretrained = [m for m in runs.values() if m.record.stage == names.PRETRAIN and names.PRETRAIN in surrogate_stages]
+    scratch = [m for m in runs.values() if m.record.stage == names.SCRATCH and names.SCRATCH in surrogate_stages]
     cells: dict[str, AttackCell] = {}
     for spec in attacks:
         targets = [m for m in runs.values() if m.record.stage in (names.FINETUNE, names.SCRATCH)
@@ -441,7 +447,7 @@ def plan(experiment: str, attacks: Sequence[AttackSpec], ensembles: bool = False
             fits = [t.run_id for t in targets if t.in_shape == group[0].in_shape and t.class_names == task.class_names]
             if chosen is not None and fits:
                 _add(cells, chosen, group, fits)
-        for target in targets:  # the white-box reference: each target attacked on itself
+        for target in targets if SELF in surrogate_stages else ():  # the white-box reference: a target on itself
             _add(cells, spec, [target], [target.run_id])
     return list(cells.values())
 

@@ -27,6 +27,7 @@ import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -195,7 +196,7 @@ def pack_rows(archs: Sequence[str], cells: int, size: int, epochs: int, devices:
 
     import ray
 
-    from xfer import names, stages, tracking
+    from xfer import names, progress, stages, tracking
     from xfer.specs import PretrainSpec
 
     rows = []
@@ -204,8 +205,9 @@ def pack_rows(archs: Sequence[str], cells: int, size: int, epochs: int, devices:
         for device in devices:
             cuda = device == "cuda"
             slots = int(round(1 / gpu_share)) if cuda else 1
-            ray.init(num_cpus=slots, num_gpus=1 if cuda else 0, include_dashboard=False, configure_logging=False,
-                     runtime_env={"env_vars": tracking.worker_env()}, logging_level="ERROR", log_to_driver=False)
+            with progress.redirected(Path(runs) / "ray.log"):   # Ray's start-up banner is not a figure
+                ray.init(num_cpus=slots, num_gpus=1 if cuda else 0, include_dashboard=False, configure_logging=False,
+                         runtime_env={"env_vars": tracking.worker_env()}, logging_level="ERROR", log_to_driver=False)
             try:
                 for arch in archs:
                     grid = [PretrainSpec(TrainSpec(arch=arch, dataset="mnist5k", size=size, val_size=300, epochs=epochs,

@@ -107,6 +107,14 @@ class Grid:
     eps: tuple[float, ...] = (0.3,)
     attack_n: int = 5000
     attack_steps: int = 10
+    # Whose adversarial examples are scored: pretrained and scratch models' on every target, and "self": each
+    # target's own (the white-box reference). ("pretrain",) is the seed's A/B→C question alone, without the
+    # attack stage's largest costs (scratch surrogates on every target, a white-box set per target).
+    attack_surrogates: tuple[str, ...] = ("pretrain", "scratch", "self")
+    # The two-digit adder as a stage of this grid (its target must be a digit set): its settings, e.g.
+    # `{sizes: [5000], epochs: 5, batch_size: 100, digit_arch: digit_cnn}` (seeds default to the grid's; see
+    # `adder_cells`); {} = no adder stage.
+    adder: dict[str, Any] = field(default_factory=dict)
 
     def freeze_depths(self, arch: str) -> tuple[int, ...]:
         return self.freeze.get(arch, self.freeze.get("*", (0,)))
@@ -174,6 +182,41 @@ def make(**values: Any) -> Grid:
     return Grid(**clean)
 
 
+ADDER_SETTINGS = ("sizes", "seeds", "epochs", "batch_size", "digit_arch", "pretrain_epochs", "pretrain_size", "variants",
+                  "val_pairs", "test_pairs", "lr", "weight_decay")
+
+
+def adder_cells(grid: Grid) -> list[Any]:
+    """The grid's adder cells (`Grid.adder`): every variant × size × seed on the grid's target, its digit
+    classifier pretrained with the grid's validation split (so a grid's own pretrain cell can be one)."""
+    if not grid.adder:
+        return []
+    from xfer import adder
+
+    settings = dict(grid.adder)
+    unknown = sorted(set(settings) - set(ADDER_SETTINGS))
+    if unknown:
+        raise XferError(f"the grid is not valid: adder settings {', '.join(unknown)} are unknown; known: "
+                        f"{', '.join(ADDER_SETTINGS)}. Nothing was launched.")
+    sizes, seeds = settings.pop("sizes", [5000]), settings.pop("seeds", grid.seeds)
+    return adder.cells(sizes, seeds, dataset=grid.target, val_digits=grid.val_size, **settings)
+
+
+def _attack_adder_problems(grid: Grid) -> list[str]:
+    problems = []
+    odd = sorted(set(grid.attack_surrogates) - {"pretrain", "scratch", "self"})
+    if odd:
+        problems.append(f"{_setting('attack_surrogates')} {', '.join(odd)} are not surrogates; choose among pretrain, "
+                        "scratch and self (each target attacked on itself)")
+    try:
+        adder_cells(grid)
+    except XferError as exc:
+        problems.append(str(exc).removeprefix("the grid is not valid: ").removesuffix(". Nothing was launched.").rstrip("."))
+    except TypeError as exc:
+        problems.append(f"{_setting('adder')} {exc}")
+    return problems
+
+
 def _flag(key: str) -> str:
     """The command-line flag of the grid setting `key` (sweeps/full_grid.py spells them this way)."""
     return {"scratch": "--no-scratch", "tuned": "--tuned"}.get(key, "--" + key.replace("_", "-"))
@@ -209,6 +252,11 @@ def _typed(key: str, value: Any) -> Any:
     """`value` as the type of the setting `key`, or an XferError naming the setting, the value and an example."""
     if key == "freeze":
         return parse_freeze(value)
+    if key == "adder":
+        if not isinstance(value, dict):
+            raise XferError(f"{_setting(key)} {value!r} is not a mapping of adder settings (e.g. `adder: {{sizes: [5000], "
+                            f"epochs: 5}}`); known settings: {', '.join(ADDER_SETTINGS)}")
+        return dict(value)
     if key == "tuned":
         if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
             raise XferError(f"{_setting(key)} {value!r} is not a mapping of 'arch/size' to settings "
@@ -297,7 +345,7 @@ def validate(grid: Grid, pool_sizes: dict[str, int] | None = None) -> None:
         if not grid.sources and not grid.scratch and not _fine_tuned_archs(grid):
             problems.append("the grid has no training cells: give sources, ImageNet weights for resnet18, "
                             "or keep the scratch baselines")
-        problems += _recipe_problems(grid) + _weights_problems(grid) + _tuned_problems(grid)
+        problems += _recipe_problems(grid) + _weights_problems(grid) + _tuned_problems(grid) + _attack_adder_problems(grid)
     if problems:
         raise XferError("the grid is not valid: " + "; ".join(problems) + ". Nothing was launched.")
 

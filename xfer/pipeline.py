@@ -17,7 +17,7 @@ from xfer import cluster, data, grid as grids, names, packs, specs, stages, trac
 from xfer.errors import XferError
 from xfer.stages import RunOptions, StageSummary, load_datasets, pending, run_training_stage  # noqa: F401 (load_datasets: for callers)
 
-STAGE_ORDER = (names.PRETRAIN, names.FINETUNE, names.SCRATCH, names.ATTACK, names.REPORT)
+STAGE_ORDER = (names.PRETRAIN, names.FINETUNE, names.SCRATCH, names.ADDER, names.ATTACK, names.REPORT)
 
 
 @dataclass(frozen=True)
@@ -169,8 +169,16 @@ def run_grid(grid: grids.Grid, options: RunOptions, stages: tuple[str, ...] = ST
             if stage in stages and group:
                 summaries.append(run_training_stage(stage, group, options, datasets, view))
                 echo(summaries[-1].line())
+        adder_cells = grids.adder_cells(grid)
+        if names.ADDER in stages and adder_cells:
+            from xfer import adder
+
+            for summary in adder.run_stage(adder_cells, options, datasets, view):
+                summaries.append(summary)
+                echo(summary.line())
         if names.ATTACK in stages and cells.attacks:
-            summaries.append(run_attack_stage(cells.attacks, options, view))
+            keys = {specs.key(c) for _, group in training_stages(cells) for c in group}
+            summaries.append(run_attack_stage(cells.attacks, options, view, keys, grid.attack_surrogates))
             echo(summaries[-1].line())
         report_dir = None
         if names.REPORT in stages:
@@ -207,12 +215,15 @@ def _record_skipped(run: tracking.Run, skipped: dict[str, tuple[str, ...]], echo
              f"skipped_images.txt in the grid's MLflow run {run.run_id}")
 
 
-def run_attack_stage(attack_specs: tuple[Any, ...], options: RunOptions, view: Any = None) -> StageSummary:
+def run_attack_stage(attack_specs: tuple[Any, ...], options: RunOptions, view: Any = None,
+                     keys: set[str] | None = None,
+                     surrogate_stages: tuple[str, ...] = (names.PRETRAIN, names.SCRATCH, "self")) -> StageSummary:
     """Attack cells in packs, one Tune trial each: a pack's surrogates and targets are loaded once in its process,
-    each adversarial set is generated once and scored on every target."""
+    each adversarial set is generated once and scored on every target. `keys`: the grid's training cells (the
+    models attacked); `surrogate_stages`: whose examples are scored on every target (`Grid.attack_surrogates`)."""
     from xfer import attack
 
-    planned = attack.plan(options.experiment, list(attack_specs))
+    planned = attack.plan(options.experiment, list(attack_specs), keys=keys, surrogate_stages=surrogate_stages)
     todo = attack.unfinished(options.experiment, planned)
     summary = StageSummary(names.ATTACK, len(planned), cached=len(planned) - len(todo))
     if not todo:

@@ -196,6 +196,9 @@ def plan(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any], finished: 
         here, packs = _packed(todo, pack_size(False), slots, lambda c: seconds(c.train, False))
         on_gpus = _packed(todo, pack_size(True), max(1, int(gpus / gpu_share)), lambda c: seconds(c.train, True))[0] if gpus else 0.0
         stages.append(StagePlan(stage, len(group), len(group) - len(todo), len(todo), packs, here, on_gpus))
+    adder_row = _adder_plan(grid, finished, slots, pack_size(False), cpus_per_trial, cache, rates, sources, infos)
+    if adder_row is not None:
+        stages.append(adder_row)
     stages.append(_attack_plan(grid, cells, stages, infos, slots, gpus))
     stages.append(StagePlan(names.REPORT, 1, 0, 1, 0, 5.0, 5.0 if gpus else 0.0))
     words = []
@@ -226,26 +229,61 @@ def _packed(todo: list[Any], size: int, slots: int, cost: Callable[[Any], float]
     return max(loads) + STAGE_START_S, packs
 
 
+def _adder_plan(grid: grids.Grid, finished: Callable[[str], set[str]], slots: int, size: int, cpus: float,
+                cache: Path, rates: dict[Any, float], sources: dict[str, str], infos: dict[str, Any]) -> StagePlan | None:
+    """The adder stage: its digit classifiers' pretraining and its cells (each step: two digit images per pair)."""
+    from xfer import specs
+
+    adder_cells = grids.adder_cells(grid)
+    if not adder_cells:
+        return None
+    done = finished(names.ADDER)
+    todo = [c for c in adder_cells if specs.key(c) not in done]
+    threads = max(1, int(cpus))
+    target = infos[grid.target]
+
+    def rate(arch: str, batch: int) -> float:
+        key = (arch, (1, *target.in_shape[1:]))
+        if key not in rates:
+            rates[key], sources[arch] = throughput(arch, key[1], 10, batch, "cpu", threads, cache)
+        return rates[key]
+
+    def cost(cell: Any) -> float:
+        steps = max(1, cell.size // min(cell.batch_size, cell.size)) * cell.epochs
+        digit = cell.pretrain.train.arch if cell.pretrain is not None else "digit_cnn"
+        images = 2 * (steps * min(cell.batch_size, cell.size) + EVAL_COST * cell.epochs * (cell.val_pairs + cell.test_pairs))
+        return images / rate(digit, 2 * cell.batch_size) + CELL_RECORD_S
+
+    classifiers = {c.pretrain for c in todo if c.pretrain is not None}
+    pretraining = sum(((target.train - c.train.val_size) * c.train.epochs) / rate(c.train.arch, c.train.batch_size)
+                      for c in classifiers) / max(1, slots)
+    seconds, packs = _packed(todo, size, slots, cost)
+    return StagePlan(names.ADDER, len(adder_cells), len(adder_cells) - len(todo), len(todo), packs,
+                     seconds + pretraining, 0.0, note=f"and {len(classifiers)} digit classifier(s) to pretrain" if classifiers else "")
+
+
 def _attack_plan(grid: grids.Grid, cells: grids.Cells, stages: list[StagePlan], infos: dict[str, Any],
                  slots: int, gpus: int) -> StagePlan:
-    """The attack stage's cells: every pretrained and scratch model and every target as its own reference,
-    per attack setting, each generated once and scored on its targets."""
+    """The attack stage's cells (`Grid.attack_surrogates`): pretrained and scratch models scored on every target,
+    each target on itself; each set generated once (attack_n × steps forward and backward), then scored (two
+    forward passes of attack_n per target)."""
     settings = len(cells.attacks)
-    surrogates = len(cells.pretrain) + len(cells.scratch) + len(cells.finetune)
-    count = settings * surrogates
+    targets = len(cells.finetune) + len(cells.scratch)
+    crossing = (len(cells.pretrain) if "pretrain" in grid.attack_surrogates else 0) + (
+        len(cells.scratch) if "scratch" in grid.attack_surrogates else 0)
+    own = targets if "self" in grid.attack_surrogates else 0
+    count = settings * (crossing + own)
     if not count:
         return StagePlan(names.ATTACK, 0, 0, 0, 0, 0.0, 0.0)
-    steps = grid.attack_steps
-    targets = len(cells.finetune) + len(cells.scratch)
-    # Per generation: attack_n examples × steps forward+backward; per score: two forward passes of attack_n.
-    examples = count * grid.attack_n * steps * 3 + settings * (len(cells.pretrain) + len(cells.scratch)) * targets * 2 * grid.attack_n
+    forwards = count * grid.attack_n * grid.attack_steps * 3 + settings * (crossing * targets + own) * 2 * grid.attack_n
     arch = grid.archs[0]
     target = infos[grid.target]
     rate, _ = throughput(arch, target.in_shape, target.num_classes, grid.batch_size, "cpu", 1,
                          tracking.runs_dir() / "calibration.json")
-    here = examples / 3 / rate / max(1, slots) + STAGE_START_S
-    gpu = examples * flops_per_example(arch, target.in_shape, target.num_classes) / (GPU_TFLOPS * 1e12 * gpus) if gpus else 0.0
-    return StagePlan(names.ATTACK, count, 0, count, 0, here, gpu, note="cells once training has run: rough")
+    here = forwards / 3 / rate / max(1, slots) + STAGE_START_S
+    gpu = forwards * flops_per_example(arch, target.in_shape, target.num_classes) / (GPU_TFLOPS * 1e12 * gpus) if gpus else 0.0
+    return StagePlan(names.ATTACK, count, 0, count, 0, here, gpu,
+                     note=f"cells once training has run, at {arch}'s speed: rough")
 
 
 def _known(cache: Path, arch: str) -> bool:
