@@ -238,9 +238,9 @@ def test_recipes_from_the_cli_and_grid_files(tmp_path: Path, full_grid) -> None:
 
 def test_preset_files_are_presets(tmp_path: Path, full_grid) -> None:
     usage = full_grid.parser().format_help()
-    for name in ("seed", "smoke", "cifar10", "lenet", "lenet_cifar10", "lenet_cifar10_gray", "resnet18", "hotdog"):
+    for name in ("seed", "smoke", "claims", "cifar10", "lenet", "lenet_cifar10", "lenet_cifar10_gray", "resnet18", "hotdog"):
         assert name in grids.list_presets() and name in usage
-    with pytest.raises(XferError, match=r"unknown preset 'cifar100'; known presets are cifar10, hotdog, lenet"):
+    with pytest.raises(XferError, match=r"unknown preset 'cifar100'; known presets are cifar10, claims, hotdog, lenet"):
         grids.from_preset("cifar100")
     (tmp_path / "mine.toml").write_text('name = "mine"\nsizes = [7]\n')
     assert grids.list_presets(tmp_path) == ["mine", "seed", "smoke"]
