@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a checkout
 
 from xfer import grid as grids  # noqa: E402
-from xfer import packs, pipeline, progress, tracking  # noqa: E402
+from xfer import packs, pipeline, progress, tracking  # noqa: E402  (light: torch, Ray, MLflow load when used)
 from xfer.cli import run_main  # noqa: E402
 from xfer.stages import RunOptions  # noqa: E402
 
@@ -96,6 +96,10 @@ def grid_from_args(args: argparse.Namespace) -> grids.Grid:
             values[key] = getattr(args, key)
     if args.no_scratch:
         values["scratch"] = False
+    if args.archs is not None and args.freeze is None:
+        # --archs picks some of the preset's archs: its freeze depths for the others no longer apply.
+        freeze = grids.parse_freeze(values.get("freeze", grids.Grid().freeze))
+        values["freeze"] = {arch: depths for arch, depths in freeze.items() if arch in args.archs or arch == "*"}
     return grids.make(**values)
 
 

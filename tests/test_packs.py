@@ -160,3 +160,22 @@ def test_a_crashed_pack_resumes_each_cell_from_its_last_epoch(experiment: str, d
     alone = loop.train(cells[1].train, data.make_splits(digits, 300, 100, 1),
                        loop.prepare_model(cells[1].train, data.make_splits(digits, 300, 100, 1)))
     assert [r["error"] for r in tracking.read_curve(record.run_id)] == pytest.approx([r["error"] for r in alone.curve])
+
+
+def test_a_damaged_checkpoint_fails_its_cell_once_naming_the_file(experiment: str, digits, mlflow_server) -> None:
+    """Permanent (bad input, XferError): the cell fails in its pack, no exception reaches Tune, so no retry."""
+    from xfer.specs import FinetuneSpec
+
+    parent = tiny(0, epochs=1)
+    assert stages.train_cell(parent, experiment, digits).ok
+    record = tracking.find_finished(experiment, specs.key(parent))
+    [stored] = (mlflow_server.root / "artifacts").glob(f"*/{record.run_id}/artifacts/checkpoint/weights.safetensors")
+    stored.write_bytes(stored.read_bytes()[:-1] + b"\x00")   # one byte changed after it was logged
+    child = FinetuneSpec(dataclasses.replace(parent.train, size=200, freeze_depth=2), parent)
+    other = tiny(5, epochs=1)
+    result = packs.run_pack([child, other], stages.TRAINING, experiment, {"mnist5k": digits}, vectorise="never")
+    assert result.ran == [specs.key(other)]
+    reason = result.failed[specs.key(child)]
+    assert "does not match its recorded sha256" in reason and str(stored.parent) in reason
+    [failed] = tracking.query(experiment, status="FAILED", tags={names.TAG_KEY: specs.key(child)})
+    assert str(stored.parent) in failed.tags[names.TAG_FAILURE]

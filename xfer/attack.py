@@ -23,6 +23,7 @@ Requesting `feature_pgd` itself puts every surrogate on the same footing (one lo
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -32,11 +33,10 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torchattacks
-from torchattacks.attack import Attack
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -46,11 +46,14 @@ from xfer.errors import XferError
 from xfer.models import XferModel
 from xfer.specs import AttackCellSpec, AttackSpec
 
+if TYPE_CHECKING:
+    from torchattacks.attack import Attack
+
 GENERATE_BATCH = 1000   # examples per attack call: bounds activation memory of iterative attacks
 EVAL_BATCH = 1000       # examples per forward pass when scoring targets
 EXAMPLES_FILE = "examples.safetensors"
 
-Builder = Callable[[nn.Module, AttackSpec], Attack]
+Builder = Callable[[nn.Module, AttackSpec], "Attack"]
 
 
 # ---- the registry ---------------------------------------------------------------------------------
@@ -98,31 +101,31 @@ def _alpha(spec: AttackSpec, budget_multiple: float) -> float:
 
 @attack("fgsm")
 def _fgsm(model: nn.Module, spec: AttackSpec) -> Attack:
-    return torchattacks.FGSM(model, eps=spec.eps)
+    return _torchattacks().FGSM(model, eps=spec.eps)
 
 
 @attack("bim")
 def _bim(model: nn.Module, spec: AttackSpec) -> Attack:
     # eps/steps: the iterates can just reach the budget's edge, as in Kurakin et al.'s schedule.
-    return torchattacks.BIM(model, eps=spec.eps, alpha=_alpha(spec, 1.0), steps=spec.steps)
+    return _torchattacks().BIM(model, eps=spec.eps, alpha=_alpha(spec, 1.0), steps=spec.steps)
 
 
 @attack("pgd")
 def _pgd(model: nn.Module, spec: AttackSpec) -> Attack:
     # 2.5·eps/steps (Madry et al.): from a random start, any point of the eps-ball stays reachable.
-    return torchattacks.PGD(model, eps=spec.eps, alpha=_alpha(spec, 2.5), steps=spec.steps, random_start=True)
+    return _torchattacks().PGD(model, eps=spec.eps, alpha=_alpha(spec, 2.5), steps=spec.steps, random_start=True)
 
 
 @attack("mifgsm")
 def _mifgsm(model: nn.Module, spec: AttackSpec) -> Attack:
     # Dong et al.: alpha = eps / T and momentum decay 1.0.
-    return torchattacks.MIFGSM(model, eps=spec.eps, alpha=_alpha(spec, 1.0), steps=spec.steps, decay=1.0)
+    return _torchattacks().MIFGSM(model, eps=spec.eps, alpha=_alpha(spec, 1.0), steps=spec.steps, decay=1.0)
 
 
 @attack("difgsm")
 def _difgsm(model: nn.Module, spec: AttackSpec) -> Attack:
     # DI²-FGSM (Xie et al.): resize to 90–100% and pad back with probability 0.5; no momentum.
-    return torchattacks.DIFGSM(model, eps=spec.eps, alpha=_alpha(spec, 1.0), steps=spec.steps, decay=0.0,
+    return _torchattacks().DIFGSM(model, eps=spec.eps, alpha=_alpha(spec, 1.0), steps=spec.steps, decay=0.0,
                                resize_rate=0.9, diversity_prob=0.5)
 
 
@@ -130,39 +133,54 @@ def _difgsm(model: nn.Module, spec: AttackSpec) -> Attack:
 def _cw(model: nn.Module, spec: AttackSpec) -> Attack:
     # L2 Carlini–Wagner, c=1 (torchattacks' advice); alpha = Adam's step in tanh space. 0.1, not the paper's 0.01:
     # grids run tens of steps, not thousands, and at 0.01 CW barely moves in 30 steps on MNIST.
-    return torchattacks.CW(model, c=1.0, kappa=0.0, steps=spec.steps, lr=spec.alpha if spec.alpha is not None else 0.1)
+    return _torchattacks().CW(model, c=1.0, kappa=0.0, steps=spec.steps, lr=spec.alpha if spec.alpha is not None else 0.1)
 
 
 @attack("feature_pgd", loss="features", targeted=False)
 def _feature_pgd(model: nn.Module, spec: AttackSpec) -> Attack:
-    return FeaturePGD(model, eps=spec.eps, alpha=_alpha(spec, 2.5), steps=spec.steps)
+    return feature_pgd_class()(model, eps=spec.eps, alpha=_alpha(spec, 2.5), steps=spec.steps)
 
 
-class FeaturePGD(Attack):
-    """L∞ PGD maximising ‖f(x') − f(x)‖² for a feature extractor f: needs no labels, so any label set will do.
+def _torchattacks() -> ModuleType:
+    """torchattacks, imported when an attack is first built: its import (scipy.stats among others) takes seconds
+    that checking a grid's attack names never needs."""
+    import torchattacks
 
-    The feature-level transfer attack of e.g. Inkawhich et al. (2019) and Ganeshan et al.'s FDA, in its
-    simplest form: the surrogate's penultimate features, squared L2 distance, torchattacks' call shape.
-    """
+    return torchattacks
 
-    def __init__(self, model: nn.Module, eps: float, alpha: float, steps: int) -> None:
-        super().__init__("FeaturePGD", model)
-        self.eps, self.alpha, self.steps = eps, alpha, steps
-        self.supported_mode = ["default"]
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        images = images.clone().detach().to(self.device)
-        with torch.no_grad():
-            clean = self.get_logits(images)
-        # The random start is needed, not a nicety: the squared distance has a zero gradient at x' = x.
-        adv = (images + torch.empty_like(images).uniform_(-self.eps, self.eps)).clamp(0, 1)
-        for _ in range(self.steps):
-            adv.requires_grad_(True)
-            cost = (self.get_logits(adv) - clean).pow(2).sum()
-            grad = torch.autograd.grad(cost, adv)[0]
-            adv = adv.detach() + self.alpha * grad.sign()
-            adv = (images + (adv - images).clamp(-self.eps, self.eps)).clamp(0, 1)
-        return adv.detach()
+@functools.cache
+def feature_pgd_class() -> type[Attack]:
+    """`FeaturePGD`, a torchattacks Attack, defined once torchattacks is imported."""
+    from torchattacks.attack import Attack
+
+    class FeaturePGD(Attack):
+        """L∞ PGD maximising ‖f(x') − f(x)‖² for a feature extractor f: needs no labels, so any label set will do.
+
+        The feature-level transfer attack of e.g. Inkawhich et al. (2019) and Ganeshan et al.'s FDA, in its
+        simplest form: the surrogate's penultimate features, squared L2 distance, torchattacks' call shape.
+        """
+
+        def __init__(self, model: nn.Module, eps: float, alpha: float, steps: int) -> None:
+            super().__init__("FeaturePGD", model)
+            self.eps, self.alpha, self.steps = eps, alpha, steps
+            self.supported_mode = ["default"]
+
+        def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+            images = images.clone().detach().to(self.device)
+            with torch.no_grad():
+                clean = self.get_logits(images)
+            # The random start is needed, not a nicety: the squared distance has a zero gradient at x' = x.
+            adv = (images + torch.empty_like(images).uniform_(-self.eps, self.eps)).clamp(0, 1)
+            for _ in range(self.steps):
+                adv.requires_grad_(True)
+                cost = (self.get_logits(adv) - clean).pow(2).sum()
+                grad = torch.autograd.grad(cost, adv)[0]
+                adv = adv.detach() + self.alpha * grad.sign()
+                adv = (images + (adv - images).clamp(-self.eps, self.eps)).clamp(0, 1)
+            return adv.detach()
+
+    return FeaturePGD
 
 
 # ---- surrogate wrappers: [0, 1] pixels in, normalisation inside each member ------------------------

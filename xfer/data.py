@@ -849,6 +849,11 @@ class _FolderImages:
 def _read_images(folder: Path, skip_bad_images: bool) -> tuple[_FolderImages, tuple[str, ...]]:
     from PIL import Image  # torchvision's image loader is PIL's; its errors name a file PIL cannot decode
 
+    if not any(entry.is_dir() for entry in folder.iterdir()):   # said before torchvision's seconds-long import
+        raise XferError(
+            f"image folder {folder} has no usable class subfolders (it holds no folder at all); put each class's "
+            f"images (png, jpg, ...) in its own subfolder, e.g. {folder}/hotdog/ and {folder}/not-hotdog/."
+        )
     try:
         found = _tv().datasets.ImageFolder(str(folder))
     except FileNotFoundError as exc:

@@ -105,8 +105,9 @@ def prepare(grid: grids.Grid, options: RunOptions, allow_missing: bool = False) 
     missing = check_data(grid, options, allow_missing)
     wanted = {*grid.sources, grid.target}
     cache = tracking.runs_dir() / DATASETS_CACHE
+    # The target first: a user's image folder is the likeliest to be refused, and it is refused before a source loads.
     infos = {name: data.info(name, options.data_root, cache, options.skip_bad_images, published=allow_missing,
-                             download=options.download) for name in sorted(wanted)}
+                             download=options.download) for name in [grid.target, *sorted(wanted - {grid.target})]}
     pools = {name: i.train for name, i in infos.items()}
     grids.validate(grid, pools)
     target = infos[grid.target]

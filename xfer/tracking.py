@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -34,23 +35,36 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_EXPERIMENT_TAG_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH
 
 from xfer import names, specs
 from xfer.errors import XferError
 
 if TYPE_CHECKING:
     import torch
+    from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _ml() -> SimpleNamespace:
+    """MLflow's client and entities, imported on first use: importing mlflow takes seconds, which a command refused
+    for bad input (or a look at the runs folder) never needs."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunStatus, RunTag
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils import validation
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    return SimpleNamespace(MlflowClient=MlflowClient, Metric=Metric, Param=Param, RunStatus=RunStatus, RunTag=RunTag,
+                           MlflowException=MlflowException, MLFLOW_PARENT_RUN_ID=MLFLOW_PARENT_RUN_ID,
+                           MAX_METRICS_PER_BATCH=validation.MAX_METRICS_PER_BATCH,
+                           MAX_EXPERIMENT_TAG_VAL_LENGTH=validation.MAX_EXPERIMENT_TAG_VAL_LENGTH,
+                           MAX_PARAMS_TAGS_PER_BATCH=validation.MAX_PARAMS_TAGS_PER_BATCH,
+                           MAX_TAG_VAL_LENGTH=validation.MAX_TAG_VAL_LENGTH)
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 RUNS_ENV = "XFER_RUNS"
@@ -288,7 +302,7 @@ def _client() -> MlflowClient:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Explicit run ids on an explicit client: no fluent global active run to race on between threads.
-    return MlflowClient(tracking_uri=ensure_server())
+    return _ml().MlflowClient(tracking_uri=ensure_server())
 
 
 def experiment_id(name: str) -> str:
@@ -298,7 +312,7 @@ def experiment_id(name: str) -> str:
     if found is None:
         try:
             return client.create_experiment(name)
-        except MlflowException:
+        except _ml().MlflowException:
             found = client.get_experiment_by_name(name)  # another process created it meanwhile
             if found is None:
                 raise
@@ -313,9 +327,9 @@ def experiment_id(name: str) -> str:
 
 def log_grid(experiment: str, description: str) -> None:
     """Record the grid's canonical JSON on its experiment (tag TAG_GRID), so MLflow alone can reproduce it."""
-    if len(description) > MAX_EXPERIMENT_TAG_VAL_LENGTH:
+    if len(description) > _ml().MAX_EXPERIMENT_TAG_VAL_LENGTH:
         log.warning("grid description of %d characters exceeds MLflow's %d; not recorded on experiment %r",
-                    len(description), MAX_EXPERIMENT_TAG_VAL_LENGTH, experiment)
+                    len(description), _ml().MAX_EXPERIMENT_TAG_VAL_LENGTH, experiment)
         return
     _client().set_experiment_tag(experiment_id(experiment), TAG_GRID, description)
 
@@ -355,7 +369,7 @@ class Run:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         now = _now_ms()
-        self._log_batch([Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
+        self._log_batch([_ml().Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
 
     def log_curve(self, rows: list[dict[str, Any]], points: bool = True) -> None:
         """The error curve as the Parquet artifact names.CURVE_FILE and, with `points`, one metric point per row.
@@ -367,6 +381,9 @@ class Run:
         _check_splits(rows)
         with tempfile.TemporaryDirectory(prefix="xfer-curve-") as tmp:
             path = Path(tmp) / names.CURVE_FILE
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
             pq.write_table(pa.Table.from_pylist(rows), path)
             self.log_artifact(path)
         if points:
@@ -377,8 +394,8 @@ class Run:
         """Curve rows as metric points, and `metrics` at `step`, in one batch (a request per 1,000 values)."""
         _check_splits(rows)
         now = _now_ms()
-        self._log_batch([Metric(SPLIT_METRICS[r["split"]], float(r["error"]), now, int(r["step"])) for r in rows]
-                        + [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()])
+        self._log_batch([_ml().Metric(SPLIT_METRICS[r["split"]], float(r["error"]), now, int(r["step"])) for r in rows]
+                        + [_ml().Metric(k, float(v), now, step) for k, v in (metrics or {}).items()])
 
     def last_step(self, metric: str) -> int | None:
         """The largest step at which `metric` was logged in this run, or None (what a resumed cell has already logged)."""
@@ -401,38 +418,38 @@ class Run:
             self._client.log_artifact(self.run_id, str(path), artifact_path)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self._log_batch(tags=[RunTag(k, _text(v)) for k, v in tags.items()])
+        self._log_batch(tags=[_ml().RunTag(k, _text(v)) for k, v in tags.items()])
 
     def log_params(self, params: Mapping[str, Any] | Any) -> None:
         """Flat params; a spec (dataclass) is flattened with specs.to_flat."""
         flat = specs.to_flat(params) if dataclasses.is_dataclass(params) else params
-        self._log_batch(params=[Param(k, _text(v)) for k, v in flat.items()])
+        self._log_batch(params=[_ml().Param(k, _text(v)) for k, v in flat.items()])
 
     def fail(self, reason: str) -> None:
         """End the run FAILED with `reason` (e.g. a NaN loss); the `start_run` block then exits quietly."""
-        self._end(RunStatus.FAILED, reason)
+        self._end(_ml().RunStatus.FAILED, reason)
 
     def _end(self, status: int, reason: str | None = None) -> None:
         if self.ended:
             return
         self.ended = True
         if reason:
-            self._client.set_tag(self.run_id, names.TAG_FAILURE, reason[:MAX_TAG_VAL_LENGTH])
-        self._client.set_terminated(self.run_id, RunStatus.to_string(status))
+            self._client.set_tag(self.run_id, names.TAG_FAILURE, reason[:_ml().MAX_TAG_VAL_LENGTH])
+        self._client.set_terminated(self.run_id, _ml().RunStatus.to_string(status))
 
     def _end_quietly(self, status: int, reason: str) -> None:
         try:
             self._end(status, reason)
         except Exception as exc:  # never mask the exception that is ending the run
-            log.warning("could not mark run %s %s: %s", self.run_id, RunStatus.to_string(status), exc)
+            log.warning("could not mark run %s %s: %s", self.run_id, _ml().RunStatus.to_string(status), exc)
 
-    def _log_batch(self, metrics: Sequence[Metric] = (), params: Sequence[Param] = (), tags: Sequence[RunTag] = ()) -> None:
+    def _log_batch(self, metrics: Sequence[Any] = (), params: Sequence[Any] = (), tags: Sequence[Any] = ()) -> None:
         # One request per chunk instead of one per value: fewer SQLite write transactions under many writers.
-        for chunk in _chunks(list(metrics), MAX_METRICS_PER_BATCH):
+        for chunk in _chunks(list(metrics), _ml().MAX_METRICS_PER_BATCH):
             self._client.log_batch(self.run_id, metrics=chunk)
-        for chunk in _chunks(list(params), MAX_PARAMS_TAGS_PER_BATCH):
+        for chunk in _chunks(list(params), _ml().MAX_PARAMS_TAGS_PER_BATCH):
             self._client.log_batch(self.run_id, params=chunk)
-        for chunk in _chunks(list(tags), MAX_PARAMS_TAGS_PER_BATCH):
+        for chunk in _chunks(list(tags), _ml().MAX_PARAMS_TAGS_PER_BATCH):
             self._client.log_batch(self.run_id, tags=chunk)
 
 
@@ -457,7 +474,7 @@ def start_run(
     client = _client()
     run_tags = {names.TAG_STAGE: stage, names.TAG_KEY: key, names.TAG_EXPERIMENT: experiment, **(tags or {})}
     if parent_run_id:
-        run_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        run_tags[_ml().MLFLOW_PARENT_RUN_ID] = parent_run_id
     run_tags = {k: _text(v) for k, v in run_tags.items()}
     run_id = _reopen(client, resume_run_id, run_tags) if resume_run_id else None
     if run_id is None:
@@ -469,19 +486,19 @@ def start_run(
             run.log_params(params)
         yield run
     except Terminated as exc:
-        run._end_quietly(RunStatus.KILLED, f"terminated by {signal.Signals(exc.signum).name}")
+        run._end_quietly(_ml().RunStatus.KILLED, f"terminated by {signal.Signals(exc.signum).name}")
         _restore_sigterm(previous)
         if callable(previous):
             previous(exc.signum, None)  # an outer run or Ray's own handler gets its turn
         raise
     except (KeyboardInterrupt, SystemExit) as exc:
-        run._end_quietly(RunStatus.KILLED, f"{type(exc).__name__}: {exc}".rstrip(": "))
+        run._end_quietly(_ml().RunStatus.KILLED, f"{type(exc).__name__}: {exc}".rstrip(": "))
         raise
     except BaseException as exc:
-        run._end_quietly(RunStatus.FAILED, f"{type(exc).__name__}: {exc}")
+        run._end_quietly(_ml().RunStatus.FAILED, f"{type(exc).__name__}: {exc}")
         raise
     else:
-        run._end(RunStatus.FINISHED)
+        run._end(_ml().RunStatus.FINISHED)
     finally:
         _restore_sigterm(previous)
 
@@ -490,12 +507,12 @@ def _reopen(client: MlflowClient, run_id: str, tags: dict[str, str]) -> str | No
     """Mark an existing run RUNNING again (params are re-logged unchanged); None if it is gone."""
     try:
         previous = client.get_run(run_id)
-    except MlflowException:
+    except _ml().MlflowException:
         return None
     if names.TAG_FAILURE in previous.data.tags:
         client.delete_tag(run_id, names.TAG_FAILURE)  # the earlier attempt's failure no longer describes the run
     client.update_run(run_id, status="RUNNING")
-    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    client.log_batch(run_id, tags=[_ml().RunTag(k, v) for k, v in tags.items()])
     return run_id
 
 
@@ -525,7 +542,7 @@ def end_stale_runs(experiment: str, key: str, reason: str) -> list[str]:
     client = _client()
     stale = query(experiment, status="RUNNING", tags={names.TAG_KEY: key})
     for record in stale:
-        Run(client, record.run_id, experiment)._end(RunStatus.FAILED, reason)
+        Run(client, record.run_id, experiment)._end(_ml().RunStatus.FAILED, reason)
     return [r.run_id for r in stale]
 
 
@@ -556,8 +573,8 @@ def query(
     wanted = {**({names.TAG_STAGE: stage} if stage else {}), **(tags or {})}
     clauses = [f"tags.`{k}` = {_quoted(_text(v))}" for k, v in wanted.items()]
     if status is not None:
-        if status not in _STATUSES:
-            raise XferError(f"run status {status!r} is not one of {', '.join(_STATUSES)} (or None for any).")
+        if status not in _statuses():
+            raise XferError(f"run status {status!r} is not one of {', '.join(_statuses())} (or None for any).")
         clauses.append(f"attributes.status = '{status}'")
     client = _client()
     found = client.get_experiment_by_name(experiment)
@@ -596,7 +613,8 @@ def finished_by_key(experiment: str, stage: str | None = None, since: float | No
     return found
 
 
-_STATUSES = tuple(RunStatus.to_string(s) for s in RunStatus.all_status())
+def _statuses() -> tuple[str, ...]:
+    return tuple(_ml().RunStatus.to_string(s) for s in _ml().RunStatus.all_status())
 
 
 def _record(run: Any, experiment: str) -> RunRecord:
@@ -673,6 +691,8 @@ def download_artifact(run_id: str, artifact_path: str, dst: Path | None = None) 
 def read_curve(run_id: str) -> list[dict[str, Any]]:
     """The error curve a run logged with `Run.log_curve`, as its rows."""
     with tempfile.TemporaryDirectory(prefix="xfer-curve-") as tmp:
+        import pyarrow.parquet as pq
+
         return pq.read_table(download_artifact(run_id, names.CURVE_FILE, Path(tmp))).to_pylist()
 
 
@@ -686,7 +706,7 @@ def load_model(run_id: str) -> tuple[torch.nn.Module, dict[str, Any]]:
 def _fetch(client: MlflowClient, run_id: str, artifact_path: str, dst: Path) -> Path:
     try:
         return Path(client.download_artifacts(run_id, artifact_path, str(dst)))
-    except (MlflowException, OSError) as exc:
+    except (_ml().MlflowException, OSError) as exc:
         raise XferError(
             f"artifact {artifact_path!r} of run {run_id} could not be downloaded ({exc}). Check that the run "
             "logged it (the MLflow UI lists a run's artifacts) and that the tracking server is the one that ran it."
@@ -706,7 +726,7 @@ def _artifact_uri(client: MlflowClient, run_id: str) -> str:
 def _recorded_sha(client: MlflowClient, run_id: str) -> str:
     try:
         run = client.get_run(run_id)
-    except MlflowException as exc:
+    except _ml().MlflowException as exc:
         raise XferError(f"no MLflow run {run_id} at {client.tracking_uri} ({exc.error_code}); check the run id "
                         "and that MLFLOW_TRACKING_URI points at the server that recorded it.") from None
     sha = run.data.tags.get(names.TAG_CHECKPOINT_SHA)
