@@ -519,3 +519,25 @@ def test_info_of_absent_torchvision_files_is_the_published_sizes_only_when_asked
     assert (planned.source, planned.train, planned.num_classes) == ("published", 124800, 26)
     with pytest.raises(XferError, match="emnist_letters"):
         data.info("emnist_letters", tmp_path)
+
+
+def test_skipped_images_are_named_on_the_terminal_and_kept_in_mlflow(tmp_path: Path, experiment: str) -> None:
+    from xfer import pipeline, tracking
+    from xfer.stages import RunOptions
+
+    food = tmp_path / "food"
+    write_pngs(food, {"hotdog": 200, "not-hotdog": 50}, count=5)
+    Image.new("RGB", (64, 48), (200, 200, 200)).save(food / "hotdog" / "photo.jpg", quality=90)
+    bad = write_bad_images(food)
+    name = f"imagefolder:{food}"
+    datasets = pipeline.Datasets({name}, RunOptions(experiment=experiment, skip_bad_images=True))
+    assert datasets.skipped() == {}   # nothing loaded yet, nothing skipped yet
+    assert len(datasets[name].train) > 0 and datasets.skipped() == {name: tuple(bad)}
+    lines: list[str] = []
+    with tracking.start_run(experiment, "grid", "") as run:
+        pipeline._record_skipped(run, datasets.skipped(), lines.append)
+    assert len(lines) == 1 and f"skipped {len(bad)} unreadable image(s) of {name}" in lines[0] and bad[0] in lines[0]
+    [record] = tracking.query(experiment, stage="grid")
+    assert record.tags["xfer.skipped_images"] == str(len(bad))
+    listed = tracking.download_artifact(record.run_id, "skipped_images.txt").read_text().splitlines()
+    assert listed == [f"{name}\t{file}" for file in bad]
