@@ -7,6 +7,7 @@ import hashlib
 import pickle
 import string
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,14 +38,20 @@ class TinyRoot:
     written: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
 
 
-@pytest.fixture
-def tiny_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> TinyRoot:
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyRoot]:
     """Every torchvision-backed set, a few images per class, in torchvision's real file layout.
 
-    SVHN and CIFAR-10 check MD5 sums of their files; the fixture sets torchvision's expected sums to those
-    of the files it wrote (for this test only), so the rest of torchvision's loading code runs unchanged.
+    Written once per session and read-only from then on (about 40 tests read it): a test that needs more files
+    beside these makes its own root (test_targets' hot-dog folder links the CIFAR-10 files into one).
+    SVHN and CIFAR-10 check MD5 sums of their files; the fixture sets torchvision's expected sums to those of the
+    files it wrote, for the session, so the rest of torchvision's loading code runs unchanged.
     """
-    root = TinyRoot(tmp_path / "data")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        yield _write_tiny_root(TinyRoot(tmp_path_factory.mktemp("tiny") / "data"), monkeypatch)
+
+
+def _write_tiny_root(root: TinyRoot, monkeypatch: pytest.MonkeyPatch) -> TinyRoot:
     rng = np.random.default_rng(0)
     for name, folder in (("mnist", "MNIST"), ("kmnist", "KMNIST"), ("fashion_mnist", "FashionMNIST")):
         root.written[name] = _write_mnist_like(root.path / folder / "raw", "", ("train", "t10k"), 10, rng)
