@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
+import torch
 import torchvision
 
 TINY_TRAIN_PER_CLASS = 3   # each torchvision-backed set in `tiny_root` has this many train images per class ...
@@ -170,6 +171,18 @@ def _write_cifar10(folder: Path, rng: np.random.Generator, monkeypatch: pytest.M
 
 # ---- shared service fixtures: a real MLflow server and a real local Ray, one of each per session ----
 from tracking_fixtures import Server, experiment, mlflow_server  # noqa: E402,F401
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread in the test process: its models are tiny, and two OpenMP threads on two cores mostly
+    wait for each other at barriers, all the more while Ray workers or other jobs hold the cores. Measured back to
+    back on a shared 2-core machine, test_packs + test_train + test_targets took 161 s and 134 CPU-s with two
+    threads, 53 s and 64 CPU-s with one. Ray trials size their own (`stages.set_threads`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
