@@ -185,6 +185,12 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `own_ray` shut the session's Ray down to start a cluster of their own, so they run after all
+    the others (stable order otherwise): the session's Ray then starts once, not again after them."""
+    items.sort(key=lambda item: item.get_closest_marker("own_ray") is not None)
+
+
 @pytest.fixture(scope="session")
 def full_grid():
     """`sweeps/full_grid.py` as a module: the main job is a script, not part of the package."""
@@ -203,8 +209,9 @@ _RAY_ENV: dict[str, str] = {}   # the worker environment the running local Ray w
 def local_ray(mlflow_server: Server):
     """A 2-CPU local Ray whose workers log to the session's MLflow server, kept for the session.
 
-    Started again if a test (the two-node one) shut it down, or if the tracking environment changed since
-    Ray started: Ray workers keep the environment of `ray.init`, and would log to another server.
+    Started again if a test shut it down (the two-node test does, which is why it is marked `own_ray` and runs
+    last), or if the tracking environment changed since Ray started: Ray workers keep the environment of
+    `ray.init`, and would log to another server.
     """
     import ray
 
