@@ -7,12 +7,14 @@ import hashlib
 import pickle
 import string
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.io
+import torch
 import torchvision
 
 TINY_TRAIN_PER_CLASS = 3   # each torchvision-backed set in `tiny_root` has this many train images per class ...
@@ -37,14 +39,20 @@ class TinyRoot:
     written: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
 
 
-@pytest.fixture
-def tiny_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> TinyRoot:
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyRoot]:
     """Every torchvision-backed set, a few images per class, in torchvision's real file layout.
 
-    SVHN and CIFAR-10 check MD5 sums of their files; the fixture sets torchvision's expected sums to those
-    of the files it wrote (for this test only), so the rest of torchvision's loading code runs unchanged.
+    Written once per session and read-only from then on (about 40 tests read it): a test that needs more files
+    beside these makes its own root (test_targets' hot-dog folder links the CIFAR-10 files into one).
+    SVHN and CIFAR-10 check MD5 sums of their files; the fixture sets torchvision's expected sums to those of the
+    files it wrote, for the session, so the rest of torchvision's loading code runs unchanged.
     """
-    root = TinyRoot(tmp_path / "data")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        yield _write_tiny_root(TinyRoot(tmp_path_factory.mktemp("tiny") / "data"), monkeypatch)
+
+
+def _write_tiny_root(root: TinyRoot, monkeypatch: pytest.MonkeyPatch) -> TinyRoot:
     rng = np.random.default_rng(0)
     for name, folder in (("mnist", "MNIST"), ("kmnist", "KMNIST"), ("fashion_mnist", "FashionMNIST")):
         root.written[name] = _write_mnist_like(root.path / folder / "raw", "", ("train", "t10k"), 10, rng)
@@ -165,6 +173,24 @@ def _write_cifar10(folder: Path, rng: np.random.Generator, monkeypatch: pytest.M
 from tracking_fixtures import Server, experiment, mlflow_server  # noqa: E402,F401
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread in the test process: its models are tiny, and two OpenMP threads on two cores mostly
+    wait for each other at barriers, all the more while Ray workers or other jobs hold the cores. Measured back to
+    back on a shared 2-core machine, test_packs + test_train + test_targets took 161 s and 134 CPU-s with two
+    threads, 53 s and 64 CPU-s with one. Ray trials size their own (`stages.set_threads`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `own_ray` shut the session's Ray down to start a cluster of their own, so they run after all
+    the others (stable order otherwise): the session's Ray then starts once, not again after them."""
+    items.sort(key=lambda item: item.get_closest_marker("own_ray") is not None)
+
+
 @pytest.fixture(scope="session")
 def full_grid():
     """`sweeps/full_grid.py` as a module: the main job is a script, not part of the package."""
@@ -183,8 +209,9 @@ _RAY_ENV: dict[str, str] = {}   # the worker environment the running local Ray w
 def local_ray(mlflow_server: Server):
     """A 2-CPU local Ray whose workers log to the session's MLflow server, kept for the session.
 
-    Started again if a test (the two-node one) shut it down, or if the tracking environment changed since
-    Ray started: Ray workers keep the environment of `ray.init`, and would log to another server.
+    Started again if a test shut it down (the two-node test does, which is why it is marked `own_ray` and runs
+    last), or if the tracking environment changed since Ray started: Ray workers keep the environment of
+    `ray.init`, and would log to another server.
     """
     import ray
 

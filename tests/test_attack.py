@@ -8,7 +8,6 @@ module trains five tiny mixers once instead of once per concern.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import pytest
@@ -29,17 +28,6 @@ PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag: an evaluation run's g
 
 def _train(dataset: str, size: int, seed: int = 0, epochs: int = 3) -> TrainSpec:
     return TrainSpec(arch="mlp_mixer", dataset=dataset, size=size, val_size=50, epochs=epochs, batch_size=32, lr=3e-3, seed=seed)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread while this module runs: its tensors are tiny, and on a shared 2-core machine two
-    OpenMP threads mostly wait for each other at barriers (a mixer's forward+backward ran 5-7× slower in
-    wall time with two threads than with one while other jobs held the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---- the models: a tiny grid trained through the real training cells into MLflow ------------------

@@ -105,13 +105,17 @@ def test_workers_per_trial_trains_with_two_gloo_workers(local_ray, experiment: s
 
 
 @pytest.mark.slow
+@pytest.mark.own_ray
 def test_two_node_cluster_runs_trials_on_both_nodes(mlflow_server, experiment: str) -> None:
-    """A simulated two-node cluster (Ray's own `cluster_utils.Cluster`): one 1-CPU trial per node at a time."""
+    """A simulated two-node cluster (Ray's own `cluster_utils.Cluster`): one 1-CPU trial per node at a time.
+
+    A driver joins one Ray at a time, so this shuts the session's local Ray down; marked `own_ray`, it runs after
+    every other test, so the session's Ray is not started a second time (`local_ray` would, if one came later)."""
     import ray
     from ray.cluster_utils import Cluster
 
     if ray.is_initialized():
-        ray.shutdown()  # the session's local Ray; `local_ray` starts it again for later tests
+        ray.shutdown()  # the session's local Ray
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 150 * 2**20})
     try:
         cluster.add_node(num_cpus=1, object_store_memory=150 * 2**20)

@@ -136,10 +136,13 @@ def write_hotdog(folder: Path) -> None:
                 Image.fromarray(pixels).save(folder / part / label / f"{i}.png")
 
 
-def test_hotdog_preset_fine_tunes_cifar10_pretraining_on_a_png_folder(tiny_root, experiment: str) -> None:
-    write_hotdog(tiny_root.path / "hotdog")
+def test_hotdog_preset_fine_tunes_cifar10_pretraining_on_a_png_folder(tiny_root, experiment: str, tmp_path: Path) -> None:
+    # A data root of its own (the session's tiny_root stays read-only): the hot-dog folder, and tiny CIFAR-10 linked in.
+    root = tmp_path / "data"
+    write_hotdog(root / "hotdog")
+    (root / "cifar-10-batches-py").symlink_to(tiny_root.path / "cifar-10-batches-py", target_is_directory=True)
     grid = tiny("hotdog", val_size=4, epochs=2, unfreeze_epoch=1)
-    cells, datasets = prepare(grid, tiny_root.path, experiment)
+    cells, datasets = prepare(grid, root, experiment)
     folder = datasets["imagefolder:hotdog"]
     assert folder.in_shape == (3, 32, 32) and folder.class_names == ("hotdog", "not-hotdog")
     assert (len(folder.train), len(folder.test)) == (20, 6)
