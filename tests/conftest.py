@@ -5,6 +5,7 @@ from __future__ import annotations
 import bz2
 import hashlib
 import pickle
+import shutil
 import string
 import struct
 from collections.abc import Iterator
@@ -171,6 +172,15 @@ def _write_cifar10(folder: Path, rng: np.random.Generator, monkeypatch: pytest.M
 
 # ---- shared service fixtures: a real MLflow server and a real local Ray, one of each per session ----
 from tracking_fixtures import Server, experiment, mlflow_server  # noqa: E402,F401
+
+
+@pytest.fixture
+def own_tiny_root(tiny_root: TinyRoot, tmp_path: Path) -> TinyRoot:
+    """A private copy of the session's tiny root, for a test that changes its files (gzips, deletes, damages or
+    touches them): the session's stays read-only for the others."""
+    copy = tmp_path / "data"
+    shutil.copytree(tiny_root.path, copy, symlinks=True)
+    return TinyRoot(copy, tiny_root.written)
 
 
 @pytest.fixture(scope="session", autouse=True)

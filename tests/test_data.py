@@ -146,23 +146,23 @@ def gzip_in_place(files: list[Path]) -> dict[Path, bytes]:
 
 
 @pytest.mark.parametrize("name", list(IDX_FILES))
-def test_torchvisions_gz_downloads_load_offline_decompressed_in_place(name: str, tiny_root: TinyRoot) -> None:
-    originals = gzip_in_place(idx_files(tiny_root.path, name))
-    assert len(originals) == 4 and data.missing([name], tiny_root.path) == []  # a .gz counts as present
-    ds = data.load(name, tiny_root.path)  # through torchvision's own loader, offline
+def test_torchvisions_gz_downloads_load_offline_decompressed_in_place(name: str, own_tiny_root: TinyRoot) -> None:
+    originals = gzip_in_place(idx_files(own_tiny_root.path, name))
+    assert len(originals) == 4 and data.missing([name], own_tiny_root.path) == []  # a .gz counts as present
+    ds = data.load(name, own_tiny_root.path)  # through torchvision's own loader, offline
     for part, split in (("train", ds.train), ("test", ds.test)):
-        images, labels = tiny_root.written[name][part]
+        images, labels = own_tiny_root.written[name][part]
         assert torch.equal(split.images[:, 0], torch.from_numpy(images))
         assert torch.equal(split.labels, torch.as_tensor(labels, dtype=torch.int64))
     # As torchvision's download leaves the root: each file decompressed next to its archive, the archive kept.
     for f, raw in originals.items():
         assert f.read_bytes() == raw and f.with_name(f.name + ".gz").is_file()
-    assert not list(tiny_root.path.rglob("*.part"))
+    assert not list(own_tiny_root.path.rglob("*.part"))
 
 
 @pytest.mark.parametrize("layout", ["gzip.zip", "gzip/"])
-def test_emnist_loads_from_torchvisions_gzip_zip_or_its_extracted_folder(layout: str, tiny_root: TinyRoot) -> None:
-    raw = tiny_root.path / "EMNIST" / "raw"
+def test_emnist_loads_from_torchvisions_gzip_zip_or_its_extracted_folder(layout: str, own_tiny_root: TinyRoot) -> None:
+    raw = own_tiny_root.path / "EMNIST" / "raw"
     files = sorted(f for f in raw.iterdir())  # all three splits' files, as NIST's gzip.zip holds them
     originals = {f.name: f.read_bytes() for f in files}
     if layout == "gzip.zip":  # the archive torchvision downloads: gzip/emnist-SPLIT-PART-KIND.gz members
@@ -175,16 +175,16 @@ def test_emnist_loads_from_torchvisions_gzip_zip_or_its_extracted_folder(layout:
             (raw / "gzip" / f"{name}.gz").write_bytes(gzip.compress(content))
     for f in files:
         f.unlink()
-    assert data.missing(["emnist_letters", "emnist_digits", "emnist_balanced"], tiny_root.path) == []
-    ds = data.load("emnist_letters", tiny_root.path)
-    assert torch.equal(ds.train.images[:, 0], torch.from_numpy(tiny_root.written["emnist_letters"]["train"][0]))
+    assert data.missing(["emnist_letters", "emnist_digits", "emnist_balanced"], own_tiny_root.path) == []
+    ds = data.load("emnist_letters", own_tiny_root.path)
+    assert torch.equal(ds.train.images[:, 0], torch.from_numpy(own_tiny_root.written["emnist_letters"]["train"][0]))
     assert int(ds.train.labels.min()) == 0 and ds.num_classes == 26
     decompressed = sorted(f.name for f in raw.iterdir() if f.is_file() and f.name != "gzip.zip")
     assert decompressed == sorted(n for n in originals if n.startswith("emnist-letters-"))  # only the split asked for
     assert all((raw / n).read_bytes() == originals[n] for n in decompressed)
 
 
-def test_missing_idx_files_are_named_raw_and_gz_with_their_folder(tiny_root: TinyRoot, tmp_path: Path) -> None:
+def test_missing_idx_files_are_named_raw_and_gz_with_their_folder(own_tiny_root: TinyRoot, tmp_path: Path) -> None:
     with pytest.raises(XferError) as caught:
         data.load("kmnist", tmp_path)
     message = str(caught.value)
@@ -194,25 +194,25 @@ def test_missing_idx_files_are_named_raw_and_gz_with_their_folder(tiny_root: Tin
     with pytest.raises(XferError, match=r"emnist-letters-test-labels-idx1-ubyte\.gz.*inside gzip\.zip"):
         data.load("emnist_letters", tmp_path)
     # One archive short: the set is missing, and the message names that file only.
-    files = idx_files(tiny_root.path, "kmnist")
+    files = idx_files(own_tiny_root.path, "kmnist")
     gzip_in_place(files)
     files[0].with_name(files[0].name + ".gz").unlink()
-    assert data.missing(["kmnist", "mnist"], tiny_root.path) == ["kmnist"]
-    assert data.describe_missing("kmnist", tiny_root.path) == (
+    assert data.missing(["kmnist", "mnist"], own_tiny_root.path) == ["kmnist"]
+    assert data.describe_missing("kmnist", own_tiny_root.path) == (
         f"{files[0].name} in {files[0].parent} (or {files[0].name}.gz, as torchvision downloads them)")
-    assert data.describe_missing("mnist", tiny_root.path) == "" and data.describe_missing("mnist5k", tmp_path) == ""
+    assert data.describe_missing("mnist", own_tiny_root.path) == "" and data.describe_missing("mnist5k", tmp_path) == ""
     with pytest.raises(XferError) as caught:
-        data.load("kmnist", tiny_root.path)
+        data.load("kmnist", own_tiny_root.path)
     assert f"lacks {files[0].name} in {files[0].parent} (or {files[0].name}.gz" in str(caught.value)
 
 
-def test_a_damaged_gz_is_named_and_nothing_half_written_is_left(tiny_root: TinyRoot) -> None:
-    files = idx_files(tiny_root.path, "mnist")
+def test_a_damaged_gz_is_named_and_nothing_half_written_is_left(own_tiny_root: TinyRoot) -> None:
+    files = idx_files(own_tiny_root.path, "mnist")
     gzip_in_place(files)
     archive = files[0].with_name(files[0].name + ".gz")
     archive.write_bytes(archive.read_bytes()[:-20])  # a partial download
     with pytest.raises(XferError, match=rf"{archive} is damaged .*partial download.*--download") as caught:
-        data.load("mnist", tiny_root.path)
+        data.load("mnist", own_tiny_root.path)
     assert caught.value.__suppress_context__ and "\n" not in str(caught.value)
     assert not files[0].exists() and not list(archive.parent.glob(".*.part"))
 
@@ -493,9 +493,9 @@ def test_imagefolder_with_a_class_of_only_bad_images_is_refused_even_when_skippi
     assert "remove the class subfolder" in str(caught.value) and "\n" not in str(caught.value)
 
 
-def test_info_is_recorded_once_and_read_back_until_the_files_change(tiny_root, tmp_path: Path, monkeypatch) -> None:
+def test_info_is_recorded_once_and_read_back_until_the_files_change(own_tiny_root, tmp_path: Path, monkeypatch) -> None:
     cache = tmp_path / "datasets.json"
-    first = data.info("kmnist", tiny_root.path, cache)
+    first = data.info("kmnist", own_tiny_root.path, cache)
     assert (first.source, first.train, first.test, first.in_shape, first.num_classes) == ("loaded", 30, 10, (1, 28, 28), 10)
     loads: list[str] = []
 
@@ -504,13 +504,13 @@ def test_info_is_recorded_once_and_read_back_until_the_files_change(tiny_root, t
         raise LookupError("loaded")
 
     monkeypatch.setattr(data, "load", no_load)   # from here on, a load is recorded and stops the call
-    again = data.info("kmnist", tiny_root.path, cache)
+    again = data.info("kmnist", own_tiny_root.path, cache)
     assert again.source == "cache" and (again.train, again.in_shape) == (30, (1, 28, 28)) and not loads
     # The files changed (a new download): the record no longer describes them, so the set is read again.
-    images = tiny_root.path / "KMNIST" / "raw" / "train-images-idx3-ubyte"
+    images = own_tiny_root.path / "KMNIST" / "raw" / "train-images-idx3-ubyte"
     os.utime(images, ns=(images.stat().st_atime_ns, images.stat().st_mtime_ns + 10**9))
     with pytest.raises(LookupError):
-        data.info("kmnist", tiny_root.path, cache)
+        data.info("kmnist", own_tiny_root.path, cache)
     assert loads == ["kmnist"]
 
 
