@@ -19,7 +19,7 @@ from reports import figures, markdown, schema, tables
 from reports.html import index_page
 from reports.tables import Tables
 from reports.verdicts import CLAIMS, FIGURE, all_verdicts, claims_doc, claims_table
-from xfer import names, tracking
+from xfer import names, server, tracking
 
 DATA, FIGURES, TABLES = "data", "figures", "tables"   # sub-folders of the report folder
 SCHEMA_FILE = "SCHEMA.md"
@@ -46,7 +46,7 @@ def build_report(experiment: str, out: Path | None = None, log_to_mlflow: bool =
     report's run is a child of `parent_run_id` (the grid invocation's run) when given.
     """
     tables.ensure_experiment(experiment)
-    out = Path(out) if out is not None else tracking.runs_dir() / "reports" / experiment
+    out = Path(out) if out is not None else server.runs_dir() / "reports" / experiment
     out.mkdir(parents=True, exist_ok=True)
     found = tables.collect(experiment)
     verdicts = all_verdicts(found)

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from reports.schema import ATTACK_METRICS, SCHEMAS, TRAIN_METRICS
-from xfer import names, specs, tracking
+from xfer import names, server, specs, tracking
 from xfer.errors import XferError
 
 # The treated side of every transfer-vs-scratch comparison (fine-tune runs, adder transfer runs) in figures.
@@ -35,7 +35,8 @@ STRING_TAGS = {"source": names.TAG_SOURCE, "target": names.TAG_TARGET, "arch": n
                "surrogate_run_id": names.TAG_SURROGATE_RUN, "target_run_id": names.TAG_TARGET_RUN,
                "parent_run_id": MLFLOW_PARENT_RUN_ID, "run_name": MLFLOW_RUN_NAME}
 INT_TAGS = {"size": names.TAG_SIZE, "freeze_depth": names.TAG_FREEZE, "seed": names.TAG_SEED}
-FLOAT_TAGS = {"lr": names.TAG_LR, "eps": names.TAG_EPS}
+FLOAT_TAGS = {"eps": names.TAG_EPS}
+LR_PARAMS = ("train.lr", "lr")   # a training cell's lr (TrainSpec), an adder cell's (AdderSpec); the lr has no tag
 WHOLE_POOL = ("all", "None")  # size tags of a run on the whole training pool (stages write "all")
 BOOL_TAGS = {"same_source": names.TAG_SAME_SOURCE, "is_parent": names.TAG_IS_PARENT}
 # The fine-tuning recipe of a training run, from its TrainSpec params (typed columns; see xfer.grid.RECIPES).
@@ -79,7 +80,7 @@ def collect(experiment: str) -> Tables:
 
 def ensure_experiment(experiment: str) -> None:
     """Fail with the known experiment names when `experiment` does not exist."""
-    client = MlflowClient(tracking.ensure_server())
+    client = MlflowClient(server.ensure_server())
     if client.get_experiment_by_name(experiment) is None:
         known = sorted(e.name for e in client.search_experiments())
         raise XferError(
@@ -101,6 +102,8 @@ def runs_frame(records: list[tracking.RunRecord]) -> tuple[pd.DataFrame, list[st
         if r.tags.get(names.TAG_SIZE) in WHOLE_POOL:
             row["size"] = 0
         row |= {col: _number(r.tags.get(tag), float) for col, tag in FLOAT_TAGS.items()}
+        # Runs recorded before the lr tag was dropped still have their lr as a param too.
+        row["lr"] = _number(next((r.params[k] for k in LR_PARAMS if k in r.params), r.tags.get("lr")), float)
         row |= {col: {"true": True, "false": False}.get(r.tags.get(tag, "")) for col, tag in BOOL_TAGS.items()}
         row["failure"] = r.tags.get(names.TAG_FAILURE) or None
         if r.stage in SPEC_STAGES:

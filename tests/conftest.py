@@ -225,9 +225,9 @@ def local_ray(mlflow_server: Server):
     """
     import ray
 
-    from xfer import tracking
+    from xfer import server
 
-    env = tracking.worker_env()
+    env = server.worker_env()
     if ray.is_initialized() and env != _RAY_ENV:
         ray.shutdown()
     if not ray.is_initialized():

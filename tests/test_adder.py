@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from reports.verdicts import ADDER_CLAIM, INSUFFICIENT, MIN_SEEDS
-from xfer import adder, checkpoint, data, models, names, specs, tracking
+from xfer import adder, checkpoint, data, models, names, server, specs, tracking
 from xfer import train as loop
 from xfer.cli import run_main
 from xfer.errors import XferError
@@ -211,8 +211,8 @@ def test_bad_input_is_refused_in_one_paragraph_before_anything_runs(
     with pytest.raises(XferError, match="seed -1 must be >= 0"):
         sweep.main(["--seeds", "-1"])
     # At the command line (the script's own edge, `run_main`): one paragraph on stderr, exit status 2, no traceback.
-    monkeypatch.delenv(tracking.TRACKING_URI_ENV, raising=False)
-    monkeypatch.setenv(tracking.RUNS_ENV, str(tmp_path))
+    monkeypatch.delenv(server.TRACKING_URI_ENV, raising=False)
+    monkeypatch.setenv(server.RUNS_ENV, str(tmp_path))
     with pytest.raises(SystemExit) as exit_:
         run_main(lambda: sweep.main(["--sizes", "0"]))
     out, err = capsys.readouterr()

@@ -393,7 +393,9 @@ def test_glyphs_are_visible_centred_and_keep_case_apart() -> None:
 
 
 def test_glyph_rendering_is_deterministic() -> None:
-    first, second = data._glyph_set("two", "AB"), data._glyph_set("two", "AB")
+    from xfer.data import embedded
+
+    first, second = embedded._glyph_set("two", "AB"), embedded._glyph_set("two", "AB")
     assert torch.equal(first.train.images, second.train.images) and torch.equal(first.test.images, second.test.images)
     assert not torch.equal(first.train.images[:2], first.test.images[:2])  # train and test are different draws
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from xfer import names, pipeline, specs, tracking
+from xfer import names, pipeline, server, specs, stages, tracking
 from xfer.stages import RunOptions, run_training_stage
 from xfer.specs import PretrainSpec, TrainSpec
 
@@ -39,7 +39,7 @@ def test_smoke_preset_end_to_end_then_nothing_reruns(local_ray, experiment: str,
     assert not tracking.query(experiment, status="RUNNING")
     # The same grid again: every cell is found by its key in MLflow, nothing re-runs.
     outcome = pipeline.run_grid(full_grid.grid_from_args(full_grid.parser().parse_args(argv)),
-                                RunOptions(experiment=experiment), stages=pipeline.STAGE_ORDER[:-1])
+                                RunOptions(experiment=experiment), only=pipeline.STAGE_ORDER[:-1])
     assert [s.ran for s in outcome.summaries] == [0, 0, 0, 0]
     assert sum(s.cached for s in outcome.summaries) == sum(s.cells for s in outcome.summaries) > 0
 
@@ -73,7 +73,7 @@ def test_killed_trial_resumes_from_its_checkpoint(local_ray, experiment: str) ->
     killed: list[int] = []
     killer = threading.Thread(target=lambda: killed.extend(_kill_trial_when(experiment, key, 2, done)))
     killer.start()
-    datasets = pipeline.load_datasets({"mnist5k"}, RunOptions(experiment=experiment))
+    datasets = stages.load_datasets({"mnist5k"}, RunOptions(experiment=experiment))
     # A checkpoint at every epoch (no interval), so the kill lands after epoch 2's state reached Tune.
     options = RunOptions(experiment=experiment, max_failures=2, checkpoint_interval_s=0.0)
     summary = run_training_stage(names.PRETRAIN, [spec], options, datasets)
@@ -95,7 +95,7 @@ def test_killed_trial_resumes_from_its_checkpoint(local_ray, experiment: str) ->
 @pytest.mark.slow
 def test_workers_per_trial_trains_with_two_gloo_workers(local_ray, experiment: str) -> None:
     spec = _tiny_pretrain(epochs=1, seed=1)
-    datasets = pipeline.load_datasets({"mnist5k"}, RunOptions(experiment=experiment))
+    datasets = stages.load_datasets({"mnist5k"}, RunOptions(experiment=experiment))
     summary = run_training_stage(names.PRETRAIN, [spec], RunOptions(experiment=experiment, workers_per_trial=2), datasets)
     assert summary.ran == 1 and not summary.failed, summary.failed
     record = tracking.find_finished(experiment, specs.key(spec))
@@ -120,11 +120,11 @@ def test_two_node_cluster_runs_trials_on_both_nodes(mlflow_server, experiment: s
     try:
         cluster.add_node(num_cpus=1, object_store_memory=150 * 2**20)
         cluster.wait_for_nodes()
-        ray.init(address=cluster.address, runtime_env={"env_vars": tracking.worker_env()}, configure_logging=False)
+        ray.init(address=cluster.address, runtime_env={"env_vars": server.worker_env()}, configure_logging=False)
         nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         assert len(nodes) == 2
         cells = [_tiny_pretrain(epochs=1, seed=s) for s in range(4)]
-        datasets = pipeline.load_datasets({"mnist5k"}, RunOptions(experiment=experiment))
+        datasets = stages.load_datasets({"mnist5k"}, RunOptions(experiment=experiment))
         summary = run_training_stage(names.PRETRAIN, cells, RunOptions(experiment=experiment), datasets)
         assert summary.ran == 4 and not summary.failed, summary.failed
         records = [tracking.find_finished(experiment, specs.key(c)) for c in cells]

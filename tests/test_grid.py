@@ -304,7 +304,7 @@ def test_pretrain_size_is_a_cap_so_small_sources_are_used_whole() -> None:
     grid = grids.from_preset("smoke", pretrain_size=3000, val_size=300)
     sizes = {c.train.dataset: c.train.size for c in grids.cells(grid, {"glyph_letters": 15600, "uci_digits": 1437}).pretrain}
     assert sizes == {"glyph_letters": 3000, "uci_digits": None}  # uci_digits' 1137 non-validation digits, all of them
-    grids.validate(grid, {"glyph_letters": 15600, "uci_digits": 1437, "mnist5k": 4000})
+    grids.check_pools(grid, {"glyph_letters": 15600, "uci_digits": 1437, "mnist5k": 4000})
 
 
 def test_dry_run_plans_the_seed_grid_without_its_data_ray_or_a_trial(full_grid, mlflow_server, tmp_path: Path,

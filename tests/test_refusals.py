@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from tracking_fixtures import Server
-from xfer import tracking
+from xfer import server, tracking
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "sweeps" / "full_grid.py"
@@ -19,7 +19,7 @@ SCRIPT = REPO / "sweeps" / "full_grid.py"
 
 def refuse(args: list[str], runs: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=180,
-                          env={**env, "PYTHONPATH": str(REPO), tracking.RUNS_ENV: str(runs)})
+                          env={**env, "PYTHONPATH": str(REPO), server.RUNS_ENV: str(runs)})
 
 
 CASES = {
@@ -41,12 +41,12 @@ def test_bad_input_is_refused_before_anything_starts(case: str, tmp_path: Path, 
     args = [a.format(grid=tmp_path / "grid.yaml", empty=tmp_path / "empty") for a in args]
     runs = tmp_path / "runs"
     # Once against a runs folder of its own (no MLflow configured): nothing may start there.
-    clean = {k: v for k, v in os.environ.items() if k != tracking.TRACKING_URI_ENV}
+    clean = {k: v for k, v in os.environ.items() if k != server.TRACKING_URI_ENV}
     done = refuse(args, runs, clean)
     assert done.returncode == 2, done.stderr
     assert expected in " ".join(done.stderr.split()) and "Traceback" not in done.stderr
     assert done.stderr.strip().startswith("xfer: ") and "\n\n" not in done.stderr.strip()   # one paragraph
-    assert not (runs / "mlflow.db").exists() and not (runs / tracking.SERVER_FILE).exists()
+    assert not (runs / "mlflow.db").exists() and not (runs / server.SERVER_FILE).exists()
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if str(runs) in " ".join(p.info["cmdline"] or [])]
     assert not leftovers, "a refused command left a process behind"
     # And against the session's MLflow server: its runs are exactly what they were.

@@ -21,7 +21,8 @@ from safetensors.numpy import save_file
 
 from _tracking_worker import BLOB_BYTES, CURVE_POINTS, STEP_POINTS, hold_run, log_run
 from tracking_fixtures import Server
-from xfer import names, specs, tracking
+from xfer import checkpoint, names, server, specs, tracking
+from xfer.cli import tools
 from xfer.errors import XferError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ def write_checkpoint(directory: Path, seed: int = 0) -> Path:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != tracking.TRACKING_URI_ENV}
+    env = {k: v for k, v in os.environ.items() if k != server.TRACKING_URI_ENV}
     return env | {"PYTHONPATH": str(REPO)} | extra
 
 
@@ -57,36 +58,36 @@ def listening_addresses(port: int) -> set[str]:
 def test_serve_starts_a_detached_loopback_server_that_is_reused_then_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "runs"
     start = time.perf_counter()
-    served = subprocess.run([sys.executable, "-m", "xfer.tracking", "serve", "--root", str(root)],
+    served = subprocess.run([sys.executable, "-m", "xfer", "serve", "--root", str(root)],
                             env=clean_env(), capture_output=True, text=True, timeout=180)
     print(f"server start: {time.perf_counter() - start:.1f} s")
     try:
         assert served.returncode == 0, served.stderr
         url = served.stdout.strip()
-        info = json.loads((root / tracking.SERVER_FILE).read_text())
+        info = json.loads((root / server.SERVER_FILE).read_text())
         assert url == info["url"] == f"http://127.0.0.1:{info['port']}"
-        assert tracking._healthy(url), "the server must outlive the command that started it"
-        assert (root / tracking.SERVER_LOG).stat().st_size > 0 and (root / "mlflow.db").is_file()
+        assert server._healthy(url), "the server must outlive the command that started it"
+        assert (root / server.SERVER_LOG).stat().st_size > 0 and (root / "mlflow.db").is_file()
         if Path("/proc/net/tcp").exists():
             assert listening_addresses(info["port"]) == {"0100007F"}, "binds loopback only"
 
-        monkeypatch.delenv(tracking.TRACKING_URI_ENV, raising=False)
+        monkeypatch.delenv(server.TRACKING_URI_ENV, raising=False)
         start = time.perf_counter()
-        assert tracking.ensure_server(root) == url and time.perf_counter() - start < 5, "a running server is reused"
-        assert os.environ[tracking.TRACKING_URI_ENV] == url, "Ray workers inherit the URI"
-        assert tracking.worker_env()[tracking.TRACKING_URI_ENV] == url
+        assert server.ensure_server(root) == url and time.perf_counter() - start < 5, "a running server is reused"
+        assert os.environ[server.TRACKING_URI_ENV] == url, "Ray workers inherit the URI"
+        assert server.worker_env()[server.TRACKING_URI_ENV] == url
 
         with socket.socket() as squatter:  # a port held by something that is not our server
             squatter.bind(("127.0.0.1", 0))
             squatter.listen()
             with pytest.raises(XferError, match="in use by another program"):
-                tracking.start_server(tmp_path / "other", port=squatter.getsockname()[1])
+                server.start_server(tmp_path / "other", port=squatter.getsockname()[1])
 
-        assert tracking._main(["stop", "--root", str(root)]) == 0
-        assert not tracking._healthy(url) and not tracking._server_alive(info["pid"])
-        assert not (root / tracking.SERVER_FILE).exists() and tracking.TRACKING_URI_ENV not in os.environ
+        assert tools.stop(["--root", str(root)]) == 0
+        assert not server._healthy(url) and not server._server_alive(info["pid"])
+        assert not (root / server.SERVER_FILE).exists() and server.TRACKING_URI_ENV not in os.environ
     finally:
-        tracking.stop_server(root)
+        server.stop_server(root)
 
 
 def test_a_cell_is_found_after_it_finished_and_not_after_it_failed(experiment: str, tmp_path: Path) -> None:
@@ -106,7 +107,7 @@ def test_a_cell_is_found_after_it_finished_and_not_after_it_failed(experiment: s
 
     found = tracking.find_finished(experiment, "done")
     assert found is not None and found.run_id == run.run_id and found.status == "FINISHED"
-    assert found.tags[names.TAG_CHECKPOINT_SHA] == sha == tracking.checkpoint_sha256(ckpt)
+    assert found.tags[names.TAG_CHECKPOINT_SHA] == sha == checkpoint.sha256(ckpt)
     for key in ("crashed", "nan", "no-checkpoint", "never-ran"):
         assert tracking.find_finished(experiment, key) is None, key
     assert tracking.find_finished(experiment, "adversarial-set") is not None
@@ -139,7 +140,7 @@ def test_checkpoints_are_verified_on_download_and_a_tampered_one_is_refused(mlfl
         run.log_checkpoint(ckpt)
     other = write_checkpoint(tmp_path / "renamed", seed=0)
     (other / "meta.json").rename(other / "meta2.json")
-    assert tracking.checkpoint_sha256(other) != tracking.checkpoint_sha256(ckpt), "names are part of the hash"
+    assert checkpoint.sha256(other) != checkpoint.sha256(ckpt), "names are part of the hash"
 
     local = tracking.download_checkpoint(run.run_id)
     assert local == mlflow_server.root / "downloads" / run.run_id
@@ -193,8 +194,9 @@ def test_queries_return_typed_records_with_lineage_and_the_full_spec(experiment:
     assert record.experiment == experiment and record.stage == names.FINETUNE and record.key == specs.key(finetune)
     assert record.tags[names.TAG_PRETRAIN_RUN] == parent.run_id
     assert {k: record.tags[k] for k in (names.TAG_SOURCE, names.TAG_TARGET, names.TAG_ARCH, names.TAG_SIZE, names.TAG_FREEZE,
-                                        names.TAG_LR, names.TAG_SEED)} == {
-        "source": "kmnist", "target": "mnist", "arch": "resnet_mini", "size": "500", "freeze_depth": "20", "lr": "0.003", "seed": "1"}
+                                        names.TAG_SEED)} == {
+        "source": "kmnist", "target": "mnist", "arch": "resnet_mini", "size": "500", "freeze_depth": "20", "seed": "1"}
+    assert "lr" not in record.tags and record.params["train.lr"] == "0.003"   # each value under one name
     assert specs.from_flat(specs.FinetuneSpec, record.params) == finetune, "params hold the whole spec"
     assert record.metrics == {names.TEST_ERROR: 0.2}, "the latest value of each metric"
     assert isinstance(record.start_time, datetime) and record.start_time <= record.end_time
@@ -202,7 +204,7 @@ def test_queries_return_typed_records_with_lineage_and_the_full_spec(experiment:
     assert [r.run_id for r in tracking.query(experiment)] == [parent.run_id, child.run_id]
     assert [r.run_id for r in tracking.query(experiment, tags={names.TAG_SOURCE: "kmnist", names.TAG_TARGET: "mnist"})] == [child.run_id]
     assert tracking.query(experiment, stage=names.ATTACK) == [] and tracking.query(experiment, status="RUNNING") == []
-    client = MlflowClient(tracking.ensure_server())
+    client = MlflowClient(server.ensure_server())
     assert client.get_experiment_by_name(experiment).tags[tracking.TAG_GRID] == '{"name": "g"}'
     assert tracking.ui_url(experiment).endswith(f"/#/experiments/{tracking.experiment_id(experiment)}")
     with pytest.raises(XferError, match="is not one of"):
@@ -217,7 +219,7 @@ def test_the_curve_is_a_parquet_artifact_and_a_metric_history(experiment: str) -
         with pytest.raises(XferError, match="a split is one of"):
             run.log_curve([{"step": 0, "epoch": 0, "seconds": 0.0, "split": "holdout", "error": 0.1}])
     assert tracking.read_curve(run.run_id) == rows
-    history = MlflowClient(tracking.ensure_server()).get_metric_history(run.run_id, names.VAL_ERROR)
+    history = MlflowClient(server.ensure_server()).get_metric_history(run.run_id, names.VAL_ERROR)
     assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(r["step"], r["error"]) for r in rows if r["split"] == "val"]
 
 
@@ -235,7 +237,7 @@ def test_an_interrupted_run_ends_killed_and_the_sigterm_handler_is_restored(expe
 def test_eight_processes_log_concurrently_and_nothing_is_lost(mlflow_server: Server, experiment: str, tmp_path: Path) -> None:
     fork = multiprocessing.get_context("fork")
     go = fork.Event()
-    log_start = (mlflow_server.root / tracking.SERVER_LOG).stat().st_size
+    log_start = (mlflow_server.root / server.SERVER_LOG).stat().st_size
     workers = [fork.Process(target=log_run, args=(experiment, i, go, tmp_path)) for i in range(WORKERS)]
     for worker in workers:
         worker.start()
@@ -262,7 +264,7 @@ def test_eight_processes_log_concurrently_and_nothing_is_lost(mlflow_server: Ser
         assert blob.stat().st_size == BLOB_BYTES
         assert hashlib.sha256(blob.read_bytes()).hexdigest() == result["sha256"]
         assert len(tracking.read_curve(run_id)) == CURVE_POINTS
-    server_log = (mlflow_server.root / tracking.SERVER_LOG).read_bytes()[log_start:].decode(errors="replace")
+    server_log = (mlflow_server.root / server.SERVER_LOG).read_bytes()[log_start:].decode(errors="replace")
     statuses = [int(part.split()[0]) for part in server_log.split('HTTP/1.1" ')[1:]]
     failed = [s for s in statuses if s >= 500]
     retries = sum(r["retries"] for r in results)

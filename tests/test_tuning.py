@@ -20,7 +20,7 @@ from optuna.trial import TrialState, create_trial
 from ray.tune.schedulers import TrialScheduler
 
 from tracking_fixtures import Server
-from xfer import data, models, names, specs, stages, tracking, tuning
+from xfer import data, models, names, server, specs, stages, tracking, tuning
 from xfer import grid as grids
 from xfer import train as loop
 from xfer.errors import XferError
@@ -335,6 +335,6 @@ def test_apply_best_puts_the_tuned_settings_into_the_grid_cells(smoke_study: dic
 
 
 def test_default_storage_lives_in_the_runs_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv(tracking.RUNS_ENV, str(tmp_path))
+    monkeypatch.setenv(server.RUNS_ENV, str(tmp_path))
     assert tuning.default_storage() == f"sqlite:///{tmp_path / tuning.STUDY_DB}"
     assert tuning._shown("postgresql://me:secret@db/optuna") == "postgresql://me:***@db/optuna"  # never logged

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from xfer import tracking
+from xfer import server
 
 
 @dataclass(frozen=True)
@@ -27,13 +27,13 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One server for the session; $MLFLOW_TRACKING_URI and $XFER_RUNS point at it while tests run."""
     root = tmp_path_factory.mktemp("runs")
     with pytest.MonkeyPatch.context() as env:
-        env.delenv(tracking.TRACKING_URI_ENV, raising=False)
-        env.setenv(tracking.RUNS_ENV, str(root))
-        url = tracking.ensure_server(root)  # also sets MLFLOW_TRACKING_URI, undone when the context ends
+        env.delenv(server.TRACKING_URI_ENV, raising=False)
+        env.setenv(server.RUNS_ENV, str(root))
+        url = server.ensure_server(root)  # also sets MLFLOW_TRACKING_URI, undone when the context ends
         try:
             yield Server(url, root)
         finally:
-            tracking.stop_server(root)
+            server.stop_server(root)
 
 
 @pytest.fixture

@@ -306,7 +306,7 @@ def digit_classifier(model: models.XferModel) -> nn.Module:
 def tags_of(spec: AdderSpec, pretrain_run: str | None) -> dict[str, str]:
     tags = {
         names.TAG_VARIANT: spec.variant, names.TAG_SIZE: str(spec.size), names.TAG_SEED: str(spec.seed),
-        names.TAG_ARCH: ARCHS[spec.variant], names.TAG_TARGET: spec.dataset, names.TAG_LR: str(spec.lr),
+        names.TAG_ARCH: ARCHS[spec.variant], names.TAG_TARGET: spec.dataset,
         names.TAG_SOURCE: spec.pretrain.train.dataset if spec.pretrain is not None else "",
     }
     if pretrain_run:

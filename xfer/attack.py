@@ -18,7 +18,7 @@ surrogate's head classifies exactly the task's classes. So:
   not run from such surrogates. The attack that ran is the `attack` tag of every attack run.
 Requesting `feature_pgd` itself puts every surrogate on the same footing (one loss for A and B sources).
 
-`python -m xfer.attack bench` times PGD generation on resnet_mini.
+`xfer bench --attack` times PGD generation on resnet_mini.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -77,7 +76,7 @@ def attack(name: str, loss: str = "logits", targeted: bool = True, linf: bool = 
 
     def register(fn: Builder) -> Builder:
         if name in _ATTACKS:
-            raise ValueError(f"attack {name!r} registered twice")
+            raise XferError(f"attack name {name!r} is already taken; register the attack under another name.")
         _ATTACKS[name] = AttackKind(name, fn, loss, targeted, linf)
         return fn
 
@@ -740,24 +739,3 @@ def bench(n: int = 1000, steps: int = 10, arch: str = "resnet_mini", devices: Se
         rows.append({"device": label, "examples": len(labels), "seconds": seconds, "examples_per_s": len(labels) / seconds})
         echo(f"{label:<28} {seconds:>8.2f} {len(labels) / seconds:>11.1f}")
     return rows
-
-
-def _main(argv: list[str]) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m xfer.attack", description="Attack utilities.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    timing = commands.add_parser("bench", help="time PGD generation (examples/s) on CPU and, if present, CUDA")
-    timing.add_argument("--n", type=int, default=1000, help="examples to generate (mnist5k's test split has 1000)")
-    timing.add_argument("--steps", type=int, default=10)
-    timing.add_argument("--arch", default="resnet_mini")
-    timing.add_argument("--device", action="append", help="cpu / cuda (repeatable); default: cpu and cuda if present")
-    args = parser.parse_args(argv)
-    bench(args.n, args.steps, args.arch, args.device)
-    return 0
-
-
-if __name__ == "__main__":
-    from xfer.cli import run_main
-
-    run_main(lambda: _main(sys.argv[1:]))

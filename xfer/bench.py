@@ -1,8 +1,8 @@
 """Benchmark: the seed's input pipeline against xfer's loop, side by side, same arch, data and epochs.
 
-    python -m xfer.bench [--arch resnet_mini] [--dataset mnist5k] [--epochs 10] [--target 0.97]
-    python -m xfer.bench --transfer [--sources glyph_digits glyph_letters] [--size 500] [--seeds 0 1 2]
-    python -m xfer.bench --pack [--archs resnet_mini lenet5 mlp_mixer] [--cells 6] [--json]
+    xfer bench [--arch resnet_mini] [--dataset mnist5k] [--epochs 10] [--target 0.97]   (or python -m xfer.bench)
+    xfer bench --transfer [--sources glyph_digits glyph_letters] [--size 500] [--seeds 0 1 2]
+    xfer bench --pack [--archs resnet_mini lenet5 mlp_mixer] [--cells 6] [--json]
 
 Seed style = torchvision Dataset of PIL images + DataLoader + ToTensor/Normalize, batch 64, fp32.
 xfer = uint8 tensors on the device, permutation batches, per-batch normalisation (bf16 + channels_last
@@ -20,7 +20,6 @@ same digits, same epochs, per seed; test accuracy on MNIST-5k's 1,000 test digit
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import multiprocessing as mp
 import resource
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from xfer import data, models
+from xfer import data, models, server
 from xfer import train as loop
 from xfer.specs import TrainSpec
 
@@ -196,7 +195,7 @@ def pack_rows(archs: Sequence[str], cells: int, size: int, epochs: int, devices:
 
     import ray
 
-    from xfer import names, progress, stages, tracking
+    from xfer import names, progress, stages
     from xfer.specs import PretrainSpec
 
     rows = []
@@ -207,7 +206,7 @@ def pack_rows(archs: Sequence[str], cells: int, size: int, epochs: int, devices:
             slots = int(round(1 / gpu_share)) if cuda else 1
             with progress.redirected(Path(runs) / "ray.log"):   # Ray's start-up banner is not a figure
                 ray.init(num_cpus=slots, num_gpus=1 if cuda else 0, include_dashboard=False, configure_logging=False,
-                         runtime_env={"env_vars": tracking.worker_env()}, logging_level="ERROR", log_to_driver=False)
+                         runtime_env={"env_vars": server.worker_env()}, logging_level="ERROR", log_to_driver=False)
             try:
                 for arch in archs:
                     grid = [PretrainSpec(TrainSpec(arch=arch, dataset="mnist5k", size=size, val_size=300, epochs=epochs,
@@ -241,16 +240,15 @@ def _runs_folder(runs: str) -> Iterator[None]:
     """A temporary runs folder with its own MLflow server for the block; the caller's settings restored after."""
     import os
 
-    from xfer import tracking
 
-    saved = {k: os.environ.get(k) for k in (tracking.RUNS_ENV, tracking.TRACKING_URI_ENV)}
-    os.environ[tracking.RUNS_ENV] = runs
-    os.environ.pop(tracking.TRACKING_URI_ENV, None)
+    saved = {k: os.environ.get(k) for k in (server.RUNS_ENV, server.TRACKING_URI_ENV)}
+    os.environ[server.RUNS_ENV] = runs
+    os.environ.pop(server.TRACKING_URI_ENV, None)
     try:
-        tracking.ensure_server(runs)
+        server.ensure_server(runs)
         yield
     finally:
-        tracking.stop_server(runs)
+        server.stop_server(runs)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -348,58 +346,9 @@ def _projected_seed_grid(batched: list[dict[str, Any]], plans: Any) -> float:
     return seconds
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="resnet_mini")
-    p.add_argument("--dataset", default="mnist5k")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--target", type=float, default=0.97)
-    p.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-    p.add_argument("--transfer", action="store_true", help="print the transfer figure instead of the pipeline comparison")
-    p.add_argument("--sources", nargs="+", default=["glyph_digits", "glyph_letters"])
-    p.add_argument("--size", type=int, default=500)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--pretrain-epochs", type=int, default=3)
-    p.add_argument("--pretrain-size", type=int, default=5000)
-    p.add_argument("--pack", action="store_true", help="a trial per cell against one packed trial (cells/hour)")
-    p.add_argument("--archs", nargs="+", default=list(PACK_ARCHS), help="--pack: the archs to measure")
-    p.add_argument("--cells", type=int, default=6, help="--pack: cells per arch")
-    p.add_argument("--pack-cell-size", type=int, default=1000, help="--pack: training examples per cell")
-    p.add_argument("--pack-epochs", type=int, default=1, help="--pack: epochs per cell")
-    p.add_argument("--json", action="store_true", help="--pack, --gpu-report: print the rows as JSON")
-    p.add_argument("--gpu-report", action="store_true",
-                   help="every GPU measurement in one go: install and correctness checks, cells/hour of the three "
-                        "paths, batched throughput and peak memory per arch, the projected seed-grid time")
-    p.add_argument("--device", default="cuda", help="--gpu-report: the device (cpu runs the script small, as a check)")
-    p.add_argument("--quick", action="store_true", help="--gpu-report: tiny sizes (checks the script, not the GPU)")
-    args = p.parse_args()
-    if args.gpu_report:
-        import json
-        import sys
+if __name__ == "__main__":   # `python -m xfer.bench ...` is `xfer bench ...`
+    import sys
 
-        if args.device == "cuda" and not torch.cuda.is_available():
-            sys.exit("xfer: --gpu-report needs a CUDA GPU, and torch sees none here; --device cpu --quick checks the "
-                     "script itself on this machine.")
-        result = gpu_report(args.device, args.quick, echo=(lambda line: print(line, file=sys.stderr)) if args.json else print)
-        if args.json:
-            print(json.dumps(result, indent=2, default=str))
-        return
-    if args.pack:
-        import json
-        import sys
+    from xfer.cli import main, run_main
 
-        rows = pack_rows(args.archs, args.cells, args.pack_cell_size, args.pack_epochs, args.devices,
-                         echo=(lambda line: print(line, file=sys.stderr)) if args.json else print)
-        if args.json:
-            print(json.dumps(rows, indent=2))
-        return
-    if args.transfer:
-        print(transfer(args.sources, args.arch, args.size, args.seeds, args.epochs, args.pretrain_epochs, args.pretrain_size))
-        return
-    for device in args.devices:
-        print(f"\n{args.arch} on {args.dataset}, {args.epochs} epochs, device {device}:")
-        print(table(measure(args.dataset, args.arch, args.epochs, device, args.target), args.target))
-
-
-if __name__ == "__main__":
-    main()
+    run_main(lambda: main(["bench", *sys.argv[1:]]))

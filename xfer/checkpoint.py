@@ -1,4 +1,4 @@
-"""Checkpoints on disk: safetensors weights + JSON metadata; nothing is ever unpickled.
+"""Checkpoints on disk: safetensors weights + JSON metadata, and their sha256; nothing is ever unpickled.
 
 Two kinds share one layout:
 - a *model* checkpoint (``save`` / ``load``): what a run publishes and later stages consume;
@@ -8,6 +8,7 @@ Two kinds share one layout:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -170,6 +171,22 @@ def load_state(directory: Path) -> TrainState:
         curve=record["curve"],
         extra=record["extra"],
     )
+
+
+def sha256(directory: Path) -> str:
+    """sha256 over a folder's files: each relative name, size and bytes, in sorted name order."""
+    directory = Path(directory)
+    files = sorted((p.relative_to(directory).as_posix(), p) for p in directory.rglob("*") if p.is_file())
+    if not files:
+        raise XferError(f"no checkpoint files in {directory}; write the checkpoint (xfer.checkpoint.save) before logging it.")
+    digest = hashlib.sha256()
+    for name, path in files:
+        for part in (name.encode(), str(path.stat().st_size).encode()):
+            digest.update(len(part).to_bytes(8, "big") + part)  # length-prefixed: no two folders hash alike
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def _cpu_contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from xfer import tracking
+from xfer import server
 
 GPU_SHARE = 0.25   # default GPUs per trial when the cluster has GPUs: several packs share one device
 
@@ -29,7 +29,7 @@ def connect(address: str | None = None, log_file: str | None = None) -> Any:
 
     if not ray.is_initialized():
         with redirected(Path(log_file) if log_file else None):
-            ray.init(address=address or os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": tracking.worker_env()},
+            ray.init(address=address or os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": server.worker_env()},
                      configure_logging=False, log_to_driver=log_file is None)
     return ray
 

@@ -7,6 +7,7 @@ Presets are the built-ins in `PRESETS` and the grid files in sweeps/presets/ (on
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -47,6 +48,13 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+def _field(default: Any, help: str) -> Any:
+    """A grid setting: its default and its help, the one place the command line's flags are made from."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class Grid:
     """Every axis of the study, with the defaults of the seed experiment.
@@ -72,49 +80,52 @@ class Grid:
     `augment` (random crop + flip on tensors) applies to every training cell of the grid.
     """
 
-    name: str = "seed"                                   # MLflow experiment name
-    sources: tuple[str, ...] = ("mnist", "kmnist", "fashion_mnist", "emnist_balanced", "emnist_letters",
-                                "qmnist", "svhn", "usps")
-    archs: tuple[str, ...] = ("alexnet_mini", "resnet_mini", "mlp_mixer", "mlp_mixer2")
-    target: str = "mnist"
-    sizes: tuple[int, ...] = (500, 1000, 10000, 20000, ALL)
+    name: str = _field("seed", "the grid's name: its MLflow experiment")
+    sources: tuple[str, ...] = _field(
+        ("mnist", "kmnist", "fashion_mnist", "emnist_balanced", "emnist_letters", "qmnist", "svhn", "usps"),
+        "pretraining datasets (data registry names)")
+    archs: tuple[str, ...] = _field(("alexnet_mini", "resnet_mini", "mlp_mixer", "mlp_mixer2"), "architectures")
+    target: str = _field("mnist", "the dataset fine-tuned on (and attacked)")
+    sizes: tuple[int, ...] = _field((500, 1000, 10000, 20000, ALL), "fine-tune training examples; 0 = the whole pool")
     # Freeze depths in parameter tensors, per arch ("*" = every arch); the seed's: AlexNet 8, ResNet 20/23.
-    freeze: dict[str, tuple[int, ...]] = field(default_factory=lambda: {
-        "alexnet_mini": (0, 8), "resnet_mini": (0, 20, 23), "mlp_mixer": (0, 2, 14), "mlp_mixer2": (0, 2, 26),
-        "*": (0,),
-    })
-    lrs: tuple[float, ...] = (1e-3,)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    epochs: int = 10                                     # fine-tune and scratch epochs
-    pretrain_epochs: int = 10
-    pretrain_size: int = ALL                             # at most this many examples of each source are used for
-                                                         # pretraining (a smaller pool is used whole); ALL = every one
-    batch_size: int = 128
-    val_size: int = 1000
-    optimizer: str = "adamw"                             # pretraining, scratch, and recipes that set none
-    recipes: tuple[str, ...] = ("plain",)                # fine-tuning recipes (see above and RECIPES)
-    unfreeze_epoch: int = 0                              # the unfreeze recipe's epoch; 0 = half of `epochs`
-    unfreeze_lr_mult: float = 0.1                        # after unfreezing, every layer trains at lr × this
-    augment: bool = False                                # random crop + flip (for 32×32 colour sets such as CIFAR-10)
-    weights: str = ""                                    # resnet18's ImageNet weights: a resnet18-f37072fd.pth file,
-                                                         # or "imagenet" (torchvision's cache, else download); "" = none
-    scratch: bool = True                                 # train scratch baselines of every arch × size × lr × seed
+    freeze: dict[str, tuple[int, ...]] = _field(
+        {"alexnet_mini": (0, 8), "resnet_mini": (0, 20, 23), "mlp_mixer": (0, 2, 14), "mlp_mixer2": (0, 2, 26), "*": (0,)},
+        "freeze depths in parameter tensors: `0 8` for every arch or `resnet_mini=0,20,23`")
+    lrs: tuple[float, ...] = _field((TrainSpec.lr,), "learning rates")
+    seeds: tuple[int, ...] = _field((0, 1, 2), "seeds (data subsets, initialisation, batch order)")
+    epochs: int = _field(TrainSpec.epochs, "fine-tune and scratch epochs")
+    pretrain_epochs: int = _field(TrainSpec.epochs, "pretraining epochs")
+    pretrain_size: int = _field(ALL, "at most this many examples of each source are used for pretraining (a smaller "
+                                       "pool is used whole); 0 = every one")
+    batch_size: int = _field(TrainSpec.batch_size, "batch size of every training cell")
+    val_size: int = _field(TrainSpec.val_size, "validation examples held out of each training pool")
+    optimizer: str = _field(TrainSpec.optimizer, "optimizer of pretraining, scratch and recipes that set none")
+    recipes: tuple[str, ...] = _field(("plain",), f"fine-tuning recipes: {', '.join(RECIPES)}, or several joined "
+                                                    "with '+' (e.g. head10x_sgd+unfreeze)")
+    unfreeze_epoch: int = _field(0, "epoch at which the unfreeze recipe unfreezes every layer (0 = half of --epochs)")
+    unfreeze_lr_mult: float = _field(TrainSpec.unfreeze_lr_mult, "after unfreezing, every layer trains at lr × this")
+    augment: bool = _field(False, "random crop + flip on every training cell (32×32 colour sets such as CIFAR-10)")
+    weights: str = _field("", "resnet18's ImageNet weights: a resnet18-f37072fd.pth file, or 'imagenet' "
+                                "(torchvision's cache or download); '' = none")
+    scratch: bool = _field(True, "train scratch baselines of every arch × size × lr × seed")
     # Tuned settings per "arch/size" (size 0 = whole pool), from `sweeps/full_grid.py --tuned`: the tuned lr
     # replaces the lrs axis and the other settings (weight_decay, head_lr_mult, batch_size, label_smoothing)
     # the grid's, in that arch and size's fine-tune and scratch cells; a recipe's own settings still win.
-    tuned: dict[str, dict[str, Any]] = field(default_factory=dict)
-    attacks: tuple[str, ...] = ("fgsm", "pgd")
-    eps: tuple[float, ...] = (0.3,)
-    attack_n: int = 5000
-    attack_steps: int = 10
+    tuned: dict[str, dict[str, Any]] = _field({}, "tuned settings per 'arch/size' (filled by --tuned)")
+    attacks: tuple[str, ...] = _field(("fgsm", "pgd"), "attacks (attack registry names)")
+    eps: tuple[float, ...] = _field((0.3,), "attack budgets (L∞, in [0, 1] pixel units)")
+    attack_n: int = _field(5000, "test examples each attack perturbs")
+    attack_steps: int = _field(10, "steps of iterative attacks")
     # Whose adversarial examples are scored: pretrained and scratch models' on every target, and "self": each
     # target's own (the white-box reference). ("pretrain",) is the seed's A/B→C question alone, without the
     # attack stage's largest costs (scratch surrogates on every target, a white-box set per target).
-    attack_surrogates: tuple[str, ...] = ("pretrain", "scratch", "self")
+    attack_surrogates: tuple[str, ...] = _field(("pretrain", "scratch", "self"), "whose adversarial examples are "
+                                                  "scored: pretrain and scratch (on every target), self (each target "
+                                                  "on itself)")
     # The two-digit adder as a stage of this grid (its target must be a digit set): its settings, e.g.
     # `{sizes: [5000], epochs: 5, batch_size: 100, digit_arch: digit_cnn}` (seeds default to the grid's; see
     # `adder_cells`); {} = no adder stage.
-    adder: dict[str, Any] = field(default_factory=dict)
+    adder: dict[str, Any] = _field({}, "the two-digit adder as a stage of the grid (grid files only)")
 
     def freeze_depths(self, arch: str) -> tuple[int, ...]:
         return self.freeze.get(arch, self.freeze.get("*", (0,)))
@@ -136,6 +147,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 _HINTS = typing.get_type_hints(Grid)  # each setting's type, e.g. tuple[int, ...] for sizes
+
+
+def setting_type(key: str) -> tuple[type, bool]:
+    """The element type of the grid setting `key` and whether it is an axis (a tuple of them)."""
+    hint = _HINTS[key]
+    many = typing.get_origin(hint) is tuple
+    return (typing.get_args(hint)[0] if many else hint), many
 _DEFAULTS = Grid()                     # the seed's values: the examples in messages about a setting's type
 
 
@@ -217,14 +235,14 @@ def _attack_adder_problems(grid: Grid) -> list[str]:
     return problems
 
 
-def _flag(key: str) -> str:
-    """The command-line flag of the grid setting `key` (sweeps/full_grid.py spells them this way)."""
+def flag(key: str) -> str:
+    """The command-line flag of the grid setting `key` (xfer.cli.grid makes its flags with it)."""
     return {"scratch": "--no-scratch", "tuned": "--tuned"}.get(key, "--" + key.replace("_", "-"))
 
 
 def _setting(key: str) -> str:
     """How a person sets the grid setting `key`, as messages name it: its flag and its grid-file key."""
-    return f"{_flag(key)} / {key}:"
+    return f"{flag(key)} / {key}:"
 
 
 _KIND_WORDS = {int: "a whole number", float: "a number", str: "text (a name)", bool: "true or false"}
@@ -286,10 +304,10 @@ def _example(key: str) -> str:
         default = "resnet18-f37072fd.pth"
     if isinstance(default, tuple):
         shown = default[:2] or ("...",)
-        return f"{_flag(key)} {' '.join(map(str, shown))}, or `{key}: [{', '.join(map(str, shown))}]` in a grid file"
+        return f"{flag(key)} {' '.join(map(str, shown))}, or `{key}: [{', '.join(map(str, shown))}]` in a grid file"
     if isinstance(default, bool):
         return f"`{key}: {str(default).lower()}` in a grid file"
-    return f"{_flag(key)} {default}, or `{key}: {default}` in a grid file"
+    return f"{flag(key)} {default}, or `{key}: {default}` in a grid file"
 
 
 def parse_freeze(value: Any) -> dict[str, tuple[int, ...]]:
@@ -330,22 +348,27 @@ def load_file(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
-def validate(grid: Grid, pool_sizes: dict[str, int] | None = None) -> None:
-    """Refuse everything that would fail later, each problem named by its flag and grid key, all at once.
-
-    Without `pool_sizes` it reads no data: types, ranges, duplicates, names, and freeze depths (each arch
-    is built once on the CPU to count its tensors). With `pool_sizes` (train split sizes by dataset) the
-    fine-tune and validation sizes are checked against the pools too.
-    """
+def validate(grid: Grid) -> None:
+    """Refuse everything that would fail later and needs no data, each problem named by its flag and grid key,
+    all at once: types, ranges, duplicates, names, and freeze depths (each arch is built once on the CPU to
+    count its tensors). `check_pools` adds what the datasets' sizes decide."""
     problems = _type_problems(grid)
     if not problems:  # the checks below compare numbers and look names up; wrong types would break them
-        problems = [*_range_problems(grid), *_name_problems(grid), *_pool_problems(grid, pool_sizes)]
+        problems = [*_range_problems(grid), *_name_problems(grid)]
         if grid.optimizer not in OPTIMIZERS:
             problems.append(f"{_setting('optimizer')} the optimizer {grid.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if not grid.sources and not grid.scratch and not _fine_tuned_archs(grid):
             problems.append("the grid has no training cells: give sources, ImageNet weights for resnet18, "
                             "or keep the scratch baselines")
         problems += _recipe_problems(grid) + _weights_problems(grid) + _tuned_problems(grid) + _attack_adder_problems(grid)
+    if problems:
+        raise XferError("the grid is not valid: " + "; ".join(problems) + ". Nothing was launched.")
+
+
+def check_pools(grid: Grid, pool_sizes: dict[str, int]) -> None:
+    """Refuse fine-tune and validation sizes the datasets' training pools (train split sizes) cannot give; call
+    it after `validate`."""
+    problems = _pool_problems(grid, pool_sizes)
     if problems:
         raise XferError("the grid is not valid: " + "; ".join(problems) + ". Nothing was launched.")
 

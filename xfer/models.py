@@ -3,12 +3,11 @@
 Models take images in [0, 1] and normalise inside (so attacks and training see the same pixels), and
 their parameter tensors, in registration order, are the unit of freezing: ``freeze(model, k)`` freezes
 the first k tensors, which is exactly how the seed counted ("AlexNet freeze 8" = conv1–conv4's weights
-and biases; "ResNet freeze 20 / 23"). ``python -m xfer.models NAME`` prints an arch's tensor table.
+and biases; "ResNet freeze 20 / 23"). ``xfer archs NAME`` prints an arch's tensor table.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ def arch(name: str) -> Callable[[Builder], Builder]:
 
     def register(fn: Builder) -> Builder:
         if name in _ARCHS:
-            raise ValueError(f"arch {name!r} registered twice")
+            raise XferError(f"arch name {name!r} is already taken; register the architecture under another name.")
         _ARCHS[name] = fn
         return fn
 
@@ -99,7 +98,7 @@ def freeze(model: XferModel, depth: int) -> None:
     body = layers(model)
     if not 0 <= depth <= len(body):
         raise XferError(f"freeze depth {depth} is beyond {model.arch}'s {len(body)} body parameter tensors; "
-                        f"choose 0..{len(body)} (`python -m xfer.models {model.arch}` lists them).")
+                        f"choose 0..{len(body)} (`xfer archs {model.arch}` lists them).")
     for _, param in body[:depth]:
         param.requires_grad_(False)
 
@@ -287,8 +286,3 @@ def describe(name: str, in_shape: Shape = (1, 28, 28), num_classes: int = 10, **
     rows += [f"  -  head.{n:<35} {tuple(p.shape)}" for n, p in model.head.named_parameters()]
     params = sum(p.numel() for p in model.parameters())
     return f"{name} {in_shape} → {num_classes}: {len(rows)} tensors, {params:,} parameters\n" + "\n".join(rows)
-
-
-if __name__ == "__main__":
-    for arch_name in sys.argv[1:] or list_archs():
-        print(describe(arch_name, (1, 32, 32) if arch_name == "resnet18" else (1, 28, 28)), end="\n\n")

@@ -33,7 +33,6 @@ TAG_ARCH = "arch"
 TAG_TARGET = "target"                     # dataset trained on in finetune/scratch
 TAG_SIZE = "size"
 TAG_FREEZE = "freeze_depth"
-TAG_LR = "lr"
 TAG_SEED = "seed"
 
 # Metrics. Errors are fractions in [0, 1]; accuracies likewise; seconds are wall-clock.

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from xfer import checkpoint, data, specs, tracking
+from xfer import checkpoint, data, server, specs, tracking
 from xfer import train as loop
 from xfer.cells import Cell, Life, Session, live
 from xfer.checkpoint import TrainState
@@ -36,7 +36,7 @@ from xfer.models import XferModel
 from xfer.specs import TrainSpec
 
 # Default cells per pack (`--pack-size`), by the device a trial trains on. Measured 2026-12-02 with
-# `python -m xfer.bench --pack` (README, Results): on a CPU a pack's cost is its cells' training once a trial's
+# `xfer bench --pack` (README, Results): on a CPU a pack's cost is its cells' training once a trial's
 # start-up (~4 s) is spread over a few cells, and larger packs only cost parallelism, which `plan` restores by
 # splitting packs across the free slots; on a GPU a pack is one batched model, and more cells per step fill it.
 PACK_SIZE = {"cpu": 8, "cuda": 32}
@@ -265,7 +265,7 @@ def calibrated(lives: list[tuple[Any, Life]], device: torch.device, steps: int =
 
     t = lives[0][1].cell.train
     key = f"vectorised/{device.type}/{t.arch}/batch{t.batch_size}/cells{len(lives)}/threads{torch.get_num_threads()}"
-    path = tracking.runs_dir() / CALIBRATION_FILE
+    path = server.runs_dir() / CALIBRATION_FILE
     known = _read_json(path)
     if key not in known:
         timing = vectorised.measure([life.cell.train for _, life in lives], [life.splits for _, life in lives],

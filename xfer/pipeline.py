@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from xfer import cluster, data, grid as grids, names, packs, specs, stages, tracking
+from xfer import cluster, data, grid as grids, names, packs, server, specs, stages, tracking
 from xfer.errors import XferError
-from xfer.stages import RunOptions, StageSummary, load_datasets, pending, run_training_stage  # noqa: F401 (load_datasets: for callers)
+from xfer.stages import RunOptions, StageSummary
 
 STAGE_ORDER = (names.PRETRAIN, names.FINETUNE, names.SCRATCH, names.ADDER, names.ATTACK, names.REPORT)
 
@@ -104,12 +104,12 @@ def prepare(grid: grids.Grid, options: RunOptions, allow_missing: bool = False) 
     grids.validate(grid)
     missing = check_data(grid, options, allow_missing)
     wanted = {*grid.sources, grid.target}
-    cache = tracking.runs_dir() / DATASETS_CACHE
+    cache = server.runs_dir() / DATASETS_CACHE
     # The target first: a user's image folder is the likeliest to be refused, and it is refused before a source loads.
     infos = {name: data.info(name, options.data_root, cache, options.skip_bad_images, published=allow_missing,
                              download=options.download) for name in [grid.target, *sorted(wanted - {grid.target})]}
     pools = {name: i.train for name, i in infos.items()}
-    grids.validate(grid, pools)
+    grids.check_pools(grid, pools)
     target = infos[grid.target]
     odd = [f"{name} {i.in_shape}" for name, i in infos.items() if name in grid.sources and i.in_shape != target.in_shape]
     if odd:
@@ -131,7 +131,7 @@ def planned(prepared: Prepared, grid: grids.Grid, options: RunOptions, gpus: int
 
     from xfer import plan
 
-    finished = (lambda stage: set(tracking.finished_by_key(options.experiment, stage))) if tracking.recorded() \
+    finished = (lambda stage: set(tracking.finished_by_key(options.experiment, stage))) if server.recorded() \
         else (lambda stage: set())
     gpu_share = options.gpus_per_trial or cluster.GPU_SHARE
     slots = max(1, int((os.cpu_count() or 1) // max(options.cpus_per_trial, 1e-3)))
@@ -148,16 +148,16 @@ def dry_run(grid: grids.Grid, options: RunOptions, echo: Callable[[str], None] =
     for line in planned(prepared, grid, options, gpus, echo).lines():
         echo(line)
     for stage, group in training_stages(prepared.cells):
-        todo, _ = pending(options.experiment, group, options.force, stage) if tracking.recorded() else (list(group), 0)
+        todo, _ = stages.pending(options.experiment, group, options.force, stage) if server.recorded() else (list(group), 0)
         for spec in todo[:10]:
             echo(f"  {stage}: {stages.label(spec)}  key={specs.key(spec)}")
         if len(todo) > 10:
             echo(f"  {stage}: … and {len(todo) - 10} more")
 
 
-def run_grid(grid: grids.Grid, options: RunOptions, stages: tuple[str, ...] = STAGE_ORDER,
+def run_grid(grid: grids.Grid, options: RunOptions, only: tuple[str, ...] = STAGE_ORDER,
              echo: Callable[[str], None] = print, prepared: Prepared | None = None, view: Any = None) -> GridOutcome:
-    """Every stage in order, under one MLflow run of this invocation (its stages' runs are its children)."""
+    """Every stage (of `only`) in order, under one MLflow run of this invocation (its stages' runs are its children)."""
     prepared = prepared or prepare(grid, options)
     cells, datasets = prepared.cells, prepared.datasets
     summaries: list[StageSummary] = []
@@ -167,22 +167,22 @@ def run_grid(grid: grids.Grid, options: RunOptions, stages: tuple[str, ...] = ST
                             tags={names.TAG_GRID_STAGE: "all"}) as grid_run:
         options = dataclasses.replace(options, grid_run_id=grid_run.run_id)
         for stage, group in training_stages(cells):
-            if stage in stages and group:
-                summaries.append(run_training_stage(stage, group, options, datasets, view))
+            if stage in only and group:
+                summaries.append(stages.run_training_stage(stage, group, options, datasets, view))
                 echo(summaries[-1].line())
         adder_cells = grids.adder_cells(grid)
-        if names.ADDER in stages and adder_cells:
+        if names.ADDER in only and adder_cells:
             from xfer import adder
 
             for summary in adder.run_stage(adder_cells, options, datasets, view):
                 summaries.append(summary)
                 echo(summary.line())
-        if names.ATTACK in stages and cells.attacks:
+        if names.ATTACK in only and cells.attacks:
             keys = {specs.key(c) for _, group in training_stages(cells) for c in group}
             summaries.append(run_attack_stage(cells.attacks, options, view, keys, grid.attack_surrogates))
             echo(summaries[-1].line())
         report_dir = None
-        if names.REPORT in stages:
+        if names.REPORT in only:
             from reports import build_report
 
             start = time.perf_counter()

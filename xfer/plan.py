@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xfer import grid as grids
-from xfer import names, tracking
+from xfer import grid as grids, server
+from xfer import names
 from xfer.specs import TrainSpec
 
 # Fixed costs, measured 2026-12-02 on the 2-core development machine with the smoke preset (README, Results):
@@ -168,7 +168,7 @@ def plan(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any], finished: 
     (`slots` trials at once on this machine) and on `gpus` GPUs (`gpu_share` of a GPU per trial)."""
     from xfer import specs
 
-    cache = tracking.runs_dir() / "calibration.json"
+    cache = server.runs_dir() / "calibration.json"
     threads = max(1, int(cpus_per_trial))
     rates: dict[tuple[str, tuple[int, int, int]], float] = {}   # by arch and input shape (the head is negligible)
     sources: dict[str, str] = {}
@@ -279,7 +279,7 @@ def _attack_plan(grid: grids.Grid, cells: grids.Cells, stages: list[StagePlan], 
     arch = grid.archs[0]
     target = infos[grid.target]
     rate, _ = throughput(arch, target.in_shape, target.num_classes, grid.batch_size, "cpu", 1,
-                         tracking.runs_dir() / "calibration.json")
+                         server.runs_dir() / "calibration.json")
     here = forwards / 3 / rate / max(1, slots) + STAGE_START_S
     gpu = forwards * flops_per_example(arch, target.in_shape, target.num_classes) / (GPU_TFLOPS * 1e12 * gpus) if gpus else 0.0
     return StagePlan(names.ATTACK, count, 0, count, 0, here, gpu,

@@ -26,14 +26,14 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from xfer import tracking
+from xfer import server
 
 NOISY_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.data", "mlflow", "alembic", "optuna", "urllib3", "filelock")
 
 
 def log_path(name: str) -> Path:
     """Where this invocation's log goes: ``<runs>/logs/<name>-<time>.log``."""
-    folder = tracking.runs_dir() / "logs"
+    folder = server.runs_dir() / "logs"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
 

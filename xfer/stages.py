@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from xfer import checkpoint, cluster, data, names, packs, specs, tracking
+from xfer import checkpoint, cluster, data, names, packs, server, specs, tracking
 from xfer import train as loop
 from xfer.cells import Cell, Session, live
 from xfer.errors import XferError
@@ -86,7 +86,7 @@ def tags_of(spec: TrainingCell, pretrain_run: str | None = None) -> dict[str, st
         names.TAG_SOURCE: t.dataset if is_pretrain else spec.source,
         names.TAG_TARGET: "" if is_pretrain else t.dataset,
         names.TAG_ARCH: t.arch, names.TAG_SIZE: str(t.size or "all"), names.TAG_FREEZE: str(t.freeze_depth),
-        names.TAG_LR: str(t.lr), names.TAG_SEED: str(t.seed),
+        names.TAG_SEED: str(t.seed),   # the lr is the param train.lr: each value under one name
     }
     if pretrain_run:
         tags[names.TAG_PRETRAIN_RUN] = pretrain_run
@@ -325,7 +325,7 @@ def fit(stage: str, trainable: Any, configs: list[dict[str, Any]], options: RunO
 
 
 def storage(options: RunOptions) -> str:
-    return options.storage_path or str((tracking.runs_dir() / "ray").resolve())
+    return options.storage_path or str((server.runs_dir() / "ray").resolve())
 
 
 def _max_concurrent(options: RunOptions) -> int | None:

@@ -1,35 +1,22 @@
-"""MLflow as the project's memory: the local server, runs with tags and lineage, verified checkpoints, look-ups by key.
+"""MLflow as the project's memory: runs with tags and lineage, look-ups by key, verified checkpoints and curves.
 
-With ``MLFLOW_TRACKING_URI`` unset, xfer starts (or reuses) one detached ``mlflow server`` on 127.0.0.1
-over SQLite and an artifact folder under the runs folder (``$XFER_RUNS``, default ``./runs``); every
-process, Ray workers included, logs through that server, never to the SQLite file. With
-``MLFLOW_TRACKING_URI`` set (a cluster's head node), that server is used as is.
-
-    python -m xfer.tracking serve [--root runs] [--port 5000] [--host 127.0.0.1]   # (re)start; prints the URL
-    python -m xfer.tracking stop  [--root runs]
+Every call goes through the tracking server `xfer.server` provides (the runs folder's local one, or
+``$MLFLOW_TRACKING_URI``), by explicit run id on an explicit client. The checkpoint files themselves and their
+sha256 are `xfer.checkpoint`'s.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import fcntl
 import functools
-import hashlib
-import json
 import logging
 import os
 import shutil
 import signal
-import socket
-import sqlite3
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,9 +25,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-
+from xfer import checkpoint as checkpoints
 from xfer import names, specs
 from xfer.errors import XferError
+from xfer.server import TRACKING_URI_ENV, ensure_server, read_server_file, runs_dir
 
 if TYPE_CHECKING:
     import torch
@@ -66,13 +54,6 @@ def _ml() -> SimpleNamespace:
                            MAX_PARAMS_TAGS_PER_BATCH=validation.MAX_PARAMS_TAGS_PER_BATCH,
                            MAX_TAG_VAL_LENGTH=validation.MAX_TAG_VAL_LENGTH)
 
-TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
-RUNS_ENV = "XFER_RUNS"
-LOOPBACK = "127.0.0.1"
-SERVER_FILE = "server.json"          # pid, port, url of the running local server
-SERVER_LOG = "mlflow-server.log"
-START_TIMEOUT_S = 120.0              # cold start: ~17 s on 2 idle cores, 50-85 s when they are shared; imports dominate
-STOP_GRACE_S = 15.0
 SEARCH_PAGE = 1000
 
 TAG_GRID = "xfer.grid"              # experiment tag: the grid's canonical JSON (candidate for names.py)
@@ -82,216 +63,11 @@ TRAINING_STAGES = (names.PRETRAIN, names.FINETUNE, names.SCRATCH)  # their runs 
 SPLIT_METRICS = {"train": names.TRAIN_ERROR, "val": names.VAL_ERROR, "test": names.TEST_ERROR}
 
 
-# --- the local server -------------------------------------------------------------------------------
-
-
-def runs_dir(root: str | Path | None = None) -> Path:
-    """The runs folder: `root`, else ``$XFER_RUNS``, else ``./runs`` (absolute)."""
-    return Path(root if root is not None else os.environ.get(RUNS_ENV, "runs")).expanduser().resolve()
-
-
-def ensure_server(root: str | Path | None = None, port: int | None = None) -> str:
-    """The tracking URI: ``$MLFLOW_TRACKING_URI`` if set, else the local server (started if not up).
-
-    Sets ``MLFLOW_TRACKING_URI`` so that processes started afterwards (Ray workers) log to the same server.
-    """
-    uri = os.environ.get(TRACKING_URI_ENV)
-    if uri:
-        return uri
-    url = start_server(root, port)
-    os.environ[TRACKING_URI_ENV] = url
-    return url
-
-
-def start_server(root: str | Path | None = None, port: int | None = None, host: str = LOOPBACK) -> str:
-    """Start the runs folder's MLflow server detached, or reuse it if it answers; return its URL.
-
-    Ignores ``$MLFLOW_TRACKING_URI``: this is the command a cluster's head node runs to *be* that server.
-    A server recorded with another port or host is restarted with the ones asked for.
-    """
-    root = runs_dir(root)
-    root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / "server.lock"):  # two sweeps starting at once share one server
-        info = _read_server_file(root)
-        if info is not None:
-            ours = _server_alive(info["pid"]) and _healthy(info["url"])  # not another server on a recycled port
-            if ours and port in (None, info["port"]) and host == info["host"]:
-                return info["url"]
-            _kill_server(info["pid"])
-        port = _pick_port(host, port, info["port"] if info else None)
-        url = f"http://{LOOPBACK if host in (LOOPBACK, '0.0.0.0') else host}:{port}"
-        proc = _spawn_server(root, host, port)
-        _wait_healthy(proc, url, root / SERVER_LOG)
-        _write_server_file(root, {"pid": proc.pid, "port": port, "host": host, "url": url, "started": time.time(),
-                                  "backend": str(root / "mlflow.db"), "artifacts": str(root / "artifacts")})
-        return url
-
-
-def stop_server(root: str | Path | None = None) -> None:
-    """Stop the runs folder's local server (its whole process group) and forget it; no-op if none."""
-    root = runs_dir(root)
-    with _locked(root / "server.lock") if root.is_dir() else contextlib.nullcontext():
-        info = _read_server_file(root)
-        if info is None:
-            return
-        _kill_server(info["pid"])
-        (root / SERVER_FILE).unlink(missing_ok=True)
-    if os.environ.get(TRACKING_URI_ENV) == info["url"]:
-        del os.environ[TRACKING_URI_ENV]
-
-
-def recorded(root: str | Path | None = None) -> bool:
-    """Whether MLflow may hold runs already: a tracking URI is set, or the runs folder has a database. A dry
-    run asks before it starts a server: with nothing recorded there is nothing to look up."""
-    return bool(os.environ.get(TRACKING_URI_ENV)) or (runs_dir(root) / "mlflow.db").exists()
-
-
-def worker_env() -> dict[str, str]:
-    """Environment for Ray workers (``runtime_env={"env_vars": ...}``): the tracking URI, runs folder, retry settings."""
-    env = {TRACKING_URI_ENV: ensure_server(), RUNS_ENV: str(runs_dir())}
-    return env | {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_HTTP_REQUEST_")}
-
-
 def ui_url(experiment: str | None = None) -> str:
     """Where to point a browser: the tracking server, or one experiment's page on it."""
     uri = ensure_server()
     found = _client().get_experiment_by_name(experiment) if experiment else None
     return f"{uri}/#/experiments/{found.experiment_id}" if found else uri
-
-
-def _spawn_server(root: Path, host: str, port: int) -> subprocess.Popen:
-    db = root / "mlflow.db"
-    # WAL lets readers (UI, look-ups) proceed while a run writes; the mode persists in the file.
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        conn.execute("PRAGMA journal_mode=WAL")
-    cmd = [
-        sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
-        "--workers", "1",  # one process owns the SQLite file; its threads queue on SQLite's busy timeout
-        "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination", str(root / "artifacts"),
-    ]
-    env = {k: v for k, v in os.environ.items() if k != TRACKING_URI_ENV}
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no GenAI job runner: 8 fewer processes, start in half the time
-    with open(root / SERVER_LOG, "ab") as log_file:
-        # A new session: the server outlives this process and Ctrl-C in this terminal; stop kills the group.
-        return subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, timeout: float = START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if _healthy(url):
-            return
-        if proc.poll() is not None:
-            raise XferError(
-                f"the MLflow server exited (code {proc.returncode}) before answering at {url}; its log "
-                f"{log_path} ends: {_tail(log_path)}. Fix what the log names (mlflow missing from {sys.executable}'s "
-                "environment, a port taken, a damaged mlflow.db) and run `python -m xfer.tracking serve` again."
-            )
-        time.sleep(0.25)
-    _kill_server(proc.pid)
-    raise XferError(
-        f"the MLflow server did not answer at {url} within {timeout:.0f} s, so it was stopped; its log {log_path} "
-        f"ends: {_tail(log_path)}. On a heavily loaded machine run `python -m xfer.tracking serve` once before the grid."
-    )
-
-
-def _healthy(url: str) -> bool:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback never goes through a proxy
-    try:
-        with opener.open(url + "/health", timeout=2) as response:
-            return response.status == 200 and response.read(2) == b"OK"
-    except OSError:
-        return False
-
-
-def _pick_port(host: str, port: int | None, previous: int | None) -> int:
-    if port is not None:
-        if not _port_free(host, port):
-            raise XferError(
-                f"port {port} on {host} is in use by another program, so the MLflow server cannot start there. "
-                f"Choose another port (--port / port=), leave it unset to pick a free one, or stop what listens "
-                f"there (`ss -ltnp 'sport = :{port}'` names it)."
-            )
-        return port
-    if previous is not None and _port_free(host, previous):
-        return previous  # same URL as last time: open UI tabs keep working
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is not "in use"
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _kill_server(pgid: int) -> None:
-    """SIGTERM the server's process group, SIGKILL it after a grace period."""
-    if not _server_alive(pgid):
-        return
-    for sig, grace in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, sig)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            if not _server_alive(pgid):
-                return
-            time.sleep(0.1)
-
-
-def _server_alive(pgid: int) -> bool:
-    """Whether a live mlflow process remains in the group (a recycled pid that is not mlflow is not ours)."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pgid, os.WNOHANG)  # reap the leader if this process started it
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return True  # no /proc (macOS): trust the recorded group id
-    for stat in proc.glob("[0-9]*/stat"):
-        try:
-            state, _ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except (OSError, ValueError):
-            continue
-        if int(pgrp) == pgid and state != "Z" and b"mlflow" in cmdline:
-            return True
-    return False
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
-        yield
-
-
-def _read_server_file(root: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((root / SERVER_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _write_server_file(root: Path, info: dict[str, Any]) -> None:
-    partial = root / (SERVER_FILE + ".partial")
-    partial.write_text(json.dumps(info, indent=2))
-    partial.replace(root / SERVER_FILE)
-
-
-def _tail(path: Path, lines: int = 5) -> str:
-    try:
-        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:]) or "(empty)"
-    except OSError:
-        return "(no log)"
 
 
 # --- experiments and runs ---------------------------------------------------------------------------
@@ -404,7 +180,7 @@ class Run:
 
     def log_checkpoint(self, directory: Path) -> str:
         """Upload a checkpoint folder as names.CHECKPOINT_DIR and tag its sha256 (set after the upload)."""
-        sha = checkpoint_sha256(directory)
+        sha = checkpoints.sha256(directory)
         self._client.log_artifacts(self.run_id, str(directory), names.CHECKPOINT_DIR)
         self.set_tags({names.TAG_CHECKPOINT_SHA: sha})
         return sha
@@ -557,7 +333,7 @@ def spec_tags(spec: Any) -> dict[str, str]:
     else:
         raise XferError(f"no tags are defined for {type(spec).__name__}; pass a PretrainSpec, FinetuneSpec or AttackCellSpec.")
     return {**tags, names.TAG_ARCH: train.arch, names.TAG_SIZE: _text(train.size), names.TAG_FREEZE: _text(train.freeze_depth),
-            names.TAG_LR: _text(train.lr), names.TAG_SEED: _text(train.seed)}
+            names.TAG_SEED: _text(train.seed)}
 
 
 # --- look-ups ---------------------------------------------------------------------------------------
@@ -630,22 +406,6 @@ def _record(run: Any, experiment: str) -> RunRecord:
 # --- artifacts --------------------------------------------------------------------------------------
 
 
-def checkpoint_sha256(directory: Path) -> str:
-    """sha256 over a folder's files: each relative name, size and bytes, in sorted name order."""
-    directory = Path(directory)
-    files = sorted((p.relative_to(directory).as_posix(), p) for p in directory.rglob("*") if p.is_file())
-    if not files:
-        raise XferError(f"no checkpoint files in {directory}; write the checkpoint (xfer.checkpoint.save) before logging it.")
-    digest = hashlib.sha256()
-    for name, path in files:
-        for field in (name.encode(), str(path.stat().st_size).encode()):
-            digest.update(len(field).to_bytes(8, "big") + field)  # length-prefixed: no two folders hash alike
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def download_checkpoint(run_id: str, dst: Path | None = None) -> Path:
     """The run's checkpoint folder, verified against its sha256 tag.
 
@@ -657,7 +417,7 @@ def download_checkpoint(run_id: str, dst: Path | None = None) -> Path:
     cache = dst is None
     dst = runs_dir() / "downloads" / run_id if cache else Path(dst)
     if dst.is_dir() and any(dst.iterdir()):
-        if checkpoint_sha256(dst) == expected:
+        if checkpoints.sha256(dst) == expected:
             return dst
         if not cache:
             raise XferError(f"{dst} already holds files that are not run {run_id}'s checkpoint; pass an empty or new folder.")
@@ -665,7 +425,7 @@ def download_checkpoint(run_id: str, dst: Path | None = None) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".download-") as staging:
         fetched = _fetch(client, run_id, names.CHECKPOINT_DIR, Path(staging))
-        actual = checkpoint_sha256(fetched) if fetched.is_dir() and any(fetched.iterdir()) else "nothing"
+        actual = checkpoints.sha256(fetched) if fetched.is_dir() and any(fetched.iterdir()) else "nothing"
         if actual != expected:
             where = f"{_artifact_uri(client, run_id)}/{names.CHECKPOINT_DIR}"
             raise XferError(
@@ -676,7 +436,7 @@ def download_checkpoint(run_id: str, dst: Path | None = None) -> Path:
             )
         with contextlib.suppress(OSError):  # atomic: a concurrent reader never sees half a checkpoint
             os.replace(fetched, dst)
-    if not (dst.is_dir() and checkpoint_sha256(dst) == expected):
+    if not (dst.is_dir() and checkpoints.sha256(dst) == expected):
         raise XferError(f"could not place run {run_id}'s checkpoint at {dst}; check that the folder is writable.")
     return dst
 
@@ -716,7 +476,7 @@ def _fetch(client: MlflowClient, run_id: str, artifact_path: str, dst: Path) -> 
 def _artifact_uri(client: MlflowClient, run_id: str) -> str:
     """Where a run's artifacts live, as a path when the server proxies a local folder (mlflow-artifacts:/...)."""
     uri = client.get_run(run_id).info.artifact_uri
-    info = _read_server_file(runs_dir())
+    info = read_server_file(runs_dir())
     prefix = "mlflow-artifacts:/"
     if info is not None and uri.startswith(prefix) and os.environ.get(TRACKING_URI_ENV) == info["url"]:
         return str(Path(info["artifacts"]) / uri[len(prefix):])
@@ -769,28 +529,3 @@ def _now_ms() -> int:
 
 def _utc(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
-
-
-def _main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m xfer.tracking", description="The local MLflow tracking server.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="(re)start the runs folder's MLflow server and print its URL")
-    serve.add_argument("--root", help="runs folder (default: $XFER_RUNS, else ./runs)")
-    serve.add_argument("--port", type=int, help="default: the last port used, else a free one")
-    serve.add_argument("--host", default=LOOPBACK, help="bind address; 0.0.0.0 on a cluster head so workers reach it")
-    stop = commands.add_parser("stop", help="stop the runs folder's MLflow server")
-    stop.add_argument("--root", help="runs folder (default: $XFER_RUNS, else ./runs)")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "serve":
-            print(start_server(args.root, args.port, args.host))
-        else:
-            stop_server(args.root)
-    except XferError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main())

@@ -38,7 +38,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from xfer import checkpoint, cluster, data, models, names, specs, stages, tracking
+from xfer import checkpoint, cluster, data, models, names, server, specs, stages, tracking
 from xfer import grid as grids
 from xfer import train as loop
 from xfer.cells import Cell, live
@@ -46,7 +46,7 @@ from xfer.errors import XferError
 from xfer.specs import FinetuneSpec
 
 DEFAULT_EXPERIMENT = "tune"        # MLflow experiment of all studies: a grid's experiment holds only its own cells
-STUDY_DB = "optuna.db"             # default Optuna storage: SQLite in the runs folder (tracking.runs_dir())
+STUDY_DB = "optuna.db"             # default Optuna storage: SQLite in the runs folder (server.runs_dir())
 SEARCHED = ("lr", "weight_decay", "head_lr_mult", "freeze_depth", "unfreeze_epoch", "batch_size", "label_smoothing")
 GRID_SETTINGS = grids.TUNABLE  # what a study hands the grid; freeze depth stays a grid axis
 LR_RANGE = (1e-4, 3e-2)            # AdamW; above ~3e-2 the small nets diverge on MNIST-scale data
@@ -328,7 +328,7 @@ class StudyOutcome:
 
 
 def default_storage() -> str:
-    return f"sqlite:///{tracking.runs_dir() / STUDY_DB}"
+    return f"sqlite:///{server.runs_dir() / STUDY_DB}"
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
@@ -530,7 +530,7 @@ def _evaluate(context: TrialContext, ot_study: optuna.Study, target: data.Datase
     return StudyOutcome(
         name=study.name, storage=_shown(url), trials=len(finished(ot_study)), ran=ran, stopped_early=stopped,
         best=evaluated[best.number], default=evaluated[default.number] if default else None, importance=importance,
-        parent_run_id=context.parent_run_id or "", out_dir=tracking.runs_dir() / "studies" / study.name, notes=notes,
+        parent_run_id=context.parent_run_id or "", out_dir=server.runs_dir() / "studies" / study.name, notes=notes,
         full_length=frozenset(full),
     )
 

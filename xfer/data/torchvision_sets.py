@@ -1,0 +1,114 @@
+"""torchvision's sets in xfer's canonical shapes, read by torchvision's own loaders from its on-disk layout."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+from xfer.data import (COLOUR_GRID, GRID, Dataset, Split, _labels, _to_grid, _tv, _uint8, dataset)
+
+
+# ---------------------------------------------------------------------------------------------- torchvision sets
+
+def _idx_files(
+    folder: str, prefix: str = "", labels: str = "labels-idx1-ubyte", names: tuple[str, str] = ("train", "t10k"),
+) -> tuple[str, ...]:
+    return tuple(f"{folder}/raw/{prefix}{part}-{kind}" for part in names for kind in ("images-idx3-ubyte", labels))
+
+
+def _mnist_like(name: str, cls: type, root: Path, download: bool) -> Dataset:
+    train, test = (cls(root, train=flag, download=download) for flag in (True, False))
+    return Dataset(
+        name, Split(train.data.unsqueeze(1), train.targets), Split(test.data.unsqueeze(1), test.targets), tuple(train.classes),
+    )
+
+
+@dataset("mnist", files=_idx_files("MNIST"), gzipped=True)
+def _mnist(root: Path, download: bool) -> Dataset:
+    return _mnist_like("mnist", _tv().datasets.MNIST, root, download)
+
+
+@dataset("kmnist", files=_idx_files("KMNIST"), gzipped=True)
+def _kmnist(root: Path, download: bool) -> Dataset:
+    return _mnist_like("kmnist", _tv().datasets.KMNIST, root, download)
+
+
+@dataset("fashion_mnist", files=_idx_files("FashionMNIST"), gzipped=True)
+def _fashion_mnist(root: Path, download: bool) -> Dataset:
+    return _mnist_like("fashion_mnist", _tv().datasets.FashionMNIST, root, download)
+
+
+def _emnist(split_name: str, root: Path, download: bool) -> Dataset:
+    train, test = (_tv().datasets.EMNIST(root, split=split_name, train=flag, download=download) for flag in (True, False))
+    # EMNIST letters are labelled 1..26 (0 is an unused "N/A" class): shift to 0..25 and drop the name.
+    offset = 1 if split_name == "letters" else 0
+    # EMNIST's files hold each image transposed; swapping H and W makes the characters upright.
+    splits = [Split(part.data.transpose(1, 2).unsqueeze(1), part.targets - offset) for part in (train, test)]
+    return Dataset(f"emnist_{split_name}", *splits, tuple(train.classes[offset:]))
+
+
+def _emnist_files(split_name: str) -> tuple[str, ...]:
+    return _idx_files("EMNIST", prefix=f"emnist-{split_name}-", names=("train", "test"))
+
+
+@dataset("emnist_balanced", files=_emnist_files("balanced"), gzipped=True, zip_name="gzip.zip")
+def _emnist_balanced(root: Path, download: bool) -> Dataset:
+    return _emnist("balanced", root, download)
+
+
+@dataset("emnist_letters", files=_emnist_files("letters"), gzipped=True, zip_name="gzip.zip")
+def _emnist_letters(root: Path, download: bool) -> Dataset:
+    return _emnist("letters", root, download)
+
+
+@dataset("emnist_digits", files=_emnist_files("digits"), gzipped=True, zip_name="gzip.zip")
+def _emnist_digits(root: Path, download: bool) -> Dataset:
+    return _emnist("digits", root, download)
+
+
+@dataset("qmnist", files=_idx_files("QMNIST", prefix="qmnist-", labels="labels-idx2-int", names=("train", "test")),
+         gzipped=True)
+def _qmnist(root: Path, download: bool) -> Dataset:
+    train, test = (_tv().datasets.QMNIST(root, what=what, download=download) for what in ("train", "test"))
+    # QMNIST's targets are N×8 (class, writer, NIST ids, ...); column 0 is the class, as MNIST's.
+    splits = [Split(part.data.unsqueeze(1), part.targets[:, 0]) for part in (train, test)]
+    return Dataset("qmnist", *splits, tuple(train.classes))
+
+
+@dataset("svhn", files=("SVHN/train_32x32.mat", "SVHN/test_32x32.mat"))
+def _svhn(root: Path, download: bool) -> Dataset:
+    # torchvision reads SVHN's files from the folder it is given; a subfolder keeps the data root tidy.
+    parts = [_tv().datasets.SVHN(root / "SVHN", split=split, download=download) for split in ("train", "test")]
+    # torchvision already maps SVHN's label 10 to digit 0; .data is N×3×32×32 uint8.
+    splits = [Split(_to_grid(torch.from_numpy(part.data), gray=True, size=GRID), _labels(part.labels)) for part in parts]
+    return Dataset("svhn", *splits, tuple(string.digits))
+
+
+@dataset("usps", files=("USPS/usps.bz2", "USPS/usps.t.bz2"))
+def _usps(root: Path, download: bool) -> Dataset:
+    parts = [_tv().datasets.USPS(root / "USPS", train=flag, download=download) for flag in (True, False)]
+    # torchvision maps USPS's [-1, 1] pixels to uint8 0..255 (N×16×16) and its labels 1..10 to 0..9.
+    splits = [Split(_to_grid(_uint8(part.data)[:, None], gray=True, size=GRID), _labels(part.targets)) for part in parts]
+    return Dataset("usps", *splits, tuple(string.digits))
+
+
+_CIFAR10_FILES = tuple(
+    f"cifar-10-batches-py/{f}" for f in (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
+)
+
+
+@dataset("cifar10", files=_CIFAR10_FILES)
+def _cifar10(root: Path, download: bool) -> Dataset:
+    train, test = (_tv().datasets.CIFAR10(root, train=flag, download=download) for flag in (True, False))
+    # CIFAR10.data is N×H×W×C; the grid is channels-first.
+    splits = [Split(_uint8(part.data).permute(0, 3, 1, 2), _labels(part.targets)) for part in (train, test)]
+    return Dataset("cifar10", *splits, tuple(train.classes))
+
+
+@dataset("cifar10_gray", files=_CIFAR10_FILES)
+def _cifar10_gray(root: Path, download: bool) -> Dataset:
+    colour = _cifar10(root, download)  # not load(): a missing file should be reported under this set's name
+    splits = [Split(_to_grid(part.images, gray=True, size=COLOUR_GRID), part.labels) for part in (colour.train, colour.test)]
+    return Dataset("cifar10_gray", *splits, colour.class_names)

@@ -1,0 +1,237 @@
+"""The local MLflow server: one detached `mlflow server` per runs folder, on 127.0.0.1, over SQLite.
+
+With ``MLFLOW_TRACKING_URI`` unset, xfer starts (or reuses) the runs folder's server (``$XFER_RUNS``, default
+``./runs``); every process, Ray workers included, logs through it, never to the SQLite file. With
+``MLFLOW_TRACKING_URI`` set (a cluster's head node), that server is used as is. `xfer serve` / `xfer stop`
+(xfer.cli) start and stop it by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from xfer.errors import XferError
+
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+RUNS_ENV = "XFER_RUNS"
+LOOPBACK = "127.0.0.1"
+SERVER_FILE = "server.json"          # pid, port, url of the running local server
+SERVER_LOG = "mlflow-server.log"
+START_TIMEOUT_S = 120.0              # cold start: ~17 s on 2 idle cores, 50-85 s when they are shared; imports dominate
+STOP_GRACE_S = 15.0
+
+
+def runs_dir(root: str | Path | None = None) -> Path:
+    """The runs folder: `root`, else ``$XFER_RUNS``, else ``./runs`` (absolute)."""
+    return Path(root if root is not None else os.environ.get(RUNS_ENV, "runs")).expanduser().resolve()
+
+
+def ensure_server(root: str | Path | None = None, port: int | None = None) -> str:
+    """The tracking URI: ``$MLFLOW_TRACKING_URI`` if set, else the local server (started if not up).
+
+    Sets ``MLFLOW_TRACKING_URI`` so that processes started afterwards (Ray workers) log to the same server.
+    """
+    uri = os.environ.get(TRACKING_URI_ENV)
+    if uri:
+        return uri
+    url = start_server(root, port)
+    os.environ[TRACKING_URI_ENV] = url
+    return url
+
+
+def start_server(root: str | Path | None = None, port: int | None = None, host: str = LOOPBACK) -> str:
+    """Start the runs folder's MLflow server detached, or reuse it if it answers; return its URL.
+
+    Ignores ``$MLFLOW_TRACKING_URI``: this is the command a cluster's head node runs to *be* that server.
+    A server recorded with another port or host is restarted with the ones asked for.
+    """
+    root = runs_dir(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / "server.lock"):  # two sweeps starting at once share one server
+        info = read_server_file(root)
+        if info is not None:
+            ours = _server_alive(info["pid"]) and _healthy(info["url"])  # not another server on a recycled port
+            if ours and port in (None, info["port"]) and host == info["host"]:
+                return info["url"]
+            _kill_server(info["pid"])
+        port = _pick_port(host, port, info["port"] if info else None)
+        url = f"http://{LOOPBACK if host in (LOOPBACK, '0.0.0.0') else host}:{port}"
+        proc = _spawn_server(root, host, port)
+        _wait_healthy(proc, url, root / SERVER_LOG)
+        _write_server_file(root, {"pid": proc.pid, "port": port, "host": host, "url": url, "started": time.time(),
+                                  "backend": str(root / "mlflow.db"), "artifacts": str(root / "artifacts")})
+        return url
+
+
+def stop_server(root: str | Path | None = None) -> None:
+    """Stop the runs folder's local server (its whole process group) and forget it; no-op if none."""
+    root = runs_dir(root)
+    with _locked(root / "server.lock") if root.is_dir() else contextlib.nullcontext():
+        info = read_server_file(root)
+        if info is None:
+            return
+        _kill_server(info["pid"])
+        (root / SERVER_FILE).unlink(missing_ok=True)
+    if os.environ.get(TRACKING_URI_ENV) == info["url"]:
+        del os.environ[TRACKING_URI_ENV]
+
+
+def recorded(root: str | Path | None = None) -> bool:
+    """Whether MLflow may hold runs already: a tracking URI is set, or the runs folder has a database. A dry
+    run asks before it starts a server: with nothing recorded there is nothing to look up."""
+    return bool(os.environ.get(TRACKING_URI_ENV)) or (runs_dir(root) / "mlflow.db").exists()
+
+
+def worker_env() -> dict[str, str]:
+    """Environment for Ray workers (``runtime_env={"env_vars": ...}``): the tracking URI, runs folder, retry settings."""
+    env = {TRACKING_URI_ENV: ensure_server(), RUNS_ENV: str(runs_dir())}
+    return env | {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_HTTP_REQUEST_")}
+
+
+def _spawn_server(root: Path, host: str, port: int) -> subprocess.Popen:
+    db = root / "mlflow.db"
+    # WAL lets readers (UI, look-ups) proceed while a run writes; the mode persists in the file.
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+    cmd = [
+        sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
+        "--workers", "1",  # one process owns the SQLite file; its threads queue on SQLite's busy timeout
+        "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination", str(root / "artifacts"),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != TRACKING_URI_ENV}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no GenAI job runner: 8 fewer processes, start in half the time
+    with open(root / SERVER_LOG, "ab") as log_file:
+        # A new session: the server outlives this process and Ctrl-C in this terminal; stop kills the group.
+        return subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, timeout: float = START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _healthy(url):
+            return
+        if proc.poll() is not None:
+            raise XferError(
+                f"the MLflow server exited (code {proc.returncode}) before answering at {url}; its log "
+                f"{log_path} ends: {_tail(log_path)}. Fix what the log names (mlflow missing from {sys.executable}'s "
+                "environment, a port taken, a damaged mlflow.db) and run `xfer serve` again."
+            )
+        time.sleep(0.25)
+    _kill_server(proc.pid)
+    raise XferError(
+        f"the MLflow server did not answer at {url} within {timeout:.0f} s, so it was stopped; its log {log_path} "
+        f"ends: {_tail(log_path)}. On a heavily loaded machine run `xfer serve` once before the grid."
+    )
+
+
+def _healthy(url: str) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback never goes through a proxy
+    try:
+        with opener.open(url + "/health", timeout=2) as response:
+            return response.status == 200 and response.read(2) == b"OK"
+    except OSError:
+        return False
+
+
+def _pick_port(host: str, port: int | None, previous: int | None) -> int:
+    if port is not None:
+        if not _port_free(host, port):
+            raise XferError(
+                f"port {port} on {host} is in use by another program, so the MLflow server cannot start there. "
+                f"Choose another port (--port / port=), leave it unset to pick a free one, or stop what listens "
+                f"there (`ss -ltnp 'sport = :{port}'` names it)."
+            )
+        return port
+    if previous is not None and _port_free(host, previous):
+        return previous  # same URL as last time: open UI tabs keep working
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is not "in use"
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _kill_server(pgid: int) -> None:
+    """SIGTERM the server's process group, SIGKILL it after a grace period."""
+    if not _server_alive(pgid):
+        return
+    for sig, grace in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if not _server_alive(pgid):
+                return
+            time.sleep(0.1)
+
+
+def _server_alive(pgid: int) -> bool:
+    """Whether a live mlflow process remains in the group (a recycled pid that is not mlflow is not ours)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pgid, os.WNOHANG)  # reap the leader if this process started it
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True  # no /proc (macOS): trust the recorded group id
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            state, _ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if int(pgrp) == pgid and state != "Z" and b"mlflow" in cmdline:
+            return True
+    return False
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def read_server_file(root: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((root / SERVER_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_server_file(root: Path, info: dict[str, Any]) -> None:
+    partial = root / (SERVER_FILE + ".partial")
+    partial.write_text(json.dumps(info, indent=2))
+    partial.replace(root / SERVER_FILE)
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:]) or "(empty)"
+    except OSError:
+        return "(no log)"
