@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -81,6 +84,21 @@ def test_freeze_beyond_body_is_refused_with_the_limit() -> None:
 def test_unknown_arch_lists_known() -> None:
     with pytest.raises(XferError, match="resnet_mini"):
         models.build("vgg99", (1, 28, 28), 10)
+
+
+def test_every_arch_builds_in_a_process_that_imported_only_the_registry() -> None:
+    # A Ray worker that pretrains the adder's digit_cnn classifier, or rebuilds a recorded adder model, has
+    # imported xfer.models and nothing else of xfer: every listed arch must build there.
+    script = (
+        "from xfer import models\n"
+        "for name in models.list_archs():\n"
+        "    shape = (1, 32, 32) if name == 'resnet18' else (2, 28, 28) if name.startswith('adder_') else (1, 28, 28)\n"
+        "    models.build(name, shape, 10)\n"
+        "print(' '.join(models.list_archs()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert {"digit_cnn", "adder_transfer", "adder_features", "adder_scratch", "resnet_mini"} <= set(done.stdout.split())
 
 
 def test_normalisation_is_inside_the_model() -> None:

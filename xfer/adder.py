@@ -256,27 +256,11 @@ def _adder_features(in_shape: models.Shape, digit_arch: str = "resnet_mini",
     return nn.Sequential(PerDigit(features), nn.Linear(2 * width, ADDER_HIDDEN), nn.ReLU(inplace=True)), ADDER_HIDDEN
 
 
-def _digit_body(channels: int, h: int, w: int) -> nn.Sequential:
-    """The seed's per-digit CNN: conv 32-64 (3×3, each followed by a 2×2 max-pool), fc 128: 128 features."""
-    return nn.Sequential(
-        nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(64 * (h // 4) * (w // 4), 128), nn.ReLU(inplace=True),
-    )
-
-
-@models.arch("digit_cnn")
-def _digit_cnn(in_shape: models.Shape) -> tuple[nn.Module, int]:
-    """The scratch arm's per-digit CNN as a digit classifier (+ a 128 → 10 head). Pretrained as the adder's
-    classifier, it makes the features arm the scratch arm with a pretrained start: nothing else differs."""
-    return _digit_body(*in_shape), 128
-
-
 @models.arch(ARCHS[SCRATCH])
 def _adder_scratch(in_shape: models.Shape) -> tuple[nn.Module, int]:
     """A small CNN (conv 32-64, fc 128) on each digit → 256 → fc 128; the head maps 128 → 19."""
     h, w = _pair_shape(ARCHS[SCRATCH], in_shape)
-    return nn.Sequential(PerDigit(_digit_body(1, h, w)), nn.Linear(2 * 128, ADDER_HIDDEN), nn.ReLU(inplace=True)), ADDER_HIDDEN
+    return nn.Sequential(PerDigit(models.digit_body(1, h, w)), nn.Linear(2 * 128, ADDER_HIDDEN), nn.ReLU(inplace=True)), ADDER_HIDDEN
 
 
 def transfer_model(pretrained: models.XferModel, variant: str = TRANSFER) -> models.XferModel:
@@ -321,8 +305,9 @@ def adder_cell(spec: AdderSpec, context: packs.Context) -> Cell:
         record = context.finished(names.PRETRAIN).get(specs.key(spec.pretrain))
         if record is None:
             raise XferError(f"{label(spec)} needs the digit classifier of {stages.label(spec.pretrain)}, which has no "
-                            f"finished run in MLflow experiment {context.experiment!r}; run sweeps/adder.py, which "
-                            "trains it first.")
+                            f"finished run in MLflow experiment {context.experiment!r} (if it failed above, its reason "
+                            "is there); run the same command again (sweeps/adder.py, or the grid with an `adder:` "
+                            "section), which trains it first.")
         pretrain_run = record.run_id
 
     def prepare() -> tuple[data.Splits, models.XferModel]:

@@ -21,6 +21,9 @@ Shape = tuple[int, int, int]
 Builder = Callable[..., tuple[nn.Module, int]]   # (in_shape, **kwargs) -> (body, feature_dim)
 
 _ARCHS: dict[str, Builder] = {}
+# Archs registered by another module, imported on first use: any process (a Ray worker rebuilding a recorded
+# model, the report) can build every arch without knowing which module defines it.
+_REGISTERED_ELSEWHERE = {"adder_transfer": "xfer.adder", "adder_features": "xfer.adder", "adder_scratch": "xfer.adder"}
 
 
 def arch(name: str) -> Callable[[Builder], Builder]:
@@ -36,7 +39,7 @@ def arch(name: str) -> Callable[[Builder], Builder]:
 
 
 def list_archs() -> list[str]:
-    return sorted(_ARCHS)
+    return sorted({*_ARCHS, *_REGISTERED_ELSEWHERE})
 
 
 class XferModel(nn.Module):
@@ -66,6 +69,10 @@ def build(name: str, in_shape: Shape, num_classes: int, mean: tuple[float, ...] 
     `mean`/`std` are the training data's channel statistics in [0, 1] units (identity when omitted).
     `weights` (resnet18 only) initialises the body from ImageNet weights; it is not part of the arch.
     """
+    if name not in _ARCHS and name in _REGISTERED_ELSEWHERE:
+        import importlib
+
+        importlib.import_module(_REGISTERED_ELSEWHERE[name])
     if name not in _ARCHS:
         raise XferError(f"unknown architecture {name!r}; known architectures are {', '.join(list_archs())}.")
     in_shape = tuple(int(v) for v in in_shape)
@@ -233,6 +240,22 @@ def _lenet5(in_shape: Shape) -> tuple[nn.Module, int]:
         nn.Linear(16 * 5 * 5, 120), act(), nn.Linear(120, 84), act(),
     )
     return body, 84
+
+
+def digit_body(channels: int, h: int, w: int) -> nn.Sequential:
+    """The adder seed's per-digit CNN: conv 32-64 (3×3, each followed by a 2×2 max-pool), fc 128: 128 features."""
+    return nn.Sequential(
+        nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(64 * (h // 4) * (w // 4), 128), nn.ReLU(inplace=True),
+    )
+
+
+@arch("digit_cnn")
+def _digit_cnn(in_shape: Shape) -> tuple[nn.Module, int]:
+    """The adder's scratch-arm CNN as a digit classifier (+ a 128 → 10 head). Pretrained as the adder's
+    classifier, it makes the adder's features arm the scratch arm with a pretrained start: nothing else differs."""
+    return digit_body(*in_shape), 128
 
 
 @arch("resnet18")

@@ -134,7 +134,6 @@ def run_bench(argv: list[str]) -> int:
 
 def archs(argv: list[str]) -> int:
     """`xfer archs [NAME ...]`: each arch's parameter tensors with the freeze depth that reaches them."""
-    from xfer import adder  # noqa: F401  (registers the adder's archs, digit_cnn among them)
     from xfer import models
 
     p = argparse.ArgumentParser(prog="xfer archs", description="Each arch's parameter tensors, numbered as freeze depths.")
