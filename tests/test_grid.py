@@ -366,3 +366,13 @@ def test_adder_and_attack_surrogate_settings_are_checked_before_launch() -> None
         grids.validate(grids.from_preset("smoke", attack_surrogates=["pretrain", "everyone"]))
     with pytest.raises(XferError, match="is not a mapping of adder settings"):
         grids.make(adder=[5000])
+
+
+def test_the_grid_timing_line_reads_orchestration_only_when_the_trials_ran_one_at_a_time() -> None:
+    from xfer.stages import StageSummary
+
+    serial = pipeline.GridOutcome([StageSummary("finetune", 4, ran=4, work_seconds=30.0)], None, seconds=40.0)
+    assert "25% orchestration" in serial.timing()
+    side_by_side = pipeline.GridOutcome([StageSummary("finetune", 4, ran=4, work_seconds=60.0)], None, seconds=40.0)
+    assert "side by side" in side_by_side.timing() and "orchestration (" not in side_by_side.timing()
+    assert pipeline.GridOutcome([], None).timing() == ""

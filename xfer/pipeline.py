@@ -39,10 +39,12 @@ class GridOutcome:
         """The wall time, and the share of it not spent in the cells' own work (orchestration)."""
         if not self.seconds:
             return ""
-        share = max(0.0, 1 - self.work_seconds / self.seconds)
-        return (f"grid: {self.seconds:.0f} s wall time, of which the cells' own work (training, making adversarial "
-                f"sets; summed over cells) {self.work_seconds:.0f} s: {share:.0%} orchestration (start-up, data "
-                "hand-off, MLflow, scoring targets, the report)")
+        head = (f"grid: {self.seconds:.0f} s wall time; the cells' own work (training, making adversarial sets; "
+                f"summed over cells) {self.work_seconds:.0f} s")
+        if self.work_seconds >= self.seconds:
+            return head + ": trials ran side by side, so the share spent on orchestration cannot be read off"
+        share = 1 - self.work_seconds / self.seconds
+        return head + f": {share:.0%} orchestration (start-up, data hand-off, MLflow, scoring targets, the report)"
 
 
 class Prepared(NamedTuple):
