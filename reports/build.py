@@ -23,6 +23,7 @@ from xfer import names, server, tracking
 
 DATA, FIGURES, TABLES = "data", "figures", "tables"   # sub-folders of the report folder
 SCHEMA_FILE = "SCHEMA.md"
+KEY_FILE = ".report-key"    # in the report folder: the `report_key` of the report it holds
 
 
 @dataclass(frozen=True)
@@ -35,20 +36,28 @@ class ReportResult:
     missing: list[str]
     run_id: str | None = None
     verdicts: pd.DataFrame | None = None
+    cached: bool = False       # the report in `out` was already made from these same runs by this same code
 
 
 def build_report(experiment: str, out: Path | None = None, log_to_mlflow: bool = True,
-                 parent_run_id: str | None = None) -> ReportResult:
+                 parent_run_id: str | None = None, reuse: bool = False) -> ReportResult:
     """Build the report of `experiment` in `out` (default ``<runs folder>/reports/<experiment>``).
 
     Raises XferError, naming the known experiments, when `experiment` does not exist. Files an earlier
     report left in `out` that this one does not write are left alone, and neither linked nor logged. The
-    report's run is a child of `parent_run_id` (the grid invocation's run) when given.
+    report's run is a child of `parent_run_id` (the grid invocation's run) when given. With `reuse`, a report
+    already in `out` that was made from the same runs (ids, status, end times) by the same report code is kept
+    as it is: nothing is read but one MLflow search, and nothing is logged (`cached` is then True).
     """
     tables.ensure_experiment(experiment)
     out = Path(out) if out is not None else server.runs_dir() / "reports" / experiment
+    records = tables.inputs(experiment)
+    key = report_key(experiment, records)
+    if reuse and (out / "index.html").is_file() and _read(out / KEY_FILE) == key:
+        return ReportResult(out, [], [], cached=True)
     out.mkdir(parents=True, exist_ok=True)
-    found = tables.collect(experiment)
+    (out / KEY_FILE).unlink(missing_ok=True)     # written last: a report cut short is never taken as made
+    found = tables.collect(experiment, records)
     verdicts = all_verdicts(found)
     missing = missing_inputs(experiment, found)
     files = (write_data(found, verdicts, out) + write_figures(found, verdicts, out)
@@ -57,7 +66,22 @@ def build_report(experiment: str, out: Path | None = None, log_to_mlflow: bool =
     index.write_text(index_page(experiment, out, files, missing, verdicts, found.runs))
     files.append(index)
     run_id = log_report(experiment, out, files, found.runs["run_id"], parent_run_id) if log_to_mlflow else None
+    (out / KEY_FILE).write_text(key + "\n")
     return ReportResult(out, files, missing, run_id, verdicts)
+
+
+def report_key(experiment: str, records: list[tracking.RunRecord]) -> str:
+    """What a report is made from: the runs it reads (id, status, end time) and the source of this package."""
+    digest = hashlib.sha256(experiment.encode())
+    for r in sorted(records, key=lambda r: r.run_id):
+        digest.update(f"\n{r.run_id} {r.status} {r.end_time}".encode())
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text().strip() if path.is_file() else None
 
 
 def missing_inputs(experiment: str, found: Tables) -> list[str]:

@@ -62,9 +62,14 @@ class Tables:
     transfer: pd.DataFrame
 
 
-def collect(experiment: str) -> Tables:
-    """Read every run of `experiment` (the report's own runs and the grid's parent runs excepted) into the tables."""
-    records = [r for r in tracking.query(experiment, status=None) if r.stage not in (names.REPORT, names.GRID)]
+def inputs(experiment: str) -> list[tracking.RunRecord]:
+    """Every run of `experiment` a report reads: all but the report's own runs and the grid's parent runs."""
+    return [r for r in tracking.query(experiment, status=None) if r.stage not in (names.REPORT, names.GRID)]
+
+
+def collect(experiment: str, records: list[tracking.RunRecord] | None = None) -> Tables:
+    """Read every run of `experiment` (or the given `inputs`) into the tables."""
+    records = inputs(experiment) if records is None else records
     runs, params = runs_frame(records)
     finished = runs[runs["status"] == FINISHED]
     curves, without_curve = curves_frame(finished[finished["stage"].isin(TRAINING_STAGES)])

@@ -37,11 +37,15 @@ def test_smoke_preset_end_to_end_then_nothing_reruns(local_ray, experiment: str,
     report = Path(out.split("report: ")[1].split()[0])
     assert report.is_file() and (report.parent / "data" / "transfer.parquet").is_file()
     assert not tracking.query(experiment, status="RUNNING")
-    # The same grid again: every cell is found by its key in MLflow, nothing re-runs.
+    key_file = report.parent / ".report-key"
+    made = key_file.stat().st_mtime_ns
+    # The same grid again: every cell is found by its key in MLflow, nothing re-runs, the report is kept as made.
     outcome = pipeline.run_grid(full_grid.grid_from_args(full_grid.parser().parse_args(argv)),
-                                RunOptions(experiment=experiment), only=pipeline.STAGE_ORDER[:-1])
-    assert [s.ran for s in outcome.summaries] == [0, 0, 0, 0]
+                                RunOptions(experiment=experiment))
+    assert [s.ran for s in outcome.summaries] == [0, 0, 0, 0, 0]
     assert sum(s.cached for s in outcome.summaries) == sum(s.cells for s in outcome.summaries) > 0
+    assert outcome.summaries[-1].stage == names.REPORT and outcome.report_dir == str(report.parent)
+    assert key_file.stat().st_mtime_ns == made and len(tracking.query(experiment, tags={names.TAG_STAGE: names.REPORT})) == 1
 
 
 def _tiny_pretrain(epochs: int, seed: int = 0) -> PretrainSpec:

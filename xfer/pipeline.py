@@ -188,9 +188,10 @@ def run_grid(grid: grids.Grid, options: RunOptions, only: tuple[str, ...] = STAG
             from reports import build_report
 
             start = time.perf_counter()
-            result = build_report(options.experiment, parent_run_id=grid_run.run_id)
+            result = build_report(options.experiment, parent_run_id=grid_run.run_id, reuse=not options.force)
             report_dir = str(result.out)
-            summaries.append(StageSummary(names.REPORT, 1, ran=1, seconds=time.perf_counter() - start))
+            summaries.append(StageSummary(names.REPORT, 1, ran=int(not result.cached), cached=int(result.cached),
+                                          seconds=time.perf_counter() - start))
             grid_run.set_tags({"xfer.report_dir": report_dir})
             echo(summaries[-1].line() + f" → {report_dir}/index.html")
         skipped = datasets.skipped() if isinstance(datasets, Datasets) else {}
