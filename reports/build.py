@@ -53,7 +53,7 @@ def build_report(experiment: str, out: Path | None = None, log_to_mlflow: bool =
     out = Path(out) if out is not None else server.runs_dir() / "reports" / experiment
     records = tables.inputs(experiment)
     key = report_key(experiment, records)
-    if reuse and (out / "index.html").is_file() and _read(out / KEY_FILE) == key:
+    if reuse and _made(out, key):
         return ReportResult(out, [], [], cached=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / KEY_FILE).unlink(missing_ok=True)     # written last: a report cut short is never taken as made
@@ -80,8 +80,15 @@ def report_key(experiment: str, records: list[tracking.RunRecord]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _read(path: Path) -> str | None:
-    return path.read_text().strip() if path.is_file() else None
+def is_made(experiment: str, out: Path | None = None) -> bool:
+    """Whether `build_report(experiment, out, reuse=True)` would keep the report already there (one search)."""
+    out = Path(out) if out is not None else server.runs_dir() / "reports" / experiment
+    return _made(out, report_key(experiment, tables.inputs(experiment)))
+
+
+def _made(out: Path, key: str) -> bool:
+    stamp = out / KEY_FILE
+    return (out / "index.html").is_file() and stamp.is_file() and stamp.read_text().strip() == key
 
 
 def missing_inputs(experiment: str, found: Tables) -> list[str]:

@@ -39,9 +39,16 @@ def test_smoke_preset_end_to_end_then_nothing_reruns(local_ray, experiment: str,
     assert not tracking.query(experiment, status="RUNNING")
     key_file = report.parent / ".report-key"
     made = key_file.stat().st_mtime_ns
+    grid = full_grid.grid_from_args(full_grid.parser().parse_args(argv))
+    # The plan of the finished grid: every stage's cells are in MLflow, the attack cells counted as they ran.
+    lines: list[str] = []
+    pipeline.dry_run(grid, RunOptions(experiment=experiment), echo=lines.append)
+    rows = {line.split()[0]: line.split()[1:4] for line in lines if line.startswith("  ") and len(line.split()) > 4}
+    attack_cells = len({r.tags[names.TAG_KEY] for r in by_stage[names.ATTACK] if names.TAG_TARGET_RUN not in r.tags})
+    assert rows["attack"] == [str(attack_cells)] * 2 + ["0"] and rows["report"] == ["1", "1", "0"]
+    assert rows["pretrain"] == ["2", "2", "0"] and rows["total"][1:] == ["0", "0"]   # to run, packs
     # The same grid again: every cell is found by its key in MLflow, nothing re-runs, the report is kept as made.
-    outcome = pipeline.run_grid(full_grid.grid_from_args(full_grid.parser().parse_args(argv)),
-                                RunOptions(experiment=experiment))
+    outcome = pipeline.run_grid(grid, RunOptions(experiment=experiment))
     assert [s.ran for s in outcome.summaries] == [0, 0, 0, 0, 0]
     assert sum(s.cached for s in outcome.summaries) == sum(s.cells for s in outcome.summaries) > 0
     assert outcome.summaries[-1].stage == names.REPORT and outcome.report_dir == str(report.parent)

@@ -133,13 +133,31 @@ def planned(prepared: Prepared, grid: grids.Grid, options: RunOptions, gpus: int
 
     from xfer import plan
 
-    finished = (lambda stage: set(tracking.finished_by_key(options.experiment, stage))) if server.recorded() \
+    recorded = server.recorded() and not options.force
+    finished = (lambda stage: set(tracking.finished_by_key(options.experiment, stage))) if recorded \
         else (lambda stage: set())
     gpu_share = options.gpus_per_trial or cluster.GPU_SHARE
     slots = max(1, int((os.cpu_count() or 1) // max(options.cpus_per_trial, 1e-3)))
     size = (lambda on_gpu: options.pack_size or packs.PACK_SIZE["cuda" if on_gpu else "cpu"])
     return plan.plan(grid, prepared.cells, prepared.infos, finished, prepared.missing, size, slots,
-                     options.cpus_per_trial, gpus, gpu_share, echo)
+                     options.cpus_per_trial, gpus, gpu_share, echo,
+                     attack_cells=(lambda: _attack_counts(prepared.cells, grid, options)) if recorded else None,
+                     report_made=recorded and _report_made(options.experiment))
+
+
+def _attack_counts(cells: grids.Cells, grid: grids.Grid, options: RunOptions) -> tuple[int, int]:
+    """The attack stage's cells and those still to run, from MLflow (once every training cell is there)."""
+    from xfer import attack
+
+    keys = {specs.key(c) for _, group in training_stages(cells) for c in group}
+    planned = attack.plan(options.experiment, list(cells.attacks), keys=keys, surrogate_stages=grid.attack_surrogates)
+    return len(planned), len(attack.unfinished(options.experiment, planned))
+
+
+def _report_made(experiment: str) -> bool:
+    from reports.build import is_made
+
+    return tracking.experiment_exists(experiment) and is_made(experiment)
 
 
 def dry_run(grid: grids.Grid, options: RunOptions, echo: Callable[[str], None] = print,

@@ -29,6 +29,7 @@ from xfer.specs import TrainSpec
 PACK_START_S = 6.0
 CELL_RECORD_S = 1.5
 STAGE_START_S = 8.0            # a stage's Tune run: its set-up and its ends
+REPORT_S = 5.0                 # reading the runs, drawing the figures, logging the report run
 EVAL_COST = 1 / 3              # an evaluated example costs about a third of a trained one (forward only)
 GPU_TFLOPS = 30.0              # assumed effective TFLOP/s of one GPU on these small models (issue 15's figure for an H100)
 CALIBRATION_STEPS = 3          # timed training steps per arch (after one warm-up step)
@@ -163,9 +164,12 @@ def _read(path: Path | None) -> dict[str, Any]:
 
 def plan(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any], finished: Callable[[str], set[str]],
          missing: dict[str, str], pack_size: Callable[[bool], int], slots: int, cpus_per_trial: float = 1.0,
-         gpus: int = 0, gpu_share: float = 0.25, echo: Callable[[str], None] | None = None) -> Plan:
+         gpus: int = 0, gpu_share: float = 0.25, echo: Callable[[str], None] | None = None,
+         attack_cells: Callable[[], tuple[int, int]] | None = None, report_made: bool = False) -> Plan:
     """Each stage's cells, what MLflow already has (`finished(stage)`: keys), packs and estimated wall time here
-    (`slots` trials at once on this machine) and on `gpus` GPUs (`gpu_share` of a GPU per trial)."""
+    (`slots` trials at once on this machine) and on `gpus` GPUs (`gpu_share` of a GPU per trial).
+    `attack_cells()`: the attack stage's (cells, still to run), asked only once every training cell is in MLflow
+    (before then its cells are estimated from the grid); `report_made`: the report of these runs is already made."""
     from xfer import specs
 
     cache = server.runs_dir() / "calibration.json"
@@ -199,8 +203,11 @@ def plan(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any], finished: 
     adder_row = _adder_plan(grid, finished, slots, pack_size(False), cpus_per_trial, cache, rates, sources, infos)
     if adder_row is not None:
         stages.append(adder_row)
-    stages.append(_attack_plan(grid, cells, stages, infos, slots, gpus))
-    stages.append(StagePlan(names.REPORT, 1, 0, 1, 0, 5.0, 5.0 if gpus else 0.0))
+    trained = all(s.todo == 0 for s in stages)
+    stages.append(_attack_plan(grid, cells, infos, slots, gpus, attack_cells() if trained and attack_cells else None))
+    made = report_made and all(s.todo == 0 for s in stages)
+    stages.append(StagePlan(names.REPORT, 1, int(made), int(not made), 0, 0.0 if made else REPORT_S,
+                            0.0 if made or not gpus else REPORT_S))
     words = []
     if rates:
         words.append("CPU throughput per arch (training examples/s, " + f"{threads} thread(s) a trial): "
@@ -262,28 +269,31 @@ def _adder_plan(grid: grids.Grid, finished: Callable[[str], set[str]], slots: in
                      seconds + pretraining, 0.0, note=f"and {len(classifiers)} digit classifier(s) to pretrain" if classifiers else "")
 
 
-def _attack_plan(grid: grids.Grid, cells: grids.Cells, stages: list[StagePlan], infos: dict[str, Any],
-                 slots: int, gpus: int) -> StagePlan:
+def _attack_plan(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any], slots: int, gpus: int,
+                 known: tuple[int, int] | None) -> StagePlan:
     """The attack stage's cells (`Grid.attack_surrogates`): pretrained and scratch models scored on every target,
-    each target on itself; each set generated once (attack_n × steps forward and backward), then scored (two
-    forward passes of attack_n per target)."""
+    each fine-tuned target on itself; each set generated once (attack_n × steps forward and backward), then scored
+    (two forward passes of attack_n per target). `known`: (cells, still to run) from MLflow once training is done;
+    before then the count is the grid's (an upper bound: settings a surrogate cannot attack are dropped later)."""
     settings = len(cells.attacks)
     targets = len(cells.finetune) + len(cells.scratch)
     crossing = (len(cells.pretrain) if "pretrain" in grid.attack_surrogates else 0) + (
         len(cells.scratch) if "scratch" in grid.attack_surrogates else 0)
-    own = targets if "self" in grid.attack_surrogates else 0
-    count = settings * (crossing + own)
-    if not count:
-        return StagePlan(names.ATTACK, 0, 0, 0, 0, 0.0, 0.0)
-    forwards = count * grid.attack_n * grid.attack_steps * 3 + settings * (crossing * targets + own) * 2 * grid.attack_n
+    own = len(cells.finetune) if "self" in grid.attack_surrogates else 0
+    count, todo = known or (settings * (crossing + own),) * 2
+    if not todo:
+        return StagePlan(names.ATTACK, count, count, 0, 0, 0.0, 0.0)
+    share = todo / max(1, settings * (crossing + own))
+    forwards = share * (settings * (crossing + own) * grid.attack_n * grid.attack_steps * 3
+                        + settings * (crossing * targets + own) * 2 * grid.attack_n)
     arch = grid.archs[0]
     target = infos[grid.target]
     rate, _ = throughput(arch, target.in_shape, target.num_classes, grid.batch_size, "cpu", 1,
                          server.runs_dir() / "calibration.json")
     here = forwards / 3 / rate / max(1, slots) + STAGE_START_S
     gpu = forwards * flops_per_example(arch, target.in_shape, target.num_classes) / (GPU_TFLOPS * 1e12 * gpus) if gpus else 0.0
-    return StagePlan(names.ATTACK, count, 0, count, 0, here, gpu,
-                     note=f"cells once training has run, at {arch}'s speed: rough")
+    return StagePlan(names.ATTACK, count, count - todo, todo, 0, here, gpu,
+                     note=f"at {arch}'s speed: rough" if known else f"cells once training has run, at {arch}'s speed: rough")
 
 
 def _known(cache: Path, arch: str) -> bool:

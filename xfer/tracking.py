@@ -101,6 +101,12 @@ def experiment_id(name: str) -> str:
     return found.experiment_id
 
 
+def experiment_exists(name: str) -> bool:
+    """Whether experiment `name` exists (and is not in the trash); creates nothing."""
+    found = _client().get_experiment_by_name(name)
+    return found is not None and found.lifecycle_stage != "deleted"
+
+
 def log_grid(experiment: str, description: str) -> None:
     """Record the grid's canonical JSON on its experiment (tag TAG_GRID), so MLflow alone can reproduce it."""
     if len(description) > _ml().MAX_EXPERIMENT_TAG_VAL_LENGTH:
