@@ -376,3 +376,5 @@ def test_the_grid_timing_line_reads_orchestration_only_when_the_trials_ran_one_a
     side_by_side = pipeline.GridOutcome([StageSummary("finetune", 4, ran=4, work_seconds=60.0)], None, seconds=40.0)
     assert "side by side" in side_by_side.timing() and "orchestration (" not in side_by_side.timing()
     assert pipeline.GridOutcome([], None).timing() == ""
+    nothing = pipeline.GridOutcome([StageSummary("finetune", 4, cached=4)], None, seconds=0.4)
+    assert nothing.timing() == "grid: nothing to run, every cell is in MLflow (0.4 s wall time)"

@@ -39,6 +39,8 @@ class GridOutcome:
         """The wall time, and the share of it not spent in the cells' own work (orchestration)."""
         if not self.seconds:
             return ""
+        if not any(s.ran for s in self.summaries):
+            return f"grid: nothing to run, every cell is in MLflow ({self.seconds:.1f} s wall time)"
         head = (f"grid: {self.seconds:.0f} s wall time; the cells' own work (training, making adversarial sets; "
                 f"summed over cells) {self.work_seconds:.0f} s")
         if self.work_seconds >= self.seconds:
