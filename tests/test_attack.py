@@ -270,6 +270,41 @@ def test_attack_stage_generates_once_per_surrogate_and_setting_and_reads_back_fr
     assert torch.bincount(stored.labels).tolist() == [N // 10] * 10  # stratified over the ten digits
 
 
+def test_a_pack_runs_each_target_once_per_clean_set_and_scores_it_as_a_fresh_pass_would(
+        lineage: Lineage, monkeypatch: pytest.MonkeyPatch) -> None:
+    experiment = lineage.experiment
+    # Two settings on the seed-0 examples and one on the seed-1 examples: two clean sets.
+    settings = [AttackSpec(attack=a, eps=0.15, n=N, dataset=TASK, seed=seed) for a, seed in (("fgsm", 0), ("pgd", 0), ("fgsm", 1))]
+    surrogates = {(lineage.id("digits_pre"),), (lineage.id("scratch"),)}
+    cells = [c for c in attack.plan(experiment, settings) if c.surrogate_run_ids in surrogates]
+    targets = (lineage.id("child"), lineage.id("scratch"))
+    assert len(cells) == 6 and all(set(c.target_run_ids) == set(targets) for c in cells)
+    clean_passes = []
+    real_predict = attack.predict
+
+    def counting(model, images, device=None):  # noqa: ANN001
+        if images.dtype == torch.uint8:    # clean images; adversarial ones are floats
+            clean_passes.append(images)
+        return real_predict(model, images, device)
+
+    monkeypatch.setattr(attack, "predict", counting)
+    assert attack.run_pack(experiment, cells, device="cpu") == {}
+    # One clean pass per generation (the surrogate's white-box score) and one per (target, clean set),
+    # not one per (cell, target): 6 + 2 × 2, where scoring each cell's targets afresh made 6 + 6 × 2.
+    assert len(clean_passes) == 6 + 2 * 2
+    monkeypatch.setattr(attack, "predict", real_predict)
+
+    keys = {c.key for c in cells}
+    generations = {r.run_id: r for r in _attack_runs(experiment)[0] if r.key in keys}
+    evaluated = [r for r in _attack_runs(experiment)[1] if r.tags[PARENT_RUN_TAG] in generations]
+    assert len(evaluated) == 12
+    for run in evaluated:   # each score equals the target scored alone on the stored set
+        stored = attack.read_examples(generations[run.tags[PARENT_RUN_TAG]].run_id)
+        alone = attack.evaluate(tracking.load_model(run.tags[names.TAG_TARGET_RUN])[0], stored.clean, stored.adv,
+                                stored.labels, "cpu")
+        assert {k: run.metrics[k] for k in alone} == pytest.approx(alone, nan_ok=True)
+
+
 def test_attack_stage_refuses_cells_whose_models_do_not_fit_the_task(lineage: Lineage) -> None:
     experiment = lineage.experiment
     pgd = AttackSpec(attack="pgd", eps=EPS, n=N, dataset=TASK, seed=7)

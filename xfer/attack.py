@@ -257,18 +257,19 @@ def predict(model: nn.Module, images: torch.Tensor, device: torch.device | str |
 
 
 def evaluate(target: nn.Module, clean: torch.Tensor, adv: torch.Tensor, labels: torch.Tensor,
-             device: torch.device | str | None = None) -> dict[str, float]:
+             device: torch.device | str | None = None, clean_predictions: torch.Tensor | None = None) -> dict[str, float]:
     """Clean accuracy, adversarial accuracy and attack success rate of `target` on one adversarial set.
 
     Success rate = share of the examples the target classifies correctly when clean that it gets wrong
-    after the attack (NaN when it gets none right: there is nothing to attack).
+    after the attack (NaN when it gets none right: there is nothing to attack). `clean_predictions`: the target's
+    predictions on `clean` when already known (`Context.clean_predictions`), so only `adv` is run.
     """
     if clean.shape != adv.shape or len(labels) != len(clean):
         raise XferError(f"clean images {tuple(clean.shape)}, adversarial images {tuple(adv.shape)} and "
                         f"{len(labels)} labels do not describe one set of examples.")
     _check_shape(target, adv, "target")
     labels = labels.cpu().long()
-    right_clean = predict(target, clean, device) == labels
+    right_clean = (predict(target, clean, device) if clean_predictions is None else clean_predictions) == labels
     right_adv = predict(target, adv, device) == labels
     survived = right_clean.sum().item()
     return {
@@ -487,6 +488,7 @@ class Context:
         self.done = {r.key: r for r in tracking.query(experiment, names.ATTACK)}   # finished generation / evaluation runs
         self._runs: dict[str, _Model] | None = None
         self._models: dict[str, nn.Module] = {}
+        self._clean: dict[tuple[str, str, bytes], torch.Tensor] = {}
 
     def runs(self, ids: Sequence[str]) -> list[_Model]:
         """The training runs `ids`, in order; refused unless each is finished with a checkpoint."""
@@ -503,6 +505,16 @@ class Context:
         if run_id not in self._models:
             self._models[run_id] = tracking.load_model(run_id)[0]
         return self._models[run_id]
+
+    def clean_predictions(self, run_id: str, dataset: str, examples: Examples,
+                          device: torch.device | str | None = None) -> torch.Tensor:
+        """Target `run_id`'s predictions on `examples`' clean images, run once per process: every setting and
+        surrogate of one (dataset, n, seed) attacks the same clean examples, so a pack pays each target's clean
+        pass once, and scoring a target costs one forward pass per adversarial set instead of two."""
+        key = (run_id, dataset, examples.indices.numpy().tobytes())
+        if key not in self._clean:
+            self._clean[key] = predict(self.model(run_id), examples.clean, device)
+        return self._clean[key]
 
 
 def _add(cells: dict[str, AttackCell], spec: AttackSpec, surrogates: list[_Model], targets: list[str]) -> None:
@@ -669,7 +681,8 @@ def _evaluation_run(context: Context, cell: AttackCell, generation_id: str, surr
                     examples: Examples, device: torch.device | str | None) -> dict[str, float]:
     """Score one target on the adversarial set, as a child run of the generation run."""
     model = context.model(target.run_id)
-    metrics = evaluate(model, examples.clean, examples.adv, examples.labels, device)
+    clean = context.clean_predictions(target.run_id, cell.spec.attack.dataset, examples, device)
+    metrics = evaluate(model, examples.clean, examples.adv, examples.labels, device, clean_predictions=clean)
     key = specs.key(EvaluationSpec(cell.key, target.run_id))
     tags = {**_generation_tags(cell), **_lineage_tags(surrogates, target), names.TAG_TARGET_RUN: target.run_id}
     with tracking.start_run(context.experiment, names.ATTACK, key, tags=tags, run_name=f"{_run_name(cell)} → {_label(target)}",

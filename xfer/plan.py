@@ -204,7 +204,8 @@ def plan(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any], finished: 
     if adder_row is not None:
         stages.append(adder_row)
     trained = all(s.todo == 0 for s in stages)
-    stages.append(_attack_plan(grid, cells, infos, slots, gpus, attack_cells() if trained and attack_cells else None))
+    stages.append(_attack_plan(grid, cells, infos, slots, gpus, attack_cells() if trained and attack_cells else None,
+                               pack_size(False)))
     made = report_made and all(s.todo == 0 for s in stages)
     stages.append(StagePlan(names.REPORT, 1, int(made), int(not made), 0, 0.0 if made else REPORT_S,
                             0.0 if made or not gpus else REPORT_S))
@@ -270,11 +271,12 @@ def _adder_plan(grid: grids.Grid, finished: Callable[[str], set[str]], slots: in
 
 
 def _attack_plan(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any], slots: int, gpus: int,
-                 known: tuple[int, int] | None) -> StagePlan:
+                 known: tuple[int, int] | None, pack: int = 1) -> StagePlan:
     """The attack stage's cells (`Grid.attack_surrogates`): pretrained and scratch models scored on every target,
     each fine-tuned target on itself; each set generated once (attack_n × steps forward and backward), then scored
-    (two forward passes of attack_n per target). `known`: (cells, still to run) from MLflow once training is done;
-    before then the count is the grid's (an upper bound: settings a surrogate cannot attack are dropped later)."""
+    (one forward pass of attack_n per target and set, plus each target's clean pass once per pack of `pack` cells).
+    `known`: (cells, still to run) from MLflow once training is done; before then the count is the grid's (an
+    upper bound: settings a surrogate cannot attack are dropped later)."""
     settings = len(cells.attacks)
     targets = len(cells.finetune) + len(cells.scratch)
     crossing = (len(cells.pretrain) if "pretrain" in grid.attack_surrogates else 0) + (
@@ -284,15 +286,18 @@ def _attack_plan(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any], sl
     if not todo:
         return StagePlan(names.ATTACK, count, count, 0, 0, 0.0, 0.0)
     share = todo / max(1, settings * (crossing + own))
-    forwards = share * (settings * (crossing + own) * grid.attack_n * grid.attack_steps * 3
-                        + settings * (crossing * targets + own) * 2 * grid.attack_n)
+    packs = -(-todo // max(1, pack))
+    crossing_cells, own_cells = share * settings * crossing, share * settings * own
+    forwards = grid.attack_n * ((crossing_cells + own_cells) * grid.attack_steps * 3    # generation
+                                + crossing_cells * targets + own_cells                   # adversarial passes
+                                + math.ceil(crossing_cells / max(1, pack)) * targets + own_cells)  # clean passes
     arch = grid.archs[0]
     target = infos[grid.target]
     rate, _ = throughput(arch, target.in_shape, target.num_classes, grid.batch_size, "cpu", 1,
                          server.runs_dir() / "calibration.json")
     here = forwards / 3 / rate / max(1, slots) + STAGE_START_S
     gpu = forwards * flops_per_example(arch, target.in_shape, target.num_classes) / (GPU_TFLOPS * 1e12 * gpus) if gpus else 0.0
-    return StagePlan(names.ATTACK, count, count - todo, todo, 0, here, gpu,
+    return StagePlan(names.ATTACK, count, count - todo, todo, packs, here, gpu,
                      note=f"at {arch}'s speed: rough" if known else f"cells once training has run, at {arch}'s speed: rough")
 
 
