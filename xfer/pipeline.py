@@ -149,11 +149,22 @@ def planned(prepared: Prepared, grid: grids.Grid, options: RunOptions, gpus: int
 
 def _attack_counts(cells: grids.Cells, grid: grids.Grid, options: RunOptions) -> tuple[int, int]:
     """The attack stage's cells and those still to run, from MLflow (once every training cell is there)."""
+    planned, todo = _attack_cells(cells.attacks, options, _training_keys(cells), grid.attack_surrogates)
+    return len(planned), len(todo)
+
+
+def _training_keys(cells: grids.Cells) -> set[str]:
+    """The keys of the grid's training cells: the models its attack stage attacks."""
+    return {specs.key(c) for _, group in training_stages(cells) for c in group}
+
+
+def _attack_cells(attack_specs: tuple[Any, ...], options: RunOptions, keys: set[str] | None,
+                  surrogate_stages: tuple[str, ...]) -> tuple[list[Any], list[Any]]:
+    """The attack stage's cells as MLflow's training runs make them, and those with work left."""
     from xfer import attack
 
-    keys = {specs.key(c) for _, group in training_stages(cells) for c in group}
-    planned = attack.plan(options.experiment, list(cells.attacks), keys=keys, surrogate_stages=grid.attack_surrogates)
-    return len(planned), len(attack.unfinished(options.experiment, planned))
+    planned = attack.plan(options.experiment, list(attack_specs), keys=keys, surrogate_stages=surrogate_stages)
+    return planned, attack.unfinished(options.experiment, planned)
 
 
 def _report_made(experiment: str) -> bool:
@@ -200,8 +211,7 @@ def run_grid(grid: grids.Grid, options: RunOptions, only: tuple[str, ...] = STAG
                 summaries.append(summary)
                 echo(summary.line())
         if names.ATTACK in only and cells.attacks:
-            keys = {specs.key(c) for _, group in training_stages(cells) for c in group}
-            summaries.append(run_attack_stage(cells.attacks, options, view, keys, grid.attack_surrogates))
+            summaries.append(run_attack_stage(cells.attacks, options, view, _training_keys(cells), grid.attack_surrogates))
             echo(summaries[-1].line())
         report_dir = None
         if names.REPORT in only:
@@ -247,8 +257,7 @@ def run_attack_stage(attack_specs: tuple[Any, ...], options: RunOptions, view: A
     models attacked); `surrogate_stages`: whose examples are scored on every target (`Grid.attack_surrogates`)."""
     from xfer import attack
 
-    planned = attack.plan(options.experiment, list(attack_specs), keys=keys, surrogate_stages=surrogate_stages)
-    todo = attack.unfinished(options.experiment, planned)
+    planned, todo = _attack_cells(attack_specs, options, keys, surrogate_stages)
     summary = StageSummary(names.ATTACK, len(planned), cached=len(planned) - len(todo))
     if not todo:
         return summary
