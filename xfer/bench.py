@@ -3,6 +3,7 @@
     xfer bench [--arch resnet_mini] [--dataset mnist5k] [--epochs 10] [--target 0.97]   (or python -m xfer.bench)
     xfer bench --transfer [--sources glyph_digits glyph_letters] [--size 500] [--seeds 0 1 2]
     xfer bench --pack [--archs resnet_mini lenet5 mlp_mixer] [--cells 6] [--json]
+    xfer bench --score [--archs resnet_mini alexnet_mini mlp_mixer] [--targets 8] [--n 1000] [--json]
 
 Seed style = torchvision Dataset of PIL images + DataLoader + ToTensor/Normalize, batch 64, fp32.
 xfer = uint8 tensors on the device, permutation batches, per-batch normalisation (bf16 + channels_last
@@ -12,6 +13,11 @@ on CUDA), batch 128. Each pipeline runs in its own process so peak memory is its
 cell) twice side by side: one Tune trial per cell (`--pack-size 1`) and one packed trial, on a Ray of one
 slot so both see the same parallelism; it prints cells/hour and samples/s of each (`--json`: a list of rows
 ``{"device", "arch", "cells", "cells_per_hour": {...}, "samples_per_s": {...}}``).
+
+`--score` times the attack stage's scoring (`xfer.stacked`): `targets` untrained models of each arch predicting
+the same `n` random images, one target after another against one stacked model (vmap), after a warm-up each way;
+it prints target-examples scored per second both ways and their ratio (`--json`: rows ``{"arch", "device",
+"targets", "examples", "loop_per_s", "stacked_per_s", "ratio"}``).
 
 `--transfer` prints the foundation's transfer figure: `arch` pretrained on each glyph source, then
 fine-tuned (all layers, new head) on `size` MNIST-5k digits, against the same arch from scratch on the
@@ -263,7 +269,8 @@ GPU_REPORT_ARCHS = ("resnet_mini", "alexnet_mini", "mlp_mixer", "lenet5")
 
 def gpu_report(device: str = "cuda", quick: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Install check, correctness of the batched model against one cell at a time, cells/hour of the three paths,
-    batched throughput and peak memory per arch at the seed's sizes, and the projected seed-grid time.
+    batched throughput and peak memory per arch at the seed's sizes, the projected seed-grid time, and scoring
+    many targets one after another against stacked.
 
     Sized to finish in well under 8 minutes on one H100-class GPU; `quick` shrinks every size for a CPU check of
     the script itself (its figures then mean nothing).
@@ -305,9 +312,29 @@ def gpu_report(device: str = "cuda", quick: bool = False, echo: Callable[[str], 
     report["seed_grid_hours"] = _projected_seed_grid(report["batched"], plans) / 3600
     echo(f"projected seed grid (training stages, packs of 32 as one batched model, one {name}): "
          f"{report['seed_grid_hours']:.2f} h")
+    # 6. Scoring: the attack stage's targets one after another against one stacked model. Its own failure is
+    # recorded, not raised, so the figures above still come back.
+    report["score"] = _section("score", echo, lambda: _score_rows(archs, device, quick, echo))
     report["seconds"] = time.perf_counter() - began
     echo(f"gpu report took {report['seconds']:.0f} s")
     return report
+
+
+def _section(name: str, echo: Callable[[str], None], measure: Callable[[], Any]) -> Any:
+    """A report section's figures, or {"error": ...} when it fails: one broken section must not cost a lent GPU's
+    whole report."""
+    try:
+        return measure()
+    except Exception as exc:   # any failure: the report's other sections are still worth returning
+        echo(f"{name}: FAILED ({type(exc).__name__}: {exc})")
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _score_rows(archs: Sequence[str], device: str, quick: bool, echo: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Target-examples/s of a set of targets scored one after another and as one stacked model (`xfer.stacked`)."""
+    from xfer import stacked
+
+    return stacked.bench(archs, 2 if quick else 16, 64 if quick else 5000, [device], echo)
 
 
 def _batched_matches_alone(device: str, quick: bool) -> dict[str, Any]:

@@ -8,6 +8,7 @@
     xfer bench --gpu-report                    # every GPU measurement in one call (on a GPU)
     xfer bench --transfer                      # glyph-pretrained vs scratch on 500 MNIST-5k digits
     xfer bench --attack                        # PGD generation, examples/s
+    xfer bench --score [--targets 8] [--json]  # K targets scoring the same images: one after another vs stacked
     xfer archs resnet_mini                     # an arch's parameter tensors, numbered as freeze depths
 """
 
@@ -71,7 +72,7 @@ def stop(argv: list[str]) -> int:
 
 
 def bench_parser() -> argparse.ArgumentParser:
-    from xfer import bench
+    from xfer import bench, stacked
 
     cuda = _cuda()
     p = argparse.ArgumentParser(prog="xfer bench", description=bench.__doc__,
@@ -88,24 +89,31 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-epochs", type=int, default=3)
     p.add_argument("--pretrain-size", type=int, default=5000)
     p.add_argument("--pack", action="store_true", help="a trial per cell against packed trials (cells/hour)")
-    p.add_argument("--archs", nargs="+", default=list(bench.PACK_ARCHS), help="--pack: the archs to measure")
+    p.add_argument("--archs", nargs="+", default=None,
+                   help=f"--pack, --score: the archs to measure (default --pack: {' '.join(bench.PACK_ARCHS)}; "
+                        f"--score: {' '.join(stacked.SCORE_ARCHS)})")
     p.add_argument("--cells", type=int, default=6, help="--pack: cells per arch")
     p.add_argument("--pack-cell-size", type=int, default=1000, help="--pack: training examples per cell")
     p.add_argument("--pack-epochs", type=int, default=1, help="--pack: epochs per cell")
-    p.add_argument("--json", action="store_true", help="--pack, --gpu-report: print the rows as JSON")
+    p.add_argument("--json", action="store_true", help="--pack, --score, --gpu-report: print the rows as JSON")
+    p.add_argument("--score", action="store_true",
+                   help="K targets of one arch scoring the same images, one after another vs as one stacked model "
+                        "(target-examples/s)")
+    p.add_argument("--targets", type=int, default=8, help="--score: target models per arch")
     p.add_argument("--gpu-report", action="store_true",
                    help="every GPU measurement in one go: install and correctness checks, cells/hour of the three "
                         "paths, batched throughput and peak memory per arch, the projected seed-grid time")
     p.add_argument("--device", default="cuda", help="--gpu-report: the device (cpu runs the script small, as a check)")
     p.add_argument("--quick", action="store_true", help="--gpu-report: tiny sizes (checks the script, not the GPU)")
     p.add_argument("--attack", action="store_true", help="time PGD generation (examples/s) on CPU and, if present, CUDA")
-    p.add_argument("--n", type=int, default=1000, help="--attack: examples to generate (mnist5k's test split has 1000)")
+    p.add_argument("--n", type=int, default=1000,
+                   help="--attack: examples to generate (mnist5k's test split has 1000); --score: images to score")
     p.add_argument("--steps", type=int, default=10, help="--attack: PGD steps")
     return p
 
 
 def run_bench(argv: list[str]) -> int:
-    from xfer import attack, bench
+    from xfer import attack, bench, stacked
 
     args = bench_parser().parse_args(argv)
     echo = (lambda line: print(line, file=sys.stderr)) if args.json else print
@@ -117,7 +125,12 @@ def run_bench(argv: list[str]) -> int:
         if args.json:
             print(json.dumps(result, indent=2, default=str))
     elif args.pack:
-        rows = bench.pack_rows(args.archs, args.cells, args.pack_cell_size, args.pack_epochs, args.devices, echo=echo)
+        rows = bench.pack_rows(args.archs or list(bench.PACK_ARCHS), args.cells, args.pack_cell_size, args.pack_epochs,
+                               args.devices, echo=echo)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+    elif args.score:
+        rows = stacked.bench(args.archs or list(stacked.SCORE_ARCHS), args.targets, args.n, args.devices, echo=echo)
         if args.json:
             print(json.dumps(rows, indent=2))
     elif args.attack:
