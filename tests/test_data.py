@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import string
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -543,3 +546,90 @@ def test_skipped_images_are_named_on_the_terminal_and_kept_in_mlflow(tmp_path: P
     assert record.tags["xfer.skipped_images"] == str(len(bad))
     listed = tracking.download_artifact(record.run_id, "skipped_images.txt").read_text().splitlines()
     assert listed == [f"{name}\t{file}" for file in bad]
+
+
+# ---------------------------------------------------------------------------------------------- stand-ins
+
+CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+@pytest.fixture
+def fresh_stand_ins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty stand-in cache for the test: the process keeps what it builds, and four stand-ins hold ~450 MB."""
+    monkeypatch.setattr(data, "_stand_ins", {})
+
+
+def test_every_torchvision_set_has_published_facts_whose_classes_are_its_loaders(tiny_root: TinyRoot) -> None:
+    assert sorted(data.PUBLISHED) == sorted(FILE_SETS)
+    for name in FILE_SETS:
+        facts, loaded = data.PUBLISHED[name], data.load(name, tiny_root.path)
+        assert facts.num_classes == len(facts.class_names) and facts.in_shape == loaded.in_shape
+        if not name.startswith("cifar10"):  # the fixture's batches.meta names its classes class_a..class_j
+            assert facts.class_names == loaded.class_names, name
+    assert data.PUBLISHED["cifar10"].class_names == data.PUBLISHED["cifar10_gray"].class_names == CIFAR10_NAMES
+
+
+@pytest.mark.parametrize("name, train, test, shape, first, last", [
+    ("mnist", 60000, 10000, (1, 28, 28), "0 - zero", "9 - nine"),
+    ("emnist_letters", 124800, 20800, (1, 28, 28), "a", "z"),      # the loader's: labels 1..26 shifted, "N/A" dropped
+    ("svhn", 73257, 26032, (1, 28, 28), "0", "9"),
+    ("cifar10", 50000, 10000, (3, 32, 32), "airplane", "truck"),
+])
+def test_stand_in_has_the_published_sizes_shape_and_classes(
+    name: str, train: int, test: int, shape: tuple[int, int, int], first: str, last: str, fresh_stand_ins: None,
+) -> None:
+    ds = data.stand_in(name)
+    facts = data.PUBLISHED[name]
+    assert ds.name == name and (len(ds.train), len(ds.test), ds.in_shape) == (train, test, shape)
+    assert (facts.train, facts.test, facts.in_shape) == (train, test, shape)
+    assert ds.class_names == facts.class_names and (ds.class_names[0], ds.class_names[-1]) == (first, last)
+    assert ds.num_classes == facts.num_classes == len(ds.class_names)
+    for split in (ds.train, ds.test):
+        assert split.images.dtype == torch.uint8 and tuple(split.images.shape) == (len(split), *shape)
+        counts = torch.bincount(split.labels, minlength=ds.num_classes)
+        assert len(counts) == ds.num_classes and int(counts.max() - counts.min()) <= 1   # balanced
+    assert data.stand_in(name) is ds   # built once per process
+
+
+def digest(ds: data.Dataset) -> str:
+    parts = (ds.train.images, ds.train.labels, ds.test.images, ds.test.labels)
+    return hashlib.sha256(b"".join(t.numpy().tobytes() for t in parts)).hexdigest()
+
+
+def test_stand_in_is_the_same_in_every_process(fresh_stand_ins: None) -> None:
+    here = digest(data.stand_in("usps"))
+    data._stand_ins.clear()
+    assert digest(data.stand_in("usps")) == here
+    # Another interpreter with another str-hash salt: a seed taken from hash(name) would differ there.
+    code = ("import hashlib; from xfer import data; ds = data.stand_in('usps'); "
+            "print(hashlib.sha256(b''.join(t.numpy().tobytes() for t in "
+            "(ds.train.images, ds.train.labels, ds.test.images, ds.test.labels))).hexdigest())")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": "12345"}, cwd=Path(__file__).parent.parent)
+    assert other.stdout.strip() == here
+    assert digest(data.stand_in("kmnist")) != digest(data.stand_in("mnist"))   # seeded by name
+
+
+def test_stand_in_classes_are_learnable(fresh_stand_ins: None) -> None:
+    # Nearest class mean of the train split labels the test split: pure noise would score ~10%.
+    ds = data.stand_in("usps")
+    train, test = ds.train.images.flatten(1).float(), ds.test.images.flatten(1).float()
+    means = torch.stack([train[ds.train.labels == c].mean(0) for c in range(ds.num_classes)])
+    predicted = torch.cdist(test, means).argmin(1)
+    assert float((predicted == ds.test.labels).float().mean()) > 0.9
+
+
+@pytest.mark.parametrize("name", ["mnist5k", "imagefolder:photos", "nope"])
+def test_stand_in_is_refused_without_published_facts(name: str) -> None:
+    with pytest.raises(XferError, match=f"no synthetic stand-in for dataset {name!r}") as caught:
+        data.stand_in(name)
+    assert all(known in str(caught.value) for known in ("emnist_letters", "cifar10_gray", "usps"))
+
+
+def test_info_of_a_stand_in_says_synthetic_only_where_the_files_are_absent(tiny_root: TinyRoot, tmp_path: Path) -> None:
+    absent = data.info("svhn", tmp_path, stand_in=True)
+    assert (absent.source, absent.train, absent.test, absent.in_shape, absent.num_classes) == (
+        "synthetic", 73257, 26032, (1, 28, 28), 10)
+    present = data.info("svhn", tiny_root.path, stand_in=True)   # the files are here: they are what runs
+    assert present.source == "loaded" and present.train == len(tiny_root.written["svhn"]["train"][1])
+    assert data.info("svhn", tmp_path, published=True).source == "published"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 
 import pytest
 import torch
 
-from xfer import checkpoint, data, models, names
+from xfer import checkpoint, data, models, names, specs
 from xfer import train as loop
 from xfer.specs import TrainSpec
 
@@ -97,3 +100,54 @@ def test_augment_batch_is_a_crop_and_flip(digits: data.Splits) -> None:
     for i in range(8):
         windows = [padded[i, :, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
         assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(2)) for w in windows)
+
+
+def test_fast_dev_run_takes_one_step_an_epoch_and_records_a_complete_run(digits: data.Splits) -> None:
+    s = spec(epochs=2, fast_dev_run=True)
+    records: list[dict] = []
+    states: list[loop.TrainState] = []
+    model = loop.prepare_model(s, digits)
+    before = model.head.weight.detach().clone()
+    result = loop.train(s, digits, model, report=records.append, on_epoch_end=states.append)
+    assert result.ok and result.metrics["steps"] == 2 and not torch.equal(model.head.weight, before)
+    # Fewer steps than log_every (5): the last train-error row still ends the training, then val and test per epoch.
+    assert [(r["step"], r["epoch"], r["split"]) for r in result.curve] == [
+        (1, 1.0, "val"), (1, 1.0, "test"), (2, 2.0, "train"), (2, 2.0, "val"), (2, 2.0, "test")]
+    assert [r["kind"] for r in records] == ["epoch", "train", "epoch"]
+    assert [(st.epoch, st.step) for st in states] == [(1, 1), (2, 2)]
+    assert all(math.isfinite(result.metrics[k]) for k in (names.TEST_ERROR, names.VAL_ERROR, names.TRAIN_ERROR))
+
+
+def test_fast_dev_run_evaluates_the_first_batch_of_val_and_test_only(digits: data.Splits) -> None:
+    batch = 64
+    # Three batches: the first all class 0, the rest class 1. A model that answers 0 to everything is right on the
+    # first batch (error 0) and wrong on the rest (error 2/3 over the whole split).
+    labels = torch.tensor([0] * batch + [1] * 2 * batch)
+    split = data.Split(digits.val.images[:3 * batch], labels)
+    cut = data.Splits(digits.train, split, split, digits.class_names)
+
+    def says_zero(s: TrainSpec) -> models.XferModel:
+        model = loop.prepare_model(s, cut)
+        with torch.no_grad():   # zero weights and a bias far ahead for class 0: one tiny step cannot change the answer
+            model.head.weight.zero_()
+            model.head.bias.zero_()
+            model.head.bias[0] = 100.0
+        return model
+
+    fast = spec(batch_size=batch, lr=1e-6, fast_dev_run=True)
+    result = loop.train(fast, cut, says_zero(fast))
+    assert result.metrics[names.VAL_ERROR] == result.metrics[names.TEST_ERROR] == 0.0
+    assert [r["error"] for r in result.curve if r["split"] in ("val", "test")] == [0.0, 0.0]
+    full = spec(batch_size=batch, lr=1e-6, epochs=1)
+    whole = loop.train(full, cut, says_zero(full))
+    assert whole.metrics[names.VAL_ERROR] == pytest.approx(2 / 3)
+
+
+def test_fast_dev_run_has_its_own_key_and_leaves_existing_keys_alone() -> None:
+    s = TrainSpec(arch="lenet5", dataset="mnist")
+    assert specs.key(s) == "d21c07a3b9728938"   # recorded before the field existed
+    fields = {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name != "fast_dev_run"}
+    without = json.dumps({"type": "TrainSpec", "spec": fields}, sort_keys=True, separators=(",", ":"))
+    assert specs.key(s) == hashlib.sha256(without.encode()).hexdigest()[:16]
+    assert specs.key(specs.replace(s, fast_dev_run=True)) != specs.key(s)
+    assert specs.from_flat(TrainSpec, specs.to_flat(specs.replace(s, fast_dev_run=True))).fast_dev_run

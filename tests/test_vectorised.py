@@ -237,6 +237,30 @@ def test_epoch_states_resume_either_loop(pool: data.Dataset, tmp_path) -> None:
         assert_same_cell(seq_full[i], from_sequential[i], seq_models[i], crossed[i], ADAM_ATOL)
 
 
+def test_fast_dev_run_cells_train_as_they_would_alone(pool: data.Dataset) -> None:
+    # One step an epoch and the first batch (16) of val and test, in both loops: the errors' windows are a batch.
+    specs = [spec(optimizer="sgd", lr=0.05, seed=0, epochs=3, fast_dev_run=True),
+             spec(optimizer="sgd", lr=0.02, seed=1, epochs=3, freeze_depth=2, head_lr_mult=10, fast_dev_run=True)]
+    cell_data = [splits(pool, s.seed) for s in specs]
+    cell_models = [loop.prepare_model(s, d) for s, d in zip(specs, cell_data)]
+    before = [m.head.weight.detach().clone() for m in cell_models]
+    sequential, alone, batched, trained = train_both(specs, cell_data, cell_models)
+    for i in range(2):
+        assert_same_cell(sequential[i], batched[i], alone[i], trained[i], SGD_ATOL)
+        assert batched[i].metrics["steps"] == 3 and not torch.equal(trained[i].head.weight, before[i])
+        assert [(r["step"], r["split"]) for r in batched[i].curve] == [
+            (1, "val"), (1, "test"), (2, "val"), (2, "test"), (3, "train"), (3, "val"), (3, "test")]
+    # The final errors are the trained model's on the first batch (16) of val and test; on whole splits (32, 64)
+    # they would differ, for these cells.
+    for i, key in ((0, names.VAL_ERROR), (0, names.TEST_ERROR), (1, names.VAL_ERROR), (1, names.TEST_ERROR)):
+        split = cell_data[i].val if key == names.VAL_ERROR else cell_data[i].test
+        first = loop.error(trained[i], split.images[:BATCH], split.labels[:BATCH])
+        assert batched[i].metrics[key] == first != loop.error(trained[i], split.images, split.labels)
+    d = splits(pool, 0)
+    mixed = [spec(fast_dev_run=True), spec(seed=1)]
+    assert "fast_dev_run" in vec.vectorisable(mixed, [loop.prepare_model(s, d) for s in mixed])
+
+
 def test_refuses_what_one_batched_model_cannot_train(pool: data.Dataset) -> None:
     d = splits(pool, 0)
     lenet = [loop.prepare_model(spec(seed=s), d) for s in range(2)]

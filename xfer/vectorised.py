@@ -40,7 +40,7 @@ from xfer.train import Report, Result
 
 SHARED_FIELDS = (
     "arch", "dataset", "size", "val_size", "epochs", "batch_size", "optimizer", "schedule",
-    "unfreeze_epoch", "augment", "label_smoothing", "log_every",
+    "unfreeze_epoch", "augment", "label_smoothing", "log_every", "fast_dev_run",
 )
 """TrainSpec fields all cells of a pack share: they fix the batched model, the step count, the data
 lengths and the step's code path. Everything else (lr, weight_decay, momentum, head_lr_mult,
@@ -142,7 +142,7 @@ def train_many(
     device = torch.device(device) if device is not None else loop._default_device()
     resumes = list(resumes) if resumes is not None else [None] * n
     start_epoch, step = _resume_position(resumes)
-    store = _Store.build(data, device)
+    store = _Store.build([loop.evaluation_splits(s, d) for s, d in zip(specs, data)], device)
     spec = specs[0]
     steps_per_epoch = loop._steps(store.lengths["train"], spec)
     reports = list(reports) if reports is not None else [loop.noop] * n
@@ -298,7 +298,7 @@ def _finish(pack: _Pack, i: int, cell: _Cell, step: int, start: float) -> Result
     if not cell.live:
         return cell.result
     _write_back(pack, i, cell.model)
-    # Evaluation is deterministic, so the last epoch's errors are the final ones (train.py evaluates again).
+    # Evaluation is deterministic, so the last epoch's errors are the final ones (as in train.py).
     final = cell.errors
     last_train = [r["error"] for r in cell.curve if r["split"] == "train"]
     metrics = {
@@ -686,7 +686,8 @@ def measure(specs: Sequence[TrainSpec], data: Sequence[Splits], models: Sequence
     """
     device = torch.device(device) if device is not None else loop._default_device()
     batch = min(specs[0].batch_size, len(data[0].train))
-    timed = [dataclasses.replace(s, epochs=1, unfreeze_epoch=None) for s in specs]
+    # fast_dev_run off: it would cut every cell to one step, and `steps` steps are what is timed.
+    timed = [dataclasses.replace(s, epochs=1, unfreeze_epoch=None, fast_dev_run=False) for s in specs]
 
     def cut(d: Splits, k: int) -> Splits:
         empty = d.train.subset(torch.arange(0))

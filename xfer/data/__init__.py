@@ -18,11 +18,11 @@ import shutil
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -124,6 +124,23 @@ Loader = Callable[[Path, bool], Dataset]
 """``loader(root, download) -> Dataset``: `root` is the absolute data root; `download` may fetch files there."""
 
 
+class Published(NamedTuple):
+    """A torchvision set's published facts in xfer's canonical shape: what planning (`info`) and its synthetic
+    stand-in (`stand_in`) use while its files are absent. A tuple, so ``train, *_ = PUBLISHED[name]`` reads it."""
+
+    train: int
+    test: int
+    in_shape: tuple[int, int, int]
+    num_classes: int
+    # The class names its loader returns. A function: most come from torchvision, whose import takes seconds that
+    # planning never needs; only a stand-in calls it. num_classes is stated apart for the same reason.
+    classes: Callable[[], Sequence[str]]
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.classes())
+
+
 @dataclass(frozen=True)
 class _Entry:
     load: Loader
@@ -135,9 +152,14 @@ class _Entry:
 
 _REGISTRY: dict[str, _Entry] = {}
 
+PUBLISHED: dict[str, Published] = {}
+"""The published facts of the sets registered with them (torchvision's), by name: a grid is planned and costed
+(`info(..., published=True)`), or run on stand-ins (`stand_in`), before its data arrives."""
+
 
 def dataset(
     name: str, files: tuple[str, ...] = (), embedded: bool = False, gzipped: bool = False, zip_name: str | None = None,
+    published: Published | None = None,
 ) -> Callable[[Loader], Loader]:
     """Register ``loader(root, download) -> Dataset`` under `name`.
 
@@ -145,11 +167,14 @@ def dataset(
     them and the not-found message names them. With `gzipped`, a file may instead be present as the
     ``.gz`` archive torchvision downloads (or as a ``gzip/NAME.gz`` member of the zip `zip_name`); it is
     decompressed next to it before the loader runs. `embedded` sets read nothing from the root.
+    `published` states what the loader would return (sizes, shape, classes) without its files.
     """
     def register(loader: Loader) -> Loader:
         if name in _REGISTRY or name.startswith(IMAGEFOLDER):
             raise XferError(f"dataset name {name!r} is already taken; register the loader under another name.")
         _REGISTRY[name] = _Entry(loader, files, embedded, gzipped, zip_name)
+        if published is not None:
+            PUBLISHED[name] = published
         return loader
     return register
 
@@ -203,32 +228,25 @@ class Info:
     test: int
     in_shape: tuple[int, int, int]
     num_classes: int
-    source: str = "loaded"   # "loaded" | "cache" (files unchanged since) | "published" (files absent)
-
-
-# The published sizes of the torchvision sets, in xfer's canonical shapes: what a plan shows for a set whose files
-# are not here yet (`info(..., published=True)`), so a grid can be planned and costed before its data arrives.
-PUBLISHED: dict[str, tuple[int, int, tuple[int, int, int], int]] = {
-    "mnist": (60000, 10000, (1, 28, 28), 10), "kmnist": (60000, 10000, (1, 28, 28), 10),
-    "fashion_mnist": (60000, 10000, (1, 28, 28), 10), "qmnist": (60000, 60000, (1, 28, 28), 10),
-    "emnist_balanced": (112800, 18800, (1, 28, 28), 47), "emnist_letters": (124800, 20800, (1, 28, 28), 26),
-    "emnist_digits": (240000, 40000, (1, 28, 28), 10), "svhn": (73257, 26032, (1, 28, 28), 10),
-    "usps": (7291, 2007, (1, 28, 28), 10), "cifar10": (50000, 10000, (3, 32, 32), 10),
-    "cifar10_gray": (50000, 10000, (1, 32, 32), 10),
-}
+    # "loaded" | "cache" (files unchanged since) | "published" (files absent) | "synthetic" (files absent: its
+    # stand-in, with the published facts, takes its place)
+    source: str = "loaded"
 
 
 def info(name: str, root: str | Path | None = None, cache: Path | None = None, skip_bad_images: bool = False,
-         published: bool = False, download: bool = False) -> Info:
+         published: bool = False, download: bool = False, stand_in: bool = False) -> Info:
     """A dataset's `Info`, read from `cache` (a JSON file) when the set's files are unchanged since it was
     recorded there, else by loading the set (and recording it). A finished grid's rerun plans from the cache
     and loads no images. With `published`, a torchvision set whose files are absent is described by its
-    published sizes (`PUBLISHED`) instead of being refused.
+    published facts (`PUBLISHED`) instead of being refused; with `stand_in`, likewise, as the synthetic set that
+    will take its place (`stand_in()`: the same facts, source "synthetic"). A set whose files are here is
+    described as it is, either way.
     """
     root = data_root(root)
-    if published and not name.startswith(IMAGEFOLDER) and name in PUBLISHED and _absent_files(_entry(name), root):
-        train, test, shape, classes = PUBLISHED[name]
-        return Info(name, train, test, shape, classes, "published")
+    if (published or stand_in) and name in PUBLISHED and _absent_files(_entry(name), root):
+        facts = PUBLISHED[name]
+        return Info(name, facts.train, facts.test, facts.in_shape, facts.num_classes,
+                    "synthetic" if stand_in else "published")
     key, signature = f"{name}|{root}|skip_bad_images={skip_bad_images}", _signature(name, root)
     known = _read_cache(cache)
     if signature and key in known and known[key].get("signature") == signature:
@@ -243,6 +261,47 @@ def info(name: str, root: str | Path | None = None, cache: Path | None = None, s
         partial.write_text(json.dumps(known, indent=1, sort_keys=True))
         partial.replace(cache)
     return found
+
+
+_stand_ins: dict[str, Dataset] = {}  # in-process cache, as `load`'s: each stand-in is built once
+
+
+def stand_in(name: str) -> Dataset:
+    """A synthetic `Dataset` in place of the torchvision set `name`: its published sizes, canonical shape and
+    class names (`PUBLISHED`), with made-up images.
+
+    It stands in for the real files, never for results: it lets a grid run its whole path (training, checkpoints,
+    attacks, the report) where the files are absent, as a fast dev run does. Each class is a fixed random template
+    plus noise, so a step learns a little rather than nothing; labels are balanced over the classes. Deterministic:
+    seeded from the name, the same in every process and run. Built once per process.
+    """
+    if name not in PUBLISHED:
+        raise XferError(
+            f"there is no synthetic stand-in for dataset {name!r}: stand-ins copy a torchvision set's published sizes "
+            f"and classes, and exist for {', '.join(sorted(PUBLISHED))}. Embedded sets need no files, and an image "
+            "folder has no published facts, so those are always loaded as they are."
+        )
+    if name not in _stand_ins:
+        _stand_ins[name] = _synthesise(name, PUBLISHED[name])
+    return _stand_ins[name]
+
+
+def _synthesise(name: str, facts: Published) -> Dataset:
+    # sha256, not hash(): Python salts str hashes per process, and every trial must build the same set.
+    seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:7], "little")
+    generator = torch.Generator().manual_seed(seed)
+    templates = torch.randint(0, 128, (facts.num_classes, *facts.in_shape), dtype=torch.uint8, generator=generator)
+    splits = [_synthetic_split(templates, n, generator) for n in (facts.train, facts.test)]
+    return Dataset(name, *splits, facts.class_names)
+
+
+def _synthetic_split(templates: torch.Tensor, n: int, generator: torch.Generator) -> Split:
+    """`n` images of the templates' classes, each class n // k or n // k + 1 times, in a seeded order."""
+    labels = (torch.arange(n) % len(templates))[torch.randperm(n, generator=generator)]
+    # uint8 throughout: template (< 128) + noise (< 128) cannot overflow, and no float copy of the split is made.
+    images = torch.randint(0, 128, (n, *templates.shape[1:]), dtype=torch.uint8, generator=generator)
+    images += templates[labels]
+    return Split(images, labels)
 
 
 def _signature(name: str, root: Path) -> str:
@@ -579,7 +638,8 @@ def channel_stats(split: Split) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 __all__ = [
-    "Info", "info", "PUBLISHED", "Split", "Dataset", "Splits", "Loader", "dataset", "list_datasets", "data_root", "load", "missing", "describe_missing",
+    "Info", "info", "PUBLISHED", "Published", "stand_in", "Split", "Dataset", "Splits", "Loader", "dataset",
+    "list_datasets", "data_root", "load", "missing", "describe_missing",
     "make_splits", "stratified_indices", "channel_stats", "DATA_ENV", "IMAGEFOLDER",
 ]
 

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import string
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from xfer.data import (COLOUR_GRID, GRID, Dataset, Split, _labels, _to_grid, _tv, _uint8, dataset)
+from xfer.data import (COLOUR_GRID, GRID, Dataset, Published, Split, _labels, _to_grid, _tv, _uint8, dataset)
+
+_DIGIT_SHAPE = (1, GRID, GRID)
+# torchvision learns CIFAR-10's names from batches.meta; these are that file's label_names.
+_CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 # ---------------------------------------------------------------------------------------------- torchvision sets
+
+def _classes_of(torchvision_class: str) -> Callable[[], Sequence[str]]:
+    """The class names a torchvision dataset class states (its `classes` attribute), read when asked."""
+    return lambda: getattr(_tv().datasets, torchvision_class).classes
+
 
 def _idx_files(
     folder: str, prefix: str = "", labels: str = "labels-idx1-ubyte", names: tuple[str, str] = ("train", "t10k"),
@@ -25,51 +35,69 @@ def _mnist_like(name: str, cls: type, root: Path, download: bool) -> Dataset:
     )
 
 
-@dataset("mnist", files=_idx_files("MNIST"), gzipped=True)
+@dataset("mnist", files=_idx_files("MNIST"), gzipped=True,
+         published=Published(60000, 10000, _DIGIT_SHAPE, 10, _classes_of("MNIST")))
 def _mnist(root: Path, download: bool) -> Dataset:
     return _mnist_like("mnist", _tv().datasets.MNIST, root, download)
 
 
-@dataset("kmnist", files=_idx_files("KMNIST"), gzipped=True)
+@dataset("kmnist", files=_idx_files("KMNIST"), gzipped=True,
+         published=Published(60000, 10000, _DIGIT_SHAPE, 10, _classes_of("KMNIST")))
 def _kmnist(root: Path, download: bool) -> Dataset:
     return _mnist_like("kmnist", _tv().datasets.KMNIST, root, download)
 
 
-@dataset("fashion_mnist", files=_idx_files("FashionMNIST"), gzipped=True)
+@dataset("fashion_mnist", files=_idx_files("FashionMNIST"), gzipped=True,
+         published=Published(60000, 10000, _DIGIT_SHAPE, 10, _classes_of("FashionMNIST")))
 def _fashion_mnist(root: Path, download: bool) -> Dataset:
     return _mnist_like("fashion_mnist", _tv().datasets.FashionMNIST, root, download)
 
 
 def _emnist(split_name: str, root: Path, download: bool) -> Dataset:
     train, test = (_tv().datasets.EMNIST(root, split=split_name, train=flag, download=download) for flag in (True, False))
-    # EMNIST letters are labelled 1..26 (0 is an unused "N/A" class): shift to 0..25 and drop the name.
-    offset = 1 if split_name == "letters" else 0
+    offset = _emnist_offset(split_name)
     # EMNIST's files hold each image transposed; swapping H and W makes the characters upright.
     splits = [Split(part.data.transpose(1, 2).unsqueeze(1), part.targets - offset) for part in (train, test)]
-    return Dataset(f"emnist_{split_name}", *splits, tuple(train.classes[offset:]))
+    return Dataset(f"emnist_{split_name}", *splits, _emnist_classes(split_name))
+
+
+def _emnist_offset(split_name: str) -> int:
+    # EMNIST letters are labelled 1..26 (0 is an unused "N/A" class): shift to 0..25 and drop the name.
+    return 1 if split_name == "letters" else 0
+
+
+def _emnist_classes(split_name: str) -> tuple[str, ...]:
+    return tuple(_tv().datasets.EMNIST.classes_split_dict[split_name][_emnist_offset(split_name):])
 
 
 def _emnist_files(split_name: str) -> tuple[str, ...]:
     return _idx_files("EMNIST", prefix=f"emnist-{split_name}-", names=("train", "test"))
 
 
-@dataset("emnist_balanced", files=_emnist_files("balanced"), gzipped=True, zip_name="gzip.zip")
+def _emnist_published(train: int, test: int, num_classes: int, split_name: str) -> Published:
+    return Published(train, test, _DIGIT_SHAPE, num_classes, lambda: _emnist_classes(split_name))
+
+
+@dataset("emnist_balanced", files=_emnist_files("balanced"), gzipped=True, zip_name="gzip.zip",
+         published=_emnist_published(112800, 18800, 47, "balanced"))
 def _emnist_balanced(root: Path, download: bool) -> Dataset:
     return _emnist("balanced", root, download)
 
 
-@dataset("emnist_letters", files=_emnist_files("letters"), gzipped=True, zip_name="gzip.zip")
+@dataset("emnist_letters", files=_emnist_files("letters"), gzipped=True, zip_name="gzip.zip",
+         published=_emnist_published(124800, 20800, 26, "letters"))
 def _emnist_letters(root: Path, download: bool) -> Dataset:
     return _emnist("letters", root, download)
 
 
-@dataset("emnist_digits", files=_emnist_files("digits"), gzipped=True, zip_name="gzip.zip")
+@dataset("emnist_digits", files=_emnist_files("digits"), gzipped=True, zip_name="gzip.zip",
+         published=_emnist_published(240000, 40000, 10, "digits"))
 def _emnist_digits(root: Path, download: bool) -> Dataset:
     return _emnist("digits", root, download)
 
 
 @dataset("qmnist", files=_idx_files("QMNIST", prefix="qmnist-", labels="labels-idx2-int", names=("train", "test")),
-         gzipped=True)
+         gzipped=True, published=Published(60000, 60000, _DIGIT_SHAPE, 10, _classes_of("QMNIST")))
 def _qmnist(root: Path, download: bool) -> Dataset:
     train, test = (_tv().datasets.QMNIST(root, what=what, download=download) for what in ("train", "test"))
     # QMNIST's targets are N×8 (class, writer, NIST ids, ...); column 0 is the class, as MNIST's.
@@ -77,7 +105,8 @@ def _qmnist(root: Path, download: bool) -> Dataset:
     return Dataset("qmnist", *splits, tuple(train.classes))
 
 
-@dataset("svhn", files=("SVHN/train_32x32.mat", "SVHN/test_32x32.mat"))
+@dataset("svhn", files=("SVHN/train_32x32.mat", "SVHN/test_32x32.mat"),
+         published=Published(73257, 26032, _DIGIT_SHAPE, 10, lambda: string.digits))
 def _svhn(root: Path, download: bool) -> Dataset:
     # torchvision reads SVHN's files from the folder it is given; a subfolder keeps the data root tidy.
     parts = [_tv().datasets.SVHN(root / "SVHN", split=split, download=download) for split in ("train", "test")]
@@ -86,7 +115,8 @@ def _svhn(root: Path, download: bool) -> Dataset:
     return Dataset("svhn", *splits, tuple(string.digits))
 
 
-@dataset("usps", files=("USPS/usps.bz2", "USPS/usps.t.bz2"))
+@dataset("usps", files=("USPS/usps.bz2", "USPS/usps.t.bz2"),
+         published=Published(7291, 2007, _DIGIT_SHAPE, 10, lambda: string.digits))
 def _usps(root: Path, download: bool) -> Dataset:
     parts = [_tv().datasets.USPS(root / "USPS", train=flag, download=download) for flag in (True, False)]
     # torchvision maps USPS's [-1, 1] pixels to uint8 0..255 (N×16×16) and its labels 1..10 to 0..9.
@@ -99,7 +129,8 @@ _CIFAR10_FILES = tuple(
 )
 
 
-@dataset("cifar10", files=_CIFAR10_FILES)
+@dataset("cifar10", files=_CIFAR10_FILES,
+         published=Published(50000, 10000, (3, COLOUR_GRID, COLOUR_GRID), 10, lambda: _CIFAR10_CLASSES))
 def _cifar10(root: Path, download: bool) -> Dataset:
     train, test = (_tv().datasets.CIFAR10(root, train=flag, download=download) for flag in (True, False))
     # CIFAR10.data is N×H×W×C; the grid is channels-first.
@@ -107,7 +138,8 @@ def _cifar10(root: Path, download: bool) -> Dataset:
     return Dataset("cifar10", *splits, tuple(train.classes))
 
 
-@dataset("cifar10_gray", files=_CIFAR10_FILES)
+@dataset("cifar10_gray", files=_CIFAR10_FILES,
+         published=Published(50000, 10000, (1, COLOUR_GRID, COLOUR_GRID), 10, lambda: _CIFAR10_CLASSES))
 def _cifar10_gray(root: Path, download: bool) -> Dataset:
     colour = _cifar10(root, download)  # not load(): a missing file should be reported under this set's name
     splits = [Split(_to_grid(part.images, gray=True, size=COLOUR_GRID), part.labels) for part in (colour.train, colour.test)]
