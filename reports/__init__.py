@@ -11,7 +11,8 @@ The report folder (default ``<runs folder>/reports/<experiment>``, runs folder =
     data/           runs, pretrain, finetune, scratch, adder, curves, transfer, verdicts (.parquet), verdicts.json,
                     transfer_matrix_<attack>_eps<eps>.parquet (one per attack setting)
     figures/        claim_<1-7> (forest plots), curves_<target>_n<size>, curves_adder_n<size>, accuracy_vs_size,
-                    freeze_depth, transfer_<attack>_eps<eps>[_<arch>_n<size>] (heatmaps), each as .png and .svg
+                    freeze_depth, each as .png and .svg; transfer_<attack>_eps<eps>[_<arch>_n<size>] (heatmaps,
+                    .png)
     tables/         claims.md, pretrain.md, finetune.md, attacks.md, verdicts.md
 
 The same files are logged as artifacts of a run with stage ``report`` in the experiment.

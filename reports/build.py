@@ -40,18 +40,20 @@ class ReportResult:
 
 
 def build_report(experiment: str, out: Path | None = None, log_to_mlflow: bool = True,
-                 parent_run_id: str | None = None, reuse: bool = False) -> ReportResult:
+                 parent_run_id: str | None = None, reuse: bool = False,
+                 records: list[tracking.RunRecord] | None = None) -> ReportResult:
     """Build the report of `experiment` in `out` (default ``<runs folder>/reports/<experiment>``).
 
     Raises XferError, naming the known experiments, when `experiment` does not exist. Files an earlier
     report left in `out` that this one does not write are left alone, and neither linked nor logged. The
     report's run is a child of `parent_run_id` (the grid invocation's run) when given. With `reuse`, a report
     already in `out` that was made from the same runs (ids, status, end times) by the same report code is kept
-    as it is: nothing is read but one MLflow search, and nothing is logged (`cached` is then True).
+    as it is: nothing is read but one MLflow search, and nothing is logged (`cached` is then True). `records`: the
+    report's inputs (`tables.inputs`), when the caller has listed them already.
     """
     tables.ensure_experiment(experiment)
     out = Path(out) if out is not None else server.runs_dir() / "reports" / experiment
-    records = tables.inputs(experiment)
+    records = tables.inputs(experiment) if records is None else records
     key = report_key(experiment, records)
     if reuse and _made(out, key):
         return ReportResult(out, [], [], cached=True)
@@ -63,27 +65,40 @@ def build_report(experiment: str, out: Path | None = None, log_to_mlflow: bool =
     files = (write_data(found, verdicts, out) + write_figures(found, verdicts, out)
              + write_markdown(found, verdicts, out))
     index = out / "index.html"
-    index.write_text(index_page(experiment, out, files, missing, verdicts, found.runs))
+    index.write_text(index_page(experiment, out, files, missing, verdicts, found.runs, notes=notes(experiment)))
     files.append(index)
     run_id = log_report(experiment, out, files, found.runs["run_id"], parent_run_id) if log_to_mlflow else None
     (out / KEY_FILE).write_text(key + "\n")
     return ReportResult(out, files, missing, run_id, verdicts)
 
 
+def notes(experiment: str) -> list[str]:
+    """What a reader must know before the numbers: a rehearsal on synthetic stand-ins (--fast-dev-run) says so."""
+    stand_ins = tracking.experiment_tags(experiment).get(names.TAG_STAND_INS, "")
+    if not stand_ins:
+        return []
+    return [f"This grid ran on synthetic stand-ins for {', '.join(stand_ins.split(','))} (--fast-dev-run: their files "
+            "were absent; random images of the published sizes, shapes and classes, one batch per cell). It proves "
+            "that the grid runs end to end; its accuracies and verdicts mean nothing."]
+
+
 def report_key(experiment: str, records: list[tracking.RunRecord]) -> str:
-    """What a report is made from: the runs it reads (id, status, end time) and the source of this package."""
+    """What a report is made from: the runs it reads (id, status, end time; an adversarial set's run also what it is
+    scored on, which grows after it ends) and the source of this package."""
     digest = hashlib.sha256(experiment.encode())
     for r in sorted(records, key=lambda r: r.run_id):
-        digest.update(f"\n{r.run_id} {r.status} {r.end_time}".encode())
+        scored = f" {r.tags.get(names.TAG_SCORED, '')} {r.metrics.get(names.TARGETS_SCORED, '')}" if r.stage == names.ATTACK else ""
+        digest.update(f"\n{r.run_id} {r.status} {r.end_time}{scored}".encode())
     for source in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(source.read_bytes())
     return digest.hexdigest()[:16]
 
 
-def is_made(experiment: str, out: Path | None = None) -> bool:
-    """Whether `build_report(experiment, out, reuse=True)` would keep the report already there (one search)."""
+def is_made(experiment: str, out: Path | None = None, records: list[tracking.RunRecord] | None = None) -> bool:
+    """Whether `build_report(experiment, out, reuse=True)` would keep the report already there (one search, or none
+    given its `records`)."""
     out = Path(out) if out is not None else server.runs_dir() / "reports" / experiment
-    return _made(out, report_key(experiment, tables.inputs(experiment)))
+    return _made(out, report_key(experiment, tables.inputs(experiment) if records is None else records))
 
 
 def _made(out: Path, key: str) -> bool:
@@ -105,7 +120,8 @@ def missing_inputs(experiment: str, found: Tables) -> list[str]:
         (found.without_curve and not found.curves.empty,
          f"{len(found.without_curve)} finished training run(s) have no {names.CURVE_FILE} artifact and are absent "
          f"from the curves: {', '.join(found.without_curve[:5])}{' ...' if len(found.without_curve) > 5 else ''}"),
-        (found.transfer.empty, "no finished attack evaluation runs: the transfer table, transfer matrices, heatmaps, "
+        (found.transfer.empty, "no scores of finished adversarial sets on finished targets: the transfer table, "
+                               "transfer matrices, heatmaps, "
                                "attack table and attack verdicts are not made"),
         (found.adder.empty, "no finished adder transfer runs (stage adder, any variant but scratch): the adder table "
                             "is empty and adder transfer is not compared with scratch"),
@@ -153,12 +169,39 @@ def write_figures(found: Tables, verdicts: pd.DataFrame, out: Path) -> list[Path
         files += figures.save(figures.freeze_effect(found.finetune), directory, "freeze_depth")
     groups = {label: (arch, size) for label, arch, size in
               found.transfer[["target_label", "target_arch", "target_size"]].drop_duplicates().itertuples(index=False)}
+    heatmaps = []
     for (attack, eps), (matrix, same) in tables.matrices(found.transfer).items():
         for suffix, columns in figures.heatmap_splits(matrix, groups):
             part = matrix[columns].dropna(how="all")   # surrogates that attacked none of these targets are left out
-            fig = figures.transfer_heatmap(part, same.loc[part.index, columns], f"{attack}, eps={eps:g}")
-            files += figures.save(fig, directory, f"transfer_{_slug(attack)}_eps{eps:g}{_slug(suffix)}")
-    return files
+            heatmaps.append((part, same.loc[part.index, columns], f"{attack}, eps={eps:g}", directory,
+                             f"transfer_{_slug(attack)}_eps{eps:g}{_slug(suffix)}"))
+    return files + [path for drawn in _drawn(heatmaps) for path in drawn]
+
+
+HEATMAPS_APART = 8   # more heatmaps than this are drawn by worker processes (the seed grid has 60, ~0.5 s each)
+
+
+def _drawn(heatmaps: list[tuple]) -> list[list[Path]]:
+    """Each heatmap drawn and saved; many of them in worker processes, one per core (matplotlib holds the GIL)."""
+    import os
+
+    workers = min(len(heatmaps) // HEATMAPS_APART, os.cpu_count() or 1)
+    if workers < 2:
+        return [_heatmap(*h) for h in heatmaps]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: the report may run in a process with threads (Ray's, MLflow's), which fork would copy mid-lock.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_heatmap_args, heatmaps, chunksize=max(1, len(heatmaps) // (4 * workers))))
+
+
+def _heatmap_args(args: tuple) -> list[Path]:
+    return _heatmap(*args)
+
+
+def _heatmap(matrix: pd.DataFrame, same: pd.DataFrame, title: str, directory: Path, stem: str) -> list[Path]:
+    return figures.save(figures.transfer_heatmap(matrix, same, title), directory, stem, svg=False)
 
 
 def curve_sets(found: Tables) -> dict[tuple[str, str], pd.DataFrame]:

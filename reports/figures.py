@@ -33,10 +33,11 @@ DPI = 100
 LAYOUT = "constrained"
 
 
-def save(fig: Figure, directory: Path, stem: str) -> list[Path]:
-    """Write `fig` as `<stem>.png` and `<stem>.svg` in `directory`."""
+def save(fig: Figure, directory: Path, stem: str, svg: bool = True) -> list[Path]:
+    """Write `fig` as `<stem>.png` and, with `svg`, `<stem>.svg` in `directory`. A heatmap is an image: its SVG
+    would wrap the same pixels in XML (the seed grid has 60 of them, a minute of its report), so it has none."""
     directory.mkdir(parents=True, exist_ok=True)
-    paths = [directory / f"{stem}.png", directory / f"{stem}.svg"]
+    paths = [directory / f"{stem}.png"] + ([directory / f"{stem}.svg"] if svg else [])
     for path in paths:
         fig.savefig(path, dpi=DPI)
     return paths

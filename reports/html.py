@@ -41,13 +41,16 @@ STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
 
 
 def index_page(experiment: str, out: Path, files: list[Path], missing: list[str], verdicts: pd.DataFrame,
-               runs: pd.DataFrame) -> str:
-    """The page: what the grid found, what is missing, every verdict, every PNG figure inline, links by kind."""
+               runs: pd.DataFrame, notes: list[str] | None = None) -> str:
+    """The page: what to know first (`notes`), what the grid found, what is missing, every verdict, every PNG figure
+    inline, links by kind."""
     def link(path: Path, text: str | None = None) -> str:
         rel = path.relative_to(out).as_posix()
         return f'<a href="{quote(rel)}">{escape(text or rel)}</a>'
 
-    parts = [f"<h1>xfer report: {escape(experiment)}</h1>", "<h2>What this grid found</h2>",
+    parts = [f"<h1>xfer report: {escape(experiment)}</h1>"]
+    parts += [f'<p class="note"><b>Read this first.</b> {escape(note)}</p>' for note in notes or []]
+    parts += ["<h2>What this grid found</h2>",
              claims_section(verdicts, files, link), largest_section(verdicts), failures_section(runs)]
     if missing:
         parts.append("<h2>Missing</h2><p>This report is partial; these parts could not be made:</p><ul>"

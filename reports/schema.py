@@ -55,7 +55,17 @@ ATTACK_METRICS = (
     Column("clean_acc", F64, "fraction", "target accuracy on the clean examples"),
     Column("adv_acc", F64, "fraction", "target accuracy on the surrogate's adversarial examples"),
     Column("success_rate", F64, "fraction", "share of clean-correct examples the attack flips"),
-    Column("whitebox_success", F64, "fraction", "attack success on the surrogate itself (generation run)"),
+    Column("whitebox_success", F64, "fraction", "attack success on the surrogate itself (the set's run)"),
+)
+# An adversarial set's run: its white-box success and the summary of its scores (the rows are in `transfer`).
+SET_METRICS = (
+    ATTACK_METRICS[-1],
+    Column("targets_scored", F64, "models", "attack runs: targets the set has been scored on"),
+    Column("descendants_success", F64, "fraction", "attack runs: mean success on the surrogate's own fine-tuned "
+                                                   "descendants"),
+    Column("other_sources_success", F64, "fraction", "attack runs: mean success on fine-tuned models of other "
+                                                     "pretraining sources"),
+    Column("mean_adv_acc", F64, "fraction", "attack runs: mean adversarial accuracy over every target scored"),
 )
 # The matched scratch baseline, joined onto transfer rows: the same columns, prefixed.
 BASELINE = (Column("scratch_run_id", STR, "id", "matched scratch run (null when none was found)"),) + tuple(
@@ -76,15 +86,12 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         Column("variant", STR, "", "adder runs: scratch, transfer, or another transfer arm (e.g. transfer_features)"),
         Column("attack", STR, "", "attack runs: attack registry name"),
         Column("eps", F64, "pixel [0,1]", "attack runs: L-inf budget"),
-        Column("same_source", BOOL, "", "attack evaluations: surrogate and target share a pretraining source"),
-        Column("is_parent", BOOL, "", "attack evaluations: surrogate is the target's own pretrain run"),
         Column("pretrain_run_id", STR, "id", "fine-tune runs: the pretrain run it started from"),
-        Column("surrogate_run_id", STR, "id", "attack runs: the surrogate model's run"),
-        Column("target_run_id", STR, "id", "attack evaluations: the attacked model's run"),
-        Column("parent_run_id", STR, "id", "MLflow parent run (attack evaluations: their generation run)"),
+        Column("surrogate_run_id", STR, "id", "attack runs (adversarial sets): the surrogate model's run"),
+        Column("parent_run_id", STR, "id", "MLflow parent run (a cell's: its stage's run)"),
         Column("failure", STR, "", "xfer.failure: why the run ended FAILED or KILLED (null otherwise)"),
         *TRAIN_METRICS,
-        *ATTACK_METRICS,
+        *SET_METRICS,
     ),
     "pretrain": (RUN_ID, KEY, SOURCE, ARCH, SIZE, LR, SEED, *TRAIN_METRICS),
     "finetune": (RUN_ID, KEY, Column("pretrain_run_id", STR, "id", "the pretrain run it started from"),
@@ -102,8 +109,8 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         Column("error", F64, "fraction", "error on that split"),
     ),
     "transfer": (
-        RUN_ID,
-        Column("generation_run_id", STR, "id", "the run that generated the adversarial examples"),
+        Column("run_id", STR, "id", "the adversarial set's MLflow run (one row per set × target: the score table's)"),
+        Column("generation_run_id", STR, "id", "the run that generated the adversarial examples (= run_id)"),
         Column("surrogate_run_id", STR, "id", "model the examples were made on"),
         Column("target_run_id", STR, "id", "model evaluated on them"),
         Column("surrogate_stage", STR, "", "stage of the surrogate's run: pretrain, scratch, or finetune for a "

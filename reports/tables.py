@@ -1,7 +1,8 @@
-"""MLflow runs → the report's DataFrames: runs, pretrain, finetune (+ scratch baseline), scratch, adder, curves, transfer.
+"""MLflow runs and the score table → the report's DataFrames: runs, pretrain, finetune (+ scratch baseline), scratch,
+adder, curves, transfer.
 
-Joins go through run ids recorded as lineage tags (pretrain run, surrogate run, target run, MLflow parent),
-never through names; the only join on values is a transfer run with its scratch baseline, which by design
+Joins go through run ids recorded as lineage (pretrain run tags, the score table's set, surrogate and target run
+ids), never through names; the only join on values is a transfer run with its scratch baseline, which by design
 shares no lineage with it.
 """
 
@@ -16,7 +17,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from reports.schema import ATTACK_METRICS, SCHEMAS, TRAIN_METRICS
+from reports.schema import SCHEMAS, SET_METRICS, TRAIN_METRICS
 from xfer import names, server, specs, tracking
 from xfer.errors import XferError
 
@@ -24,7 +25,7 @@ from xfer.errors import XferError
 TRANSFER = names.VARIANT_TRANSFER
 
 TRAINING_STAGES = (names.PRETRAIN, names.FINETUNE, names.SCRATCH, names.ADDER)
-METRIC_NAMES = [c.name for c in TRAIN_METRICS + ATTACK_METRICS]
+METRIC_NAMES = [c.name for c in TRAIN_METRICS + SET_METRICS]
 FINISHED = "FINISHED"
 ENSEMBLE_JOIN = "+"    # xfer.attack joins an ensemble surrogate's run ids with this
 DOWNLOAD_THREADS = 8   # curve downloads are one small HTTP request each: latency-bound, so overlap them
@@ -32,13 +33,12 @@ DOWNLOAD_THREADS = 8   # curve downloads are one small HTTP request each: latenc
 # Tag → runs column, parsed by type; an empty or absent tag is null.
 STRING_TAGS = {"source": names.TAG_SOURCE, "target": names.TAG_TARGET, "arch": names.TAG_ARCH,
                "variant": names.TAG_VARIANT, "attack": names.TAG_ATTACK, "pretrain_run_id": names.TAG_PRETRAIN_RUN,
-               "surrogate_run_id": names.TAG_SURROGATE_RUN, "target_run_id": names.TAG_TARGET_RUN,
-               "parent_run_id": MLFLOW_PARENT_RUN_ID, "run_name": MLFLOW_RUN_NAME}
+               "surrogate_run_id": names.TAG_SURROGATE_RUN, "parent_run_id": MLFLOW_PARENT_RUN_ID,
+               "run_name": MLFLOW_RUN_NAME}
 INT_TAGS = {"size": names.TAG_SIZE, "freeze_depth": names.TAG_FREEZE, "seed": names.TAG_SEED}
 FLOAT_TAGS = {"eps": names.TAG_EPS}
 LR_PARAMS = ("train.lr", "lr")   # a training cell's lr (TrainSpec), an adder cell's (AdderSpec); the lr has no tag
 WHOLE_POOL = ("all", "None")  # size tags of a run on the whole training pool (stages write "all")
-BOOL_TAGS = {"same_source": names.TAG_SAME_SOURCE, "is_parent": names.TAG_IS_PARENT}
 # The fine-tuning recipe of a training run, from its TrainSpec params (typed columns; see xfer.grid.RECIPES).
 # A training run that did not log one (written before the field existed) ran with the TrainSpec default.
 RECIPE_PARAMS = {"optimizer": ("train.optimizer", str), "head_lr_mult": ("train.head_lr_mult", float),
@@ -62,24 +62,28 @@ class Tables:
     transfer: pd.DataFrame
 
 
-def inputs(experiment: str) -> list[tracking.RunRecord]:
+def inputs(experiment: str, snapshot: tracking.Snapshot | None = None) -> list[tracking.RunRecord]:
     """Every run of `experiment` a report reads: all but the report's own runs and the grid's parent runs."""
-    return [r for r in tracking.query(experiment, status=None) if r.stage not in (names.REPORT, names.GRID)]
+    records = snapshot.query(status=None) if snapshot is not None else tracking.query(experiment, status=None)
+    return [r for r in records if r.stage not in (names.REPORT, names.GRID)]
 
 
 def collect(experiment: str, records: list[tracking.RunRecord] | None = None) -> Tables:
-    """Read every run of `experiment` (or the given `inputs`) into the tables."""
+    """Read every run of `experiment` (or the given `inputs`) and its score table into the tables."""
+    from xfer import scores
+
     records = inputs(experiment) if records is None else records
     runs, params = runs_frame(records)
     finished = runs[runs["status"] == FINISHED]
-    curves, without_curve = curves_frame(finished[finished["stage"].isin(TRAINING_STAGES)])
+    where = {r.run_id: r.artifact_uri for r in records}
+    curves, without_curve = curves_frame(finished[finished["stage"].isin(TRAINING_STAGES)], where)
     return Tables(
         runs=runs, params=params, without_curve=without_curve, curves=curves,
         pretrain=_select(finished[finished["stage"] == names.PRETRAIN], "pretrain"),
         finetune=finetune_frame(finished),
         scratch=_select(finished[finished["stage"] == names.SCRATCH], "scratch"),
         adder=adder_frame(finished),
-        transfer=transfer_frame(finished),
+        transfer=transfer_frame(finished, scores.read(experiment)),
     )
 
 
@@ -109,7 +113,6 @@ def runs_frame(records: list[tracking.RunRecord]) -> tuple[pd.DataFrame, list[st
         row |= {col: _number(r.tags.get(tag), float) for col, tag in FLOAT_TAGS.items()}
         # Runs recorded before the lr tag was dropped still have their lr as a param too.
         row["lr"] = _number(next((r.params[k] for k in LR_PARAMS if k in r.params), r.tags.get("lr")), float)
-        row |= {col: {"true": True, "false": False}.get(r.tags.get(tag, "")) for col, tag in BOOL_TAGS.items()}
         row["failure"] = r.tags.get(names.TAG_FAILURE) or None
         if r.stage in SPEC_STAGES:
             row |= recipe_of(r.params)
@@ -121,8 +124,6 @@ def runs_frame(records: list[tracking.RunRecord]) -> tuple[pd.DataFrame, list[st
     frame = pd.DataFrame(rows, columns=columns)
     integers = list(INT_TAGS) + ["unfreeze_epoch", "epochs"]
     frame[integers] = frame[integers].astype("Int64")
-    for col in BOOL_TAGS:  # object, not bool: a missing flag must stay missing, not become False
-        frame[col] = frame[col].astype(object)
     return frame, sorted(params)
 
 
@@ -168,47 +169,50 @@ def with_baseline(treated: pd.DataFrame, baseline: pd.DataFrame, on: list[str]) 
     return treated[[c for c in treated.columns if not c.startswith("scratch_")]].merge(base, on=on, how="left")
 
 
-def curves_frame(training: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """The long error curves of training runs (their curve artifacts), and the runs that have none."""
+def curves_frame(training: pd.DataFrame, where: dict[str, str] | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """The long error curves of training runs (their curve artifacts; `where`: each run's artifact location, so local
+    ones are read in place), and the runs that have none."""
     columns = [c.name for c in SCHEMAS["curves"]]
     run_ids = list(training["run_id"])
     with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
-        found = list(pool.map(_curve, run_ids))
+        found = list(pool.map(lambda run_id: _curve(run_id, (where or {}).get(run_id)), run_ids))
     parts = [curve for curve in found if curve is not None]
     without = [run_id for run_id, curve in zip(run_ids, found) if curve is None]
     return pd.concat([pd.DataFrame(columns=columns), *parts], ignore_index=True)[columns], without
 
 
-def _curve(run_id: str) -> pd.DataFrame | None:
+def _curve(run_id: str, artifact_uri: str | None = None) -> pd.DataFrame | None:
     try:
-        return pd.DataFrame(tracking.read_curve(run_id)).assign(run_id=run_id)
+        return pd.DataFrame(tracking.read_curve(run_id, artifact_uri)).assign(run_id=run_id)
     except XferError:  # the run logged no curve: reported as missing, not fatal
         return None
 
 
-def transfer_frame(finished: pd.DataFrame) -> pd.DataFrame:
-    """Attack evaluations (one per surrogate × target × attack setting) with readable labels and the target's seed."""
-    attack = finished[finished["stage"] == names.ATTACK]
-    evaluations = attack[attack["target_run_id"].notna()]
-    generation = attack[attack["target_run_id"].isna()].set_index("run_id")["whitebox_success"]
+def transfer_frame(finished: pd.DataFrame, scored: pd.DataFrame) -> pd.DataFrame:
+    """The score table's rows (one per adversarial set × target) of finished sets and targets, with readable labels,
+    the set's white-box success and the surrogate's stage, source and arch."""
+    sets = finished[finished["stage"] == names.ATTACK].set_index("run_id")
     models = finished[finished["stage"].isin(TRAINING_STAGES)].set_index("run_id")
     labels = models.apply(label, axis=1) if len(models) else pd.Series(dtype=object)
+    rows = scored[scored["set_run_id"].isin(sets.index) & scored["target_run_id"].isin(models.index)]
 
     def surrogate_label(run_ids: str) -> str:  # an ensemble's surrogate_run_id is its members' ids joined by "+"
         return "+".join(labels.get(run_id, run_id[:8]) for run_id in run_ids.split(ENSEMBLE_JOIN))
 
-    frame = evaluations.drop(columns=["whitebox_success"]).assign(
-        generation_run_id=evaluations["parent_run_id"],
-        whitebox_success=evaluations["parent_run_id"].map(generation),
-        surrogate_stage=evaluations["surrogate_run_id"].map(models["stage"]),
-        surrogate_label=evaluations["surrogate_run_id"].map(surrogate_label, na_action="ignore"),
-        target_label=evaluations["target_run_id"].map(labels),
-        target_seed=evaluations["target_run_id"].map(models["seed"]).astype("Int64"),
-        surrogate_source=evaluations["surrogate_run_id"].map(models["source"]),
-        surrogate_arch=evaluations["surrogate_run_id"].map(models["arch"]),
-        target_source=evaluations["target_run_id"].map(models["source"]),
-        target_arch=evaluations["target_run_id"].map(models["arch"]),
-        target_size=evaluations["target_run_id"].map(models["size"]).astype("Int64"),
+    surrogate_labels = {ids: surrogate_label(ids) for ids in rows["surrogate_run_id"].dropna().unique()}
+    frame = rows.assign(
+        run_id=rows["set_run_id"], generation_run_id=rows["set_run_id"],
+        whitebox_success=rows["set_run_id"].map(sets["whitebox_success"]),
+        surrogate_stage=rows["surrogate_run_id"].map(models["stage"]),
+        surrogate_label=rows["surrogate_run_id"].map(surrogate_labels),
+        target_label=rows["target_run_id"].map(labels),
+        target_seed=rows["target_run_id"].map(models["seed"]).astype("Int64"),
+        surrogate_source=rows["surrogate_run_id"].map(models["source"]),
+        surrogate_arch=rows["surrogate_run_id"].map(models["arch"]),
+        target_source=rows["target_run_id"].map(models["source"]),
+        target_arch=rows["target_run_id"].map(models["arch"]),
+        target_size=rows["target_run_id"].map(models["size"]).astype("Int64"),
+        same_source=rows[names.TAG_SAME_SOURCE].astype(object), is_parent=rows[names.TAG_IS_PARENT].astype(object),
     )
     return _select(frame, "transfer")
 

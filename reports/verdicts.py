@@ -288,7 +288,7 @@ def claim_parent_examples(transfer: pd.DataFrame) -> list[dict]:
     """Claim 3 (seed 000's A/B -> C): success on C of its parent A's examples against another source's B's."""
     claim = BY_KEY["parent_examples_transfer_to_descendant"]
     if transfer.empty:   # an empty table's columns carry no numeric dtype to average
-        return [no_runs(claim, "no finished attack evaluations in this grid")]
+        return [no_runs(claim, "no adversarial set was scored in this grid")]
     keys = ["target_run_id", "attack", "eps"]
     pretrained = transfer[transfer["surrogate_stage"] == names.PRETRAIN]
     parent = pretrained[pretrained["is_parent"].eq(True)]
@@ -297,7 +297,7 @@ def claim_parent_examples(transfer: pd.DataFrame) -> list[dict]:
     b_side = other.groupby(keys)["success_rate"].mean().rename("control")
     info = transfer.groupby(keys)[["target_seed", "target_arch", "target_source"]].first()
     pairs = a_side.join(b_side, how="inner").join(info).reset_index().rename(columns={"target_seed": "seed"})
-    why = ("no finished attack evaluations in this grid" if transfer.empty
+    why = ("no adversarial set was scored in this grid" if transfer.empty
            else "no fine-tuned model was attacked with its parent's examples" if parent.empty
            else "no fine-tuned model was attacked with examples of another source's pretrained model of its arch"
            if other.empty else "no fine-tuned model was attacked by both its parent and another source's model of "

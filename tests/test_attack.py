@@ -10,12 +10,13 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, replace
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
 from tracking_fixtures import Server
-from xfer import attack, data, names, specs, stages, tracking
+from xfer import attack, data, names, scores, specs, stages, tracking
 from xfer.errors import XferError
 from xfer.models import XferModel, build
 from xfer.specs import AttackSpec, FinetuneSpec, PretrainSpec, TrainSpec
@@ -23,7 +24,6 @@ from xfer.specs import AttackSpec, FinetuneSpec, PretrainSpec, TrainSpec
 TASK = "uci_digits"   # the attacked task: scikit-learn's 8×8 digits framed as 28×28, 360 test images
 N = 100               # attacked examples per setting: 10 per digit
 EPS = 0.3             # the classic MNIST L∞ budget
-PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag: an evaluation run's generation run
 
 
 def _train(dataset: str, size: int, seed: int = 0, epochs: int = 3) -> TrainSpec:
@@ -191,14 +191,22 @@ def test_adversarial_sets_round_trip_through_safetensors(sample: tuple[torch.Ten
     assert (back.adv - adv).abs().max() < 1e-3  # float16 storage
 
 
-# ---- the attack stage against a real MLflow server -------------------------------------------------
+# ---- the attack stage against a real MLflow server: sets as runs, scores as one table ------------------
 
-def _attack_runs(experiment: str) -> tuple[list[tracking.RunRecord], list[tracking.RunRecord]]:
-    runs = tracking.query(experiment, names.ATTACK)
-    return [r for r in runs if names.TAG_TARGET_RUN not in r.tags], [r for r in runs if names.TAG_TARGET_RUN in r.tags]
+def _sets(experiment: str) -> list[tracking.RunRecord]:
+    return tracking.query(experiment, names.ATTACK)
 
 
-def test_attack_stage_generates_once_per_surrogate_and_setting_and_reads_back_from_mlflow(
+def _scored_alone(table: pd.DataFrame) -> None:
+    """Every row of a score table equals its target scored alone on the stored set (attack.evaluate)."""
+    for r in table.itertuples():
+        stored = attack.read_examples(r.set_run_id)
+        alone = attack.evaluate(tracking.load_model(r.target_run_id)[0], stored.clean, stored.adv, stored.labels, "cpu")
+        assert (r.clean_acc, r.adv_acc) == pytest.approx((alone[names.CLEAN_ACC], alone[names.ADV_ACC]))
+        assert r.success_rate == pytest.approx(alone[names.SUCCESS_RATE], nan_ok=True) and r.n == len(stored.labels)
+
+
+def test_attack_stage_makes_each_set_once_and_scores_it_on_every_target_in_one_table(
         lineage: Lineage, monkeypatch: pytest.MonkeyPatch) -> None:
     experiment = lineage.experiment
     settings = [AttackSpec(attack="fgsm", eps=EPS, n=N, dataset=TASK), AttackSpec(attack="pgd", eps=EPS, n=N, dataset=TASK)]
@@ -212,7 +220,6 @@ def test_attack_stage_generates_once_per_surrogate_and_setting_and_reads_back_fr
         ((lineage.id("letters_pre"),), "feature_pgd"): targets,
         ((lineage.id("child"),), "fgsm"): {lineage.id("child")}, ((lineage.id("child"),), "pgd"): {lineage.id("child")},
     }
-
     generations: list[str] = []
     real_generate = attack.generate
 
@@ -221,103 +228,138 @@ def test_attack_stage_generates_once_per_surrogate_and_setting_and_reads_back_fr
         return real_generate(surrogate, images, labels, spec, device)
 
     monkeypatch.setattr(attack, "generate", counting)
-    # A trial that scored one target only: the later run reuses its examples and scores just the other.
-    partial = by[((lineage.id("scratch"),), "pgd")]
-    attack.run_cell(experiment, replace(partial, target_run_ids=(lineage.id("child"),)), device="cpu")
-    assert attack.unfinished(experiment, cells) == cells
-    results = [attack.run_cell(experiment, c, device="cpu") for c in cells]
-    assert attack.unfinished(experiment, cells) == []
-    generated, evaluated = _attack_runs(experiment)
-    assert len(generations) == len(generated) == len(cells) == 9  # surrogates × settings, not × targets
-    assert len(evaluated) == sum(len(c.target_run_ids) for c in cells) == 16
-    assert sum(r["targets_scored"] for r in results) == 15 and sum(r["generated"] for r in results) == 8
+    result = scores.local(experiment, cells)
+    assert result.failed == {} and result.made == len(cells) == len(generations) == 9   # surrogates × settings
+    assert result.pairs == sum(len(c.target_run_ids) for c in cells) == 16
+    made = _sets(experiment)
+    assert len(made) == 9, "one MLflow run per adversarial set, none per (set, target)"
+    table = scores.read(experiment)
+    assert len(table) == 16 and list(table.columns) == [c for c, _, _ in scores.COLUMNS]
+    _scored_alone(table)
 
-    assert all(r["generated"] == 0 and r["targets_scored"] == 0 for r in (attack.run_cell(experiment, c) for c in cells))
-    assert len(generations) == 9  # the second pass is all cache
-
-    # Every row a report reads: the three scores and both lineage flags on the evaluation run, the
-    # surrogate's white-box success on its generation run (the MLflow parent).
-    whitebox_of = {r.run_id: r.metrics[names.WHITEBOX_SUCCESS] for r in generated}
-    for run in evaluated:
-        assert {names.CLEAN_ACC, names.ADV_ACC, names.SUCCESS_RATE} <= set(run.metrics)
-        assert run.tags[names.TAG_SAME_SOURCE] in ("true", "false") and run.tags[names.TAG_IS_PARENT] in ("true", "false")
-        assert run.tags[names.TAG_EPS] == str(EPS) and 0 <= whitebox_of[run.tags[PARENT_RUN_TAG]] <= 1
-
-    def scored(surrogate: str, target: str, name: str) -> tracking.RunRecord:
-        [run] = [r for r in evaluated if r.tags[names.TAG_SURROGATE_RUN] == lineage.id(surrogate)
-                 and r.tags[names.TAG_TARGET_RUN] == lineage.id(target) and r.tags[names.TAG_ATTACK] == name]
-        return run
+    def scored(surrogate: str, target: str, name: str) -> pd.Series:
+        [found] = [r for _, r in table.iterrows() if r.surrogate_run_id == lineage.id(surrogate)
+                   and r.target_run_id == lineage.id(target) and r.attack == name]
+        return found
 
     whitebox = scored("scratch", "scratch", "pgd")
-    assert whitebox.metrics[names.CLEAN_ACC] > 0.6 and whitebox.metrics[names.ADV_ACC] < 0.10
-    transfer = scored("digits_pre", "child", "fgsm")  # FGSM from the pretrained parent onto its fine-tuned child
-    assert transfer.metrics[names.ADV_ACC] < transfer.metrics[names.CLEAN_ACC] - 0.1
-    assert transfer.tags[names.TAG_IS_PARENT] == "true" and transfer.tags[names.TAG_SAME_SOURCE] == "true"
-    sibling = scored("digits_pre2", "child", "fgsm")  # same source, not the parent
-    assert sibling.tags[names.TAG_IS_PARENT] == "false" and sibling.tags[names.TAG_SAME_SOURCE] == "true"
+    assert whitebox.clean_acc > 0.6 and whitebox.adv_acc < 0.10
+    transfer = scored("digits_pre", "child", "fgsm")   # FGSM from the pretrained parent onto its fine-tuned child
+    assert transfer.adv_acc < transfer.clean_acc - 0.1 and transfer.is_parent and transfer.same_source
+    assert transfer.target_stage == names.FINETUNE and transfer.target_source == "glyph_digits" and transfer.target_size == 1000
+    sibling = scored("digits_pre2", "child", "fgsm")   # same source, not the parent
+    assert not sibling.is_parent and sibling.same_source
     unrelated = scored("scratch", "child", "fgsm")
-    assert unrelated.tags[names.TAG_IS_PARENT] == "false" and unrelated.tags[names.TAG_SAME_SOURCE] == "false"
+    assert not unrelated.is_parent and not unrelated.same_source
+    on_scratch = scored("digits_pre", "scratch", "fgsm")   # a scratch target has no source: never "same source"
+    assert pd.isna(on_scratch.target_source) and on_scratch.target_stage == names.SCRATCH and not on_scratch.same_source
     letters = scored("letters_pre", "child", "feature_pgd")
-    assert letters.metrics[names.ADV_ACC] < letters.metrics[names.CLEAN_ACC]
+    assert letters.adv_acc < letters.clean_acc
     # Survivors of the attack are among the examples right after it (which may also include a few it fixed).
-    assert transfer.metrics[names.ADV_ACC] >= transfer.metrics[names.CLEAN_ACC] * (1 - transfer.metrics[names.SUCCESS_RATE]) - 1e-6
+    assert transfer.adv_acc >= transfer.clean_acc * (1 - transfer.success_rate) - 1e-6
 
-    [pgd_generation] = [r for r in generated if r.key == by[((lineage.id("scratch"),), "pgd")].key]
-    assert pgd_generation.metrics[names.WHITEBOX_SUCCESS] > 0.9
-    assert pgd_generation.tags[names.TAG_EPS] == str(EPS) and pgd_generation.params["attack.attack"] == "pgd"
-    stored = attack.read_examples(pgd_generation.run_id)
+    # Each set's run: its examples (sha-verified), white-box success, and the summary of its rows at a glance.
+    runs = {r.key: r for r in made}
+    parent_set = runs[by[((lineage.id("digits_pre"),), "fgsm")].key]
+    assert parent_set.metrics[names.TARGETS_SCORED] == 2 and parent_set.tags[names.TAG_SCORED] == scores.targets_hash(targets)
+    assert parent_set.metrics[names.DESCENDANTS_SUCCESS] == pytest.approx(transfer.success_rate)
+    assert names.OTHER_SOURCES_SUCCESS not in parent_set.metrics   # the only fine-tuned target is its own descendant
+    assert parent_set.tags[names.TAG_SURROGATE_RUN] == lineage.id("digits_pre") and parent_set.params["attack.attack"] == "fgsm"
+    pgd_set = runs[by[((lineage.id("scratch"),), "pgd")].key]
+    assert pgd_set.metrics[names.WHITEBOX_SUCCESS] > 0.9 and pgd_set.tags[names.TAG_EPS] == str(EPS)
+    stored = attack.read_examples(pgd_set.run_id)
     assert stored.adv.shape == (N, 1, 28, 28) and (stored.adv - stored.clean / 255).abs().max() <= EPS + 1e-3
     assert torch.bincount(stored.labels).tolist() == [N // 10] * 10  # stratified over the ten digits
 
+    # The same stage again: every set's tag says it is scored on its targets, so nothing is made, scored or read.
+    state = scores.pending(experiment, cells)
+    assert state.unfinished == [] and state.table is None
+    again = scores.local(experiment, cells)
+    assert (again.made, again.pairs, again.failed) == (0, 0, {}) and len(generations) == 9
+    assert len(_sets(experiment)) == 9
 
-def test_a_pack_runs_each_target_once_per_clean_set_and_scores_it_as_a_fresh_pass_would(
+
+def test_a_partly_scored_set_resumes_scoring_only_its_missing_targets_and_a_retrained_model_is_attacked_anew(
+        mlflow_server: Server) -> None:  # noqa: F811
+    experiment = f"attack-resume-{uuid.uuid4().hex[:8]}"
+    pre, tune, alone = (PretrainSpec(_train("glyph_digits", 300, epochs=1)), FinetuneSpec(_train(TASK, 300, epochs=1),
+                        PretrainSpec(_train("glyph_digits", 300, epochs=1))), FinetuneSpec(_train(TASK, 300, epochs=1)))
+    for spec in (pre, tune, alone):
+        assert stages.train_cell(spec, experiment, data.load(spec.train.dataset), device="cpu").ok
+    setting = AttackSpec(attack="fgsm", eps=EPS, n=40, dataset=TASK)
+    [cell] = [c for c in attack.plan(experiment, [setting], surrogate_stages=[names.SCRATCH])]
+    child = tracking.find_finished(experiment, specs.key(tune)).run_id
+    scratch = tracking.find_finished(experiment, specs.key(alone)).run_id
+    assert set(cell.target_run_ids) == {child, scratch}
+
+    # A stage that stopped after scoring one target: the set and one row exist, the tag does not say "scored".
+    first = scores.local(experiment, [replace(cell, target_run_ids=(child,))])
+    assert (first.made, first.pairs) == (1, 1)
+    state = scores.pending(experiment, [cell])
+    assert state.to_make == [] and state.to_score == {cell.key: [scratch]} and state.table is not None
+    before = scores.read(experiment)
+    second = scores.local(experiment, [cell])
+    assert (second.made, second.pairs, second.failed) == (0, 1, {})
+    table = scores.read(experiment)
+    assert len(table) == 2 and set(table["target_run_id"]) == {child, scratch}
+    assert table.set_index("target_run_id").loc[child, "scored_at"] == before.set_index("target_run_id").loc[child, "scored_at"]
+    [made] = _sets(experiment)
+    assert made.tags[names.TAG_SCORED] == scores.targets_hash(cell.target_run_ids) and made.metrics[names.TARGETS_SCORED] == 2
+
+    # The scratch model trained again (as --force does): a new run of the same cell. Its set is made again on the
+    # new model, and both targets are scored on it; the old set and its rows stay as they were.
+    assert stages.train_cell(alone, experiment, data.load(TASK), device="cpu").ok
+    retrained = tracking.find_finished(experiment, specs.key(alone)).run_id
+    [fresh] = attack.plan(experiment, [setting], surrogate_stages=[names.SCRATCH])
+    assert fresh.key == cell.key and fresh.surrogate_run_ids == (retrained,) and set(fresh.target_run_ids) == {child, retrained}
+    assert [c.key for c in scores.pending(experiment, [fresh]).to_make] == [cell.key]
+    third = scores.local(experiment, [fresh])
+    assert (third.made, third.pairs) == (1, 2)
+    table = scores.read(experiment)
+    assert len(table) == 4 and len(_sets(experiment)) == 2
+    _scored_alone(table)
+
+
+def test_scoring_runs_each_target_once_per_clean_sample_and_small_sets_together(
         lineage: Lineage, monkeypatch: pytest.MonkeyPatch) -> None:
+    from xfer import stacked
+
     experiment = lineage.experiment
-    # Two settings on the seed-0 examples and one on the seed-1 examples: two clean sets.
+    # Two settings on the seed-0 examples and one on the seed-1 examples: two clean samples, three sets.
     settings = [AttackSpec(attack=a, eps=0.15, n=N, dataset=TASK, seed=seed) for a, seed in (("fgsm", 0), ("pgd", 0), ("fgsm", 1))]
-    surrogates = {(lineage.id("digits_pre"),), (lineage.id("scratch"),)}
-    cells = [c for c in attack.plan(experiment, settings) if c.surrogate_run_ids in surrogates]
-    targets = (lineage.id("child"), lineage.id("scratch"))
-    assert len(cells) == 6 and all(set(c.target_run_ids) == set(targets) for c in cells)
-    clean_passes = []
-    real_predict = attack.predict
+    cells = [c for c in attack.plan(experiment, settings) if c.surrogate_run_ids == (lineage.id("digits_pre"),)]
+    assert len(cells) == 3 and all(set(c.target_run_ids) == {lineage.id("child"), lineage.id("scratch")} for c in cells)
+    passes: list[str] = []
+    real_predict = stacked.Stack.predict
 
-    def counting(model, images, device=None):  # noqa: ANN001
-        if images.dtype == torch.uint8:    # clean images; adversarial ones are floats
-            clean_passes.append(images)
-        return real_predict(model, images, device)
+    def counting(self, images, batch=1000, which=None):  # noqa: ANN001
+        kind = "clean" if images.dtype == torch.uint8 else "adv"   # adversarial images are floats
+        passes.append(f"{kind} {len(images)} images × {self.targets if which is None else len(which)} targets")
+        return real_predict(self, images, batch, which)
 
-    monkeypatch.setattr(attack, "predict", counting)
-    assert attack.run_pack(experiment, cells, device="cpu") == {}
-    # One clean pass per generation (the surrogate's white-box score) and one per (target, clean set),
-    # not one per (cell, target): 6 + 2 × 2, where scoring each cell's targets afresh made 6 + 6 × 2.
-    assert len(clean_passes) == 6 + 2 * 2
-    monkeypatch.setattr(attack, "predict", real_predict)
-
-    keys = {c.key for c in cells}
-    generations = {r.run_id: r for r in _attack_runs(experiment)[0] if r.key in keys}
-    evaluated = [r for r in _attack_runs(experiment)[1] if r.tags[PARENT_RUN_TAG] in generations]
-    assert len(evaluated) == 12
-    for run in evaluated:   # each score equals the target scored alone on the stored set
-        stored = attack.read_examples(generations[run.tags[PARENT_RUN_TAG]].run_id)
-        alone = attack.evaluate(tracking.load_model(run.tags[names.TAG_TARGET_RUN])[0], stored.clean, stored.adv,
-                                stored.labels, "cpu")
-        assert {k: run.metrics[k] for k in alone} == pytest.approx(alone, nan_ok=True)
+    monkeypatch.setattr(stacked.Stack, "predict", counting)
+    result = scores.local(experiment, cells)
+    assert result.pairs == 6
+    # Both targets in one block: one clean pass per clean sample, and the three sets' adversarial images in one pass
+    # (scoring each (set, target) afresh made 3 × 2 clean and 3 × 2 adversarial passes).
+    assert sorted(passes) == [f"adv {3 * N} images × 2 targets"] + [f"clean {N} images × 2 targets"] * 2
 
 
-def test_attack_stage_refuses_cells_whose_models_do_not_fit_the_task(lineage: Lineage) -> None:
+def test_the_attack_stage_refuses_models_that_do_not_fit_the_task(lineage: Lineage) -> None:
     experiment = lineage.experiment
     pgd = AttackSpec(attack="pgd", eps=EPS, n=N, dataset=TASK, seed=7)
     logits_on_letters = attack.AttackCell(specs.AttackCellSpec(lineage.runs["letters_pre"].key, pgd), (lineage.id("letters_pre"),), (lineage.id("child"),))
     with pytest.raises(XferError, match=f"classifies other classes than {TASK}.*feature_pgd"):
-        attack.run_cell(experiment, logits_on_letters, device="cpu")
-    letters_target = attack.AttackCell(specs.AttackCellSpec(lineage.runs["scratch"].key, pgd), (lineage.id("scratch"),), (lineage.id("letters_pre"),))
-    with pytest.raises(XferError, match=f"target run {lineage.id('letters_pre')} classifies 26 classes"):
-        attack.run_cell(experiment, letters_target, device="cpu")
+        attack.make_set(logits_on_letters, attack.Context(experiment), "cpu")
     assert not [r for r in tracking.query(experiment, names.ATTACK, status=None) if r.params.get("attack.seed") == "7"]
+    letters_target = attack.AttackCell(specs.AttackCellSpec(lineage.runs["scratch"].key, pgd), (lineage.id("scratch"),),
+                                       (lineage.id("letters_pre"),))
+    result = scores.local(experiment, [letters_target])
+    assert result.made == 1 and result.pairs == 0
+    assert f"target run {lineage.id('letters_pre')} classifies 26 classes" in result.failed[letters_target.key]
 
 
-def test_plan_with_ensembles_adds_one_cell_whose_surrogate_is_every_pretrained_run_of_a_source(lineage: Lineage) -> None:
+def test_plan_with_ensembles_adds_one_set_whose_surrogate_is_every_pretrained_run_of_a_source(lineage: Lineage) -> None:
     experiment = lineage.experiment
     setting = AttackSpec(attack="mifgsm", eps=EPS, n=N, dataset=TASK, seed=11)
     alone = attack.plan(experiment, [setting])
@@ -329,19 +371,19 @@ def test_plan_with_ensembles_adds_one_cell_whose_surrogate_is_every_pretrained_r
     assert set(ensemble.surrogate_run_ids) == {m.run_id for m in members}
     assert set(ensemble.target_run_ids) == {lineage.id("child"), lineage.id("scratch")}
 
-    result = attack.run_cell(experiment, ensemble, device="cpu")
-    assert result["generated"] == 1 and result["targets_scored"] == 2 and result[names.WHITEBOX_SUCCESS] > 0.9
-    generated, evaluated = _attack_runs(experiment)
-    [generation] = [r for r in generated if r.key == ensemble.key]  # one generation for the whole ensemble
-    assert generation.tags[names.TAG_SURROGATE_RUN] == "+".join(ensemble.surrogate_run_ids)
-    assert generation.params["surrogate_key"] == "+".join(sorted(m.key for m in members))
-    rows = {r.tags[names.TAG_TARGET_RUN]: r for r in evaluated if r.tags[PARENT_RUN_TAG] == generation.run_id}
-    assert set(rows) == set(ensemble.target_run_ids)
-    child, scratch = rows[lineage.id("child")], rows[lineage.id("scratch")]
-    assert child.tags[names.TAG_IS_PARENT] == "true" and child.tags[names.TAG_SAME_SOURCE] == "true"  # a member is its parent
-    assert scratch.tags[names.TAG_IS_PARENT] == "false" and scratch.tags[names.TAG_SAME_SOURCE] == "false"
-    assert child.metrics[names.ADV_ACC] < child.metrics[names.CLEAN_ACC] - 0.1
-    assert attack.read_examples(generation.run_id).adv.shape == (N, 1, 28, 28)
+    result = scores.local(experiment, [ensemble])
+    assert (result.made, result.pairs, result.failed) == (1, 2, {})
+    [made] = [r for r in _sets(experiment) if r.key == ensemble.key]   # one set for the whole ensemble
+    assert made.metrics[names.WHITEBOX_SUCCESS] > 0.9
+    assert made.tags[names.TAG_SURROGATE_RUN] == "+".join(ensemble.surrogate_run_ids)
+    assert made.params["surrogate_key"] == "+".join(sorted(m.key for m in members))
+    table = scores.read(experiment)
+    rows = table[table["set_run_id"] == made.run_id].set_index("target_run_id")
+    child, scratch = rows.loc[lineage.id("child")], rows.loc[lineage.id("scratch")]
+    assert child.is_parent and child.same_source   # a member is its parent
+    assert not scratch.is_parent and not scratch.same_source
+    assert child.adv_acc < child.clean_acc - 0.1
+    assert attack.read_examples(made.run_id).adv.shape == (N, 1, 28, 28)
 
 
 def test_bench_prints_examples_per_second(capsys: pytest.CaptureFixture) -> None:

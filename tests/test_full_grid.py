@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -11,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from xfer import names, pipeline, server, specs, stages, tracking
+from xfer import data, grid as grids, names, pipeline, scores, server, specs, stages, tracking
 from xfer.stages import RunOptions, run_training_stage
 from xfer.specs import PretrainSpec, TrainSpec
 
@@ -29,10 +30,12 @@ def test_smoke_preset_end_to_end_then_nothing_reruns(local_ray, experiment: str,
     assert len(by_stage[names.FINETUNE]) == 4  # 2 sources × freeze {0, 20}
     pretrain_ids = {r.run_id for r in by_stage[names.PRETRAIN]}
     assert all(r.tags[names.TAG_PRETRAIN_RUN] in pretrain_ids for r in by_stage[names.FINETUNE])
-    generations = [r for r in by_stage[names.ATTACK] if names.TAG_TARGET_RUN not in r.tags]
-    evaluations = [r for r in by_stage[names.ATTACK] if names.TAG_TARGET_RUN in r.tags]
-    assert generations and evaluations
-    assert all(r.tags[names.TAG_SURROGATE_RUN] for r in evaluations)
+    sets = by_stage[names.ATTACK]   # one run per adversarial set; its scores are rows of one table, not runs
+    assert sets and all(r.tags[names.TAG_SURROGATE_RUN] and r.tags[names.TAG_SCORED] for r in sets)
+    table = scores.read(experiment)
+    assert len(table) == sum(int(r.metrics[names.TARGETS_SCORED]) for r in sets) > len(sets)
+    assert set(table["set_run_id"]) == {r.run_id for r in sets}
+    assert set(table["target_run_id"]) == {r.run_id for r in by_stage[names.FINETUNE] + by_stage[names.SCRATCH]}
     assert len(by_stage[names.REPORT]) == 1
     report = Path(out.split("report: ")[1].split()[0])
     assert report.is_file() and (report.parent / "data" / "transfer.parquet").is_file()
@@ -44,7 +47,7 @@ def test_smoke_preset_end_to_end_then_nothing_reruns(local_ray, experiment: str,
     lines: list[str] = []
     pipeline.dry_run(grid, RunOptions(experiment=experiment), echo=lines.append)
     rows = {line.split()[0]: line.split()[1:4] for line in lines if line.startswith("  ") and len(line.split()) > 4}
-    attack_cells = len({r.tags[names.TAG_KEY] for r in by_stage[names.ATTACK] if names.TAG_TARGET_RUN not in r.tags})
+    attack_cells = len({r.tags[names.TAG_KEY] for r in sets})
     assert rows["attack"] == [str(attack_cells)] * 2 + ["0"] and rows["report"] == ["1", "1", "0"]
     assert rows["pretrain"] == ["2", "2", "0"] and rows["total"][1:] == ["0", "0"]   # to run, packs
     # The same grid again: every cell is found by its key in MLflow, nothing re-runs, the report is kept as made.
@@ -53,6 +56,40 @@ def test_smoke_preset_end_to_end_then_nothing_reruns(local_ray, experiment: str,
     assert sum(s.cached for s in outcome.summaries) == sum(s.cells for s in outcome.summaries) > 0
     assert outcome.summaries[-1].stage == names.REPORT and outcome.report_dir == str(report.parent)
     assert key_file.stat().st_mtime_ns == made and len(tracking.query(experiment, tags={names.TAG_STAGE: names.REPORT})) == 1
+
+
+@pytest.mark.slow
+def test_fast_dev_run_rehearses_every_stage_on_one_batch_in_an_experiment_of_its_own(
+        local_ray, experiment: str, capsys, full_grid, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    # kmnist's files are not under this data root: a synthetic set of its published shape stands in for it.
+    argv = ["--preset", "smoke", "--name", experiment, "--sources", "glyph_letters", "kmnist",
+            "--data-root", str(tmp_path / "empty"), "--fast-dev-run"]
+    assert full_grid.main(argv) == 0
+    out = capsys.readouterr().out
+    rehearsal = experiment + "-fast-dev-run"
+    assert "synthetic stand-ins for kmnist" in out and "orchestration" in out and "s per cell" in out
+    assert not tracking.experiment_exists(experiment), "a rehearsal writes nothing into the grid's own experiment"
+    runs = tracking.query(rehearsal, status=None)
+    by_stage = {stage: [r for r in runs if r.stage == stage] for stage in names.STAGES}
+    assert all(r.status == "FINISHED" for r in runs)
+    assert (len(by_stage[names.PRETRAIN]), len(by_stage[names.FINETUNE]), len(by_stage[names.SCRATCH])) == (2, 4, 1)
+    # One optimiser step a cell (the smoke grid's cells train 6 epochs of 500 examples), one evaluation batch.
+    assert {r.metrics["steps"] for r in by_stage[names.FINETUNE] + by_stage[names.SCRATCH]} == {1.0}
+    assert {r.params["train.epochs"] for r in by_stage[names.FINETUNE]} == {"1"}
+    kmnist = [r for r in by_stage[names.PRETRAIN] if r.tags[names.TAG_SOURCE] == "kmnist"][0]
+    assert json.loads(kmnist.tags[names.TAG_CLASSES]) == list(data.PUBLISHED["kmnist"].class_names)
+    sets = by_stage[names.ATTACK]
+    table = scores.read(rehearsal)
+    assert sets and len(table) == sum(int(r.metrics[names.TARGETS_SCORED]) for r in sets)
+    assert set(table["n"]) == {grids.FAST_DEV_RUN_ATTACK_N}
+    cells = sum(len(by_stage[s]) for s in (names.PRETRAIN, names.FINETUNE, names.SCRATCH, names.ATTACK))
+    assert len(runs) <= cells + 1 + 6   # the cells, the report, and the grid's parent runs (grid + 5 stages)
+    report = Path(out.split("report: ")[1].split()[0])
+    assert "synthetic stand-ins for kmnist" in report.read_text()
+    # Its rerun: nothing to do.
+    assert full_grid.main(argv) == 0
+    assert "nothing to run" in capsys.readouterr().out
 
 
 def _tiny_pretrain(epochs: int, seed: int = 0) -> PretrainSpec:

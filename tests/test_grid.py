@@ -368,13 +368,17 @@ def test_adder_and_attack_surrogate_settings_are_checked_before_launch() -> None
         grids.make(adder=[5000])
 
 
-def test_the_grid_timing_line_reads_orchestration_only_when_the_trials_ran_one_at_a_time() -> None:
+def test_the_grid_timing_line_reads_orchestration_per_cell_over_the_trial_slots() -> None:
     from xfer.stages import StageSummary
 
-    serial = pipeline.GridOutcome([StageSummary("finetune", 4, ran=4, work_seconds=30.0)], None, seconds=40.0)
-    assert "25% orchestration" in serial.timing()
-    side_by_side = pipeline.GridOutcome([StageSummary("finetune", 4, ran=4, work_seconds=60.0)], None, seconds=40.0)
-    assert "side by side" in side_by_side.timing() and "orchestration (" not in side_by_side.timing()
+    serial = pipeline.GridOutcome([StageSummary("finetune", 4, ran=4, work_seconds=30.0, slots=1)], None, seconds=40.0)
+    assert serial.orchestration_per_cell() == pytest.approx(2.5)   # (40 s × 1 slot − 30 s) / 4 cells
+    assert "2.50 s per cell over 4 cells (25% of the slots' time" in serial.timing()
+    # Two slots side by side: 40 s of wall time is 80 s of slot time, 60 s of it the cells' own.
+    side_by_side = pipeline.GridOutcome([StageSummary("finetune", 3, ran=3, work_seconds=60.0, slots=2),
+                                         StageSummary("attack", 2, ran=1, failed=[("x", "y")], slots=2)], None, seconds=40.0)
+    assert side_by_side.cells_run == 5 and side_by_side.orchestration_per_cell() == pytest.approx(4.0)
+    assert "on 2 trial slot(s)" in side_by_side.timing() and "4.00 s per cell over 5 cells (25%" in side_by_side.timing()
     assert pipeline.GridOutcome([], None).timing() == ""
     nothing = pipeline.GridOutcome([StageSummary("finetune", 4, cached=4)], None, seconds=0.4)
     assert nothing.timing() == "grid: nothing to run, every cell is in MLflow (0.4 s wall time)"

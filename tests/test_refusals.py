@@ -30,6 +30,8 @@ CASES = {
     "empty image folder": (["--preset", "smoke", "--target", "imagefolder:{empty}"], "has no usable class subfolders"),
     "missing torchvision files": (["--sources", "kmnist", "--archs", "resnet_mini", "--data-root", "{empty}"],
                                   "t10k-images-idx3-ubyte"),
+    "a rehearsal of a missing image folder": (["--preset", "smoke", "--target", "imagefolder:{empty}/nothing",
+                                               "--fast-dev-run"], "stands in for absent torchvision sets only"),
 }
 
 

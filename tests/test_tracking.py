@@ -134,7 +134,8 @@ def test_a_resumed_run_continues_the_same_mlflow_run(experiment: str, tmp_path: 
     assert len(tracking.query(experiment, status=None)) == 1
 
 
-def test_checkpoints_are_verified_on_download_and_a_tampered_one_is_refused(mlflow_server: Server, experiment: str, tmp_path: Path) -> None:
+def test_checkpoints_in_the_runs_folder_are_verified_where_they_are_and_a_tampered_one_is_refused(
+        mlflow_server: Server, experiment: str, tmp_path: Path) -> None:
     ckpt = write_checkpoint(tmp_path / "ckpt")
     with tracking.start_run(experiment, names.PRETRAIN, "cell") as run:
         run.log_checkpoint(ckpt)
@@ -142,25 +143,43 @@ def test_checkpoints_are_verified_on_download_and_a_tampered_one_is_refused(mlfl
     (other / "meta.json").rename(other / "meta2.json")
     assert checkpoint.sha256(other) != checkpoint.sha256(ckpt), "names are part of the hash"
 
-    local = tracking.download_checkpoint(run.run_id)
-    assert local == mlflow_server.root / "downloads" / run.run_id
-    assert sorted(p.name for p in local.iterdir()) == ["meta.json", "weights.safetensors"]
-    assert (local / "weights.safetensors").read_bytes() == (ckpt / "weights.safetensors").read_bytes()
-
-    (local / "weights.safetensors").write_bytes(b"damaged")  # a damaged cached copy is fetched again
-    assert (tracking.download_checkpoint(run.run_id) / "weights.safetensors").read_bytes() == (ckpt / "weights.safetensors").read_bytes()
-
+    # The runs folder's own server keeps new experiments' artifacts as plain files: read in place, never copied.
     [stored] = (mlflow_server.root / "artifacts").glob(f"*/{run.run_id}/artifacts/{names.CHECKPOINT_DIR}/weights.safetensors")
-    stored.write_bytes(stored.read_bytes()[:-1] + b"\x00")  # one byte changed on the server
+    local = tracking.download_checkpoint(run.run_id)
+    assert local == stored.parent and sorted(p.name for p in local.iterdir()) == ["meta.json", "weights.safetensors"]
+    assert not (mlflow_server.root / "downloads" / run.run_id).exists()
+
+    stored.write_bytes(stored.read_bytes()[:-1] + b"\x00")  # one byte changed where it is stored
     with pytest.raises(XferError, match="does not match its recorded sha256") as refused:
-        tracking.download_checkpoint(run.run_id, tmp_path / "fresh")
+        tracking.download_checkpoint(run.run_id)
     assert str(stored.parent) in str(refused.value), "the refusal names the checkpoint's folder, not only the run"
-    assert not (tmp_path / "fresh").exists(), "nothing of a refused checkpoint is left behind"
 
     with tracking.start_run(experiment, names.PRETRAIN, "no-checkpoint") as bare:
         pass
     with pytest.raises(XferError, match="logged no checkpoint"):
         tracking.download_checkpoint(bare.run_id)
+
+
+def test_checkpoints_served_through_the_server_are_downloaded_once_and_verified(
+        mlflow_server: Server, experiment: str, tmp_path: Path) -> None:
+    # Experiments recorded before the runs folder kept plain files have proxied (mlflow-artifacts:/) locations.
+    tracking._client().create_experiment(experiment, artifact_location=f"mlflow-artifacts:/{experiment}")
+    ckpt = write_checkpoint(tmp_path / "ckpt")
+    with tracking.start_run(experiment, names.PRETRAIN, "cell") as run:
+        run.log_checkpoint(ckpt)
+    local = tracking.download_checkpoint(run.run_id)
+    assert local == mlflow_server.root / "downloads" / run.run_id / names.CHECKPOINT_DIR
+    assert (local / "weights.safetensors").read_bytes() == (ckpt / "weights.safetensors").read_bytes()
+
+    (local / "weights.safetensors").write_bytes(b"damaged")  # a damaged cached copy is fetched again
+    assert (tracking.download_checkpoint(run.run_id) / "weights.safetensors").read_bytes() == (ckpt / "weights.safetensors").read_bytes()
+
+    [stored] = (mlflow_server.root / "artifacts").glob(f"{experiment}/{run.run_id}/artifacts/{names.CHECKPOINT_DIR}/weights.safetensors")
+    stored.write_bytes(stored.read_bytes()[:-1] + b"\x00")  # one byte changed on the server
+    with pytest.raises(XferError, match="does not match its recorded sha256") as refused:
+        tracking.download_checkpoint(run.run_id, tmp_path / "fresh")
+    assert str(stored.parent) in str(refused.value)
+    assert not (tmp_path / "fresh").exists(), "nothing of a refused checkpoint is left behind"
 
 
 def test_load_model_rebuilds_the_published_model(experiment: str, tmp_path: Path) -> None:

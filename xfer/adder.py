@@ -302,7 +302,8 @@ def adder_cell(spec: AdderSpec, context: packs.Context) -> Cell:
     """An adder cell (stage names.ADDER): pairs by seed; a transfer cell finds its digit classifier in MLflow by key."""
     pretrain_run = None
     if spec.pretrain is not None:
-        record = context.finished(names.PRETRAIN).get(specs.key(spec.pretrain))
+        parent = specs.key(spec.pretrain)
+        record = context.finished(names.PRETRAIN, [parent]).get(parent)
         if record is None:
             raise XferError(f"{label(spec)} needs the digit classifier of {stages.label(spec.pretrain)}, which has no "
                             f"finished run in MLflow experiment {context.experiment!r} (if it failed above, its reason "

@@ -1,9 +1,9 @@
 """Attacks: a registry over torchattacks; adversarial examples made once per surrogate, evaluated on many targets.
 
-The core is pure (`generate`, `evaluate`) and needs no MLflow; `plan` and `run_cell` are the attack
-stage: surrogates and targets are found by MLflow queries, checkpoints come only from MLflow artifacts,
-and each (surrogate, attack setting) is one *generation* run whose adversarial set is an artifact, with
-one nested *evaluation* run per target.
+The core is pure (`generate`, `evaluate`) and needs no MLflow; `plan` and `make_sets` are the attack
+stage's first half: surrogates and targets are found by MLflow queries, checkpoints come only from MLflow
+artifacts, and each (surrogate, attack setting) is one MLflow run whose adversarial set is an artifact (with its
+sha256). Its scores on every target are rows of a table, not runs: `xfer.scores` is the second half.
 
 Which loss a surrogate is attacked with (the label-set rule). An adversarial example of the target task
 is made by raising the surrogate's loss on the task's labels, which only means something when the
@@ -28,7 +28,7 @@ import json
 import math
 import tempfile
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -386,20 +386,22 @@ def load_examples(path: Path) -> Examples:
                     tuple(json.loads(meta["class_names"])))
 
 
-def read_examples(run_id: str) -> Examples:
-    """The adversarial set a generation run stored under names.ADVERSARIAL_DIR."""
-    with tempfile.TemporaryDirectory(prefix="xfer-adv-") as tmp:
-        return load_examples(tracking.download_artifact(run_id, f"{names.ADVERSARIAL_DIR}/{EXAMPLES_FILE}", Path(tmp)))
+def read_examples(run_id: str, sha: str | None = None, artifact_uri: str | None = None) -> Examples:
+    """The adversarial set run `run_id` stored, verified against its sha256 tag (`sha`: that tag's value, and
+    `artifact_uri`: the run's artifact location, when known: see `tracking.download_verified`)."""
+    folder = tracking.download_verified(run_id, names.ADVERSARIAL_DIR, names.TAG_EXAMPLES_SHA, expected=sha,
+                                        artifact_uri=artifact_uri)
+    return load_examples(folder / EXAMPLES_FILE)
 
 
-# ---- the attack stage: cells from MLflow, one generation run per cell, one child run per target -----
+# ---- the attack stage's sets: cells from MLflow, one MLflow run per adversarial set ------------------
 
 FEATURE_ATTACK = "feature_pgd"   # what a surrogate of another label set runs instead of a logit attack
 
 
 @dataclass(frozen=True)
 class AttackCell:
-    """One trial of the attack stage: generate once on the surrogate run(s), score every target run."""
+    """One adversarial set: made once on the surrogate run(s), then scored on every target run (xfer.scores)."""
 
     spec: AttackCellSpec
     surrogate_run_ids: tuple[str, ...]   # several = an ensemble surrogate (logits averaged)
@@ -409,13 +411,10 @@ class AttackCell:
     def key(self) -> str:
         return specs.key(self.spec)
 
-
-@dataclass(frozen=True)
-class EvaluationSpec:
-    """One target scored on one cell's adversarial set; its key is the evaluation run's xfer.key."""
-
-    cell_key: str
-    target_run_id: str
+    @property
+    def surrogate(self) -> str:
+        """The surrogate run ids as the set's run records them (names.TAG_SURROGATE_RUN)."""
+        return "+".join(self.surrogate_run_ids)
 
 
 @dataclass(frozen=True)
@@ -435,8 +434,9 @@ SELF = "self"   # in `surrogate_stages`: each target attacked on itself (the whi
 
 
 def plan(experiment: str, attacks: Sequence[AttackSpec], ensembles: bool = False, keys: Collection[str] | None = None,
-         surrogate_stages: Sequence[str] = (names.PRETRAIN, names.SCRATCH, SELF)) -> list[AttackCell]:
-    """The attack stage's cells, from the experiment's finished training runs in MLflow.
+         surrogate_stages: Sequence[str] = (names.PRETRAIN, names.SCRATCH, SELF),
+         runs: dict[str, _Model] | None = None) -> list[AttackCell]:
+    """The attack stage's cells (adversarial sets), from the experiment's finished training runs in MLflow.
 
     Targets of an attack setting are the fine-tuned and scratch runs trained on its dataset. Surrogates:
     every pretrained and every scratch run (scored on all targets of their input shape), and every
@@ -446,10 +446,12 @@ def plan(experiment: str, attacks: Sequence[AttackSpec], ensembles: bool = False
     cell whose surrogate is all of them. Cells with equal keys are planned once. `keys` (a grid's cells) keeps
     only those runs (None: every training run of the experiment); `surrogate_stages` says whose examples are
     scored: pretrained and scratch models' on every target, and with SELF each target's own (white-box).
+    `runs`: the experiment's `training_runs`, when the caller has them already.
     """
     for spec in attacks:
         kind(spec.attack)  # an unknown name fails before any look-up
-    runs = {i: m for i, m in _training_runs(experiment).items() if keys is None or m.record.key in keys}
+    runs = {i: m for i, m in (training_runs(experiment) if runs is None else runs).items()
+            if keys is None or m.record.key in keys}
     pretrained = [m for m in runs.values() if m.record.stage == names.PRETRAIN and names.PRETRAIN in surrogate_stages]
     scratch = [m for m in runs.values() if m.record.stage == names.SCRATCH and names.SCRATCH in surrogate_stages]
     cells: dict[str, AttackCell] = {}
@@ -470,30 +472,38 @@ def plan(experiment: str, attacks: Sequence[AttackSpec], ensembles: bool = False
     return list(cells.values())
 
 
-def unfinished(experiment: str, cells: Sequence[AttackCell], context: Context | None = None) -> list[AttackCell]:
-    """The cells `run_cell` still has work for: no stored adversarial set yet, or targets not yet scored.
-
-    One search of the experiment's attack runs answers for every cell."""
-    done = (context or Context(experiment)).done
-    return [c for c in cells if c.key not in done or _unscored(done, c)]
+def made(records: Sequence[tracking.RunRecord], cells: Sequence[AttackCell], since: float | None = None
+         ) -> dict[str, tracking.RunRecord]:
+    """Each cell's adversarial set among finished attack runs `records`, by cell key: the newest run of its key made on
+    the cell's own surrogate runs (a surrogate trained again, after --force, makes the set again), started at or after
+    `since` when given (a forced re-run)."""
+    wanted = {c.key: c.surrogate for c in cells}
+    found: dict[str, tracking.RunRecord] = {}
+    for record in records:   # oldest first: the newest wins
+        if (record.key in wanted and record.tags.get(names.TAG_SURROGATE_RUN) == wanted[record.key]
+                and names.TAG_EXAMPLES_SHA in record.tags
+                and (since is None or record.start_time.timestamp() >= since)):
+            found[record.key] = record
+    return found
 
 
 class Context:
-    """What one process of the attack stage shares: the experiment's training runs and finished attack runs
-    (one search each), and every model and attacked dataset loaded once."""
+    """What one process making adversarial sets shares: the training runs they attack, the attacked datasets, and
+    every model loaded once."""
 
-    def __init__(self, experiment: str, data_root: str | Path | None = None, parent_run_id: str | None = None) -> None:
+    def __init__(self, experiment: str, datasets: Mapping[str, data.Dataset] | None = None,
+                 data_root: str | Path | None = None, parent_run_id: str | None = None,
+                 runs: dict[str, _Model] | None = None) -> None:
         self.experiment, self.data_root = experiment, data_root
-        self.parent_run_id = parent_run_id   # the attack stage's run: generation runs are its children
-        self.done = {r.key: r for r in tracking.query(experiment, names.ATTACK)}   # finished generation / evaluation runs
-        self._runs: dict[str, _Model] | None = None
+        self.parent_run_id = parent_run_id   # the attack stage's run: set runs are its children
+        self.datasets = dict(datasets or {})
+        self._runs = runs
         self._models: dict[str, nn.Module] = {}
-        self._clean: dict[tuple[str, str, bytes], torch.Tensor] = {}
 
     def runs(self, ids: Sequence[str]) -> list[_Model]:
         """The training runs `ids`, in order; refused unless each is finished with a checkpoint."""
         if self._runs is None:
-            self._runs = _training_runs(self.experiment)
+            self._runs = training_runs(self.experiment)
         missing = [i for i in ids if i not in self._runs]
         if missing:
             raise XferError(f"run(s) {', '.join(missing)} are not finished training runs with a checkpoint in experiment "
@@ -503,18 +513,19 @@ class Context:
     def model(self, run_id: str) -> nn.Module:
         """The model run `run_id` published, downloaded and verified once per process (attacks never change it)."""
         if run_id not in self._models:
-            self._models[run_id] = tracking.load_model(run_id)[0]
+            known = self._runs.get(run_id) if self._runs is not None else None
+            self._models[run_id] = tracking.load_model(run_id, known.record if known else None)[0]
         return self._models[run_id]
 
-    def clean_predictions(self, run_id: str, dataset: str, examples: Examples,
-                          device: torch.device | str | None = None) -> torch.Tensor:
-        """Target `run_id`'s predictions on `examples`' clean images, run once per process: every setting and
-        surrogate of one (dataset, n, seed) attacks the same clean examples, so a pack pays each target's clean
-        pass once, and scoring a target costs one forward pass per adversarial set instead of two."""
-        key = (run_id, dataset, examples.indices.numpy().tobytes())
-        if key not in self._clean:
-            self._clean[key] = predict(self.model(run_id), examples.clean, device)
-        return self._clean[key]
+    def dataset(self, name: str) -> data.Dataset:
+        """The attacked task's data: handed over by the stage (Ray's object store), else loaded here."""
+        if name not in self.datasets:
+            self.datasets[name] = data.load(name, self.data_root)
+        return self.datasets[name]
+
+    def made(self, cells: Sequence[AttackCell]) -> dict[str, tracking.RunRecord]:
+        """The cells' sets already made (by a retried trial's earlier attempt, say): a search per cell."""
+        return made(tracking.query_keys(self.experiment, [c.key for c in cells], names.ATTACK), cells)
 
 
 def _add(cells: dict[str, AttackCell], spec: AttackSpec, surrogates: list[_Model], targets: list[str]) -> None:
@@ -541,24 +552,28 @@ def _by_source(pretrained: list[_Model]) -> list[list[_Model]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def _training_runs(experiment: str) -> dict[str, _Model]:
-    """Finished training runs that published a checkpoint, by run id, with their models' label sets and input shapes.
+def training_runs(experiment: str, snapshot: tracking.Snapshot | None = None) -> dict[str, _Model]:
+    """Finished training runs that published a checkpoint, by run id, with their models' label sets and input shapes:
+    of a cell run more than once (--force), its newest run only, the model the cell holds now.
 
     Both come from the run's tags (names.TAG_CLASSES, TAG_IN_SHAPE); a run recorded before those tags existed
-    has its checkpoint's meta.json read instead.
+    has its checkpoint's meta.json read instead. `snapshot`: the experiment's runs, listed already.
     """
+    newest: dict[str, tracking.RunRecord] = {}
+    for stage in tracking.TRAINING_STAGES:
+        records = snapshot.query(stage) if snapshot is not None else tracking.query(experiment, stage)
+        for record in records:   # oldest first: the newest run of a key wins
+            if names.TAG_CHECKPOINT_SHA in record.tags:
+                newest[record.key or record.run_id] = record
     found: dict[str, _Model] = {}
-    for stage in (names.PRETRAIN, names.FINETUNE, names.SCRATCH):
-        for record in tracking.query(experiment, stage):
-            if names.TAG_CHECKPOINT_SHA not in record.tags:
-                continue
-            if names.TAG_CLASSES in record.tags and names.TAG_IN_SHAPE in record.tags:
-                classes = json.loads(record.tags[names.TAG_CLASSES])
-                shape = [int(d) for d in record.tags[names.TAG_IN_SHAPE].split("x")]
-            else:
-                meta = _checkpoint_meta(record.run_id)
-                classes, shape = meta["class_names"], meta["in_shape"]
-            found[record.run_id] = _Model(record, tuple(classes), tuple(shape))
+    for record in newest.values():
+        if names.TAG_CLASSES in record.tags and names.TAG_IN_SHAPE in record.tags:
+            classes = json.loads(record.tags[names.TAG_CLASSES])
+            shape = [int(d) for d in record.tags[names.TAG_IN_SHAPE].split("x")]
+        else:
+            meta = _checkpoint_meta(record.run_id)
+            classes, shape = meta["class_names"], meta["in_shape"]
+        found[record.run_id] = _Model(record, tuple(classes), tuple(shape))
     return found
 
 
@@ -569,55 +584,55 @@ def _checkpoint_meta(run_id: str) -> dict[str, Any]:
         return json.loads(path.read_text())
 
 
-def run_cell(experiment: str, cell: AttackCell, device: torch.device | str | None = None,
-             data_root: str | Path | None = None, context: Context | None = None) -> dict[str, float]:
-    """One attack cell end to end: examples generated once (or read back), then every target not yet scored.
+def make_set(cell: AttackCell, context: Context, device: torch.device | str | None = None) -> str:
+    """Make one cell's adversarial set and store it as an MLflow run (a child of `context.parent_run_id`): the
+    examples as an artifact with their sha256, the surrogate's white-box success, the seconds it took.
 
-    The generation run (key = the cell's key) is finished, and so cached, once its adversarial set is
-    stored; each target's score is a child run, so a re-run scores only the targets still missing.
-    Returns whether it generated, how many targets it scored, white-box success, mean adversarial accuracy
-    over the targets scored, seconds. `context` shares look-ups and models between the cells of one process.
+    Returns the set's run id. Refuses, before any work, surrogates that do not fit the attacked task.
     """
-    start = time.perf_counter()
-    context = context or Context(experiment, data_root)
     spec = cell.spec.attack
-    generation = context.done.get(cell.key)
-    todo = _unscored(context.done, cell) if generation is not None else list(cell.target_run_ids)
-    summary = {"generated": float(generation is None), "targets_scored": float(len(todo))}
-    if generation is not None:
-        summary[names.WHITEBOX_SUCCESS] = generation.metrics.get(names.WHITEBOX_SUCCESS, math.nan)
-        if not todo:
-            return {**summary, names.ADV_ACC: math.nan, names.SECONDS: time.perf_counter() - start}
-    surrogates, targets = context.runs(cell.surrogate_run_ids), context.runs(todo)
-    if generation is None:
-        dataset = data.load(spec.dataset, context.data_root)
-        _check_cell(spec, surrogates, targets, dataset.class_names, dataset.in_shape)
-        examples, generation_id, summary[names.WHITEBOX_SUCCESS] = _generation_run(context, cell, surrogates, dataset, device)
-    else:
-        examples, generation_id = read_examples(generation.run_id), generation.run_id
-        _check_cell(spec, surrogates, targets, examples.class_names, tuple(examples.clean.shape[1:]))
-    adv_accs = [_evaluation_run(context, cell, generation_id, surrogates, target, examples, device)[names.ADV_ACC]
-                for target in targets]
-    summary[names.ADV_ACC] = sum(adv_accs) / len(adv_accs) if adv_accs else math.nan
-    return {**summary, names.SECONDS: time.perf_counter() - start}
+    surrogates = context.runs(cell.surrogate_run_ids)
+    dataset = context.dataset(spec.dataset)
+    _check_cell(spec, surrogates, [], dataset.class_names, dataset.in_shape)
+    index = data.stratified_indices(dataset.test.labels, spec.n, spec.seed)
+    clean, labels = dataset.test.images[index], dataset.test.labels[index]
+    models_ = [context.model(m.run_id) for m in surrogates]
+    began = time.perf_counter()
+    adv = generate(models_, clean, labels, spec, device)
+    aims = target_labels(labels, len(dataset.class_names), spec.seed) if spec.targeted else labels
+    # Scored as stored: float16, so a fresh set and one read back from MLflow give the same numbers.
+    examples = Examples(clean, adv.half().float(), labels, index, aims, dataset.class_names)
+    whitebox = _whitebox_success(models_, examples, spec, device)
+    seconds = time.perf_counter() - began
+    with tempfile.TemporaryDirectory(prefix="xfer-adv-") as tmp:
+        folder = Path(tmp) / names.ADVERSARIAL_DIR
+        folder.mkdir()
+        save_examples(folder / EXAMPLES_FILE, examples, spec)
+        tags = {**_set_tags(cell), names.TAG_EXAMPLES_SHA: checkpoint.sha256(folder)}
+        with tracking.start_run(context.experiment, names.ATTACK, cell.key, tags=tags, params=cell.spec,
+                                run_name=_run_name(cell, surrogates), parent_run_id=context.parent_run_id) as run:
+            run.log_artifact(folder)
+            run.log_metrics({names.WHITEBOX_SUCCESS: whitebox, names.SECONDS: seconds})
+    return run.run_id
 
 
-def run_pack(experiment: str, cells: Sequence[AttackCell], device: torch.device | str | None = None,
-             data_root: str | Path | None = None, parent_run_id: str | None = None,
-             progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, str]:
-    """Several attack cells in one process, sharing look-ups, models and data; returns the failed cells' reasons
-    by key. A cell refused for bad input (`XferError`) fails alone; its pack-mates go on. `progress` hears each
-    cell's end."""
-    context = Context(experiment, data_root, parent_run_id)
+def make_sets(experiment: str, cells: Sequence[AttackCell], device: torch.device | str | None = None,
+              context: Context | None = None, progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, str]:
+    """A pack of adversarial sets in one process, sharing models and data; sets already made are skipped. Returns the
+    failed cells' reasons by key: a cell refused for bad input (`XferError`) fails alone and its pack-mates go on.
+    `progress` hears each cell's end."""
+    context = context or Context(experiment)
+    done = context.made(cells)
     failed: dict[str, str] = {}
-    for done, cell in enumerate(cells, 1):
-        try:
-            run_cell(experiment, cell, device, context=context)
-        except XferError as exc:
-            failed[cell.key] = str(exc)
+    for count, cell in enumerate(cells, 1):
+        if cell.key not in done:
+            try:
+                make_set(cell, context, device)
+            except XferError as exc:
+                failed[cell.key] = str(exc)
         if progress is not None:
             progress({"cell": label(cell), "cell_finished": float(cell.key not in failed),
-                      "reason": failed.get(cell.key, ""), "cells_done": float(done), "cells": float(len(cells))})
+                      "reason": failed.get(cell.key, ""), "cells_done": float(count), "cells": float(len(cells))})
     return failed
 
 
@@ -627,7 +642,13 @@ def label(cell: AttackCell) -> str:
             f"→ {len(cell.target_run_ids)} target(s)")
 
 
-def _check_cell(spec: AttackSpec, surrogates: list[_Model], targets: list[_Model], class_names: tuple[str, ...],
+def check_targets(spec: AttackSpec, targets: Sequence[_Model], class_names: tuple[str, ...],
+                  in_shape: tuple[int, ...]) -> None:
+    """Refuse targets that do not classify the attacked task's classes from its images."""
+    _check_cell(spec, [], targets, class_names, in_shape)
+
+
+def _check_cell(spec: AttackSpec, surrogates: Sequence[_Model], targets: Sequence[_Model], class_names: tuple[str, ...],
                 in_shape: tuple[int, ...]) -> None:
     """Refuse, before any work, a cell whose models do not fit the attacked task."""
     task = f"{spec.dataset} ({len(class_names)} classes, images {tuple(in_shape)})"
@@ -647,28 +668,6 @@ def _check_cell(spec: AttackSpec, surrogates: list[_Model], targets: list[_Model
                                 f"no loss to raise on its logits; attack it with {FEATURE_ATTACK!r} (attack.plan does).")
 
 
-def _generation_run(context: Context, cell: AttackCell, surrogates: list[_Model], dataset: data.Dataset,
-                    device: torch.device | str | None) -> tuple[Examples, str, float]:
-    """Make the cell's adversarial set, score the surrogate on it (white-box) and store both in a generation run."""
-    spec = cell.spec.attack
-    index = data.stratified_indices(dataset.test.labels, spec.n, spec.seed)
-    clean, labels = dataset.test.images[index], dataset.test.labels[index]
-    models_ = [context.model(m.run_id) for m in surrogates]
-    began = time.perf_counter()
-    adv = generate(models_, clean, labels, spec, device)
-    seconds = time.perf_counter() - began
-    aims = target_labels(labels, len(dataset.class_names), spec.seed) if spec.targeted else labels
-    # Scored as stored: float16, so a fresh cell and one read back from MLflow give the same numbers.
-    examples = Examples(clean, adv.half().float(), labels, index, aims, dataset.class_names)
-    whitebox = _whitebox_success(models_, examples, spec, device)
-    generation = tracking.start_run(context.experiment, names.ATTACK, cell.key, tags=_generation_tags(cell),
-                                    params=cell.spec, run_name=_run_name(cell), parent_run_id=context.parent_run_id)
-    with generation as run, tempfile.TemporaryDirectory(prefix="xfer-adv-") as tmp:
-        run.log_artifact(save_examples(Path(tmp) / EXAMPLES_FILE, examples, spec), names.ADVERSARIAL_DIR)
-        run.log_metrics({names.WHITEBOX_SUCCESS: whitebox, names.SECONDS: seconds})
-    return examples, run.run_id, whitebox
-
-
 def _whitebox_success(models_: list[nn.Module], examples: Examples, spec: AttackSpec,
                       device: torch.device | str | None) -> float:
     """Success on the surrogate itself; for a feature attack, the share of its own predictions that flip."""
@@ -677,51 +676,24 @@ def _whitebox_success(models_: list[nn.Module], examples: Examples, spec: Attack
     return evaluate(model, examples.clean, examples.adv, truth, device)[names.SUCCESS_RATE]
 
 
-def _evaluation_run(context: Context, cell: AttackCell, generation_id: str, surrogates: list[_Model], target: _Model,
-                    examples: Examples, device: torch.device | str | None) -> dict[str, float]:
-    """Score one target on the adversarial set, as a child run of the generation run."""
-    model = context.model(target.run_id)
-    clean = context.clean_predictions(target.run_id, cell.spec.attack.dataset, examples, device)
-    metrics = evaluate(model, examples.clean, examples.adv, examples.labels, device, clean_predictions=clean)
-    key = specs.key(EvaluationSpec(cell.key, target.run_id))
-    tags = {**_generation_tags(cell), **_lineage_tags(surrogates, target), names.TAG_TARGET_RUN: target.run_id}
-    with tracking.start_run(context.experiment, names.ATTACK, key, tags=tags, run_name=f"{_run_name(cell)} → {_label(target)}",
-                            parent_run_id=generation_id) as run:
-        run.log_metrics(metrics)
-    return metrics
+def _set_tags(cell: AttackCell) -> dict[str, str]:
+    return {**tracking.spec_tags(cell.spec), names.TAG_SURROGATE_RUN: cell.surrogate,
+            names.TAG_TARGET: cell.spec.attack.dataset}
 
 
-def _lineage_tags(surrogates: list[_Model], target: _Model) -> dict[str, bool]:
-    """same_source: a surrogate's pretraining source is the target's (both set); is_parent: a surrogate is its pretrain run.
-
-    For an ensemble, either holds when it holds for any member.
-    """
-    source = target.record.tags.get(names.TAG_SOURCE, "")
-    parent = target.record.tags.get(names.TAG_PRETRAIN_RUN, "")
-    return {
-        names.TAG_SAME_SOURCE: bool(source) and any(m.record.tags.get(names.TAG_SOURCE, "") == source for m in surrogates),
-        names.TAG_IS_PARENT: bool(parent) and any(m.run_id == parent for m in surrogates),
-    }
-
-
-def _generation_tags(cell: AttackCell) -> dict[str, str]:
-    return {**tracking.spec_tags(cell.spec), names.TAG_SURROGATE_RUN: "+".join(cell.surrogate_run_ids)}
-
-
-def _unscored(done: dict[str, tracking.RunRecord], cell: AttackCell) -> list[str]:
-    """The cell's targets without a finished evaluation run (new targets, or a trial that stopped midway)."""
-    return [t for t in cell.target_run_ids if specs.key(EvaluationSpec(cell.key, t)) not in done]
-
-
-def _run_name(cell: AttackCell) -> str:
+def _run_name(cell: AttackCell, surrogates: Sequence[_Model]) -> str:
     a = cell.spec.attack
-    return f"{a.attack}{'-targeted' if a.targeted else ''}(eps={a.eps}) from {'+'.join(cell.surrogate_run_ids)[:40]}"
+    return f"{a.attack}{'-targeted' if a.targeted else ''}(eps={a.eps:g}) on {' + '.join(model_label(m) for m in surrogates)}"
 
 
-def _label(m: _Model) -> str:
+def model_label(m: _Model) -> str:
+    """A training run in words: stage, source → target, arch, size, freeze, seed."""
     tags = m.record.tags
-    source = tags.get(names.TAG_SOURCE, "")
-    return f"{m.record.stage}:{source + '→' if source else ''}{tags.get(names.TAG_TARGET, '')}/{tags.get(names.TAG_ARCH, '')}"
+    source, target = tags.get(names.TAG_SOURCE, ""), tags.get(names.TAG_TARGET, "")
+    where = f"{source}→{target}" if source and target else source or target
+    freeze = f" f{tags.get(names.TAG_FREEZE)}" if m.record.stage == names.FINETUNE else ""
+    size = f" n={tags.get(names.TAG_SIZE)}" if m.record.stage != names.PRETRAIN else ""
+    return f"{m.record.stage} {where} {tags.get(names.TAG_ARCH, '')}{size}{freeze} seed={tags.get(names.TAG_SEED, '')}"
 
 
 # ---- benchmark ------------------------------------------------------------------------------------

@@ -104,18 +104,21 @@ class Life:
 
     def __enter__(self) -> Life:
         self.resume = self.session.restore()
+        params = self.cell.params if self.cell.params is not None else self.cell.spec
         if self.is_chief:
             resumed = self.resume.extra.get(RUN_ID) if self.resume else None
             self.run = self._stack.enter_context(tracking.start_run(
                 self.experiment, self.cell.stage, self.cell.key, tags=self.cell.tags, run_name=self.cell.label,
-                params=self.cell.params if self.cell.params is not None else self.cell.spec,
                 parent_run_id=self.cell.parent_run_id, resume_run_id=resumed))
         try:
             self.splits, self.model = self.cell.prepare()
             if self.run is not None:
-                self.run.set_tags(self._where_tags())
+                self.run.log_batch(params=params, tags=self._where_tags())   # one request: params and where it ran
                 self._catch_up()
         except BaseException:
+            if self.run is not None:
+                with contextlib.suppress(Exception):   # a failed cell keeps its params; never mask why it failed
+                    self.run.log_params(params)
             if not self._stack.__exit__(*sys.exc_info()):   # the run ends FAILED, naming the error
                 raise
         return self
@@ -150,13 +153,15 @@ class Life:
             return result
         steps = int(result.metrics["steps"])
         summary = {k: result.metrics[k] for k in SUMMARY_METRICS if k in result.metrics and math.isfinite(result.metrics[k])}
-        self._log_rows(result.curve, summary, steps)
         with tempfile.TemporaryDirectory(prefix="xfer-ckpt-") as tmp:
             checkpoint.save(Path(tmp), self.model.cpu(), {
                 "class_names": list(self.splits.class_names), "spec": specs.to_dict(self.cell.spec),
                 "stage": self.cell.stage, "metrics": result.metrics, "key": self.cell.key, **self.cell.meta,
             })
-            self.run.log_checkpoint(Path(tmp))
+            sha = self.run.log_checkpoint(Path(tmp), tag=False)
+        # The last points, the summary and the checkpoint's sha256 (after its upload: a run with the tag has its
+        # files) in one request.
+        self._log_rows(result.curve, summary, steps, {names.TAG_CHECKPOINT_SHA: sha})
         return result
 
     def train(self, device: str | torch.device | None = None) -> loop.Result:
@@ -175,12 +180,13 @@ class Life:
     def _shown(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return rows if self.cell.log_test else [r for r in rows if r["split"] != "test"]
 
-    def _log_rows(self, curve: list[dict[str, Any]], metrics: dict[str, float] | None = None, step: int = 0) -> None:
-        """The curve's points past the last logged step (and `metrics` at `step`), in one batch."""
+    def _log_rows(self, curve: list[dict[str, Any]], metrics: dict[str, float] | None = None, step: int = 0,
+                  tags: dict[str, str] | None = None) -> None:
+        """The curve's points past the last logged step (and `metrics` at `step`, and `tags`), in one batch."""
         if self.run is None:
             return
         rows = [r for r in self._shown(curve) if r["step"] > self._through]
-        self.run.log_points(rows, metrics, step)
+        self.run.log_points(rows, metrics, step, tags)
         self._through = max([self._through, *(r["step"] for r in rows)])
 
     def _catch_up(self) -> None:

@@ -59,4 +59,11 @@ def slots(cpus_per_trial: float, gpus_per_trial: float) -> int:
     return max(1, count)
 
 
-__all__ = ["connect", "gpus_per_trial", "slots", "GPU_SHARE"]
+def node_cpus() -> int:
+    """The CPUs of the largest live node: the most one trial can use (a trial runs on one node)."""
+    import ray
+
+    return max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1) or 1
+
+
+__all__ = ["connect", "gpus_per_trial", "slots", "node_cpus", "GPU_SHARE"]

@@ -126,6 +126,9 @@ class Grid:
     # `{sizes: [5000], epochs: 5, batch_size: 100, digit_arch: digit_cnn}` (seeds default to the grid's; see
     # `adder_cells`); {} = no adder stage.
     adder: dict[str, Any] = _field({}, "the two-digit adder as a stage of the grid (grid files only)")
+    # A rehearsal of the whole grid (`fast_dev_run(grid)` sets it, with its own experiment): every training cell one
+    # optimiser step per epoch and one evaluation batch, every attack one batch; absent data stood in for.
+    fast_dev_run: bool = _field(False, "rehearse every cell on one batch, into the experiment <name>-fast-dev-run")
 
     def freeze_depths(self, arch: str) -> tuple[int, ...]:
         return self.freeze.get(arch, self.freeze.get("*", (0,)))
@@ -596,7 +599,7 @@ def cells(grid: Grid, pool_sizes: dict[str, int] | None = None) -> Cells:
         (source, arch_name, seed): PretrainSpec(TrainSpec(
             arch=arch_name, dataset=source, size=_pretrain_size(grid, source, pool_sizes), val_size=grid.val_size,
             epochs=grid.pretrain_epochs, batch_size=grid.batch_size, optimizer=grid.optimizer, augment=grid.augment,
-            seed=seed,
+            seed=seed, fast_dev_run=grid.fast_dev_run,
         ))
         for source, arch_name, seed in itertools.product(grid.sources, grid.archs, grid.seeds)
     }
@@ -606,7 +609,8 @@ def cells(grid: Grid, pool_sizes: dict[str, int] | None = None) -> Cells:
         lrs = (tuned.pop("lr"),) if "lr" in tuned else grid.lrs
         for lr, seed in itertools.product(lrs, grid.seeds):
             base = dict(arch=arch_name, dataset=grid.target, size=size or None, val_size=grid.val_size,
-                        epochs=grid.epochs, batch_size=grid.batch_size, lr=lr, augment=grid.augment, seed=seed)
+                        epochs=grid.epochs, batch_size=grid.batch_size, lr=lr, augment=grid.augment, seed=seed,
+                        fast_dev_run=grid.fast_dev_run)
             base.update(tuned)
             starts: list[tuple[PretrainSpec | None, dict[str, Any]]] = [
                 (pretrain[(source, arch_name, seed)], {}) for source in grid.sources]
@@ -631,6 +635,35 @@ def _pretrain_size(grid: Grid, source: str, pool_sizes: dict[str, int] | None) -
     if not grid.pretrain_size or (pool is not None and grid.pretrain_size >= pool - grid.val_size):
         return None  # the whole pool
     return grid.pretrain_size
+
+
+FAST_DEV_RUN = "-fast-dev-run"   # the rehearsal's experiment: <grid name>-fast-dev-run, never the grid's own
+# A rehearsal's adversarial sets: this many test images each. The seed grid scores ~430,000 (set, target) pairs, so
+# every image per set is ~430,000 forward passes of pure compute that proves nothing more about the path.
+FAST_DEV_RUN_ATTACK_N = 2
+
+
+def fast_dev_run(grid: Grid) -> Grid:
+    """The rehearsal of `grid` (PyTorch Lightning's name): the same cells — every source, arch, size, freeze depth,
+    lr, recipe, seed and attack setting — each trained one batch per epoch (one epoch; two where a recipe
+    unfreezes) and evaluated on one batch, every adversarial set made of FAST_DEV_RUN_ATTACK_N images and scored on
+    every target, recorded in its own experiment."""
+    unfreezing = any(_unfreezes(name) for name in grid.recipes)
+    adder = dict(grid.adder)
+    if adder:   # the adder's cells, one batch of pairs each
+        batch = int(adder.get("batch_size", 200))
+        adder.update(sizes=[batch], epochs=1, pretrain_epochs=1, pretrain_size=batch, val_pairs=batch, test_pairs=batch)
+    return dataclasses.replace(
+        grid, name=grid.name if grid.name.endswith(FAST_DEV_RUN) else grid.name + FAST_DEV_RUN, fast_dev_run=True, epochs=2 if unfreezing else 1, pretrain_epochs=1,
+        unfreeze_epoch=1 if unfreezing else grid.unfreeze_epoch, attack_n=min(grid.attack_n, FAST_DEV_RUN_ATTACK_N),
+        adder=adder)
+
+
+def _unfreezes(name: str) -> bool:
+    try:
+        return bool(recipe(name).unfreeze)
+    except XferError:
+        return False   # an unknown recipe is `validate`'s to name
 
 
 def describe(grid: Grid) -> str:

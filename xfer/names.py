@@ -19,7 +19,9 @@ TAG_STAGE = "xfer.stage"
 TAG_KEY = "xfer.key"                      # stable hash of the cell's canonical spec
 TAG_PRETRAIN_RUN = "xfer.pretrain_run"    # on finetune runs: the pretrain run id
 TAG_SURROGATE_RUN = "xfer.surrogate_run"  # on attack runs
-TAG_TARGET_RUN = "xfer.target_run"        # on per-target attack evaluations
+TAG_TARGET_RUN = "xfer.target_run"        # score rows: the target scored (a column of the score table, not a tag)
+TAG_SCORED = "xfer.scored"                # on an adversarial set's run: sha of the target runs it is scored on
+TAG_EXAMPLES_SHA = "xfer.examples_sha256" # ... and of its examples file, verified on every download
 TAG_CHECKPOINT_SHA = "xfer.checkpoint_sha256"
 TAG_FAILURE = "xfer.failure"              # reason a run ended FAILED
 TAG_GRID_STAGE = "xfer.grid_stage"        # on a stage's parent run (stage GRID): which stage its children are
@@ -48,19 +50,26 @@ CLEAN_ACC = "clean_acc"
 ADV_ACC = "adv_acc"
 SUCCESS_RATE = "success_rate"
 WHITEBOX_SUCCESS = "whitebox_success"
+# An adversarial set's summary metrics (its run in the MLflow UI); the scores themselves are rows of a table.
+TARGETS_SCORED = "targets_scored"                 # targets the set has been scored on
+DESCENDANTS_SUCCESS = "descendants_success"       # mean success rate on the surrogate's own fine-tuned descendants
+OTHER_SOURCES_SUCCESS = "other_sources_success"   # ... on fine-tuned models of other pretraining sources
+MEAN_ADV_ACC = "mean_adv_acc"                     # mean adversarial accuracy over every target scored
 
 # Artifact paths inside a run.
 CHECKPOINT_DIR = "checkpoint"         # weights.safetensors + meta.json
 CURVE_FILE = "curve.parquet"          # long error curve: step, epoch, seconds, split, error
 ADVERSARIAL_DIR = "adversarial"       # adversarial examples (safetensors)
+SCORES_DIR = "scores"                 # on the attack stage's run: score rows as Parquet parts (xfer.scores)
 
-# Attack-run tags. A *generation* run (stage attack, no TAG_TARGET_RUN) holds the adversarial set of one
-# (surrogate, attack setting); its child *evaluation* runs (one per target) carry both run ids.
+# Attack-run tags. An attack run holds the adversarial set of one (surrogate, attack setting); its scores on
+# every target are rows of the score table (xfer.scores), which carries the lineage flags below as columns.
 TAG_ATTACK = "attack"
 TAG_EPS = "eps"
 TAG_SAME_SOURCE = "same_source"   # "true" / "false": surrogate's pretraining source == target's
 TAG_IS_PARENT = "is_parent"       # "true" / "false": surrogate is exactly the target's pretrain run
 TAG_EXPERIMENT = "xfer.experiment"
+TAG_STAND_INS = "xfer.stand_ins"  # experiment tag: datasets a --fast-dev-run replaced by synthetic stand-ins ("" if none)
 
 # Adder runs (stage ADDER): which side of the transfer-vs-scratch comparison a run is on.
 TAG_VARIANT = "variant"

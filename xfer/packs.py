@@ -55,9 +55,11 @@ class Kind:
 
 
 def pack_key(kind: Kind, spec: Any) -> tuple[Any, ...]:
-    """Cells with equal keys may share a pack: same kind, arch, dataset and training length."""
+    """Cells with equal keys may share a pack: same kind, arch, dataset and training length (a rehearsal's cells all
+    train one batch an epoch, whatever their size)."""
     t = kind.train(spec)
-    return (kind.name, kind.stage(spec), t.arch, t.dataset, t.size, t.batch_size, t.epochs, t.augment)
+    size = None if t.fast_dev_run else t.size
+    return (kind.name, kind.stage(spec), t.arch, t.dataset, size, t.batch_size, t.epochs, t.augment)
 
 
 def plan(cells: Sequence[Any], key: Callable[[Any], Hashable], pack_size: int, slots: int = 1) -> list[tuple[Any, ...]]:
@@ -105,19 +107,22 @@ class Context:
         self.experiment = experiment
         self.datasets = datasets
         self.parent_run_id = parent_run_id   # the stage's run in MLflow: every cell's run is its child
-        self._finished: dict[tuple[str, float | None], dict[str, tracking.RunRecord]] = {}
+        self._finished: dict[tuple[str, float | None, str], tracking.RunRecord | None] = {}
         self._models: dict[str, XferModel] = {}
 
-    def finished(self, stage: str, since: float | None = None) -> dict[str, tracking.RunRecord]:
-        """The stage's finished runs by key (one search per stage and process)."""
-        if (stage, since) not in self._finished:
-            self._finished[stage, since] = tracking.finished_by_key(self.experiment, stage, since)
-        return self._finished[stage, since]
+    def finished(self, stage: str, keys: Sequence[str], since: float | None = None) -> dict[str, tracking.RunRecord]:
+        """The finished runs of these cells of `stage` by key (asked of MLflow once per key and process)."""
+        wanted = [k for k in keys if (stage, since, k) not in self._finished]
+        if wanted:
+            found = tracking.finished_for(self.experiment, wanted, stage, since)
+            self._finished.update({(stage, since, k): found.get(k) for k in wanted})
+        return {k: record for k in keys if (record := self._finished[stage, since, k]) is not None}
 
-    def model(self, run_id: str) -> XferModel:
-        """A fresh copy of the model run `run_id` published (downloaded and verified once per process)."""
+    def model(self, run_id: str, record: tracking.RunRecord | None = None) -> XferModel:
+        """A fresh copy of the model run `run_id` published (verified and loaded once per process; `record`: the run
+        as a search returned it)."""
         if run_id not in self._models:
-            self._models[run_id] = tracking.load_model(run_id)[0]
+            self._models[run_id] = tracking.load_model(run_id, record)[0]
         import copy
 
         return copy.deepcopy(self._models[run_id])
@@ -165,8 +170,10 @@ def run_pack(pack: Sequence[Any], kind: Kind, experiment: str, datasets: dict[st
     context = Context(experiment, datasets, parent_run_id)
     outcome = PackResult()
     todo = []
+    done = {stage: context.finished(stage, [specs.key(s) for s in pack if kind.stage(s) == stage], since)
+            for stage in {kind.stage(s) for s in pack}}
     for spec in pack:
-        if specs.key(spec) in context.finished(kind.stage(spec), since):
+        if specs.key(spec) in done[kind.stage(spec)]:
             outcome.skipped.append(specs.key(spec))
         else:
             todo.append(spec)
@@ -243,6 +250,9 @@ def _why_not(lives: list[tuple[Any, Life]], device: torch.device, vectorise: str
         return "after a crash the cells resume from different epochs (each resumes on its own)"
     if vectorise == "always" or device.type == "cuda":
         return ""
+    if all(life.cell.train.fast_dev_run for _, life in lives):
+        # Measuring takes ~2·4·N real steps (10-17 s for 8 cells): more than a rehearsal's whole pack.
+        return "a --fast-dev-run rehearsal: one batch a cell, the batched model is not measured on a CPU"
     timing = calibrated(lives, device)
     if not timing["vectorised_is_faster"]:
         return (f"on {device.type} the batched model measured {timing['speedup']:.2f}× the speed of one cell after "
@@ -291,16 +301,19 @@ def _read_json(path: Path) -> dict[str, Any]:
 class PackCheckpoint:
     """The running cells' latest epoch states, handed to Tune as one checkpoint folder with a subfolder per cell.
 
-    Every epoch of every cell is reported (progress); a checkpoint goes with the report at most every
-    `interval_s` seconds, so a killed pack loses at most that much of each running cell's training and Tune's
-    experiment snapshots (forced every `num_to_keep` checkpoints) stay rare.
+    Progress (each cell's epochs, each cell's end) goes to Tune through `progress.Throttled`, at most every
+    `report_interval_s`; a checkpoint goes with a report at most every `interval_s` seconds, so a killed pack loses
+    at most that much of each running cell's training and Tune's experiment snapshots (forced every `num_to_keep`
+    checkpoints) stay rare.
     """
 
     def __init__(self, restored: dict[str, TrainState], interval_s: float, report: Callable[[dict[str, Any], Path | None], None],
-                 cells: int) -> None:
+                 cells: int, report_interval_s: float | None = None) -> None:
+        from xfer.progress import REPORT_INTERVAL_S, Throttled
+
         self.restored = restored
         self.interval_s = interval_s
-        self._report = report
+        self._progress = Throttled(report, REPORT_INTERVAL_S if report_interval_s is None else report_interval_s)
         self._running: dict[str, TrainState] = {}
         self._last = time.monotonic()
         self.cells, self.done = cells, 0
@@ -312,12 +325,12 @@ class PackCheckpoint:
         self._running[key] = state
         progress = {**metrics, "cells_done": float(self.done), "cells": float(self.cells)}
         if time.monotonic() - self._last < self.interval_s:
-            self._report(progress, None)
+            self._progress.progress(progress)
             return
         with tempfile.TemporaryDirectory(prefix="xfer-pack-") as tmp:
             for cell_key, cell_state in self._running.items():
                 checkpoint.save_state(Path(tmp) / cell_key, cell_state)
-            self._report(progress, Path(tmp))   # Tune copies the folder into its storage before returning
+            self._progress.progress(progress, Path(tmp))   # Tune copies the folder into its storage before returning
         self._last = time.monotonic()
 
     def cell_done(self, key: str) -> None:
@@ -329,8 +342,11 @@ class PackCheckpoint:
         """Progress: one more of the pack's cells finished (or failed, with `reason`)."""
         self.cell_done(key)
         self.done += 1
-        self._report({"cell": label, "cell_finished": float(not reason), "reason": reason,
-                      "cells_done": float(self.done), "cells": float(self.cells)}, None)
+        self._progress.ended(label, reason, {"cells_done": float(self.done), "cells": float(self.cells)})
+
+    def flush(self, metrics: dict[str, Any]) -> None:
+        """The pack's last report: `metrics`, with every progress event not yet sent."""
+        self._progress.flush(metrics)
 
     @staticmethod
     def load(directory: Path | None) -> dict[str, TrainState]:

@@ -32,21 +32,34 @@ class GridOutcome:
 
     @property
     def work_seconds(self) -> float:
-        """The cells' own work (training, making adversarial sets), summed over the cells this invocation ran."""
+        """The cells' own work (training, making adversarial sets, scoring them), summed over this invocation's cells."""
         return sum(s.work_seconds for s in self.summaries)
 
+    @property
+    def slots(self) -> int:
+        """Trials the grid could run at once (the most any of its stages had)."""
+        return max((s.slots for s in self.summaries), default=0)
+
+    @property
+    def cells_run(self) -> int:
+        return sum(s.ran + len(s.failed) for s in self.summaries if s.stage != names.REPORT)
+
+    def orchestration_per_cell(self) -> float:
+        """Seconds of orchestration per cell run: (wall time × trial slots − the cells' own work) / cells."""
+        return max(0.0, self.seconds * max(1, self.slots) - self.work_seconds) / max(1, self.cells_run)
+
     def timing(self) -> str:
-        """The wall time, and the share of it not spent in the cells' own work (orchestration)."""
+        """The wall time, and what of it was not the cells' own work (orchestration), per cell and as a share."""
         if not self.seconds:
             return ""
         if not any(s.ran for s in self.summaries):
             return f"grid: nothing to run, every cell is in MLflow ({self.seconds:.1f} s wall time)"
-        head = (f"grid: {self.seconds:.0f} s wall time; the cells' own work (training, making adversarial sets; "
-                f"summed over cells) {self.work_seconds:.0f} s")
-        if self.work_seconds >= self.seconds:
-            return head + ": trials ran side by side, so the share spent on orchestration cannot be read off"
-        share = 1 - self.work_seconds / self.seconds
-        return head + f": {share:.0%} orchestration (start-up, data hand-off, MLflow, scoring targets, the report)"
+        slots = max(1, self.slots)
+        share = 1 - min(1.0, self.work_seconds / (self.seconds * slots))
+        return (f"grid: {self.seconds:.0f} s wall time on {slots} trial slot(s); the cells' own work (training, making "
+                f"adversarial sets, scoring them; summed over cells) {self.work_seconds:.0f} s; orchestration "
+                f"{self.orchestration_per_cell():.2f} s per cell over {self.cells_run} cells ({share:.0%} of the "
+                "slots' time: start-up, data hand-off, MLflow, the report)")
 
 
 class Prepared(NamedTuple):
@@ -56,6 +69,7 @@ class Prepared(NamedTuple):
     datasets: Mapping[str, data.Dataset]
     infos: dict[str, data.Info] = {}
     missing: dict[str, str] = {}            # dataset → what is missing of it (dry-run without the data)
+    stand_ins: tuple[str, ...] = ()         # --fast-dev-run: the absent datasets synthetic ones stand in for
 
 
 DATASETS_CACHE = "datasets.json"   # in the runs folder: each dataset's sizes and shape, checked against its files
@@ -65,13 +79,15 @@ class Datasets(Mapping[str, data.Dataset]):
     """The grid's datasets, each loaded the first time a stage asks for it: a stage with nothing to do never
     loads one."""
 
-    def __init__(self, wanted: set[str], options: RunOptions) -> None:
-        self._wanted, self._options = sorted(wanted), options
+    def __init__(self, wanted: set[str], options: RunOptions, stand_ins: tuple[str, ...] = ()) -> None:
+        self._wanted, self._options, self._stand_ins = sorted(wanted), options, stand_ins
         self._loaded: set[str] = set()
 
     def __getitem__(self, name: str) -> data.Dataset:
         if name not in self._wanted:
             raise KeyError(name)
+        if name in self._stand_ins:
+            return data.stand_in(name)
         o = self._options
         self._loaded.add(name)
         return data.load(name, o.data_root, o.download, o.skip_bad_images)
@@ -104,14 +120,22 @@ def check_data(grid: grids.Grid, options: RunOptions, allow_missing: bool = Fals
 
 def prepare(grid: grids.Grid, options: RunOptions, allow_missing: bool = False) -> Prepared:
     """Validate the grid against its data and expand it into cells; nothing is started and, when the runs
-    folder already knows the datasets' files (`data.info`), no image is loaded."""
+    folder already knows the datasets' files (`data.info`), no image is loaded. A rehearsal (`Grid.fast_dev_run`)
+    runs on synthetic stand-ins of the torchvision sets whose files are absent."""
     grids.validate(grid)
-    missing = check_data(grid, options, allow_missing)
+    missing = check_data(grid, options, allow_missing or grid.fast_dev_run)
+    stand_ins = tuple(sorted(missing)) if grid.fast_dev_run else ()
+    unknown = [name for name in stand_ins if name not in data.PUBLISHED]
+    if unknown:
+        raise XferError(f"--fast-dev-run stands in for absent torchvision sets only, and {', '.join(unknown)} "
+                        f"{'is' if len(unknown) == 1 else 'are'} not one: {'; '.join(missing[n] for n in unknown)}. Place "
+                        "the files, or rehearse without it. Nothing was launched.")
     wanted = {*grid.sources, grid.target}
     cache = server.runs_dir() / DATASETS_CACHE
     # The target first: a user's image folder is the likeliest to be refused, and it is refused before a source loads.
     infos = {name: data.info(name, options.data_root, cache, options.skip_bad_images, published=allow_missing,
-                             download=options.download) for name in [grid.target, *sorted(wanted - {grid.target})]}
+                             download=options.download, stand_in=name in stand_ins)
+             for name in [grid.target, *sorted(wanted - {grid.target})]}
     pools = {name: i.train for name, i in infos.items()}
     grids.check_pools(grid, pools)
     target = infos[grid.target]
@@ -120,37 +144,56 @@ def prepare(grid: grids.Grid, options: RunOptions, allow_missing: bool = False) 
         raise XferError(f"source(s) {', '.join(odd)} do not share the target {grid.target}'s image shape {target.in_shape}, "
                         "so their models cannot be fine-tuned on it; pick sources of the target's shape (digit and "
                         "character sets are 1×28×28, CIFAR-10 3×32×32, cifar10_gray 1×32×32). Nothing was launched.")
-    return Prepared(grids.cells(grid, pools), Datasets(wanted, options), infos, missing)
+    return Prepared(grids.cells(grid, pools), Datasets(wanted, options, stand_ins), infos,
+                    {} if stand_ins else missing, stand_ins)
+
+
+def stand_in_note(prepared: Prepared) -> str:
+    """What a rehearsal on synthetic data says on the terminal and in its report ('' when every set is real)."""
+    if not prepared.stand_ins:
+        return ""
+    return (f"synthetic stand-ins for {', '.join(prepared.stand_ins)} (their files are absent): random images of the "
+            "published sizes, shapes and classes. This rehearsal proves the path and measures its cost; its accuracies "
+            "and verdicts mean nothing.")
 
 
 def training_stages(cells: grids.Cells) -> tuple[tuple[str, tuple[Any, ...]], ...]:
     return ((names.PRETRAIN, cells.pretrain), (names.FINETUNE, cells.finetune), (names.SCRATCH, cells.scratch))
 
 
+def snapshot(options: RunOptions) -> tracking.Snapshot | None:
+    """The experiment's runs, listed once for the questions an invocation asks before anything runs (None when
+    MLflow holds nothing yet, or everything runs again: --force)."""
+    if not server.recorded() or options.force or not tracking.experiment_exists(options.experiment):
+        return None
+    return tracking.Snapshot.take(options.experiment)
+
+
 def planned(prepared: Prepared, grid: grids.Grid, options: RunOptions, gpus: int = 0,
-            echo: Callable[[str], None] | None = None) -> Any:
+            echo: Callable[[str], None] | None = None, listed: tracking.Snapshot | None = None) -> Any:
     """The grid's `plan.Plan`: per stage its cells, what MLflow holds, packs and estimated wall time on this
-    machine (and on `gpus` GPUs). Starts no Ray; looks MLflow up only where it may hold runs."""
+    machine (and on `gpus` GPUs). Starts no Ray; reads MLflow only where it may hold runs, once (`snapshot`, or
+    `listed` when the caller has one)."""
     import os
 
     from xfer import plan
 
-    recorded = server.recorded() and not options.force
-    finished = (lambda stage: set(tracking.finished_by_key(options.experiment, stage))) if recorded \
-        else (lambda stage: set())
+    listed = listed or snapshot(options)
+    finished = (lambda stage: set(listed.finished_by_key(stage))) if listed else (lambda stage: set())
     gpu_share = options.gpus_per_trial or cluster.GPU_SHARE
     slots = max(1, int((os.cpu_count() or 1) // max(options.cpus_per_trial, 1e-3)))
     size = (lambda on_gpu: options.pack_size or packs.PACK_SIZE["cuda" if on_gpu else "cpu"])
     return plan.plan(grid, prepared.cells, prepared.infos, finished, prepared.missing, size, slots,
                      options.cpus_per_trial, gpus, gpu_share, echo,
-                     attack_cells=(lambda: _attack_counts(prepared.cells, grid, options)) if recorded else None,
-                     report_made=recorded and _report_made(options.experiment))
+                     attack_cells=(lambda: _attack_counts(prepared.cells, grid, options, listed)) if listed else None,
+                     report_made=bool(listed) and _report_made(options.experiment, listed))
 
 
-def _attack_counts(cells: grids.Cells, grid: grids.Grid, options: RunOptions) -> tuple[int, int]:
+def _attack_counts(cells: grids.Cells, grid: grids.Grid, options: RunOptions,
+                   listed: tracking.Snapshot | None = None) -> tuple[int, int]:
     """The attack stage's cells and those still to run, from MLflow (once every training cell is there)."""
-    planned, todo = _attack_cells(cells.attacks, options, _training_keys(cells), grid.attack_surrogates)
-    return len(planned), len(todo)
+    _, state = _attack_state(cells.attacks, options, _training_keys(cells), grid.attack_surrogates, listed=listed)
+    return len(state.cells), len(state.unfinished)
 
 
 def _training_keys(cells: grids.Cells) -> set[str]:
@@ -158,19 +201,24 @@ def _training_keys(cells: grids.Cells) -> set[str]:
     return {specs.key(c) for _, group in training_stages(cells) for c in group}
 
 
-def _attack_cells(attack_specs: tuple[Any, ...], options: RunOptions, keys: set[str] | None,
-                  surrogate_stages: tuple[str, ...]) -> tuple[list[Any], list[Any]]:
-    """The attack stage's cells as MLflow's training runs make them, and those with work left."""
-    from xfer import attack
+def _attack_state(attack_specs: tuple[Any, ...], options: RunOptions, keys: set[str] | None,
+                  surrogate_stages: tuple[str, ...], since: float | None = None,
+                  listed: tracking.Snapshot | None = None) -> tuple[dict[str, Any], Any]:
+    """The experiment's training runs, and the attack stage's cells as MLflow's training runs make them with what
+    each still needs (`scores.Pending`); from `listed` when given."""
+    from xfer import attack, scores
 
-    planned = attack.plan(options.experiment, list(attack_specs), keys=keys, surrogate_stages=surrogate_stages)
-    return planned, attack.unfinished(options.experiment, planned)
+    runs = attack.training_runs(options.experiment, listed)
+    planned = attack.plan(options.experiment, list(attack_specs), keys=keys, surrogate_stages=surrogate_stages, runs=runs)
+    records = listed.query(names.ATTACK) if listed is not None else None
+    return runs, scores.pending(options.experiment, planned, since, records)
 
 
-def _report_made(experiment: str) -> bool:
+def _report_made(experiment: str, listed: tracking.Snapshot) -> bool:
     from reports.build import is_made
+    from reports.tables import inputs
 
-    return tracking.experiment_exists(experiment) and is_made(experiment)
+    return is_made(experiment, records=inputs(experiment, listed))
 
 
 def dry_run(grid: grids.Grid, options: RunOptions, echo: Callable[[str], None] = print,
@@ -178,10 +226,13 @@ def dry_run(grid: grids.Grid, options: RunOptions, echo: Callable[[str], None] =
     """The plan and its cost, and the cells still to run; runs nothing (no Ray, no trial; the data may be absent)."""
     prepared = prepared or prepare(grid, options, allow_missing=True)
     echo(f"plan for grid {options.experiment!r} (nothing runs: --dry-run)")
-    for line in planned(prepared, grid, options, gpus, echo).lines():
+    if stand_in_note(prepared):
+        echo(stand_in_note(prepared))
+    listed = snapshot(options)
+    for line in planned(prepared, grid, options, gpus, echo, listed).lines():
         echo(line)
     for stage, group in training_stages(prepared.cells):
-        todo, _ = stages.pending(options.experiment, group, options.force, stage) if server.recorded() else (list(group), 0)
+        todo, _ = stages.pending(options.experiment, group, options.force, stage, listed) if listed else (list(group), 0)
         for spec in todo[:10]:
             echo(f"  {stage}: {stages.label(spec)}  key={specs.key(spec)}")
         if len(todo) > 10:
@@ -189,19 +240,27 @@ def dry_run(grid: grids.Grid, options: RunOptions, echo: Callable[[str], None] =
 
 
 def run_grid(grid: grids.Grid, options: RunOptions, only: tuple[str, ...] = STAGE_ORDER,
-             echo: Callable[[str], None] = print, prepared: Prepared | None = None, view: Any = None) -> GridOutcome:
-    """Every stage (of `only`) in order, under one MLflow run of this invocation (its stages' runs are its children)."""
+             echo: Callable[[str], None] = print, prepared: Prepared | None = None, view: Any = None,
+             listed: tracking.Snapshot | None = None) -> GridOutcome:
+    """Every stage (of `only`) in order, under one MLflow run of this invocation (its stages' runs are its children).
+
+    `listed` (`snapshot`, taken before the invocation's first stage) answers what is finished until a stage runs
+    something; from then on each stage asks MLflow."""
     prepared = prepared or prepare(grid, options)
     cells, datasets = prepared.cells, prepared.datasets
     summaries: list[StageSummary] = []
     started = time.perf_counter()
     tracking.log_grid(options.experiment, grids.describe(grid))
+    tracking.set_experiment_tags(options.experiment, {names.TAG_STAND_INS: ",".join(prepared.stand_ins)})
     with tracking.start_run(options.experiment, names.GRID, "", run_name=f"grid {time.strftime('%Y-%m-%d %H:%M:%S')}",
                             tags={names.TAG_GRID_STAGE: "all"}) as grid_run:
         options = dataclasses.replace(options, grid_run_id=grid_run.run_id)
+        def fresh() -> tracking.Snapshot | None:   # the listing, while nothing has run since it was taken
+            return None if any(s.ran or s.failed for s in summaries) else listed
+
         for stage, group in training_stages(cells):
             if stage in only and group:
-                summaries.append(stages.run_training_stage(stage, group, options, datasets, view))
+                summaries.append(stages.run_training_stage(stage, group, options, datasets, view, fresh()))
                 echo(summaries[-1].line())
         adder_cells = grids.adder_cells(grid)
         if names.ADDER in only and adder_cells:
@@ -211,14 +270,18 @@ def run_grid(grid: grids.Grid, options: RunOptions, only: tuple[str, ...] = STAG
                 summaries.append(summary)
                 echo(summary.line())
         if names.ATTACK in only and cells.attacks:
-            summaries.append(run_attack_stage(cells.attacks, options, view, _training_keys(cells), grid.attack_surrogates))
+            summaries.append(run_attack_stage(cells.attacks, options, view, _training_keys(cells), grid.attack_surrogates,
+                                              datasets, fresh()))
             echo(summaries[-1].line())
         report_dir = None
         if names.REPORT in only:
             from reports import build_report
 
             start = time.perf_counter()
-            result = build_report(options.experiment, parent_run_id=grid_run.run_id, reuse=not options.force)
+            from reports.tables import inputs
+
+            result = build_report(options.experiment, parent_run_id=grid_run.run_id, reuse=not options.force,
+                                  records=inputs(options.experiment, fresh()) if fresh() else None)
             report_dir = str(result.out)
             summaries.append(StageSummary(names.REPORT, 1, ran=int(not result.cached), cached=int(result.cached),
                                           seconds=time.perf_counter() - start))
@@ -251,52 +314,126 @@ def _record_skipped(run: tracking.Run, skipped: dict[str, tuple[str, ...]], echo
 
 def run_attack_stage(attack_specs: tuple[Any, ...], options: RunOptions, view: Any = None,
                      keys: set[str] | None = None,
-                     surrogate_stages: tuple[str, ...] = (names.PRETRAIN, names.SCRATCH, "self")) -> StageSummary:
-    """Attack cells in packs, one Tune trial each: a pack's surrogates and targets are loaded once in its process,
-    each adversarial set is generated once and scored on every target. `keys`: the grid's training cells (the
-    models attacked); `surrogate_stages`: whose examples are scored on every target (`Grid.attack_surrogates`)."""
-    from xfer import attack
+                     surrogate_stages: tuple[str, ...] = (names.PRETRAIN, names.SCRATCH, "self"),
+                     datasets: Mapping[str, data.Dataset] | None = None,
+                     listed: tracking.Snapshot | None = None) -> StageSummary:
+    """The attack stage on Ray Tune (`scores.run`'s flow): the missing adversarial sets first, in packs of one
+    surrogate's cells (each surrogate loaded once per pack), then the scoring, in packs of targets of one arch (each
+    target loaded once, every set streamed through it), each pack's rows one Parquet part on the stage's run.
+    `keys`: the grid's training cells (the models attacked); `surrogate_stages`: whose examples are scored on every
+    target (`Grid.attack_surrogates`); `datasets`: the attacked task's data, handed to the packs through Ray's object
+    store (loaded here when not given); `listed`: the experiment's runs when nothing has run since they were listed."""
+    from xfer import attack, scores
 
-    planned, todo = _attack_cells(attack_specs, options, keys, surrogate_stages)
-    summary = StageSummary(names.ATTACK, len(planned), cached=len(planned) - len(todo))
-    if not todo:
+    since = time.time() - 60 if options.force else None   # forced: only sets made by this invocation count
+    runs, state = _attack_state(attack_specs, options, keys, surrogate_stages, since, listed)
+    planned = state.cells
+    summary = StageSummary(names.ATTACK, len(planned), cached=len(planned) - len(state.unfinished))
+    if not state.unfinished:
+        if state.untagged and state.table is not None:   # scored, but a stopped stage never said so on the set runs
+            scores.summarise(state, state.table)
         return summary
     start = time.perf_counter()
-    cluster.connect(options.address, options.log_file)
+    ray = cluster.connect(options.address, options.log_file)
     options = stages.resolved(options)
-    # One surrogate's cells side by side: a pack loads each surrogate once.
-    todo = sorted(todo, key=lambda c: c.surrogate_run_ids)
     slots = cluster.slots(options.cpus_per_trial, options.gpus_per_trial or 0.0)
-    chosen = packs.plan(todo, lambda c: (), stages.pack_size(options), slots)
+    per_pack = ATTACK_PACK_FACTOR * stages.pack_size(options)
     with stages.stage_run(names.ATTACK, options) as parent:
-        ended = stages.launch(names.ATTACK, _attack_trial, chosen, [f"attack ×{len(p)}" for p in chosen], options, view,
-                              parent_run_id=parent.run_id)
-        summary.packs = len(chosen)
-        after = attack.Context(options.experiment)   # one search of the attack runs, as they stand now
-        finished, left = after.done, {c.key for c in attack.unfinished(options.experiment, todo, after)}
-        reasons = {r.key: r.tags.get(names.TAG_FAILURE, "")
-                   for r in tracking.query(options.experiment, names.ATTACK, status="FAILED")}
-        for index, pack in enumerate(chosen):
-            for cell in pack:
-                if cell.key not in left:
-                    summary.ran += 1
-                    summary.work_seconds += finished[cell.key].metrics.get(names.SECONDS, 0.0) if cell.key in finished else 0.0
-                    continue
-                reason = ended[index][0] or reasons.get(cell.key) or "not every target was scored"
-                summary.failed.append((attack.label(cell), reason))
-                tracking.end_stale_runs(options.experiment, cell.key, reason)
+        def make(todo: list[Any]) -> dict[str, str]:
+            wanted = {c.spec.attack.dataset for c in todo}
+            loaded = datasets if datasets is not None else stages.load_datasets(wanted, options)
+            refs = {name: ray.put(loaded[name]) for name in wanted}
+            # One surrogate's cells side by side: a pack loads each surrogate once.
+            chosen = packs.plan(sorted(todo, key=lambda c: c.surrogate_run_ids), lambda c: (), per_pack, slots)
+            summary.packs += len(chosen)
+            ended = stages.launch(names.ATTACK, _sets_trial, chosen, [f"adversarial sets ×{len(p)}" for p in chosen],
+                                  stages.widened(options, len(chosen)), view, refs=refs, runs=runs,
+                                  parent_run_id=parent.run_id)
+            return _failures(chosen, ended, key=lambda c: c.key)
+
+        def score(work: list[Any], facts: dict[str, Any]) -> list[Any]:
+            chosen = packs.plan(work, lambda j: (j.arch, j.target.in_shape), per_pack, slots)
+            summary.packs += len(chosen)
+            ended = stages.launch("scoring", _score_trial, chosen,
+                                  [f"scoring {p[0].arch} ×{len(p)} targets" for p in chosen],
+                                  stages.widened(options, len(chosen)), view, sets=facts, parent_run_id=parent.run_id)
+            failed = _failures(chosen, ended, key=lambda j: j.target.run_id)
+            return [scores.Scored(int(last.get("pairs", 0)), float(last.get("work_seconds", 0.0)),
+                                  str(last.get("mode", "")), str(last.get("why", "")),
+                                  {j.target.run_id: failed[j.target.run_id] for j in pack if j.target.run_id in failed})
+                    for pack, (_, last) in zip(chosen, ended)]
+
+        result = scores.run(options.experiment, planned, runs, make, score, since, state)
+        summary.work_seconds = result.work_seconds
+        summary.modes = {f"scoring {mode}": why for mode, why in result.modes.items()}
+        summary.note = (f"{result.made} set(s) made, {result.pairs:,} (set, target) score(s) on {result.targets} "
+                        "target(s) in one table")
+        labels = {c.key: attack.label(c) for c in planned}
+        for key, reason in result.failed.items():
+            summary.failed.append((labels.get(key, key), reason))
+            tracking.end_stale_runs(options.experiment, key, reason)
+        summary.ran = len(state.unfinished) - len(result.failed)
         summary.seconds = time.perf_counter() - start
-        parent.log_metrics(summary.metrics())
+        summary.slots = slots
+        parent.log_metrics({**summary.metrics(), "pairs_scored": float(result.pairs)})
     return summary
 
 
-def _attack_trial(config: dict[str, Any], packs_: list[tuple[Any, ...]], options: RunOptions,
-                  parent_run_id: str | None) -> None:
+ATTACK_PACK_FACTOR = 8   # an attack pack holds 8× a training pack's cells: a set or a target is cheap beside training
+
+
+def _failures(chosen: list[tuple[Any, ...]], ended: list[tuple[str, dict[str, Any]]],
+              key: Callable[[Any], str]) -> dict[str, str]:
+    """Each pack member's failure: the reason its trial reported for it, else its trial's crash."""
+    import json
+
+    out: dict[str, str] = {}
+    for pack, (error, last) in zip(chosen, ended):
+        reported = json.loads(last.get("failed_json", "{}") or "{}")
+        for member in pack:
+            reason = reported.get(key(member)) or error
+            if reason:
+                out[key(member)] = reason
+    return out
+
+
+def _sets_trial(config: dict[str, Any], packs_: list[tuple[Any, ...]], options: RunOptions, refs: dict[str, Any],
+                runs: dict[str, Any], parent_run_id: str | None) -> None:
+    """One pack of adversarial sets: the attacked data from the object store, each surrogate loaded once."""
+    import json
+
+    import ray
     from ray import tune
 
     from xfer import attack
 
+    from xfer.progress import Throttled
+
     stages.set_threads(options)
-    failed = attack.run_pack(options.experiment, packs_[config["cell"]["pack"]], data_root=options.data_root,
-                             parent_run_id=parent_run_id, progress=lambda metrics: tune.report(metrics))
-    tune.report({stages.STATUS: 1.0, "cells_failed": float(len(failed))})
+    pack = packs_[config["cell"]["pack"]]
+    context = attack.Context(options.experiment, {name: ray.get(ref) for name, ref in refs.items()},
+                             parent_run_id=parent_run_id, runs=runs)
+    progress = Throttled(lambda metrics, _: tune.report(metrics))
+    failed = attack.make_sets(options.experiment, pack, context=context,
+                              progress=lambda m: progress.ended(m["cell"], m["reason"], m))
+    progress.flush({stages.STATUS: 1.0, "cells_failed": float(len(failed)), "failed_json": json.dumps(failed)})
+
+
+def _score_trial(config: dict[str, Any], packs_: list[tuple[Any, ...]], options: RunOptions, sets: dict[str, Any],
+                 parent_run_id: str | None) -> None:
+    """One pack of targets scored on their sets; its rows go to the stage run as Parquet parts."""
+    import json
+
+    from ray import tune
+
+    from xfer import scores
+
+    from xfer.progress import Throttled
+
+    stages.set_threads(options)
+    pack = packs_[config["cell"]["pack"]]
+    progress = Throttled(lambda metrics, _: tune.report(metrics))
+    done = scores.score_pack(pack, sets, parent_run_id, block=stages.pack_size(options),
+                             progress=lambda m: progress.ended(m["cell"], m["reason"], m))
+    progress.flush({stages.STATUS: 1.0, "pairs": float(done.pairs), "work_seconds": done.seconds, "mode": done.mode,
+                    "why": done.why, "cells_failed": float(len(done.failed)), "failed_json": json.dumps(done.failed)})

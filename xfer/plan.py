@@ -24,10 +24,12 @@ from xfer import grid as grids, server
 from xfer import names
 from xfer.specs import TrainSpec
 
-# Fixed costs, measured 2026-12-02 on the 2-core development machine with the smoke preset (README, Results):
-# a pack's trial start (process, imports, dataset from the object store) and a cell's MLflow round trips.
-PACK_START_S = 6.0
-CELL_RECORD_S = 1.5
+# Fixed costs, measured 2026-12-06 on the 2-core development machine with the seed grid's --fast-dev-run (README,
+# Results): a pack's trial start (a reused worker: the dataset from the object store, Tune's bookkeeping) and a
+# cell's MLflow records (six requests, its checkpoint and curve written to the runs folder). The fine-tune stage's
+# 1,320 cells in 165 packs cost 0.22 s of a slot each beyond their own work, pack starts included.
+PACK_START_S = 1.0
+CELL_RECORD_S = 0.2
 STAGE_START_S = 8.0            # a stage's Tune run: its set-up and its ends
 REPORT_S = 5.0                 # reading the runs, drawing the figures, logging the report run
 EVAL_COST = 1 / 3              # an evaluated example costs about a third of a trained one (forward only)
@@ -180,9 +182,9 @@ def plan(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any], finished: 
     def seconds(t: TrainSpec, on_gpu: bool) -> float:
         info = infos[t.dataset]
         examples = t.size or (info.train - t.val_size)
-        steps = max(1, examples // min(t.batch_size, examples)) * t.epochs
+        steps = (1 if t.fast_dev_run else max(1, examples // min(t.batch_size, examples))) * t.epochs
         trained = steps * min(t.batch_size, examples)
-        evaluated = t.epochs * (min(t.val_size, info.train) + info.test)
+        evaluated = t.epochs * (2 * t.batch_size if t.fast_dev_run else min(t.val_size, info.train) + info.test)
         key = (t.arch, info.in_shape)
         if on_gpu:
             work = 3 * flops_per_example(*key, info.num_classes) * (trained + EVAL_COST * evaluated)
@@ -205,7 +207,7 @@ def plan(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any], finished: 
         stages.append(adder_row)
     trained = all(s.todo == 0 for s in stages)
     stages.append(_attack_plan(grid, cells, infos, slots, gpus, attack_cells() if trained and attack_cells else None,
-                               pack_size(False)))
+                               8 * pack_size(False), threads))
     made = report_made and all(s.todo == 0 for s in stages)
     stages.append(StagePlan(names.REPORT, 1, int(made), int(not made), 0, 0.0 if made else REPORT_S,
                             0.0 if made or not gpus else REPORT_S))
@@ -214,8 +216,8 @@ def plan(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any], finished: 
         words.append("CPU throughput per arch (training examples/s, " + f"{threads} thread(s) a trial): "
                      + ", ".join(f"{arch} {r:,.0f} ({sources[arch]})" for (arch, _), r in rates.items())
                      + f"; kept in {cache}")
-    words.append(f"{slots} trial(s) at once here; a pack's start {PACK_START_S:.0f} s and a cell's MLflow records "
-                 f"{CELL_RECORD_S:.0f} s (measured on the 2-core development machine)")
+    words.append(f"{slots} trial(s) at once here; a pack's start {PACK_START_S:g} s and a cell's MLflow records "
+                 f"{CELL_RECORD_S:g} s (measured on the 2-core development machine)")
     if gpus:
         words.append(f"GPUs are not measured here: their column assumes {GPU_TFLOPS:.0f} TFLOP/s effective per GPU on "
                      f"each arch's FLOPs (torch's FlopCounter), {gpu_share:g} GPU per trial")
@@ -271,38 +273,79 @@ def _adder_plan(grid: grids.Grid, finished: Callable[[str], set[str]], slots: in
 
 
 def _attack_plan(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any], slots: int, gpus: int,
-                 known: tuple[int, int] | None, pack: int = 1) -> StagePlan:
-    """The attack stage's cells (`Grid.attack_surrogates`): pretrained and scratch models scored on every target,
-    each fine-tuned target on itself; each set generated once (attack_n × steps forward and backward), then scored
-    (one forward pass of attack_n per target and set, plus each target's clean pass once per pack of `pack` cells).
-    `known`: (cells, still to run) from MLflow once training is done; before then the count is the grid's (an
-    upper bound: settings a surrogate cannot attack are dropped later)."""
+                 known: tuple[int, int] | None, pack: int = 1, threads: int = 1) -> StagePlan:
+    """The attack stage (`Grid.attack_surrogates`): its adversarial sets — every pretrained and scratch model's, scored
+    on every target, and each fine-tuned target's own (white-box), scored on itself — made once each (attack_n
+    examples × steps, a forward and backward pass each, at the surrogate's training speed), then scored (a forward
+    pass of attack_n per (set, target) pair and one clean pass per target, at each target arch's scoring speed as
+    `xfer bench --score` measures it: `score_rate`). `known`: (cells, still to run) from MLflow once training is
+    done; before then the count is the grid's (an upper bound: settings a surrogate cannot attack are dropped later)."""
     settings = len(cells.attacks)
-    targets = len(cells.finetune) + len(cells.scratch)
-    crossing = (len(cells.pretrain) if "pretrain" in grid.attack_surrogates else 0) + (
-        len(cells.scratch) if "scratch" in grid.attack_surrogates else 0)
-    own = len(cells.finetune) if "self" in grid.attack_surrogates else 0
-    count, todo = known or (settings * (crossing + own),) * 2
-    if not todo:
-        return StagePlan(names.ATTACK, count, count, 0, 0, 0.0, 0.0)
-    share = todo / max(1, settings * (crossing + own))
-    packs = -(-todo // max(1, pack))
-    crossing_cells, own_cells = share * settings * crossing, share * settings * own
-    forwards = grid.attack_n * ((crossing_cells + own_cells) * grid.attack_steps * 3    # generation
-                                + crossing_cells * targets + own_cells                   # adversarial passes
-                                + math.ceil(crossing_cells / max(1, pack)) * targets + own_cells)  # clean passes
-    arch = grid.archs[0]
+    targets = [c.train.arch for c in (*cells.finetune, *cells.scratch)]
+    crossing = ([c.train.arch for c in cells.pretrain] if "pretrain" in grid.attack_surrogates else []) + (
+        [c.train.arch for c in cells.scratch] if "scratch" in grid.attack_surrogates else [])
+    own = [c.train.arch for c in cells.finetune] if "self" in grid.attack_surrogates else []
+    count, todo = known or (settings * (len(crossing) + len(own)),) * 2
+    if not todo or not settings:
+        return StagePlan(names.ATTACK, count, count - todo, 0, 0, 0.0, 0.0)
+    share = todo / max(1, settings * (len(crossing) + len(own)))   # what is left, when part of it is in MLflow
     target = infos[grid.target]
-    rate, _ = throughput(arch, target.in_shape, target.num_classes, grid.batch_size, "cpu", 1,
-                         server.runs_dir() / "calibration.json")
-    here = forwards / 3 / rate / max(1, slots) + STAGE_START_S
-    gpu = forwards * flops_per_example(arch, target.in_shape, target.num_classes) / (GPU_TFLOPS * 1e12 * gpus) if gpus else 0.0
+    n, steps = grid.attack_n, grid.attack_steps
+    cache = server.runs_dir() / "calibration.json"
+    made = [*crossing, *own]   # surrogate archs, one set per setting each
+    # Work in CPU seconds (one thread) and in forward FLOPs, per arch.
+    cpu = sum(settings * n * steps / throughput(a, target.in_shape, target.num_classes, grid.batch_size, "cpu", threads,
+                                               cache)[0] for a in made)
+    pairs = {a: settings * (len(crossing) * targets.count(a) + own.count(a)) + targets.count(a) for a in set(targets)}
+    cpu += sum(count_ * n / score_rate(a, target.in_shape, target.num_classes, threads, cache) for a, count_ in pairs.items())
+    here = share * (cpu + count * CELL_RECORD_S) / max(1, slots) + STAGE_START_S
+    packs = -(-todo // max(1, pack))
+    gpu = 0.0
+    if gpus:
+        flops = {a: flops_per_example(a, target.in_shape, target.num_classes) for a in {*made, *targets}}
+        work = sum(settings * 3 * n * steps * flops[a] for a in made) + sum(c * n * flops[a] for a, c in pairs.items())
+        gpu = share * work / (GPU_TFLOPS * 1e12 * gpus)
+    scored = sum(pairs.values())
     return StagePlan(names.ATTACK, count, count - todo, todo, packs, here, gpu,
-                     note=f"at {arch}'s speed: rough" if known else f"cells once training has run, at {arch}'s speed: rough")
+                     note=f"{round(share * scored):,} (set, target) scores in one table; "
+                          + ("" if known else "cells once training has run; ") + "rough")
+
+
+def score_rate(arch: str, in_shape: tuple[int, int, int], classes: int, threads: int = 1, cache: Path | None = None,
+               targets: int = 4, images: int = 256) -> float:
+    """Target-examples scored per second on this CPU for `arch`, the faster of one target after another and stacked
+    (`xfer.stacked.timed`, as `xfer bench --score` measures it): timed once on untrained models and kept in `cache`."""
+    key = f"score/cpu/{arch}/{'x'.join(map(str, in_shape))}/targets{targets}/threads{threads}"
+    known = _read(cache)
+    if key in known:
+        return known[key]["examples_per_s"]
+    import torch
+
+    from xfer import models, stacked
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            models_ = [models.build(arch, in_shape, classes) for _ in range(targets)]
+            x = torch.randint(0, 256, (images, *in_shape), dtype=torch.uint8)
+        loop_s, stacked_s = stacked.timed(models_, "cpu", x)
+    finally:
+        torch.set_num_threads(before)
+    rate = targets * images / min(loop_s, stacked_s if math.isfinite(stacked_s) else loop_s)
+    if cache is not None:
+        known = _read(cache)
+        known[key] = {"examples_per_s": rate, "measured": time.strftime("%Y-%m-%d %H:%M")}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(json.dumps(known, indent=2, sort_keys=True))
+        partial.replace(cache)
+    return rate
 
 
 def _known(cache: Path, arch: str) -> bool:
     return any(f"/{arch}/" in key for key in _read(cache))
 
 
-__all__ = ["Plan", "StagePlan", "plan", "throughput", "flops_per_example", "duration", "GPU_TFLOPS"]
+__all__ = ["Plan", "StagePlan", "plan", "throughput", "score_rate", "flops_per_example", "duration", "GPU_TFLOPS"]

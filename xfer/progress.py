@@ -13,11 +13,12 @@ own output mode is; Tune's tables stay off unless `--verbose`.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,18 +143,21 @@ class StageProgress:
         self.view.changed(f"{self.name}: started {pack}")
 
     def result(self, trial_id: str, result: dict[str, Any]) -> None:
+        """A trial's report: the cell it runs now (and its epoch), and the cells that ended since its last report
+        (`Throttled`'s "ended", or one cell's "cell_finished")."""
         run = self.running.setdefault(trial_id, _Running(str(result.get("pack", ""))))
         cell = str(result.get("cell", "") or run.cell)
         if cell != run.cell and cell:
             self.view.changed(f"{self.name}: training {cell}", quiet=True)
         run.cell, run.epoch, run.epochs = cell, float(result.get("epoch", 0) or 0), float(result.get("epochs", 0) or 0)
+        ended = json.loads(result.get(ENDED, "") or "[]")
         if "cell_finished" in result:
-            ok = bool(result["cell_finished"])
-            self.done += ok
-            self.failed += not ok
-            reason = f": {result.get('reason', '')}" if not ok else ""
-            self.view.changed(f"{self.name}: {'finished' if ok else 'FAILED'} {cell}{reason}")
-        else:
+            ended.append([cell, "" if result["cell_finished"] else str(result.get("reason", "") or "failed")])
+        for label, reason in ended:
+            self.done += not reason
+            self.failed += bool(reason)
+            self.view.changed(f"{self.name}: {'FAILED' if reason else 'finished'} {label}{f': {reason}' if reason else ''}")
+        if not ended:
             self.view.refresh()
 
     def ended_pack(self, trial_id: str, error: str = "") -> None:
@@ -161,6 +165,51 @@ class StageProgress:
         if error and run is not None:
             self.view.changed(f"{self.name}: pack {run.pack} crashed: {error}")
         self.view.refresh()
+
+
+ENDED = "ended_json"   # a trial report's cells that ended since its last one: JSON [[label, reason ("" if ok)], ...]
+REPORT_INTERVAL_S = 2.0   # a trial hands Tune its progress at most this often (each report waits for Tune's driver)
+
+
+class Throttled:
+    """A trial's side of the progress view: what its cells do, handed to Tune at most every `interval_s` seconds.
+
+    Each `tune.report` of a function trainable waits until Tune's driver has taken the result: a report per cell
+    and epoch cost a round trip each (~0.1 s of a slot per cell on the 2-core machine with thousands of cells).
+    Events between reports are kept: the latest running cell, and every cell that ended (none is lost).
+    `send(metrics, state_dir)` is the trial's report; a checkpoint (`state_dir`) is always sent at once, with what
+    is pending. `interval_s=0` sends every event (data-parallel ranks must report equally often)."""
+
+    def __init__(self, send: Callable[[dict[str, Any], Path | None], None], interval_s: float = REPORT_INTERVAL_S) -> None:
+        self._send, self.interval_s = send, interval_s
+        self._latest: dict[str, Any] = {}
+        self._ended: list[list[str]] = []
+        self._last = time.monotonic()
+
+    def progress(self, metrics: dict[str, Any], state_dir: Path | None = None) -> None:
+        """The running cell's progress (its label as "cell", "epoch", "epochs", counts); sent when due."""
+        self._latest = dict(metrics)
+        self._maybe(state_dir)
+
+    def ended(self, label: str, reason: str = "", counts: dict[str, Any] | None = None) -> None:
+        """A cell ended (failed with `reason`, if any); sent when due."""
+        self._ended.append([label, reason])
+        self._latest = {**self._latest, "cell": label, **(counts or {})}
+        self._maybe(None)
+
+    def flush(self, metrics: dict[str, Any] | None = None) -> None:
+        """Send what is pending now, with `metrics` (the trial's last report)."""
+        self._emit({**self._latest, **(metrics or {})}, None)
+
+    def _maybe(self, state_dir: Path | None) -> None:
+        if state_dir is not None or time.monotonic() - self._last >= self.interval_s:
+            self._emit(self._latest, state_dir)
+
+    def _emit(self, metrics: dict[str, Any], state_dir: Path | None) -> None:
+        metrics = {k: v for k, v in metrics.items() if k not in ("cell_finished", "reason")}
+        self._send({**metrics, ENDED: json.dumps(self._ended)}, state_dir)
+        self._ended = []
+        self._last = time.monotonic()
 
 
 class _TuneCallback:
@@ -252,4 +301,4 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
-__all__ = ["GridView", "StageProgress", "quiet_logs", "redirected", "log_path"]
+__all__ = ["GridView", "StageProgress", "Throttled", "quiet_logs", "redirected", "log_path", "REPORT_INTERVAL_S"]

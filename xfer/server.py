@@ -107,11 +107,19 @@ def _spawn_server(root: Path, host: str, port: int) -> subprocess.Popen:
     # WAL lets readers (UI, look-ups) proceed while a run writes; the mode persists in the file.
     with contextlib.closing(sqlite3.connect(db)) as conn:
         conn.execute("PRAGMA journal_mode=WAL")
+    artifacts = root / "artifacts"
     cmd = [
         sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
         "--workers", "1",  # one process owns the SQLite file; its threads queue on SQLite's busy timeout
-        "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination", str(root / "artifacts"),
+        "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination", str(artifacts),
     ]
+    if host == LOOPBACK:
+        # New experiments keep their artifacts in the runs folder as plain files: a loopback server and every process
+        # that logs to it run on this machine, so checkpoints, curves, adversarial sets and score tables are written
+        # and read there directly instead of through the server (three uploads a cell, and the server's CPU on two
+        # cores). A server for other hosts (`xfer serve --host 0.0.0.0`) proxies them; experiments recorded before
+        # (mlflow-artifacts:/ locations) are served from the same folder either way.
+        cmd += ["--default-artifact-root", artifacts.as_uri()]
     env = {k: v for k, v in os.environ.items() if k != TRACKING_URI_ENV}
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no GenAI job runner: 8 fewer processes, start in half the time
     with open(root / SERVER_LOG, "ab") as log_file:

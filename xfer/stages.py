@@ -62,6 +62,8 @@ class StageSummary:
     resumed: int = 0     # of the cells run: those that resumed from an epoch state after their trial crashed
     work_seconds: float = 0.0   # the cells' own work (their runs' `seconds`: training, or making adversarial sets)
     modes: dict[str, str] = field(default_factory=dict)   # how packs trained (packed_sequential / _vectorised) → why
+    note: str = ""              # what else the stage did, in words (the attack stage: sets made, scores)
+    slots: int = 0              # trials it could run at once (0: it launched none)
 
     def metrics(self) -> dict[str, float]:
         return {"cells": float(self.cells), "cached": float(self.cached), "ran": float(self.ran),
@@ -72,8 +74,9 @@ class StageSummary:
         modes = "; ".join(f"{mode}: {why}" if why else mode for mode, why in self.modes.items())
         packed = f" in {self.packs} pack{'s' * (self.packs != 1)}{f' ({modes})' if modes else ''}" if self.packs else ""
         resumed = f" ({self.resumed} resumed after a crash)" if self.resumed else ""
+        note = f"; {self.note}" if self.note else ""
         return (f"{self.stage:<9} {self.cells:>5} cells: {self.ran} run{packed}{resumed}, {self.cached} cached, "
-                f"{len(self.failed)} failed, {self.seconds:.0f} s")
+                f"{len(self.failed)} failed, {self.seconds:.0f} s{note}")
 
 
 # ---- the grid's training cells ----------------------------------------------------------------------
@@ -118,9 +121,10 @@ def number(value: float) -> str:
 def training_cell(spec: TrainingCell, context: packs.Context) -> Cell:
     """A grid training cell: its data split by seed; a fine-tune starts from its pretrain cell's model (MLflow)."""
     t = spec.train
-    pretrain_run = None
+    pretrain_run, record = None, None
     if isinstance(spec, FinetuneSpec) and spec.pretrain is not None:
-        record = context.finished(names.PRETRAIN).get(specs.key(spec.pretrain))
+        parent = specs.key(spec.pretrain)
+        record = context.finished(names.PRETRAIN, [parent]).get(parent)
         if record is None:
             raise XferError(f"{label(spec)} needs the pretrained model of {label(spec.pretrain)}, which has no "
                             "finished run in MLflow; run the pretrain stage first (sweeps/full_grid.py does).")
@@ -128,7 +132,7 @@ def training_cell(spec: TrainingCell, context: packs.Context) -> Cell:
 
     def prepare() -> tuple[data.Splits, Any]:
         splits = data.make_splits(context.datasets[t.dataset], t.size, t.val_size, t.seed)
-        pretrained = context.model(pretrain_run) if pretrain_run else None
+        pretrained = context.model(pretrain_run, record) if pretrain_run else None
         if pretrained is not None and tuple(pretrained.in_shape) != splits.in_shape:
             raise XferError(f"pretrained {t.arch} expects inputs {tuple(pretrained.in_shape)} but {t.dataset} has "
                             f"{splits.in_shape}; pretrain and fine-tune on data of one canonical shape.")
@@ -158,22 +162,29 @@ def train_cell(spec: TrainingCell, experiment: str, dataset: data.Dataset, sessi
 
 # ---- stages on Ray Tune -----------------------------------------------------------------------------
 
-def pending(experiment: str, cells: Sequence[Any], force: bool = False, stage: str | None = None) -> tuple[list[Any], int]:
-    """The cells still to run, and how many are already finished in MLflow (skipped unless `force`); one search."""
-    done = {} if force else tracking.finished_by_key(experiment, stage)
+def pending(experiment: str, cells: Sequence[Any], force: bool = False, stage: str | None = None,
+            snapshot: tracking.Snapshot | None = None) -> tuple[list[Any], int]:
+    """The cells still to run, and how many are already finished in MLflow (skipped unless `force`); one search, or
+    none with the invocation's `snapshot`."""
+    if force:
+        done: dict[str, tracking.RunRecord] = {}
+    elif snapshot is not None:
+        done = snapshot.finished_by_key(stage)
+    else:
+        done = tracking.finished_by_key(experiment, stage)
     todo = [c for c in cells if specs.key(c) not in done]
     return todo, len(cells) - len(todo)
 
 
 def run_stage(stage: str, cells: Sequence[Any], kind: packs.Kind, options: RunOptions,
-              datasets: dict[str, data.Dataset], view: Any = None) -> StageSummary:
+              datasets: dict[str, data.Dataset], view: Any = None, snapshot: tracking.Snapshot | None = None) -> StageSummary:
     """A stage's cells as packs, one Tune trial each; failures are listed, never fatal to the stage.
 
     Nothing to do costs nothing: when MLflow has every cell, no Ray starts and no trial runs. Otherwise the
     stage gets an MLflow run (a child of the grid's) whose children are its cells' runs; `view` (a
     `progress.GridView`) shows the stage's progress.
     """
-    todo, cached = pending(options.experiment, cells, options.force, stage)
+    todo, cached = pending(options.experiment, cells, options.force, stage, snapshot)
     summary = StageSummary(stage, len(cells), cached=cached)
     if not todo:
         return summary
@@ -182,13 +193,15 @@ def run_stage(stage: str, cells: Sequence[Any], kind: packs.Kind, options: RunOp
     ray = cluster.connect(options.address, options.log_file)
     options = resolved(options)
     chosen = plan_packs(todo, kind, options)
+    slots = cluster.slots(options.cpus_per_trial, options.gpus_per_trial or 0.0)
+    options = widened(options, len(chosen))
     with stage_run(stage, options) as parent:
         # Datasets go to the object store once per stage; each trial reads its pack's from its node's store.
         refs = {name: ray.put(datasets[name]) for name in {kind.train(c).dataset for c in todo}}
         trainable = _pack_trial if options.workers_per_trial <= 1 else _distributed_pack
         ended = launch(stage, trainable, chosen, [packs.describe(p, kind) for p in chosen], options, view, len(todo),
                        kind=kind, refs=refs, since=since, parent_run_id=parent.run_id)
-        summary.packs = len(chosen)
+        summary.packs, summary.slots = len(chosen), slots
         for _, last in ended:
             if last.get("mode"):
                 summary.modes.setdefault(str(last["mode"]), str(last.get("why", "")))
@@ -227,9 +240,10 @@ def launch(stage: str, trainable: Callable[..., None], chosen: list[tuple[Any, .
 
 
 def run_training_stage(stage: str, cells: Sequence[TrainingCell], options: RunOptions,
-                       datasets: dict[str, data.Dataset], view: Any = None) -> StageSummary:
+                       datasets: dict[str, data.Dataset], view: Any = None,
+                       snapshot: tracking.Snapshot | None = None) -> StageSummary:
     """Pretrain, fine-tune or scratch cells (see `run_stage`)."""
-    return run_stage(stage, cells, TRAINING, options, datasets, view)
+    return run_stage(stage, cells, TRAINING, options, datasets, view, snapshot)
 
 
 def resolved(options: RunOptions) -> RunOptions:
@@ -243,6 +257,21 @@ def plan_packs(todo: Sequence[Any], kind: packs.Kind, options: RunOptions) -> li
     """The stage's packs: `options.pack_size` (or the device's default) cells each, spread over the free slots."""
     size, cpus = pack_size(options), options.cpus_per_trial * max(1, options.workers_per_trial)
     return packs.plan(todo, functools.partial(packs.pack_key, kind), size, cluster.slots(cpus, options.gpus_per_trial or 0.0))
+
+
+def widened(options: RunOptions, packs_: int) -> RunOptions:
+    """`options` with each of a stage's `packs_` trials given the cores the stage would leave idle: a stage with fewer
+    packs than trial slots (a one-cell pretrain stage, the last packs of a grid) runs each on more torch threads, as
+    many as one node holds. GPU and data-parallel trials keep theirs."""
+    import dataclasses
+
+    if options.gpus_per_trial or options.workers_per_trial > 1 or packs_ < 1:
+        return options
+    slots = cluster.slots(options.cpus_per_trial, 0.0)
+    if packs_ >= slots:
+        return options
+    cpus = min(float(cluster.node_cpus()), options.cpus_per_trial * (slots // packs_))
+    return dataclasses.replace(options, cpus_per_trial=max(options.cpus_per_trial, cpus))
 
 
 def pack_size(options: RunOptions) -> int:
@@ -294,6 +323,9 @@ def tuner(name: str, trainable: Any, options: RunOptions, tune_config: Any, para
         # Tune's newer console output prints every run's configuration box whatever its verbosity; its classic
         # reporter at verbosity 0 prints nothing (the grid's own progress view says what runs).
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    # Tune's per-trial CSV / JSON / TensorBoard result files: every result written three times by the driver (Tune's
+    # scalability guide: ~500 results/s without loggers, 50-100 with), for data MLflow already holds.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     return tune.Tuner(
         tune.with_resources(trainable, resources(options)),
         param_space=param_space,
@@ -319,6 +351,9 @@ def fit(stage: str, trainable: Any, configs: list[dict[str, Any]], options: RunO
         trial_name_creator=lambda trial: f"{stage}_{trial.trial_id}",
         trial_dirname_creator=lambda trial: f"{stage}_{trial.trial_id}",
         max_concurrent_trials=_max_concurrent(options),
+        # A trial's process starts Python, imports torch, Ray and MLflow: ~4 s of a slot per pack. Reused, each slot
+        # pays it once per stage, and a pack's models and data caches stay warm for the next.
+        reuse_actors=True,
     )
     return tuner(f"{options.experiment}-{stage}", trainable, options, config,
                  param_space={"cell": tune.grid_search(configs)}, callbacks=callbacks).fit()
@@ -366,7 +401,7 @@ def _pack_trial(config: dict[str, Any], packs_: list[tuple[Any, ...]], kind: pac
     store = packs.PackCheckpoint(restored, options.checkpoint_interval_s, _tune_report, len(pack))
     result = packs.run_pack(pack, kind, options.experiment, datasets, store, since=since, node=_node_id(),
                             parent_run_id=parent_run_id, vectorise=options.vectorise)
-    tune.report({STATUS: 1.0, **result.metrics()})
+    store.flush({STATUS: 1.0, **result.metrics()})
 
 
 def _tune_report(metrics: dict[str, Any], state_dir: Any) -> None:
@@ -419,11 +454,11 @@ def _worker_loop(config: dict[str, Any]) -> None:
         ckpt = ray.train.Checkpoint.from_directory(str(state_dir)) if state_dir is not None and chief else None
         ray.train.report(metrics, checkpoint=ckpt)
 
-    # Every rank must report equally often: the checkpoint interval is per epoch on all ranks (0 s), not per clock.
-    store = packs.PackCheckpoint(_restored(ray.train.get_checkpoint()), 0.0, report, len(pack))
+    # Every rank must report equally often: checkpoints and progress go out per event on all ranks (0 s), not per clock.
+    store = packs.PackCheckpoint(_restored(ray.train.get_checkpoint()), 0.0, report, len(pack), report_interval_s=0.0)
     result = packs.run_pack(pack, kind, options.experiment, datasets, store, device=ray.train.torch.get_device(),
                             since=config["since"], is_chief=chief, node=_node_id(), parent_run_id=config["parent_run_id"])
-    ray.train.report({STATUS: 1.0, **result.metrics()})
+    store.flush({STATUS: 1.0, **result.metrics()})
 
 
 def load_datasets(names_: set[str], options: RunOptions) -> dict[str, data.Dataset]:

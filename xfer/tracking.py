@@ -44,17 +44,21 @@ def _ml() -> SimpleNamespace:
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunStatus, RunTag
     from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
     from mlflow.utils import validation
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     return SimpleNamespace(MlflowClient=MlflowClient, Metric=Metric, Param=Param, RunStatus=RunStatus, RunTag=RunTag,
                            MlflowException=MlflowException, MLFLOW_PARENT_RUN_ID=MLFLOW_PARENT_RUN_ID,
+                           get_artifact_repository=get_artifact_repository,
+                           MAX_ENTITIES_PER_BATCH=validation.MAX_ENTITIES_PER_BATCH,
                            MAX_METRICS_PER_BATCH=validation.MAX_METRICS_PER_BATCH,
                            MAX_EXPERIMENT_TAG_VAL_LENGTH=validation.MAX_EXPERIMENT_TAG_VAL_LENGTH,
                            MAX_PARAMS_TAGS_PER_BATCH=validation.MAX_PARAMS_TAGS_PER_BATCH,
                            MAX_TAG_VAL_LENGTH=validation.MAX_TAG_VAL_LENGTH)
 
 SEARCH_PAGE = 1000
+PARENT_RUN_TAG = "mlflow.parentRunId"   # MLflow's own tag naming a run's parent (mlflow.utils.mlflow_tags)
 
 TAG_GRID = "xfer.grid"              # experiment tag: the grid's canonical JSON (candidate for names.py)
 TRAINING_STAGES = (names.PRETRAIN, names.FINETUNE, names.SCRATCH)  # their runs are finished only with a checkpoint
@@ -81,8 +85,21 @@ def _client() -> MlflowClient:
     return _ml().MlflowClient(tracking_uri=ensure_server())
 
 
+_EXPERIMENT_IDS: dict[tuple[str, str], str] = {}   # (tracking URI, name) → id: every run a cell starts needs it
+
+
 def experiment_id(name: str) -> str:
-    """The id of experiment `name`, created if missing (safe when many processes create it at once)."""
+    """The id of experiment `name`, created if missing (safe when many processes create it at once); asked of the
+    server once per process."""
+    cached = _EXPERIMENT_IDS.get((ensure_server(), name))
+    if cached is not None:
+        return cached
+    found_id = _experiment_id(name)
+    _EXPERIMENT_IDS[ensure_server(), name] = found_id
+    return found_id
+
+
+def _experiment_id(name: str) -> str:
     client = _client()
     found = client.get_experiment_by_name(name)
     if found is None:
@@ -116,6 +133,18 @@ def log_grid(experiment: str, description: str) -> None:
     _client().set_experiment_tag(experiment_id(experiment), TAG_GRID, description)
 
 
+def set_experiment_tags(experiment: str, tags: Mapping[str, Any]) -> None:
+    client, found = _client(), experiment_id(experiment)
+    for key, value in tags.items():
+        client.set_experiment_tag(found, key, _text(value))
+
+
+def experiment_tags(experiment: str) -> dict[str, str]:
+    """The tags of experiment `experiment` ({} when it does not exist)."""
+    found = _client().get_experiment_by_name(experiment)
+    return dict(found.tags) if found is not None else {}
+
+
 @dataclass(frozen=True)
 class RunRecord:
     """One MLflow run as later stages and reports see it."""
@@ -130,6 +159,7 @@ class RunRecord:
     metrics: dict[str, float]       # each metric's latest value
     start_time: datetime            # UTC
     end_time: datetime | None       # None while running
+    artifact_uri: str = ""          # where its artifacts are (file:// for the runs folder's own server)
 
 
 class Terminated(SystemExit):
@@ -143,15 +173,26 @@ class Terminated(SystemExit):
 class Run:
     """Handle on one open run, yielded by `start_run`. Every call names the run id explicitly."""
 
-    def __init__(self, client: MlflowClient, run_id: str, experiment: str) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, experiment: str, artifact_uri: str | None = None) -> None:
         self.run_id = run_id
         self.experiment = experiment
         self.ended = False
         self._client = client
+        self._artifact_uri = artifact_uri
+        self._repo: Any = None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         now = _now_ms()
         self._log_batch([_ml().Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
+
+    def log_batch(self, metrics: Mapping[str, float] | None = None, params: Mapping[str, Any] | Any = None,
+                  tags: Mapping[str, Any] | None = None, step: int = 0) -> None:
+        """Metrics (at `step`), params (a spec is flattened) and tags in one request where MLflow's limits allow."""
+        now = _now_ms()
+        flat = specs.to_flat(params) if dataclasses.is_dataclass(params) else (params or {})
+        self._log_batch([_ml().Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
+                        [_ml().Param(k, _text(v)) for k, v in flat.items()],
+                        [_ml().RunTag(k, _text(v)) for k, v in (tags or {}).items()])
 
     def log_curve(self, rows: list[dict[str, Any]], points: bool = True) -> None:
         """The error curve as the Parquet artifact names.CURVE_FILE and, with `points`, one metric point per row.
@@ -172,32 +213,43 @@ class Run:
             self.log_points(rows)
 
     def log_points(self, rows: Sequence[Mapping[str, Any]], metrics: Mapping[str, float] | None = None,
-                   step: int = 0) -> None:
-        """Curve rows as metric points, and `metrics` at `step`, in one batch (a request per 1,000 values)."""
+                   step: int = 0, tags: Mapping[str, Any] | None = None) -> None:
+        """Curve rows as metric points, and `metrics` at `step` (and `tags`), in one batch (a request per 1,000 values)."""
         _check_splits(rows)
         now = _now_ms()
         self._log_batch([_ml().Metric(SPLIT_METRICS[r["split"]], float(r["error"]), now, int(r["step"])) for r in rows]
-                        + [_ml().Metric(k, float(v), now, step) for k, v in (metrics or {}).items()])
+                        + [_ml().Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
+                        tags=[_ml().RunTag(k, _text(v)) for k, v in (tags or {}).items()])
 
     def last_step(self, metric: str) -> int | None:
         """The largest step at which `metric` was logged in this run, or None (what a resumed cell has already logged)."""
         history = self._client.get_metric_history(self.run_id, metric)
         return max((m.step for m in history), default=None)
 
-    def log_checkpoint(self, directory: Path) -> str:
-        """Upload a checkpoint folder as names.CHECKPOINT_DIR and tag its sha256 (set after the upload)."""
+    def log_checkpoint(self, directory: Path, tag: bool = True) -> str:
+        """Upload a checkpoint folder as names.CHECKPOINT_DIR and tag its sha256 (set after the upload); with
+        `tag=False` the caller sets names.TAG_CHECKPOINT_SHA itself (with its last metrics, in one request)."""
         sha = checkpoints.sha256(directory)
-        self._client.log_artifacts(self.run_id, str(directory), names.CHECKPOINT_DIR)
-        self.set_tags({names.TAG_CHECKPOINT_SHA: sha})
+        self.log_artifact(directory, names.CHECKPOINT_DIR)
+        if tag:
+            self.set_tags({names.TAG_CHECKPOINT_SHA: sha})
         return sha
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """A file (at `artifact_path`, default the run's root) or a folder (default: under its own name)."""
         path = Path(path)
         if path.is_dir():
-            self._client.log_artifacts(self.run_id, str(path), artifact_path if artifact_path is not None else path.name)
+            self._artifacts().log_artifacts(str(path), artifact_path if artifact_path is not None else path.name)
         else:
-            self._client.log_artifact(self.run_id, str(path), artifact_path)
+            self._artifacts().log_artifact(str(path), artifact_path)
+
+    def _artifacts(self) -> Any:
+        """The run's artifact store, from the URI its creation returned (MLflow's client asks the server for it again
+        on each new run: a request per cell saved)."""
+        if self._repo is None:
+            uri = self._artifact_uri or self._client.get_run(self.run_id).info.artifact_uri
+            self._repo = _ml().get_artifact_repository(uri, tracking_uri=self._client.tracking_uri)
+        return self._repo
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self._log_batch(tags=[_ml().RunTag(k, _text(v)) for k, v in tags.items()])
@@ -226,7 +278,15 @@ class Run:
             log.warning("could not mark run %s %s: %s", self.run_id, _ml().RunStatus.to_string(status), exc)
 
     def _log_batch(self, metrics: Sequence[Any] = (), params: Sequence[Any] = (), tags: Sequence[Any] = ()) -> None:
-        # One request per chunk instead of one per value: fewer SQLite write transactions under many writers.
+        # One request per chunk instead of one per value: fewer SQLite write transactions under many writers; and one
+        # request for all three when they fit MLflow's limits for one batch.
+        m = _ml()
+        if not (metrics or params or tags):
+            return
+        if (len(metrics) <= m.MAX_METRICS_PER_BATCH and len(params) <= m.MAX_PARAMS_TAGS_PER_BATCH
+                and len(tags) <= m.MAX_PARAMS_TAGS_PER_BATCH and len(metrics) + len(params) + len(tags) <= m.MAX_ENTITIES_PER_BATCH):
+            self._client.log_batch(self.run_id, metrics=list(metrics), params=list(params), tags=list(tags))
+            return
         for chunk in _chunks(list(metrics), _ml().MAX_METRICS_PER_BATCH):
             self._client.log_batch(self.run_id, metrics=chunk)
         for chunk in _chunks(list(params), _ml().MAX_PARAMS_TAGS_PER_BATCH):
@@ -260,8 +320,11 @@ def start_run(
     run_tags = {k: _text(v) for k, v in run_tags.items()}
     run_id = _reopen(client, resume_run_id, run_tags) if resume_run_id else None
     if run_id is None:
-        run_id = client.create_run(experiment_id(experiment), tags=run_tags, run_name=run_name or f"{stage}-{key}").info.run_id
-    run = Run(client, run_id, experiment)
+        created = client.create_run(experiment_id(experiment), tags=run_tags, run_name=run_name or f"{stage}-{key}")
+        run_id, artifact_uri = created.info.run_id, created.info.artifact_uri
+    else:
+        artifact_uri = None
+    run = Run(client, run_id, experiment, artifact_uri)
     previous = _install_sigterm()
     try:
         if params is not None:
@@ -386,13 +449,56 @@ def finished_by_key(experiment: str, stage: str | None = None, since: float | No
     1,000 runs instead of one per cell. `since` (seconds since the epoch) keeps only runs started at or after it.
     A training run counts only with its checkpoint, as in `find_finished`.
     """
+    return _newest_by_key(query(experiment, stage), since)
+
+
+def _newest_by_key(records: Sequence[RunRecord], since: float | None) -> dict[str, RunRecord]:
     found: dict[str, RunRecord] = {}
-    for record in query(experiment, stage):
+    for record in records:
         if (record.stage in TRAINING_STAGES and names.TAG_CHECKPOINT_SHA not in record.tags) or not record.key:
             continue
         if since is None or record.start_time.timestamp() >= since:
             found[record.key] = record   # oldest first: the newest run of a key wins
     return found
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every run of an experiment, listed once: what a grid invocation asks before it runs anything (its plan, each
+    stage's finished cells, the attack stage's sets, the report's inputs), from one search instead of one per
+    question. Valid until something runs: a stage that launched trials asks MLflow again."""
+
+    experiment: str
+    records: tuple[RunRecord, ...]
+
+    @staticmethod
+    def take(experiment: str) -> Snapshot:
+        return Snapshot(experiment, tuple(query(experiment, status=None)))
+
+    def query(self, stage: str | None = None, status: str | None = "FINISHED") -> list[RunRecord]:
+        """As `query` (oldest first), from the listing."""
+        return [r for r in self.records if (stage is None or r.stage == stage) and (status is None or r.status == status)]
+
+    def finished_by_key(self, stage: str | None = None, since: float | None = None) -> dict[str, RunRecord]:
+        """As `finished_by_key`, from the listing."""
+        return _newest_by_key(self.query(stage), since)
+
+
+def query_keys(experiment: str, keys: Sequence[str], stage: str | None = None) -> list[RunRecord]:
+    """The finished runs of these cells (oldest first): a search per key, a few requests for a pack's cells where a
+    search of the whole stage returns every run it has (thousands in a large grid), once per pack."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:   # latency-bound requests
+        found = [r for runs in pool.map(lambda key: query(experiment, stage, tags={names.TAG_KEY: key}), dict.fromkeys(keys))
+                 for r in runs]
+    return sorted(found, key=lambda r: r.start_time)
+
+
+def finished_for(experiment: str, keys: Sequence[str], stage: str | None = None,
+                 since: float | None = None) -> dict[str, RunRecord]:
+    """As `finished_by_key`, for just these cells (`query_keys`)."""
+    return _newest_by_key(query_keys(experiment, keys, stage), since)
 
 
 def _statuses() -> tuple[str, ...]:
@@ -405,46 +511,103 @@ def _record(run: Any, experiment: str) -> RunRecord:
         run_id=run.info.run_id, experiment=experiment, stage=tags.get(names.TAG_STAGE, ""),
         key=tags.get(names.TAG_KEY, ""), status=run.info.status, tags=tags, params=dict(run.data.params),
         metrics=dict(run.data.metrics), start_time=_utc(run.info.start_time),
-        end_time=_utc(run.info.end_time) if run.info.end_time else None,
+        end_time=_utc(run.info.end_time) if run.info.end_time else None, artifact_uri=run.info.artifact_uri or "",
     )
 
 
 # --- artifacts --------------------------------------------------------------------------------------
 
 
-def download_checkpoint(run_id: str, dst: Path | None = None) -> Path:
-    """The run's checkpoint folder, verified against its sha256 tag.
+def download_checkpoint(run_id: str, dst: Path | None = None, record: RunRecord | None = None) -> Path:
+    """The run's checkpoint folder, verified against its sha256 tag (see `download_verified`; `record`: the run as
+    a search returned it, so nothing is asked of the server for its sha256 and location)."""
+    known = (record.tags.get(names.TAG_CHECKPOINT_SHA), record.artifact_uri or None) if record is not None else (None, None)
+    return download_verified(run_id, names.CHECKPOINT_DIR, names.TAG_CHECKPOINT_SHA, dst, *known)
 
-    `dst` (default ``<runs>/downloads/<run_id>``) becomes the checkpoint folder; a copy already there
-    that verifies is reused. A mismatch anywhere is an XferError, never a silently loaded model.
+
+_WHAT = {names.CHECKPOINT_DIR: "checkpoint", names.ADVERSARIAL_DIR: "adversarial set"}   # in messages
+
+
+def download_verified(run_id: str, artifact_dir: str, sha_tag: str, dst: Path | None = None,
+                      expected: str | None = None, artifact_uri: str | None = None) -> Path:
+    """A run's artifact folder `artifact_dir` (a checkpoint, an adversarial set), verified against the sha256 its
+    run recorded under `sha_tag` (`checkpoint.sha256`).
+
+    Artifacts in a local folder (the runs folder's own server keeps them there) are verified where they are and
+    never copied. Others are downloaded into `dst` (default ``<runs>/downloads/<run_id>/<artifact_dir>``, so each
+    node downloads a run's files once); a copy already there that verifies is reused. A mismatch anywhere is an
+    XferError naming the files, never a silently loaded file. `expected` (the recorded sha256) and `artifact_uri`
+    (the run's artifact location): when the caller has them from a search, no request is made for them.
     """
     client = _client()
-    expected = _recorded_sha(client, run_id)
+    if expected is None or artifact_uri is None:
+        run = _get_run(client, run_id)
+        expected = expected or _recorded_sha(run, sha_tag)
+        artifact_uri = artifact_uri or run.info.artifact_uri
+    local = _local(artifact_uri)
+    if local is not None and dst is None:
+        folder = local / artifact_dir
+        _verify(folder, expected, run_id, artifact_dir, str(folder))
+        return folder
     cache = dst is None
-    dst = runs_dir() / "downloads" / run_id if cache else Path(dst)
+    dst = runs_dir() / "downloads" / run_id / artifact_dir if cache else Path(dst)
     if dst.is_dir() and any(dst.iterdir()):
         if checkpoints.sha256(dst) == expected:
             return dst
         if not cache:
-            raise XferError(f"{dst} already holds files that are not run {run_id}'s checkpoint; pass an empty or new folder.")
+            raise XferError(f"{dst} already holds files that are not run {run_id}'s {artifact_dir}; pass an empty or new folder.")
         shutil.rmtree(dst)  # a damaged cached copy: fetch it again
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".download-") as staging:
-        fetched = _fetch(client, run_id, names.CHECKPOINT_DIR, Path(staging))
-        actual = checkpoints.sha256(fetched) if fetched.is_dir() and any(fetched.iterdir()) else "nothing"
-        if actual != expected:
-            where = f"{_artifact_uri(client, run_id)}/{names.CHECKPOINT_DIR}"
-            raise XferError(
-                f"the checkpoint {where} (of run {run_id}) does not match its recorded sha256 (recorded "
-                f"{expected[:12]}..., its files now hash to {actual[:12]}...): a file there was changed or damaged after "
-                "it was logged, so the checkpoint is refused. Re-run the cell that produced it (xfer re-runs a cell "
-                "when you pass --force), or restore the file from a backup."
-            )
-        with contextlib.suppress(OSError):  # atomic: a concurrent reader never sees half a checkpoint
+        fetched = _fetch(client, run_id, artifact_dir, Path(staging))
+        _verify(fetched, expected, run_id, artifact_dir, f"{_artifact_uri(client, run_id)}/{artifact_dir}")
+        with contextlib.suppress(OSError):  # atomic: a concurrent reader never sees half a folder
             os.replace(fetched, dst)
     if not (dst.is_dir() and checkpoints.sha256(dst) == expected):
-        raise XferError(f"could not place run {run_id}'s checkpoint at {dst}; check that the folder is writable.")
+        raise XferError(f"could not place run {run_id}'s {artifact_dir} at {dst}; check that the folder is writable.")
     return dst
+
+
+def _verify(folder: Path, expected: str, run_id: str, artifact_dir: str, where: str) -> None:
+    actual = checkpoints.sha256(folder) if folder.is_dir() and any(folder.iterdir()) else "nothing"
+    if actual != expected:
+        raise XferError(
+            f"the {_WHAT.get(artifact_dir, artifact_dir)} {where} (of run {run_id}) does not match its recorded "
+            f"sha256 (recorded {expected[:12]}..., its files now hash to {actual[:12]}...): a file there was changed "
+            "or damaged after it was logged, so it is refused. Re-run the cell that produced it (xfer re-runs a "
+            "cell when you pass --force), or restore the file from a backup."
+        )
+
+
+def _local(artifact_uri: str | None) -> Path | None:
+    """A run's artifact folder when it is a plain local folder (a file:// location), else None."""
+    if not artifact_uri or not artifact_uri.startswith("file:"):
+        return None
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    return Path(url2pathname(urlparse(artifact_uri).path))
+
+
+def log_artifact_to(run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    """Add a file to a run's artifacts, whatever the run's status (the attack stage's score parts)."""
+    _client().log_artifact(run_id, str(path), artifact_path)
+
+
+def list_artifacts(run_id: str, artifact_path: str | None = None) -> list[str]:
+    """The paths of a run's artifacts directly under `artifact_path` ([] when there are none)."""
+    try:
+        return [f.path for f in _client().list_artifacts(run_id, artifact_path)]
+    except (_ml().MlflowException, OSError) as exc:
+        raise XferError(f"could not list the artifacts of run {run_id} ({exc}); check that the tracking server is the "
+                        "one that recorded it.") from None
+
+
+def update_run(run_id: str, metrics: Mapping[str, float] | None = None, tags: Mapping[str, Any] | None = None) -> None:
+    """Metrics (at step 0) and tags on an existing run, whatever its status, in one request."""
+    now = _now_ms()
+    _client().log_batch(run_id, metrics=[_ml().Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
+                        tags=[_ml().RunTag(k, _text(v)) for k, v in (tags or {}).items()])
 
 
 def download_artifact(run_id: str, artifact_path: str, dst: Path | None = None) -> Path:
@@ -454,19 +617,39 @@ def download_artifact(run_id: str, artifact_path: str, dst: Path | None = None) 
     return _fetch(_client(), run_id, artifact_path, dst)
 
 
-def read_curve(run_id: str) -> list[dict[str, Any]]:
-    """The error curve a run logged with `Run.log_curve`, as its rows."""
-    with tempfile.TemporaryDirectory(prefix="xfer-curve-") as tmp:
-        import pyarrow.parquet as pq
+def artifact_here(run_id: str, artifact_path: str, artifact_uri: str | None, dst: Path) -> Path | None:
+    """A run's artifact (file or folder) as a local path: where it is, when the run's artifacts are a local folder
+    (`artifact_uri`), else downloaded into `dst`; None when the run has no such artifact."""
+    local = _local(artifact_uri)
+    if local is not None:
+        found = local / artifact_path
+        return found if found.exists() else None
+    parent, _, name = artifact_path.rpartition("/")
+    if name not in {Path(p).name for p in list_artifacts(run_id, parent or None)}:
+        return None
+    return download_artifact(run_id, artifact_path, dst)
 
+
+def read_curve(run_id: str, artifact_uri: str | None = None) -> list[dict[str, Any]]:
+    """The error curve a run logged with `Run.log_curve`, as its rows (read in place when the run's artifacts are a
+    local folder: `artifact_uri`, from the run's record)."""
+    import pyarrow.parquet as pq
+
+    local = _local(artifact_uri)
+    if local is not None:
+        try:
+            return pq.read_table(local / names.CURVE_FILE).to_pylist()
+        except OSError:
+            raise XferError(f"run {run_id} has no {names.CURVE_FILE} in {local}.") from None
+    with tempfile.TemporaryDirectory(prefix="xfer-curve-") as tmp:
         return pq.read_table(download_artifact(run_id, names.CURVE_FILE, Path(tmp))).to_pylist()
 
 
-def load_model(run_id: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The model a run published, with its checkpoint metadata (downloaded and verified)."""
+def load_model(run_id: str, record: RunRecord | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model a run published, with its checkpoint metadata (verified; `record`: see `download_checkpoint`)."""
     from xfer import checkpoint  # imports torch and the model registry, which the rest of tracking never needs
 
-    return checkpoint.load(download_checkpoint(run_id))
+    return checkpoint.load(download_checkpoint(run_id, record=record))
 
 
 def _fetch(client: MlflowClient, run_id: str, artifact_path: str, dst: Path) -> Path:
@@ -489,16 +672,20 @@ def _artifact_uri(client: MlflowClient, run_id: str) -> str:
     return uri
 
 
-def _recorded_sha(client: MlflowClient, run_id: str) -> str:
+def _get_run(client: MlflowClient, run_id: str) -> Any:
     try:
-        run = client.get_run(run_id)
+        return client.get_run(run_id)
     except _ml().MlflowException as exc:
         raise XferError(f"no MLflow run {run_id} at {client.tracking_uri} ({exc.error_code}); check the run id "
                         "and that MLFLOW_TRACKING_URI points at the server that recorded it.") from None
-    sha = run.data.tags.get(names.TAG_CHECKPOINT_SHA)
+
+
+def _recorded_sha(run: Any, sha_tag: str = names.TAG_CHECKPOINT_SHA) -> str:
+    sha = run.data.tags.get(sha_tag)
     if not sha:
-        raise XferError(f"run {run_id} ({run.info.status}) logged no checkpoint (no {names.TAG_CHECKPOINT_SHA} tag); "
-                        "use a finished training run (find_finished) or re-run its cell.")
+        what = "checkpoint" if sha_tag == names.TAG_CHECKPOINT_SHA else f"verified files ({sha_tag})"
+        raise XferError(f"run {run.info.run_id} ({run.info.status}) logged no {what} (no {sha_tag} tag); "
+                        "use a finished run of the cell (find_finished) or re-run its cell.")
     return sha
 
 

@@ -4,6 +4,7 @@
     python sweeps/full_grid.py --preset smoke   # embedded offline data, minutes on a laptop CPU
     python sweeps/full_grid.py --preset claims  # every seed claim as a verdict, embedded data
     python sweeps/full_grid.py --dry-run --gpus 4          # the plan and its cost; the data need not be here
+    python sweeps/full_grid.py --fast-dev-run   # every cell on one batch, end to end: will the grid run?
     python sweeps/full_grid.py --preset cifar10  # a target's grid file from sweeps/presets/ (see --preset)
     python sweeps/full_grid.py --preset lenet --recipes plain head10x_sgd unfreeze --unfreeze-epoch 4
 
@@ -23,7 +24,7 @@ from xfer import grid as grids
 from xfer.cli import add_cluster_flags, add_data_flags, add_run_flags, run_options
 
 # Grid settings that are not a plain --flag VALUE: how the command line sets them instead.
-_SPECIAL = {"freeze", "tuned", "adder", "scratch", "augment"}
+_SPECIAL = {"freeze", "tuned", "adder", "scratch", "augment", "fast_dev_run"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,6 +47,10 @@ def parser() -> argparse.ArgumentParser:
     settings.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                           help=grids.Grid.__dataclass_fields__["augment"].metadata["help"] + " (default: the preset's)")
     settings.add_argument("--no-scratch", action="store_true", help="skip the scratch baselines")
+    p.add_argument("--fast-dev-run", action="store_true",
+                   help="rehearse the whole grid before paying for it: every cell through the real path (Ray, packs, "
+                        "MLflow, checkpoints, adversarial sets, scores, report) on one batch, absent datasets stood in "
+                        "for by synthetic ones of their published shape, into the experiment <name>-fast-dev-run")
     add_data_flags(p)
     p.add_argument("--skip-bad-images", action="store_true",
                    help="image folders: leave unreadable files out (listed in the summary and in MLflow) instead of stopping")
@@ -80,7 +85,8 @@ def grid_from_args(args: argparse.Namespace) -> grids.Grid:
         # --archs picks some of the preset's archs: its freeze depths for the others no longer apply.
         freeze = grids.parse_freeze(values.get("freeze", grids.Grid().freeze))
         values["freeze"] = {arch: depths for arch, depths in freeze.items() if arch in args.archs or arch == "*"}
-    return grids.make(**values)
+    grid = grids.make(**values)
+    return grids.fast_dev_run(grid) if args.fast_dev_run or grid.fast_dev_run else grid
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,11 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         options = dataclasses.replace(options, log_file=str(log))
     view = progress.GridView()
     view.line(f"grid {grid.name!r}:")
-    for line in pipeline.planned(prepared, grid, options, echo=view.line).lines():
+    if pipeline.stand_in_note(prepared):
+        view.line(pipeline.stand_in_note(prepared))
+    listed = pipeline.snapshot(options)   # one listing of MLflow answers the plan and every stage until one runs
+    for line in pipeline.planned(prepared, grid, options, echo=view.line, listed=listed).lines():
         view.line(line)
     with progress.quiet_logs(log, enabled=not args.verbose), view:
         outcome = pipeline.run_grid(grid, options, only=tuple(args.stages), prepared=prepared, echo=view.line,
-                                    view=view)
+                                    view=view, listed=listed)
     view.line("\n== summary")
     for summary in outcome.summaries:
         view.line(summary.line())
