@@ -90,7 +90,7 @@ def test_a_vectorised_pack_records_each_cell_as_if_trained_alone(experiment: str
     # --vectorise auto on a CPU measures once, keeps the answer in the runs folder, and says why it chose.
     auto = packs.run_pack([tiny(3), tiny(4)], stages.TRAINING, experiment, {"mnist5k": digits})
     assert auto.mode in ("packed_sequential", "packed_vectorised") and auto.why
-    calibration = json.loads((server.runs_dir() / packs.CALIBRATION_FILE).read_text())
+    calibration = json.loads((server.runs_dir() / "calibration.json").read_text())
     [(key, measured)] = [(k, v) for k, v in calibration.items()
                          if k.endswith(f"/lenet5/batch32/cells2/threads{torch.get_num_threads()}")]
     assert key.startswith("vectorised/cpu/") and measured["speedup"] > 0

@@ -15,9 +15,7 @@ epoch state (`PackCheckpoint`), and cells that finished in MLflow are skipped.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -27,7 +25,7 @@ from typing import Any
 
 import torch
 
-from xfer import checkpoint, data, server, specs, tracking
+from xfer import checkpoint, data, specs, tracking
 from xfer import train as loop
 from xfer.cells import Cell, Life, Session, live
 from xfer.checkpoint import TrainState
@@ -265,35 +263,21 @@ def _why(lives: list[tuple[Any, Life]], device: torch.device) -> str:
     return f"{len(lives)} {t.arch} cells as one batched model on {device.type}"
 
 
-CALIBRATION_FILE = "calibration.json"   # in the runs folder: measured speeds this machine's runs reuse
-
-
 def calibrated(lives: list[tuple[Any, Life]], device: torch.device, steps: int = 4) -> dict[str, Any]:
     """Whether the batched model is faster here for this arch, batch and pack size: measured on the pack's own
     cells the first time (`vectorised.measure`, about 2·steps·N single steps), then read from the runs folder."""
-    from xfer import vectorised
+    from xfer import calibration, vectorised
 
     t = lives[0][1].cell.train
     key = f"vectorised/{device.type}/{t.arch}/batch{t.batch_size}/cells{len(lives)}/threads{torch.get_num_threads()}"
-    path = server.runs_dir() / CALIBRATION_FILE
-    known = _read_json(path)
+    known = calibration.read(calibration.path())
     if key not in known:
         timing = vectorised.measure([life.cell.train for _, life in lives], [life.splits for _, life in lives],
                                     [life.model for _, life in lives], device, steps)
-        known = _read_json(path)   # another pack may have written meanwhile
         known[key] = {"vectorised_is_faster": timing.vectorised_is_faster, "speedup": timing.speedup,
                       "measured": time.strftime("%Y-%m-%d %H:%M:%S"), "steps": timing.steps}
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        partial.write_text(json.dumps(known, indent=2, sort_keys=True))
-        partial.replace(path)
+        calibration.remember(calibration.path(), key, known[key])
     return known[key]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 # ---- on Ray Tune: one checkpoint folder for the pack's running cells --------------------------------

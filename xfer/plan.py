@@ -11,16 +11,14 @@ in the output. Per-cell and per-pack overheads are measured figures too (see the
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xfer import grid as grids, server
+from xfer import calibration, grid as grids
 from xfer import names
 from xfer.specs import TrainSpec
 
@@ -96,17 +94,12 @@ def throughput(arch: str, in_shape: tuple[int, int, int], classes: int, batch: i
     """Training examples per second of `arch` at `batch` on `device` with `threads` CPU threads, and where the
     figure comes from ("measured now" or the date it was measured, from `cache`)."""
     key = f"throughput/{device}/{arch}/{'x'.join(map(str, in_shape))}/batch{batch}/threads{threads}"
-    known = _read(cache)
+    known = calibration.read(cache)
     if key in known:
         return known[key]["samples_per_s"], f"measured {known[key]['measured']}"
     rate = _measure(arch, in_shape, classes, batch, device, threads)
     if cache is not None:
-        known = _read(cache)
-        known[key] = {"samples_per_s": rate, "measured": time.strftime("%Y-%m-%d %H:%M")}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_suffix(f".{os.getpid()}.partial")
-        partial.write_text(json.dumps(known, indent=2, sort_keys=True))
-        partial.replace(cache)
+        calibration.remember(cache, key, {"samples_per_s": rate, "measured": time.strftime("%Y-%m-%d %H:%M")})
     return rate, "measured now"
 
 
@@ -155,13 +148,6 @@ def flops_per_example(arch: str, in_shape: tuple[int, int, int], classes: int) -
     return counter.get_total_flops() / 2
 
 
-def _read(path: Path | None) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text()) if path is not None else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 # ---- the plan ----------------------------------------------------------------------------------------
 
 def plan(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any], finished: Callable[[str], set[str]],
@@ -174,7 +160,7 @@ def plan(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any], finished: 
     (before then its cells are estimated from the grid); `report_made`: the report of these runs is already made."""
     from xfer import specs
 
-    cache = server.runs_dir() / "calibration.json"
+    cache = calibration.path()
     threads = max(1, int(cpus_per_trial))
     rates: dict[tuple[str, tuple[int, int, int]], float] = {}   # by arch and input shape (the head is negligible)
     sources: dict[str, str] = {}
@@ -291,7 +277,7 @@ def _attack_plan(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any], sl
     share = todo / max(1, settings * (len(crossing) + len(own)))   # what is left, when part of it is in MLflow
     target = infos[grid.target]
     n, steps = grid.attack_n, grid.attack_steps
-    cache = server.runs_dir() / "calibration.json"
+    cache = calibration.path()
     made = [*crossing, *own]   # surrogate archs, one set per setting each
     # Work in CPU seconds (one thread) and in forward FLOPs, per arch.
     cpu = sum(settings * n * steps / throughput(a, target.in_shape, target.num_classes, grid.batch_size, "cpu", threads,
@@ -316,7 +302,7 @@ def score_rate(arch: str, in_shape: tuple[int, int, int], classes: int, threads:
     """Target-examples scored per second on this CPU for `arch`, the faster of one target after another and stacked
     (`xfer.stacked.timed`, as `xfer bench --score` measures it): timed once on untrained models and kept in `cache`."""
     key = f"score/cpu/{arch}/{'x'.join(map(str, in_shape))}/targets{targets}/threads{threads}"
-    known = _read(cache)
+    known = calibration.read(cache)
     if key in known:
         return known[key]["examples_per_s"]
     import torch
@@ -335,17 +321,12 @@ def score_rate(arch: str, in_shape: tuple[int, int, int], classes: int, threads:
         torch.set_num_threads(before)
     rate = targets * images / min(loop_s, stacked_s if math.isfinite(stacked_s) else loop_s)
     if cache is not None:
-        known = _read(cache)
-        known[key] = {"examples_per_s": rate, "measured": time.strftime("%Y-%m-%d %H:%M")}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_suffix(f".{os.getpid()}.partial")
-        partial.write_text(json.dumps(known, indent=2, sort_keys=True))
-        partial.replace(cache)
+        calibration.remember(cache, key, {"examples_per_s": rate, "measured": time.strftime("%Y-%m-%d %H:%M")})
     return rate
 
 
 def _known(cache: Path, arch: str) -> bool:
-    return any(f"/{arch}/" in key for key in _read(cache))
+    return any(f"/{arch}/" in key for key in calibration.read(cache))
 
 
 __all__ = ["Plan", "StagePlan", "plan", "throughput", "score_rate", "flops_per_example", "duration", "GPU_TFLOPS"]

@@ -399,7 +399,7 @@ def _score_chunk(group: list[Job], stack: Any, who: list[int], chunk: list[tuple
 
 def _mode(mode: str, models_: list[Any], device: Any, examples: _Examples, group: list[Job]) -> tuple[str, str]:
     """How a block's targets run: "stacked" or "loop" as asked, or for "auto" as measured (`stacked.choose`)."""
-    from xfer import server, stacked
+    from xfer import calibration, stacked
 
     if mode != "auto":
         return mode, f"scoring mode {mode}"
@@ -408,7 +408,7 @@ def _mode(mode: str, models_: list[Any], device: Any, examples: _Examples, group
     reason = stacked.stackable(models_)
     if reason:
         return "loop", reason
-    return stacked.choose(models_, device, server.runs_dir() / "calibration.json", examples[group[0].set_run_ids[0]].adv)
+    return stacked.choose(models_, device, calibration.path(), examples[group[0].set_run_ids[0]].adv)
 
 
 def _already(stage_run_id: str, pack: str) -> set[tuple[str, str]]:

@@ -12,9 +12,7 @@ measures it once per machine and keeps the answer in the runs folder's calibrati
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,7 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from xfer import models
+from xfer import calibration, models
 from xfer.attack import EVAL_BATCH, as_unit
 from xfer.errors import XferError
 
@@ -162,11 +160,11 @@ def choose(models: Sequence[nn.Module], device: torch.device | str, cache: Path 
         return "stacked", f"stacked {what} on cuda (one pass of each batch through all of them)"
     shape = "x".join(str(d) for d in images_for_timing.shape[1:])
     key = f"scoring/{device.type}/{_arch(models[0])}/{shape}/targets{len(models)}/threads{torch.get_num_threads()}"
-    entry = _read_json(cache).get(key) if cache is not None else None
+    entry = calibration.read(cache).get(key)
     if not isinstance(entry, dict) or entry.get("mode") not in MODES or "speedup" not in entry:
         entry = _measure(models, device, images_for_timing)
         if cache is not None:
-            _remember(cache, key, entry)
+            calibration.remember(cache, key, entry)
     if entry["mode"] == "stacked":
         return "stacked", f"stacked {what} measured {entry['speedup']:.2f}× faster on {device.type}"
     return "loop", (f"one target after another: stacked measured {entry['speedup']:.2f}× on {device.type} "
@@ -208,25 +206,6 @@ def _arch(model: nn.Module) -> str:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        known = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return known if isinstance(known, dict) else {}
-
-
-def _remember(path: Path, key: str, entry: dict[str, Any]) -> None:
-    """Add one measurement to the calibration file, atomically (packs of other processes write it too)."""
-    path = Path(path)
-    known = _read_json(path)   # read again just before writing: another process may have added its own
-    known[key] = entry
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.partial")
-    partial.write_text(json.dumps(known, indent=2, sort_keys=True))
-    partial.replace(path)
 
 
 # ---- benchmark ------------------------------------------------------------------------------------
