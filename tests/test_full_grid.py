@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import psutil
 import pytest
 
@@ -19,8 +20,17 @@ from xfer.specs import PretrainSpec, TrainSpec
 # ---- end to end on a real local Ray and MLflow server --------------------------------------------
 
 @pytest.mark.slow
+def _plan_rows(grid: grids.Grid, experiment: str) -> dict[str, list[str]]:
+    """The dry run's table: each stage's cells, in MLflow, to run (and the total's cells, to run, packs)."""
+    lines: list[str] = []
+    pipeline.dry_run(grid, RunOptions(experiment=experiment), echo=lines.append)
+    return {line.split()[0]: line.split()[1:4] for line in lines if line.startswith("  ") and len(line.split()) > 4}
+
+
 def test_smoke_preset_end_to_end_then_nothing_reruns(local_ray, experiment: str, capsys, full_grid) -> None:
     argv = ["--preset", "smoke", "--name", experiment, "--epochs", "2", "--pretrain-epochs", "1", "--attack-n", "200"]
+    grid = full_grid.grid_from_args(full_grid.parser().parse_args(argv))
+    planned_sets = _plan_rows(grid, experiment)["attack"][0]   # before anything is trained: from the grid's datasets
     assert full_grid.main(argv) == 0
     out = capsys.readouterr().out
     assert "MLflow UI: http://127.0.0.1:" in out and "report:" in out
@@ -40,14 +50,24 @@ def test_smoke_preset_end_to_end_then_nothing_reruns(local_ray, experiment: str,
     report = Path(out.split("report: ")[1].split()[0])
     assert report.is_file() and (report.parent / "data" / "transfer.parquet").is_file()
     assert not tracking.query(experiment, status="RUNNING")
+    # The report's numbers are the runs': each training run's test error as MLflow has it, one transfer row per score.
+    tables = report.parent / "data"
+    for stage in (names.FINETUNE, names.SCRATCH):
+        errors = pd.read_parquet(tables / f"{stage}.parquet").set_index("run_id")["test_error"]
+        assert errors.to_dict() == pytest.approx({r.run_id: r.metrics[names.TEST_ERROR] for r in by_stage[stage]},
+                                                 rel=1e-12)
+    transfer = pd.read_parquet(tables / "transfer.parquet")
+    scored = table.set_index(["set_run_id", "target_run_id"])[[names.ADV_ACC, names.SUCCESS_RATE]]
+    rows_ = transfer.set_index(["run_id", "target_run_id"])[[names.ADV_ACC, names.SUCCESS_RATE]]
+    assert len(transfer) == len(table) and rows_.index.is_unique and set(rows_.index) == set(scored.index)
+    pd.testing.assert_frame_equal(rows_.sort_index(), scored.sort_index(), check_dtype=False, check_names=False)
     key_file = report.parent / ".report-key"
     made = key_file.stat().st_mtime_ns
-    grid = full_grid.grid_from_args(full_grid.parser().parse_args(argv))
-    # The plan of the finished grid: every stage's cells are in MLflow, the attack cells counted as they ran.
-    lines: list[str] = []
-    pipeline.dry_run(grid, RunOptions(experiment=experiment), echo=lines.append)
-    rows = {line.split()[0]: line.split()[1:4] for line in lines if line.startswith("  ") and len(line.split()) > 4}
+    # The plan of the finished grid: every stage's cells are in MLflow, the attack cells counted as they ran, and
+    # as the plan counted them before anything was trained.
+    rows = _plan_rows(grid, experiment)
     attack_cells = len({r.tags[names.TAG_KEY] for r in sets})
+    assert planned_sets == str(attack_cells) == "13"   # the smoke grid: 14 settings × surrogates, letters' 2 are one
     assert rows["attack"] == [str(attack_cells)] * 2 + ["0"] and rows["report"] == ["1", "1", "0"]
     assert rows["pretrain"] == ["2", "2", "0"] and rows["total"][1:] == ["0", "0"]   # to run, packs
     # The same grid again: every cell is found by its key in MLflow, nothing re-runs, the report is kept as made.
@@ -92,22 +112,69 @@ def test_fast_dev_run_rehearses_every_stage_on_one_batch_in_an_experiment_of_its
     assert "nothing to run" in capsys.readouterr().out
 
 
+TINY = ["--preset", "smoke", "--sources", "uci_digits", "--archs", "mlp_mixer", "--sizes", "100", "--epochs", "1",
+        "--pretrain-epochs", "1", "--attack-n", "20"]   # one cell a training stage: 1,137 uci_digits, 1 epoch
+
+
+def _cells(experiment: str) -> list[tracking.RunRecord]:
+    """The experiment's cell runs (any status), oldest first: not the grid's and its stages' parent runs."""
+    return [r for r in tracking.query(experiment, status=None) if r.stage in names.STAGES]
+
+
+@pytest.mark.slow
+def test_stages_runs_only_the_stages_named(local_ray, experiment: str, capsys, full_grid) -> None:
+    argv = [*TINY, "--name", experiment, "--stages", "pretrain"]
+    assert full_grid.main(argv) == 0
+    out = capsys.readouterr().out
+    # The plan said so: the other stages are rows marked skipped, out of the total (one pretrain cell).
+    plan = {line.split()[0]: line.split()[1:4] for line in out.splitlines() if line.startswith("  ") and line.split()}
+    assert [stage for stage, row in plan.items() if row[2:] == ["skipped"]] == ["finetune", "scratch", "attack", "report"]
+    assert plan["total"] == ["1", "1", "1"] and "report:" not in out
+    assert [(r.stage, r.status) for r in _cells(experiment)] == [(names.PRETRAIN, "FINISHED")]   # no other stage ran
+    assert full_grid.main(argv) == 0   # again: nothing to run, and still nothing of the other stages
+    assert len(_cells(experiment)) == 1 and "nothing to run" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_force_runs_the_finished_cells_again_as_new_runs_of_their_keys(local_ray, experiment: str, full_grid) -> None:
+    argv = [*TINY, "--name", experiment, "--stages", "pretrain"]
+    assert full_grid.main(argv) == 0
+    [first] = _cells(experiment)
+    assert full_grid.main([*argv, "--force"]) == 0
+    again = _cells(experiment)
+    assert [(r.stage, r.status, r.key) for r in again] == [(names.PRETRAIN, "FINISHED", first.key)] * 2
+    assert again[-1].run_id != first.run_id and again[-1].start_time > first.end_time
+
+
 def _tiny_pretrain(epochs: int, seed: int = 0) -> PretrainSpec:
     return PretrainSpec(TrainSpec(arch="lenet5", dataset="mnist5k", size=600, val_size=100, epochs=epochs,
                                   batch_size=32, lr=3e-3, seed=seed))
 
 
+def _own_trials() -> list[psutil.Process]:
+    """The Tune trial processes of this test session's Ray, and no one else's: the session's local Ray was started
+    by this process (`ray.init`), its raylet starts the workers, so they descend from this process; another job's
+    trials on the same machine do not."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "ImplicitFunc" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:   # it ended meanwhile
+            continue
+    return found
+
+
 def _kill_trial_when(experiment: str, key: str, epoch: int, done: threading.Event) -> list[int]:
-    """SIGKILL the trial process once its MLflow run has logged `epoch` validation points."""
+    """SIGKILL this session's trial process once its MLflow run has logged `epoch` validation points."""
     killed: list[int] = []
     deadline = time.time() + 240
     while not done.is_set() and time.time() < deadline:
         record = next(iter(tracking.query(experiment, status="RUNNING", tags={names.TAG_KEY: key})), None)
         if record and len(tracking._client().get_metric_history(record.run_id, names.VAL_ERROR)) >= epoch:
-            for proc in psutil.process_iter(["pid", "cmdline"]):
-                if "ImplicitFunc" in " ".join(proc.info["cmdline"] or []):
-                    os.kill(proc.info["pid"], signal.SIGKILL)
-                    killed.append(proc.info["pid"])
+            for proc in _own_trials():
+                os.kill(proc.pid, signal.SIGKILL)
+                killed.append(proc.pid)
             return killed
         time.sleep(0.2)
     return killed

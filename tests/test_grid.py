@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from xfer import data, models, pipeline, specs
+from xfer import data, models, names, pipeline, specs
 from xfer import grid as grids
 from xfer import train as loop
 from xfer.errors import XferError
@@ -382,3 +383,130 @@ def test_the_grid_timing_line_reads_orchestration_per_cell_over_the_trial_slots(
     assert pipeline.GridOutcome([], None).timing() == ""
     nothing = pipeline.GridOutcome([StageSummary("finetune", 4, cached=4)], None, seconds=0.4)
     assert nothing.timing() == "grid: nothing to run, every cell is in MLflow (0.4 s wall time)"
+
+
+# ---- the plan: what --stages leaves out, and the attack stage's count before anything is trained ----------------
+
+SMOKE_POOLS = {"glyph_letters": 15600, "uci_digits": 1437, "mnist5k": 4000}
+LETTERS, DIGITS = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ"), tuple("0123456789")
+
+
+def _infos(class_names: bool = True) -> dict[str, data.Info]:
+    """The smoke grid's datasets as `data.info` describes them (class names, or none: a datasets.json of before)."""
+    classes = {"glyph_letters": LETTERS, "uci_digits": DIGITS, "mnist5k": DIGITS}
+    return {name: data.Info(name, pool, 1000, (1, 28, 28), len(classes[name]), "cache",
+                            classes[name] if class_names else ())
+            for name, pool in SMOKE_POOLS.items()}
+
+
+def _trained(cells: grids.Cells, infos: dict[str, data.Info]) -> dict:
+    """The grid's training cells as the attack stage finds them in MLflow (`attack.training_runs`): finished runs
+    with a checkpoint, their stage, key, target tag and their model's label set and input shape."""
+    from datetime import datetime, timezone
+
+    from xfer import attack, tracking
+
+    runs = {}
+    for stage, group in pipeline.training_stages(cells):
+        for cell in group:
+            key = specs.key(cell)
+            record = tracking.RunRecord(f"run-{key}", "x", stage, key, "FINISHED",
+                                        {names.TAG_TARGET: cell.train.dataset, names.TAG_CHECKPOINT_SHA: "0"}, {}, {},
+                                        datetime.now(timezone.utc), None)
+            runs[record.run_id] = attack._Model(record, infos[cell.train.dataset].class_names, (1, 28, 28))
+    return runs
+
+
+@pytest.mark.parametrize("attacks, eps, expected", [
+    (("fgsm", "pgd"), (0.3,), 13),          # the smoke grid: glyph_letters' FGSM and PGD are one feature_pgd set
+    # Letters: FGSM and PGD at each eps are one feature_pgd set, and CW (L2) needs a head over the digits: none. The
+    # others (uci_digits, scratch and each of 4 fine-tunes on itself) make all 6 settings.
+    (("fgsm", "pgd", "cw"), (0.1, 0.3), 2 + 6 * (1 + 1 + 4)),
+])
+def test_the_plan_counts_the_attack_sets_the_run_makes(attacks: tuple, eps: tuple, expected: int) -> None:
+    from xfer import attack, plan
+
+    grid = grids.from_preset("smoke", attacks=attacks, eps=eps)
+    cells = grids.cells(grid, SMOKE_POOLS)
+    made, exact = plan.attack_sets(grid, cells, _infos())
+    # What the attack stage will plan (attack.plan, the label-set rule) from the runs training will leave in MLflow.
+    ran = attack.plan("x", list(cells.attacks), surrogate_stages=grid.attack_surrogates, runs=_trained(cells, _infos()))
+    assert exact and sum(sets for _, sets in made) == len(ran) == expected
+    # Before the class names were kept (a datasets.json of before): every setting counts, and the plan says "at most".
+    made, exact = plan.attack_sets(grid, cells, _infos(class_names=False))
+    assert not exact and sum(sets for _, sets in made) == len(cells.attacks) * 7 > expected
+
+
+def test_the_attack_row_is_an_upper_bound_only_where_class_names_are_unknown(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from xfer import calibration, plan
+
+    monkeypatch.setenv("XFER_RUNS", str(tmp_path))   # a calibration of its own, so nothing is measured here
+    for key in ("throughput/cpu/resnet_mini/1x28x28/batch32/threads1", "score/cpu/resnet_mini/1x28x28/targets4/threads1"):
+        calibration.remember(tmp_path / "calibration.json", key, {"samples_per_s": 800.0, "examples_per_s": 5000.0,
+                                                                  "measured": "earlier"})
+    grid = grids.from_preset("smoke")
+    cells = grids.cells(grid, SMOKE_POOLS)
+
+    def rows(infos: dict[str, data.Info]) -> dict[str, list[str]]:
+        made = plan.plan(grid, cells, infos, lambda stage: set(), {}, lambda on_gpu: 8, slots=2)
+        return {line.split()[0]: line.split()[1:4] for line in made.lines()[1:] if line.split()[0] in ("attack", "total")}
+
+    assert rows(_infos()) == {"attack": ["13", "0", "13"], "total": ["21", "21", "6"]}
+    assert rows(_infos(class_names=False)) == {"attack": ["≤14", "0", "≤14"], "total": ["≤22", "≤22", "6"]}
+
+
+def test_dataset_class_names_are_kept_in_datasets_json_and_an_older_file_still_reads(tmp_path: Path) -> None:
+    cache = tmp_path / "datasets.json"
+    loaded = data.info("uci_digits", tmp_path, cache)
+    assert loaded.source == "loaded" and loaded.class_names == DIGITS
+    assert data.info("uci_digits", tmp_path, cache) == dataclasses.replace(loaded, source="cache")
+    written = json.loads(cache.read_text())
+    for entry in written.values():   # as the file was before class names were kept
+        del entry["info"]["class_names"]
+    cache.write_text(json.dumps(written))
+    older = data.info("uci_digits", tmp_path, cache)
+    assert (older.source, older.train, older.class_names) == ("cache", loaded.train, ())   # not known: not loaded again
+
+
+def test_the_plan_with_stages_shows_the_others_skipped_and_leaves_them_out_of_the_total(
+        full_grid, mlflow_server, tmp_path: Path, capsys) -> None:
+    from xfer import calibration
+
+    for key in ("throughput/cpu/resnet_mini/1x28x28/batch32/threads1", "score/cpu/resnet_mini/1x28x28/targets4/threads1"):
+        if key not in calibration.read(calibration.path()):   # measured once by whichever test plans the smoke grid
+            calibration.remember(calibration.path(), key, {"samples_per_s": 800.0, "examples_per_s": 5000.0,
+                                                           "measured": "earlier"})
+    name = f"stages-{tmp_path.name}"
+    some = ["--stages", "pretrain", "finetune", "scratch", "report"]
+    assert full_grid.main(["--preset", "smoke", "--name", name, *some, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("  ") and line.split()}
+    assert rows["attack"][:4] == ["attack", "13", "0", "skipped"] and out.count("(not in --stages)") == 1
+    assert rows["total"][1:4] == ["8", "8", "5"]   # 2 + 4 + 1 training cells and the report; not the 13 sets
+    # The same plan as objects: the total and the estimate are the stages' that run, and nothing of attack's is counted.
+    grid = full_grid.grid_from_args(full_grid.parser().parse_args(["--preset", "smoke", "--name", name]))
+    options = RunOptions(experiment=name)
+    prepared = pipeline.prepare(grid, options, allow_missing=True)
+    everything = pipeline.planned(prepared, grid, options)
+    chosen = pipeline.planned(prepared, grid, options, only=("pretrain", "finetune", "scratch", "report"))
+    skipped = {s.stage: s for s in chosen.stages if s.skipped}
+    assert set(skipped) == {names.ATTACK} and skipped[names.ATTACK].seconds_here == 0
+    seconds = {s.stage: s.seconds_here for s in everything.stages}
+    assert sum(s.seconds_here for s in chosen.stages) == pytest.approx(sum(seconds.values()) - seconds[names.ATTACK])
+    [total] = [line for line in everything.lines() if line.startswith("  total")]
+    assert total.split()[1:3] == ["21", "21"]
+
+
+def test_the_live_headline_keeps_its_columns_as_the_done_count_grows() -> None:
+    from xfer import progress
+
+    view = progress.GridView(live=False)
+    stage = progress.StageProgress(names.ATTACK, 13, view)
+    widths = []
+    for done in (9, 10):
+        stage.done = done
+        line = stage.headline()
+        widths.append(line.index("cells done"))
+        assert f"{done:>2}/13 cells done" in line
+    assert widths[0] == widths[1]   # "attack     9/13" and "attack    10/13": what follows stays put

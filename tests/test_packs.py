@@ -78,6 +78,9 @@ def test_a_vectorised_pack_records_each_cell_as_if_trained_alone(experiment: str
     cells = [tiny(0), tiny(1, lr=1e-2, freeze_depth=2, weight_decay=1e-3), tiny(2, lr=5e-3)]
     result = packs.run_pack(cells, stages.TRAINING, experiment, {"mnist5k": digits}, vectorise="always")
     assert result.mode == "packed_vectorised" and result.ran == [specs.key(c) for c in cells], result.why
+    # Each error is a share of its window's examples: the last epoch's 9 batches of 32 (log_every is 50, so a train
+    # point is that epoch's window), the 100 validation examples, the 1,000 of the test split.
+    window = {"train": 9 * 32, "val": 100, "test": len(digits.test)}
     for spec in cells:
         splits = data.make_splits(digits, 300, 100, spec.train.seed)
         alone = loop.train(spec.train, splits, loop.prepare_model(spec.train, splits))
@@ -85,7 +88,8 @@ def test_a_vectorised_pack_records_each_cell_as_if_trained_alone(experiment: str
         curve = tracking.read_curve(record.run_id)
         assert [(r["step"], r["split"]) for r in curve] == [(r["step"], r["split"]) for r in alone.curve]
         # Within one example of each window (AdamW: float-order noise; tests/test_vectorised.py has the detail).
-        assert [r["error"] for r in curve] == pytest.approx([r["error"] for r in alone.curve], abs=1 / 32 + 1e-6)
+        for packed, single in zip(curve, alone.curve):
+            assert abs(packed["error"] - single["error"]) <= 1 / window[single["split"]] + 1e-9, (packed, single)
         assert [step for step, _ in history(record.run_id, names.VAL_ERROR)] == [9, 18]
     # --vectorise auto on a CPU measures once, keeps the answer in the runs folder, and says why it chose.
     auto = packs.run_pack([tiny(3), tiny(4)], stages.TRAINING, experiment, {"mnist5k": digits})
@@ -93,8 +97,31 @@ def test_a_vectorised_pack_records_each_cell_as_if_trained_alone(experiment: str
     calibration = json.loads((server.runs_dir() / "calibration.json").read_text())
     [(key, measured)] = [(k, v) for k, v in calibration.items()
                          if k.endswith(f"/lenet5/batch32/cells2/threads{torch.get_num_threads()}")]
-    assert key.startswith("vectorised/cpu/") and measured["speedup"] > 0
-    assert (auto.mode == "packed_vectorised") == measured["vectorised_is_faster"]
+    assert key.startswith("vectorised/cpu/") and measured["speedup"] > 0 and measured["repeats"] == 3
+    assert (auto.mode == "packed_vectorised") == (measured["speedup"] >= packs.VECTORISED_MUST_WIN)
+
+
+@pytest.mark.parametrize("speedup, mode", [(1.1, "packed_sequential"), (1.3, "packed_vectorised")])
+def test_auto_batches_only_a_clear_win(experiment: str, digits, speedup: float, mode: str) -> None:
+    """A measured speed-up within the margin (1.1× < 1.2×) keeps one cell after another: a noisy few-step timing
+    cannot flip the choice between reruns; a clear one (1.3×) batches. Driven through the kept calibration."""
+    from xfer import calibration
+
+    key = f"vectorised/cpu/lenet5/batch32/cells3/threads{torch.get_num_threads()}"
+    calibration.remember(calibration.path(), key, {"speedup": speedup, "measured": "earlier", "steps": 4})
+    try:
+        result = packs.run_pack([tiny(5), tiny(6), tiny(7)], stages.TRAINING, experiment, {"mnist5k": digits},
+                                device="cpu")
+    finally:
+        kept = calibration.read(calibration.path())
+        kept.pop(key, None)   # no made-up figure outlives the test
+        calibration.path().write_text(json.dumps(kept, indent=2, sort_keys=True))
+    assert result.mode == mode and len(result.ran) == 3, result.why
+    if mode == "packed_sequential":
+        assert result.why == ("on cpu the batched model measured 1.10× the speed of one cell after another for lenet5 "
+                              "(3 cells, batch 32); it must reach 1.2×")
+    else:
+        assert result.why == "3 lenet5 cells as one batched model on cpu"
 
 
 def _broken_for(seeds_nan: set[int], seeds_refused: set[int]) -> packs.Kind:

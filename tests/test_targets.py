@@ -37,6 +37,14 @@ def imagenet_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def assert_recorded_error_is_the_models(record: tracking.RunRecord, model: torch.nn.Module, test: data.Split) -> None:
+    """The run's test error is its saved model's error on the whole test split, recomputed here (on a few random
+    images the value itself says nothing; that it is this model's, on these images, does)."""
+    wrong = int(round(record.metrics[names.TEST_ERROR] * len(test.labels)))
+    assert record.metrics[names.TEST_ERROR] == pytest.approx(wrong / len(test.labels))   # a count of its examples
+    assert loop.error(model, test.images, test.labels) == pytest.approx(record.metrics[names.TEST_ERROR])
+
+
 def tiny(preset: str, **overrides) -> grids.Grid:
     """A preset shrunk to tiny_root: whole pools of 30 (10 for validation), one seed and lr, batches of 8."""
     return grids.from_preset(preset, **{"sizes": (0,), "val_size": 10, "pretrain_size": 0, "seeds": (0,), "lrs": (0.01,),
@@ -83,8 +91,8 @@ def test_cifar10_preset_trains_on_tiny_cifar(tiny_root, experiment: str) -> None
     record = train(cells.scratch[0], experiment, datasets)
     assert record.params["train.augment"] == "true" and record.stage == names.SCRATCH
     assert record.metrics["steps"] == 2  # 30 training images less 10 for validation, batches of 8
-    assert 0 <= record.metrics[names.TEST_ERROR] <= 1
     model, _ = tracking.load_model(record.run_id)
+    assert_recorded_error_is_the_models(record, model, datasets["cifar10"].test)
     assert model.in_shape == (3, 32, 32) and model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
 
@@ -176,7 +184,8 @@ def test_resnet18_preset_trains_from_random_init_without_weights(tiny_root, expe
     assert (len(cells.finetune), [c.train.arch for c in cells.scratch]) == (0, ["resnet18"])
     record = train(cells.scratch[0], experiment, datasets)
     assert record.params["train.arch"] == "resnet18" and record.metrics["steps"] == 2
-    assert 0 <= record.metrics[names.TEST_ERROR] <= 1
+    model, _ = tracking.load_model(record.run_id)
+    assert_recorded_error_is_the_models(record, model, datasets[cells.scratch[0].train.dataset].test)
 
 
 def test_resnet18_imagenet_cells_start_from_the_weights_file(tiny_root, experiment: str, imagenet_file: Path) -> None:

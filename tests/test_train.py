@@ -30,7 +30,7 @@ def test_learns_and_records_the_error_curve(digits: data.Splits) -> None:
     records: list[dict] = []
     s = spec(arch="resnet_mini", epochs=2)
     result = loop.train(s, digits, loop.prepare_model(s, digits), report=records.append)
-    assert result.ok and result.metrics[names.TEST_ERROR] < 0.35  # chance is 0.9
+    assert result.ok and result.metrics[names.TEST_ERROR] < 0.15  # chance is 0.9; resnet_mini reaches ~0.05-0.10 here
     train_rows = [r for r in result.curve if r["split"] == "train"]
     # 31 steps/epoch × 2, every 5, and the last 2 steps' window at the end: the final train error is never missing.
     assert [r["step"] for r in train_rows] == [*range(5, 63, 5), 62]

@@ -338,3 +338,32 @@ def test_default_storage_lives_in_the_runs_folder(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv(server.RUNS_ENV, str(tmp_path))
     assert tuning.default_storage() == f"sqlite:///{tmp_path / tuning.STUDY_DB}"
     assert tuning._shown("postgresql://me:secret@db/optuna") == "postgresql://me:***@db/optuna"  # never logged
+
+
+@pytest.mark.slow
+def test_tune_is_as_quiet_as_the_grid(tmp_path: Path) -> None:
+    """`xfer tune` as a new user runs it, in a fresh process with its own Ray and MLflow server: a line per trial
+    event on the terminal; Tune's boxed trial table, Ray's banner and the workers' "Checkpoint successfully created"
+    lines only in the log file it names. The smallest study (the smoke's, one trial)."""
+    import os
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    env = {k: v for k, v in os.environ.items() if k not in (server.TRACKING_URI_ENV, "RAY_ADDRESS")}
+    env[server.RUNS_ENV] = str(runs)
+    try:
+        done = subprocess.run([sys.executable, str(REPO / "sweeps" / "tune_finetune.py"), "--smoke", "--trials", "1",
+                               "--experiment", "quiet"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        server.stop_server(runs)
+    terminal = done.stdout + done.stderr
+    assert done.returncode == 0, terminal[-3000:]
+    assert "╭" not in terminal and "Checkpoint successfully created" not in terminal, terminal
+    assert "Token authentication" not in terminal and "ray.tune" not in terminal   # Ray's banner, Tune's logger
+    assert "trial 1/1 started: batch_size=32 freeze_depth=0" in done.stdout
+    assert "trial 1/1 finished: val_error" in done.stdout and "== study" in done.stdout
+    [log] = [Path(line.removeprefix("log: ")) for line in done.stdout.splitlines() if line.startswith("log: ")]
+    text = log.read_text()
+    # What the terminal left out is in the log: Optuna's and Tune's own messages.
+    assert log.parent == runs / "logs" and "A new study created" in text and "A new study created" not in terminal

@@ -618,13 +618,17 @@ def make_set(cell: AttackCell, context: Context, device: torch.device | str | No
 
 def make_sets(experiment: str, cells: Sequence[AttackCell], device: torch.device | str | None = None,
               context: Context | None = None, progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, str]:
-    """A pack of adversarial sets in one process, sharing models and data; sets already made are skipped. Returns the
-    failed cells' reasons by key: a cell refused for bad input (`XferError`) fails alone and its pack-mates go on.
-    `progress` hears each cell's end."""
+    """A pack of adversarial sets in one process, sharing models and data; sets already made are skipped, and none is
+    started once the grid is stopping. Returns the failed cells' reasons by key: a cell refused for bad input
+    (`XferError`) fails alone and its pack-mates go on. `progress` hears each cell's end."""
+    from xfer import stopping
+
     context = context or Context(experiment)
     done = context.made(cells)
     failed: dict[str, str] = {}
     for count, cell in enumerate(cells, 1):
+        if stopping.requested():
+            break   # the grid is stopping: the rest are made by the rerun
         if cell.key not in done:
             try:
                 make_set(cell, context, device)

@@ -54,7 +54,8 @@ class Cell:
 
 
 class Session(Protocol):
-    """Where a cell keeps its epoch states and reports progress."""
+    """Where a cell keeps its epoch states and reports progress (and, optionally, `reopen() -> str | None`: an
+    unfinished run of the cell from an earlier invocation, to continue)."""
 
     def restore(self) -> TrainState | None: ...
     def epoch_end(self, state: TrainState, metrics: dict[str, Any]) -> None: ...
@@ -65,6 +66,9 @@ class NoSession:
     """Plain Python: nothing to resume from, progress discarded (tests, and cells run outside Ray)."""
 
     def restore(self) -> TrainState | None:
+        return None
+
+    def reopen(self) -> str | None:
         return None
 
     def epoch_end(self, state: TrainState, metrics: dict[str, Any]) -> None:
@@ -101,12 +105,20 @@ class Life:
         self.result: loop.Result | None = None
         self._stack = contextlib.ExitStack()
         self._through = -1   # the last step whose curve points are logged
+        self._last_state: TrainState | None = None   # the last epoch's state: what a stopped cell resumes from
+        self._reopened = False
 
     def __enter__(self) -> Life:
         self.resume = self.session.restore()
         params = self.cell.params if self.cell.params is not None else self.cell.spec
         if self.is_chief:
-            resumed = self.resume.extra.get(RUN_ID) if self.resume else None
+            # The run to continue: the state's (a retried trial, a stopped grid's rerun), else an unfinished run of
+            # the cell left by an earlier invocation (failed, stopped, or killed): each cell keeps one run.
+            # (A session that keeps no earlier runs, a tuning trial's, need not say: `reopen` is optional.)
+            reopen = getattr(self.session, "reopen", None)
+            resumed = (self.resume.extra.get(RUN_ID) if self.resume else None) or (reopen() if reopen else None)
+            self._reopened = resumed is not None
+            self._last_state = self.resume
             self.run = self._stack.enter_context(tracking.start_run(
                 self.experiment, self.cell.stage, self.cell.key, tags=self.cell.tags, run_name=self.cell.label,
                 parent_run_id=self.cell.parent_run_id, resume_run_id=resumed))
@@ -132,6 +144,7 @@ class Life:
     def epoch_end(self, state: TrainState) -> None:
         """The loop's per-epoch hook: the epoch's points to MLflow, then the state to the session (to resume from)."""
         state.extra[RUN_ID] = self.run.run_id if self.run is not None else ""
+        self._last_state = state
         errors = {r["split"]: r["error"] for r in state.curve if r["epoch"] == state.epoch}
         metrics = {names.EPOCH: float(state.epoch), names.VAL_ERROR: errors.get("val", math.nan),
                    "epochs": float(self.cell.train.epochs), "cell": self.cell.label}
@@ -144,6 +157,9 @@ class Life:
         """Record the trained cell: curve artifact, summary metrics, checkpoint; or the failure and its reason."""
         self.result = result
         if self.run is None:
+            return result
+        if result.status == "stopped":
+            self._stopped(result)
             return result
         curve = self._shown(result.curve)
         self.run.log_curve(curve, points=False)
@@ -165,9 +181,22 @@ class Life:
         return result
 
     def train(self, device: str | torch.device | None = None) -> loop.Result:
-        """Train alone with the one loop, then `finish`."""
+        """Train alone with the one loop (ending early if the grid stops), then `finish`."""
+        from xfer import stopping
+
         return self.finish(loop.train(self.cell.train, self.splits, self.model, device=device, resume=self.resume,
-                                      on_epoch_end=self.epoch_end))
+                                      on_epoch_end=self.epoch_end, stop=stopping.requested))
+
+    def _stopped(self, result: loop.Result) -> None:
+        """The grid is stopping: keep the last epoch's state on the run (names.RESUME_DIR) and end it KILLED and
+        resumable (names.TAG_RESUMABLE = that epoch), so the rerun continues it there, in this run."""
+        epoch = self._last_state.epoch if self._last_state is not None else 0
+        if self._last_state is not None:
+            self._last_state.extra[RUN_ID] = self.run.run_id
+            with tempfile.TemporaryDirectory(prefix="xfer-resume-") as tmp:
+                checkpoint.save_state(Path(tmp) / names.RESUME_DIR, self._last_state)
+                self.run.log_artifact(Path(tmp) / names.RESUME_DIR)
+        self.run.stop(result.reason, {names.TAG_RESUMABLE: str(epoch)})
 
     def _where_tags(self) -> dict[str, str]:
         shape = "x".join(str(d) for d in self.splits.in_shape)
@@ -190,12 +219,14 @@ class Life:
         self._through = max([self._through, *(r["step"] for r in rows)])
 
     def _catch_up(self) -> None:
-        """A resumed run: what its earlier attempt logged stays; the points it checkpointed but never logged go now."""
-        if self.resume is None:
+        """A reopened run: what its earlier attempt logged stays (points at the steps it logged are not logged
+        again); the points its state holds but never logged go now."""
+        if not self._reopened:
             return
         logged = self.run.last_step(names.VAL_ERROR)
         self._through = -1 if logged is None else logged
-        self._log_rows(self.resume.curve)
+        if self.resume is not None:
+            self._log_rows(self.resume.curve)
 
 
 def live(cell: Cell, experiment: str, session: Session | None = None, device: str | torch.device | None = None,

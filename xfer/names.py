@@ -27,7 +27,8 @@ TAG_FAILURE = "xfer.failure"              # reason a run ended FAILED
 TAG_GRID_STAGE = "xfer.grid_stage"        # on a stage's parent run (stage GRID): which stage its children are
 TAG_NODE = "xfer.node"                    # training runs: the Ray node the cell trained on ("" outside Ray)
 TAG_WORKERS = "xfer.workers"              # ... its data-parallel world size
-TAG_RESUMED = "xfer.resumed_from_epoch"   # ... after a crash: the epoch it resumed from
+TAG_RESUMED = "xfer.resumed_from_epoch"   # ... after a crash or a stop: the epoch it resumed from
+TAG_RESUMABLE = "xfer.resumable"          # ... a KILLED run its grid stopped: the epoch its saved state is from
 TAG_IN_SHAPE = "xfer.in_shape"            # ... its model's input shape, "1x28x28" (the attack stage plans by it)
 TAG_CLASSES = "xfer.class_names"          # ... its model's class names, a JSON list (likewise)
 TAG_SOURCE = "source"                     # pretraining dataset ("" for scratch)
@@ -61,6 +62,7 @@ CHECKPOINT_DIR = "checkpoint"         # weights.safetensors + meta.json
 CURVE_FILE = "curve.parquet"          # long error curve: step, epoch, seconds, split, error
 ADVERSARIAL_DIR = "adversarial"       # adversarial examples (safetensors)
 SCORES_DIR = "scores"                 # on the attack stage's run: score rows as Parquet parts (xfer.scores)
+RESUME_DIR = "resume"                 # on a stopped cell's run: its last epoch state, to resume from
 
 # Attack-run tags. An attack run holds the adversarial set of one (surrogate, attack setting); its scores on
 # every target are rows of the score table (xfer.scores), which carries the lineage flags below as columns.

@@ -25,6 +25,7 @@ class GridOutcome:
     summaries: list[StageSummary]
     report_dir: str | None
     seconds: float = 0.0          # the grid's wall time, from its first stage to its report
+    stopped: str = ""             # why the grid stopped before its end (Ctrl-C, SIGTERM, a lost tracking server)
 
     @property
     def failed(self) -> list[tuple[str, str]]:
@@ -170,10 +171,11 @@ def snapshot(options: RunOptions) -> tracking.Snapshot | None:
 
 
 def planned(prepared: Prepared, grid: grids.Grid, options: RunOptions, gpus: int = 0,
-            echo: Callable[[str], None] | None = None, listed: tracking.Snapshot | None = None) -> Any:
+            echo: Callable[[str], None] | None = None, listed: tracking.Snapshot | None = None,
+            only: tuple[str, ...] = STAGE_ORDER) -> Any:
     """The grid's `plan.Plan`: per stage its cells, what MLflow holds, packs and estimated wall time on this
-    machine (and on `gpus` GPUs). Starts no Ray; reads MLflow only where it may hold runs, once (`snapshot`, or
-    `listed` when the caller has one)."""
+    machine (and on `gpus` GPUs); the stages not in `only` (--stages) marked skipped, out of the totals. Starts no
+    Ray; reads MLflow only where it may hold runs, once (`snapshot`, or `listed` when the caller has one)."""
     import os
 
     from xfer import plan
@@ -186,7 +188,7 @@ def planned(prepared: Prepared, grid: grids.Grid, options: RunOptions, gpus: int
     return plan.plan(grid, prepared.cells, prepared.infos, finished, prepared.missing, size, slots,
                      options.cpus_per_trial, gpus, gpu_share, echo,
                      attack_cells=(lambda: _attack_counts(prepared.cells, grid, options, listed)) if listed else None,
-                     report_made=bool(listed) and _report_made(options.experiment, listed))
+                     report_made=bool(listed) and _report_made(options.experiment, listed), only=only)
 
 
 def _attack_counts(cells: grids.Cells, grid: grids.Grid, options: RunOptions,
@@ -222,16 +224,19 @@ def _report_made(experiment: str, listed: tracking.Snapshot) -> bool:
 
 
 def dry_run(grid: grids.Grid, options: RunOptions, echo: Callable[[str], None] = print,
-            prepared: Prepared | None = None, gpus: int = 0) -> None:
-    """The plan and its cost, and the cells still to run; runs nothing (no Ray, no trial; the data may be absent)."""
+            prepared: Prepared | None = None, gpus: int = 0, only: tuple[str, ...] = STAGE_ORDER) -> None:
+    """The plan and its cost (of the stages in `only`), and the cells still to run; runs nothing (no Ray, no trial;
+    the data may be absent)."""
     prepared = prepared or prepare(grid, options, allow_missing=True)
     echo(f"plan for grid {options.experiment!r} (nothing runs: --dry-run)")
     if stand_in_note(prepared):
         echo(stand_in_note(prepared))
     listed = snapshot(options)
-    for line in planned(prepared, grid, options, gpus, echo, listed).lines():
+    for line in planned(prepared, grid, options, gpus, echo, listed, only).lines():
         echo(line)
     for stage, group in training_stages(prepared.cells):
+        if stage not in only:
+            continue
         todo, _ = stages.pending(options.experiment, group, options.force, stage, listed) if listed else (list(group), 0)
         for spec in todo[:10]:
             echo(f"  {stage}: {stages.label(spec)}  key={specs.key(spec)}")
@@ -252,34 +257,41 @@ def run_grid(grid: grids.Grid, options: RunOptions, only: tuple[str, ...] = STAG
     started = time.perf_counter()
     tracking.log_grid(options.experiment, grids.describe(grid))
     tracking.set_experiment_tags(options.experiment, {names.TAG_STAND_INS: ",".join(prepared.stand_ins)})
+    from xfer import stopping
+
+    stop = stopping.current()   # the invocation's, when its command stops cleanly on Ctrl-C / SIGTERM
     with tracking.start_run(options.experiment, names.GRID, "", run_name=f"grid {time.strftime('%Y-%m-%d %H:%M:%S')}",
-                            tags={names.TAG_GRID_STAGE: "all"}) as grid_run:
+                            tags={names.TAG_GRID_STAGE: "all"}, sigterm=stop is None) as grid_run:
         options = dataclasses.replace(options, grid_run_id=grid_run.run_id)
+        if stop is not None:
+            stop.grid_run_id = grid_run.run_id   # trials find the stop flag by this grid run's id
         def fresh() -> tracking.Snapshot | None:   # the listing, while nothing has run since it was taken
-            return None if any(s.ran or s.failed for s in summaries) else listed
+            return None if any(s.ran or s.failed or s.stopped for s in summaries) else listed
+
+        def stopped() -> bool:   # a stopping grid runs no further stage (and no report)
+            return stop is not None and stop.requested
 
         for stage, group in training_stages(cells):
-            if stage in only and group:
+            if stage in only and group and not stopped():
                 summaries.append(stages.run_training_stage(stage, group, options, datasets, view, fresh()))
                 echo(summaries[-1].line())
         adder_cells = grids.adder_cells(grid)
-        if names.ADDER in only and adder_cells:
+        if names.ADDER in only and adder_cells and not stopped():
             from xfer import adder
 
             for summary in adder.run_stage(adder_cells, options, datasets, view):
                 summaries.append(summary)
                 echo(summary.line())
-        if names.ATTACK in only and cells.attacks:
+        if names.ATTACK in only and cells.attacks and not stopped():
             summaries.append(run_attack_stage(cells.attacks, options, view, _training_keys(cells), grid.attack_surrogates,
                                               datasets, fresh()))
             echo(summaries[-1].line())
         report_dir = None
-        if names.REPORT in only:
+        if names.REPORT in only and not stopped():
             from reports import build_report
-
-            start = time.perf_counter()
             from reports.tables import inputs
 
+            start = time.perf_counter()
             result = build_report(options.experiment, parent_run_id=grid_run.run_id, reuse=not options.force,
                                   records=inputs(options.experiment, fresh()) if fresh() else None)
             report_dir = str(result.out)
@@ -290,9 +302,11 @@ def run_grid(grid: grids.Grid, options: RunOptions, only: tuple[str, ...] = STAG
         skipped = datasets.skipped() if isinstance(datasets, Datasets) else {}
         if skipped:
             _record_skipped(grid_run, skipped, echo)
-        outcome = GridOutcome(summaries, report_dir, time.perf_counter() - started)
+        outcome = GridOutcome(summaries, report_dir, time.perf_counter() - started, stop.reason if stopped() else "")
         grid_run.log_metrics({"seconds": outcome.seconds, "work_seconds": outcome.work_seconds,
                               "failed": float(len(outcome.failed))})
+        if stopped():
+            grid_run.stop(f"stopped: {stop.reason}")
     return outcome
 
 
@@ -323,9 +337,9 @@ def run_attack_stage(attack_specs: tuple[Any, ...], options: RunOptions, view: A
     `keys`: the grid's training cells (the models attacked); `surrogate_stages`: whose examples are scored on every
     target (`Grid.attack_surrogates`); `datasets`: the attacked task's data, handed to the packs through Ray's object
     store (loaded here when not given); `listed`: the experiment's runs when nothing has run since they were listed."""
-    from xfer import attack, scores
+    from xfer import attack, scores, stopping
 
-    since = time.time() - 60 if options.force else None   # forced: only sets made by this invocation count
+    since = stages.invocation_start(options)   # forced: only sets made by this invocation count
     runs, state = _attack_state(attack_specs, options, keys, surrogate_stages, since, listed)
     planned = state.cells
     summary = StageSummary(names.ATTACK, len(planned), cached=len(planned) - len(state.unfinished))
@@ -363,8 +377,11 @@ def run_attack_stage(attack_specs: tuple[Any, ...], options: RunOptions, view: A
                                   {j.target.run_id: failed[j.target.run_id] for j in pack if j.target.run_id in failed})
                     for pack, (_, last) in zip(chosen, ended)]
 
-        result = scores.run(options.experiment, planned, runs, make, score, since, state)
+        stop = stopping.current()
+        result = scores.run(options.experiment, planned, runs, make, score, since, state,
+                            stopping=lambda: stop is not None and stop.requested)
         summary.work_seconds = result.work_seconds
+        summary.stopped = len(result.stopped)
         summary.modes = {f"scoring {mode}": why for mode, why in result.modes.items()}
         summary.note = (f"{result.made} set(s) made, {result.pairs:,} (set, target) score(s) on {result.targets} "
                         "target(s) in one table")
@@ -372,7 +389,7 @@ def run_attack_stage(attack_specs: tuple[Any, ...], options: RunOptions, view: A
         for key, reason in result.failed.items():
             summary.failed.append((labels.get(key, key), reason))
             tracking.end_stale_runs(options.experiment, key, reason)
-        summary.ran = len(state.unfinished) - len(result.failed)
+        summary.ran = len(state.unfinished) - len(result.failed) - len(result.stopped)
         summary.seconds = time.perf_counter() - start
         summary.slots = slots
         parent.log_metrics({**summary.metrics(), "pairs_scored": float(result.pairs)})
@@ -409,13 +426,16 @@ def _sets_trial(config: dict[str, Any], packs_: list[tuple[Any, ...]], options: 
 
     from xfer.progress import Throttled
 
+    from xfer import stopping
+
     stages.set_threads(options)
     pack = packs_[config["cell"]["pack"]]
     context = attack.Context(options.experiment, {name: ray.get(ref) for name, ref in refs.items()},
                              parent_run_id=parent_run_id, runs=runs)
     progress = Throttled(lambda metrics, _: tune.report(metrics))
-    failed = attack.make_sets(options.experiment, pack, context=context,
-                              progress=lambda m: progress.ended(m["cell"], m["reason"], m))
+    with stopping.Watcher(options.grid_run_id):
+        failed = attack.make_sets(options.experiment, pack, context=context,
+                                  progress=lambda m: progress.ended(m["cell"], m["reason"], m))
     progress.flush({stages.STATUS: 1.0, "cells_failed": float(len(failed)), "failed_json": json.dumps(failed)})
 
 
@@ -430,10 +450,13 @@ def _score_trial(config: dict[str, Any], packs_: list[tuple[Any, ...]], options:
 
     from xfer.progress import Throttled
 
+    from xfer import stopping
+
     stages.set_threads(options)
     pack = packs_[config["cell"]["pack"]]
     progress = Throttled(lambda metrics, _: tune.report(metrics))
-    done = scores.score_pack(pack, sets, parent_run_id, block=stages.pack_size(options),
-                             progress=lambda m: progress.ended(m["cell"], m["reason"], m))
+    with stopping.Watcher(options.grid_run_id):
+        done = scores.score_pack(pack, sets, parent_run_id, block=stages.pack_size(options),
+                                 progress=lambda m: progress.ended(m["cell"], m["reason"], m))
     progress.flush({stages.STATUS: 1.0, "pairs": float(done.pairs), "work_seconds": done.seconds, "mode": done.mode,
                     "why": done.why, "cells_failed": float(len(done.failed)), "failed_json": json.dumps(done.failed)})

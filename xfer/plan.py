@@ -13,10 +13,10 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from xfer import calibration, grid as grids
 from xfer import names
@@ -45,6 +45,11 @@ class StagePlan:
     seconds_here: float            # on this machine's CPUs (or its GPU)
     seconds_gpus: float            # on G GPUs not here (FLOP model), or measured when the GPU is here
     note: str = ""
+    at_most: bool = False          # `cells` and `todo` are upper bounds (what the run makes cannot be told yet)
+    skipped: bool = False          # not among the invocation's stages (--stages): left out of the totals
+
+    def counted(self, value: int) -> str:
+        return f"≤{value}" if self.at_most else str(value)
 
 
 @dataclass
@@ -60,13 +65,21 @@ class Plan:
         head += f"  {f'on {self.gpus} GPU(s)':>14}" if self.gpus else ""
         out = [head]
         for s in self.stages:
-            row = (f"  {s.stage:<9} {s.cells:>6} {s.finished:>9} {s.todo:>7} {s.packs:>6}  {duration(s.seconds_here):>12}")
+            if s.skipped:
+                row = f"  {s.stage:<9} {s.counted(s.cells):>6} {s.finished:>9} {'skipped':>7} {'—':>6}  {'—':>12}"
+                row += f"  {'—':>14}" if self.gpus else ""
+                out.append(row + "  (not in --stages)")
+                continue
+            row = (f"  {s.stage:<9} {s.counted(s.cells):>6} {s.finished:>9} {s.counted(s.todo):>7} {s.packs:>6}  "
+                   f"{duration(s.seconds_here):>12}")
             row += f"  {duration(s.seconds_gpus):>14}" if self.gpus else ""
             out.append(row + (f"  ({s.note})" if s.note else ""))
-        total_here = sum(s.seconds_here for s in self.stages)
-        total = f"  {'total':<9} {sum(s.cells for s in self.stages):>6} {'':>9} {sum(s.todo for s in self.stages):>7} "
-        total += f"{sum(s.packs for s in self.stages):>6}  {duration(total_here):>12}"
-        total += f"  {duration(sum(s.seconds_gpus for s in self.stages)):>14}" if self.gpus else ""
+        run = [s for s in self.stages if not s.skipped]
+        bound = "≤" if any(s.at_most for s in run) else ""
+        total = (f"  {'total':<9} {bound + str(sum(s.cells for s in run)):>6} {'':>9} "
+                 f"{bound + str(sum(s.todo for s in run)):>7} {sum(s.packs for s in run):>6}  "
+                 f"{duration(sum(s.seconds_here for s in run)):>12}")
+        total += f"  {duration(sum(s.seconds_gpus for s in run)):>14}" if self.gpus else ""
         out.append(total)
         out += [f"  estimate: {source}" for source in self.sources]
         if self.missing:
@@ -150,14 +163,20 @@ def flops_per_example(arch: str, in_shape: tuple[int, int, int], classes: int) -
 
 # ---- the plan ----------------------------------------------------------------------------------------
 
+STAGES = (names.PRETRAIN, names.FINETUNE, names.SCRATCH, names.ADDER, names.ATTACK, names.REPORT)   # in run order
+
+
 def plan(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any], finished: Callable[[str], set[str]],
          missing: dict[str, str], pack_size: Callable[[bool], int], slots: int, cpus_per_trial: float = 1.0,
          gpus: int = 0, gpu_share: float = 0.25, echo: Callable[[str], None] | None = None,
-         attack_cells: Callable[[], tuple[int, int]] | None = None, report_made: bool = False) -> Plan:
+         attack_cells: Callable[[], tuple[int, int]] | None = None, report_made: bool = False,
+         only: Collection[str] = STAGES) -> Plan:
     """Each stage's cells, what MLflow already has (`finished(stage)`: keys), packs and estimated wall time here
     (`slots` trials at once on this machine) and on `gpus` GPUs (`gpu_share` of a GPU per trial).
-    `attack_cells()`: the attack stage's (cells, still to run), asked only once every training cell is in MLflow
-    (before then its cells are estimated from the grid); `report_made`: the report of these runs is already made."""
+    `attack_cells()`: the attack stage's (cells, still to run), asked only once the training stages that run have
+    nothing left (before then its cells are counted from the grid and its datasets' class names); `report_made`:
+    the report of these runs is already made. A stage not in `only` (--stages) is a row marked skipped, with its
+    cells and what MLflow has, and left out of the totals; nothing of it is measured."""
     from xfer import specs
 
     cache = calibration.path()
@@ -185,18 +204,23 @@ def plan(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any], finished: 
     for stage, group in ((names.PRETRAIN, cells.pretrain), (names.FINETUNE, cells.finetune), (names.SCRATCH, cells.scratch)):
         done = finished(stage)
         todo = [c for c in group if specs.key(c) not in done]
+        if stage not in only:
+            stages.append(StagePlan(stage, len(group), len(group) - len(todo), len(todo), 0, 0.0, 0.0, skipped=True))
+            continue
         here, packs = _packed(todo, pack_size(False), slots, lambda c: seconds(c.train, False))
         on_gpus = _packed(todo, pack_size(True), max(1, int(gpus / gpu_share)), lambda c: seconds(c.train, True))[0] if gpus else 0.0
         stages.append(StagePlan(stage, len(group), len(group) - len(todo), len(todo), packs, here, on_gpus))
-    adder_row = _adder_plan(grid, finished, slots, pack_size(False), cpus_per_trial, cache, rates, sources, infos)
+    adder_row = _adder_plan(grid, finished, slots, pack_size(False), cpus_per_trial, cache, rates, sources, infos,
+                            skipped=names.ADDER not in only)
     if adder_row is not None:
         stages.append(adder_row)
-    trained = all(s.todo == 0 for s in stages)
+    # What the attack stage attacks is what MLflow holds when it starts: known now if no stage before it has work.
+    trained = all(s.todo == 0 for s in stages if not s.skipped)
     stages.append(_attack_plan(grid, cells, infos, slots, gpus, attack_cells() if trained and attack_cells else None,
-                               8 * pack_size(False), threads))
-    made = report_made and all(s.todo == 0 for s in stages)
+                               8 * pack_size(False), threads, skipped=names.ATTACK not in only))
+    made = report_made and all(s.todo == 0 for s in stages if not s.skipped)
     stages.append(StagePlan(names.REPORT, 1, int(made), int(not made), 0, 0.0 if made else REPORT_S,
-                            0.0 if made or not gpus else REPORT_S))
+                            0.0 if made or not gpus else REPORT_S, skipped=names.REPORT not in only))
     words = []
     if rates:
         words.append("CPU throughput per arch (training examples/s, " + f"{threads} thread(s) a trial): "
@@ -226,7 +250,8 @@ def _packed(todo: list[Any], size: int, slots: int, cost: Callable[[Any], float]
 
 
 def _adder_plan(grid: grids.Grid, finished: Callable[[str], set[str]], slots: int, size: int, cpus: float,
-                cache: Path, rates: dict[Any, float], sources: dict[str, str], infos: dict[str, Any]) -> StagePlan | None:
+                cache: Path, rates: dict[Any, float], sources: dict[str, str], infos: dict[str, Any],
+                skipped: bool = False) -> StagePlan | None:
     """The adder stage: its digit classifiers' pretraining and its cells (each step: two digit images per pair)."""
     from xfer import specs
 
@@ -235,6 +260,8 @@ def _adder_plan(grid: grids.Grid, finished: Callable[[str], set[str]], slots: in
         return None
     done = finished(names.ADDER)
     todo = [c for c in adder_cells if specs.key(c) not in done]
+    if skipped:
+        return StagePlan(names.ADDER, len(adder_cells), len(adder_cells) - len(todo), len(todo), 0, 0.0, 0.0, skipped=True)
     threads = max(1, int(cpus))
     target = infos[grid.target]
 
@@ -259,42 +286,81 @@ def _adder_plan(grid: grids.Grid, finished: Callable[[str], set[str]], slots: in
 
 
 def _attack_plan(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any], slots: int, gpus: int,
-                 known: tuple[int, int] | None, pack: int = 1, threads: int = 1) -> StagePlan:
+                 known: tuple[int, int] | None, pack: int = 1, threads: int = 1, skipped: bool = False) -> StagePlan:
     """The attack stage (`Grid.attack_surrogates`): its adversarial sets — every pretrained and scratch model's, scored
     on every target, and each fine-tuned target's own (white-box), scored on itself — made once each (attack_n
     examples × steps, a forward and backward pass each, at the surrogate's training speed), then scored (a forward
     pass of attack_n per (set, target) pair and one clean pass per target, at each target arch's scoring speed as
     `xfer bench --score` measures it: `score_rate`). `known`: (cells, still to run) from MLflow once training is
-    done; before then the count is the grid's (an upper bound: settings a surrogate cannot attack are dropped later)."""
+    done; before then the count is `attack_sets`' (exact where the datasets' class names are known, else a bound)."""
+    made, exact = attack_sets(grid, cells, infos)   # surrogate archs, with the sets each makes
+    estimate = sum(sets for _, sets in made)
+    count, todo = known or (estimate, estimate)
+    at_most = known is None and not exact
+    if skipped or not todo or not cells.attacks:
+        return StagePlan(names.ATTACK, count, count - todo, 0 if not skipped else todo, 0, 0.0, 0.0, at_most=at_most,
+                         skipped=skipped)
+    share = min(1.0, todo / max(1, estimate))   # what is left, when part of it is in MLflow
     settings = len(cells.attacks)
     targets = [c.train.arch for c in (*cells.finetune, *cells.scratch)]
-    crossing = ([c.train.arch for c in cells.pretrain] if "pretrain" in grid.attack_surrogates else []) + (
-        [c.train.arch for c in cells.scratch] if "scratch" in grid.attack_surrogates else [])
     own = [c.train.arch for c in cells.finetune] if "self" in grid.attack_surrogates else []
-    count, todo = known or (settings * (len(crossing) + len(own)),) * 2
-    if not todo or not settings:
-        return StagePlan(names.ATTACK, count, count - todo, 0, 0, 0.0, 0.0)
-    share = todo / max(1, settings * (len(crossing) + len(own)))   # what is left, when part of it is in MLflow
+    crossing = estimate - settings * len(own)   # sets scored on every target: pretrained and scratch surrogates'
     target = infos[grid.target]
     n, steps = grid.attack_n, grid.attack_steps
     cache = calibration.path()
-    made = [*crossing, *own]   # surrogate archs, one set per setting each
     # Work in CPU seconds (one thread) and in forward FLOPs, per arch.
-    cpu = sum(settings * n * steps / throughput(a, target.in_shape, target.num_classes, grid.batch_size, "cpu", threads,
-                                               cache)[0] for a in made)
-    pairs = {a: settings * (len(crossing) * targets.count(a) + own.count(a)) + targets.count(a) for a in set(targets)}
+    cpu = sum(sets * n * steps / throughput(a, target.in_shape, target.num_classes, grid.batch_size, "cpu", threads,
+                                            cache)[0] for a, sets in made)
+    pairs = {a: crossing * targets.count(a) + settings * own.count(a) + targets.count(a) for a in set(targets)}
     cpu += sum(count_ * n / score_rate(a, target.in_shape, target.num_classes, threads, cache) for a, count_ in pairs.items())
     here = share * (cpu + count * CELL_RECORD_S) / max(1, slots) + STAGE_START_S
     packs = -(-todo // max(1, pack))
     gpu = 0.0
     if gpus:
-        flops = {a: flops_per_example(a, target.in_shape, target.num_classes) for a in {*made, *targets}}
-        work = sum(settings * 3 * n * steps * flops[a] for a in made) + sum(c * n * flops[a] for a, c in pairs.items())
+        archs = {a for a, _ in made}
+        flops = {a: flops_per_example(a, target.in_shape, target.num_classes) for a in archs | set(targets)}
+        work = sum(sets * 3 * n * steps * flops[a] for a, sets in made) + sum(c * n * flops[a] for a, c in pairs.items())
         gpu = share * work / (GPU_TFLOPS * 1e12 * gpus)
     scored = sum(pairs.values())
-    return StagePlan(names.ATTACK, count, count - todo, todo, packs, here, gpu,
-                     note=f"{round(share * scored):,} (set, target) scores in one table; "
-                          + ("" if known else "cells once training has run; ") + "rough")
+    counted = "" if known else ("at most: some datasets' class names are not known before training; " if at_most
+                                else "cells counted from the datasets' class names; ")
+    return StagePlan(names.ATTACK, count, count - todo, todo, packs, here, gpu, at_most=at_most,
+                     note=f"{round(share * scored):,} (set, target) scores in one table; {counted}rough")
+
+
+class _Surrogate(NamedTuple):
+    """What the label-set rule (`attack._attack_for`) reads of a surrogate: the classes its head knows."""
+
+    class_names: tuple[str, ...]
+
+
+def attack_sets(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any]) -> tuple[list[tuple[str, int]], bool]:
+    """The attack stage's adversarial sets before anything is trained: each surrogate's arch and how many sets it
+    makes, and whether every count is exact.
+
+    `attack.plan` makes them from MLflow's runs; here the same label-set rule (`attack._attack_for`) reads the
+    datasets' class names (`data.Info.class_names`): a pretrained surrogate whose classes are not the target's runs
+    `feature_pgd` for every L∞ setting (so FGSM and PGD at one eps are one set) and none for targeted or L2 ones.
+    A dataset whose class names are not known (a datasets.json written before they were kept) counts every setting:
+    then the count is an upper bound. Scratch models are trained on the target; each fine-tuned target attacks itself.
+    """
+    from xfer import attack
+
+    task = tuple(infos[grid.target].class_names)
+    settings = len(cells.attacks)
+    made: list[tuple[str, int]] = []
+    exact = True
+    for c in cells.pretrain if "pretrain" in grid.attack_surrogates else ():
+        classes = tuple(infos[c.train.dataset].class_names)
+        if not (classes and task):
+            exact = False
+            made.append((c.train.arch, settings))
+            continue
+        chosen = {a for spec in cells.attacks if (a := attack._attack_for(spec, [_Surrogate(classes)], task)) is not None}
+        made.append((c.train.arch, len(chosen)))
+    made += [(c.train.arch, settings) for c in cells.scratch] if "scratch" in grid.attack_surrogates else []
+    made += [(c.train.arch, settings) for c in cells.finetune] if "self" in grid.attack_surrogates else []
+    return made, exact
 
 
 def score_rate(arch: str, in_shape: tuple[int, int, int], classes: int, threads: int = 1, cache: Path | None = None,
@@ -329,4 +395,4 @@ def _known(cache: Path, arch: str) -> bool:
     return any(f"/{arch}/" in key for key in calibration.read(cache))
 
 
-__all__ = ["Plan", "StagePlan", "plan", "throughput", "score_rate", "flops_per_example", "duration", "GPU_TFLOPS"]
+__all__ = ["Plan", "StagePlan", "plan", "attack_sets", "STAGES", "throughput", "score_rate", "flops_per_example", "duration", "GPU_TFLOPS"]

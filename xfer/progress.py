@@ -106,6 +106,7 @@ class StageProgress:
     view: GridView
     done: int = 0
     failed: int = 0
+    stopped: int = 0
     started: float = field(default_factory=time.monotonic)
     running: dict[str, _Running] = field(default_factory=dict)
 
@@ -121,8 +122,10 @@ class StageProgress:
         return _duration(left / rate * 60) if rate else "…"
 
     def headline(self) -> str:
-        return (f"{self.name:<9} {self.done}/{self.total} cells done, {len(self.running)} running, {self.failed} failed, "
-                f"{self.rate():.1f} cells/min, ETA {self.eta()}")
+        # The done count padded to the total's width: the columns after it stay put as it grows (9/13, then 10/13).
+        width = len(str(self.total))
+        return (f"{self.name:<9} {self.done:>{width}}/{self.total} cells done, {len(self.running)} running, "
+                f"{self.failed} failed, {self.rate():.1f} cells/min, ETA {self.eta()}")
 
     def render(self) -> Group:
         lines = [Text(self.headline(), style="bold")]
@@ -153,7 +156,11 @@ class StageProgress:
         ended = json.loads(result.get(ENDED, "") or "[]")
         if "cell_finished" in result:
             ended.append([cell, "" if result["cell_finished"] else str(result.get("reason", "") or "failed")])
-        for label, reason in ended:
+        for label, reason, *how in ended:
+            if how == ["stopped"]:   # its grid is stopping: saved resumable, neither done nor failed
+                self.stopped += 1
+                self.view.changed(f"{self.name}: stopped {label} (resumable)")
+                continue
             self.done += not reason
             self.failed += bool(reason)
             self.view.changed(f"{self.name}: {'FAILED' if reason else 'finished'} {label}{f': {reason}' if reason else ''}")
@@ -167,7 +174,8 @@ class StageProgress:
         self.view.refresh()
 
 
-ENDED = "ended_json"   # a trial report's cells that ended since its last one: JSON [[label, reason ("" if ok)], ...]
+ENDED = "ended_json"   # a trial report's cells that ended since its last one: JSON [[label, reason ("" if ok)
+                       # (, "stopped")], ...]
 REPORT_INTERVAL_S = 2.0   # a trial hands Tune its progress at most this often (each report waits for Tune's driver)
 
 
@@ -191,9 +199,9 @@ class Throttled:
         self._latest = dict(metrics)
         self._maybe(state_dir)
 
-    def ended(self, label: str, reason: str = "", counts: dict[str, Any] | None = None) -> None:
-        """A cell ended (failed with `reason`, if any); sent when due."""
-        self._ended.append([label, reason])
+    def ended(self, label: str, reason: str = "", counts: dict[str, Any] | None = None, stopped: bool = False) -> None:
+        """A cell ended (failed with `reason`, if any; or `stopped`: its grid is stopping); sent when due."""
+        self._ended.append([label, reason, "stopped"] if stopped else [label, reason])
         self._latest = {**self._latest, "cell": label, **(counts or {})}
         self._maybe(None)
 

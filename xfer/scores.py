@@ -280,9 +280,13 @@ def score_pack(pack: Sequence[Job], sets: Mapping[str, SetFacts], stage_run_id: 
     name = targets_hash([job.target.run_id for job in pack])   # the pack's name on its parts
     done = _already(stage_run_id, name) if stage_run_id else set()
     examples = _Examples(sets)
+    from xfer import stopping
+
     outcome, finished = Scored(), 0
     ordered = list(pack)
     for begin in range(0, len(ordered), block):
+        if stopping.requested():
+            break   # the grid is stopping: the rows written so far stay, the rerun scores the rest
         group, models_ = [], []
         for job in ordered[begin:begin + block]:
             try:
@@ -477,6 +481,7 @@ class StageResult:
     targets: int = 0
     work_seconds: float = 0.0
     failed: dict[str, str] = field(default_factory=dict)        # cell key → reason (its set, or its scoring)
+    stopped: list[str] = field(default_factory=list)            # cell keys left for the rerun: the grid stopped
     modes: dict[str, str] = field(default_factory=dict)         # scoring mode → why
 
 
@@ -485,10 +490,12 @@ ScoreJobs = Callable[[list[Job], dict[str, SetFacts]], list[Scored]]           #
 
 
 def run(experiment: str, cells: Sequence[AttackCell], runs: Mapping[str, _Model], make: MakeSets, score: ScoreJobs,
-        since: float | None = None, state: Pending | None = None) -> StageResult:
+        since: float | None = None, state: Pending | None = None,
+        stopping: Callable[[], bool] = lambda: False) -> StageResult:
     """The attack stage over `cells`: make the missing sets (`make`), score every set on the targets it still
     lacks (`score`), then record each set's summary on its run. `make` and `score` run packs: in this process
-    (`local`) or as Ray Tune trials (xfer.pipeline)."""
+    (`local`) or as Ray Tune trials (xfer.pipeline). Once `stopping()`, nothing more is launched and what is left
+    is `stopped`, not failed: the rerun goes on with it."""
     state = state or pending(experiment, cells, since)
     result = StageResult(len(state.cells), len(state.cells) - len(state.unfinished))
     to_make = state.to_make
@@ -499,16 +506,19 @@ def run(experiment: str, cells: Sequence[AttackCell], runs: Mapping[str, _Model]
         result.work_seconds += sum(state.made[c.key].metrics.get(names.SECONDS, 0.0) for c in to_make if c.key in state.made)
     for cell in to_make:
         if cell.key not in state.made:
-            result.failed[cell.key] = failed_sets.get(cell.key) or "its adversarial set was not made"
+            if cell.key in failed_sets or not stopping():
+                result.failed[cell.key] = failed_sets.get(cell.key) or "its adversarial set was not made"
+            else:
+                result.stopped.append(cell.key)
     work, facts = jobs(state, runs)
-    outcomes = score(work, facts) if work else []
+    outcomes = score(work, facts) if work and not stopping() else []
     for outcome in outcomes:
         result.pairs += outcome.pairs
         result.work_seconds += outcome.seconds
         if outcome.mode:
             result.modes.setdefault(outcome.mode, outcome.why)
     result.targets = len(work)
-    table = read(experiment) if (work or state.untagged) else state.table
+    table = read(experiment) if (outcomes or state.untagged) else state.table
     if table is not None:
         summarise(state, table)
         scored = set(zip(table["set_run_id"], table["target_run_id"]))
@@ -518,7 +528,9 @@ def run(experiment: str, cells: Sequence[AttackCell], runs: Mapping[str, _Model]
             if record is None or cell.key in result.failed:
                 continue
             missing = [t for t in cell.target_run_ids if (record.run_id, t) not in scored]
-            if missing:
+            if missing and stopping() and not any(t in reasons for t in missing):
+                result.stopped.append(cell.key)
+            elif missing:
                 why = next((reasons[t] for t in missing if t in reasons), "its scoring pack did not finish")
                 result.failed[cell.key] = f"not scored on {len(missing)} of {len(cell.target_run_ids)} target(s): {why}"
     return result

@@ -17,9 +17,10 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,10 @@ SERVER_FILE = "server.json"          # pid, port, url of the running local serve
 SERVER_LOG = "mlflow-server.log"
 START_TIMEOUT_S = 120.0              # cold start: ~17 s on 2 idle cores, 50-85 s when they are shared; imports dominate
 STOP_GRACE_S = 15.0
+WATCH_EVERY_S = 5.0                  # a running grid checks its tracking server this often (`Watch`)
+SAY_EVERY_S = 20.0                   # ... and says so at least this often while the server does not answer
+HUNG_S = 60.0                        # our own server alive but not answering this long: restarted (a busy server is slow, not dead)
+PATIENCE_S = 300.0                   # a server xfer did not start, unreachable this long: the grid stops (--mlflow-patience)
 
 
 def runs_dir(root: str | Path | None = None) -> Path:
@@ -53,11 +58,13 @@ def ensure_server(root: str | Path | None = None, port: int | None = None) -> st
     return url
 
 
-def start_server(root: str | Path | None = None, port: int | None = None, host: str = LOOPBACK) -> str:
+def start_server(root: str | Path | None = None, port: int | None = None, host: str = LOOPBACK,
+                 echo: Callable[[str], None] | None = None) -> str:
     """Start the runs folder's MLflow server detached, or reuse it if it answers; return its URL.
 
     Ignores ``$MLFLOW_TRACKING_URI``: this is the command a cluster's head node runs to *be* that server.
-    A server recorded with another port or host is restarted with the ones asked for.
+    A server recorded with another port or host is restarted with the ones asked for. `echo` hears how a slow
+    start goes, every SAY_EVERY_S.
     """
     root = runs_dir(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -71,9 +78,12 @@ def start_server(root: str | Path | None = None, port: int | None = None, host: 
         port = _pick_port(host, port, info["port"] if info else None)
         url = f"http://{LOOPBACK if host in (LOOPBACK, '0.0.0.0') else host}:{port}"
         proc = _spawn_server(root, host, port)
-        _wait_healthy(proc, url, root / SERVER_LOG)
-        _write_server_file(root, {"pid": proc.pid, "port": port, "host": host, "url": url, "started": time.time(),
-                                  "backend": str(root / "mlflow.db"), "artifacts": str(root / "artifacts")})
+        _wait_healthy(proc, url, root / SERVER_LOG, echo=echo)
+        # "pid" is the process group's leader (the `mlflow server` wrapper): stopping and health checks act on the whole
+        # group, so a wrapper that died while its worker serves is still this server; "serving" names the worker(s).
+        _write_server_file(root, {"pid": proc.pid, "serving": _members(proc.pid), "port": port, "host": host,
+                                  "url": url, "started": time.time(), "backend": str(root / "mlflow.db"),
+                                  "artifacts": str(root / "artifacts")})
         return url
 
 
@@ -102,6 +112,86 @@ def worker_env() -> dict[str, str]:
     return env | {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_HTTP_REQUEST_")}
 
 
+class Watch:
+    """The tracking server, watched while a grid runs (a daemon thread; `with Watch(echo, on_lost=...)`).
+
+    The runs folder's own server (the one xfer started) is restarted on the same store and port when its process has
+    died, or after HUNG_S without an answer: the cells' requests, which MLflow's client retries for minutes, then go
+    through to the same URL and nothing they logged is lost. A server xfer did not start (`MLFLOW_TRACKING_URI`) is
+    waited for, a line every SAY_EVERY_S, up to `patience_s`; then `on_lost(reason)` (the grid stops cleanly). While
+    the server does not answer, the terminal hears about it at least every SAY_EVERY_S.
+    """
+
+    def __init__(self, echo: Callable[[str], None], on_lost: Callable[[str], None] | None = None,
+                 patience_s: float = PATIENCE_S, every_s: float = WATCH_EVERY_S, root: str | Path | None = None,
+                 url: str | None = None) -> None:
+        self.echo, self.on_lost, self.patience_s, self.every_s = echo, on_lost, patience_s, every_s
+        self.root = runs_dir(root)
+        self.url = url or os.environ.get(TRACKING_URI_ENV, "")   # the server the grid's processes log to
+        self.restarts = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="xfer-mlflow-watch")
+
+    def __enter__(self) -> Watch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._done.set()
+        self._thread.join(timeout=self.every_s + 5)
+
+    def _watch(self) -> None:
+        url = self.url
+        down_since: float | None = None
+        said = 0.0
+        while not self._done.wait(self.every_s):
+            if _healthy(url):
+                if down_since is not None:
+                    self.echo(f"MLflow at {url} answers again after {time.monotonic() - down_since:.0f} s; the cells go on.")
+                down_since = None
+                continue
+            now = time.monotonic()
+            down_since = down_since or now
+            info = read_server_file(self.root)
+            ours = info is not None and info.get("url") == url
+            if ours and (not _server_alive(info["pid"]) or now - down_since >= HUNG_S):
+                url = self._restart(info, now - down_since) or url
+                down_since = None
+                continue
+            if now - said >= SAY_EVERY_S:
+                said = now
+                waited = now - down_since
+                if ours:
+                    self.echo(f"MLflow server at {url} has not answered for {waited:.0f} s (its process is alive: busy, "
+                              f"or hung; restarted if it stays silent {HUNG_S:.0f} s).")
+                else:
+                    self.echo(f"MLflow at {url} unreachable for {waited:.0f} s, retry in {self.every_s:.0f} s (the grid "
+                              f"stops after {self.patience_s:.0f} s: --mlflow-patience).")
+            if not ours and now - down_since >= self.patience_s:
+                if self.on_lost is not None:
+                    self.on_lost(f"the MLflow tracking server at {url} did not answer for {self.patience_s:.0f} s")
+                return
+
+    def _restart(self, info: dict[str, Any], waited: float) -> str | None:
+        """Start the runs folder's server again on its store and port; its URL, or None if it could not be done."""
+        dead = not _server_alive(info["pid"])
+        self.echo(f"MLflow server at {info['url']} {'has exited' if dead else f'has not answered for {waited:.0f} s'}; "
+                  f"restarting it on the same runs folder ({self.root}) …")
+        began = time.monotonic()
+        try:
+            url = start_server(self.root, port=info["port"], host=info.get("host", LOOPBACK), echo=self.echo)
+        except XferError as exc:
+            self.echo(f"could not restart the MLflow server: {exc}")
+            if self.on_lost is not None:
+                self.on_lost(f"the MLflow tracking server at {info['url']} died and could not be restarted ({exc})")
+            self._done.set()
+            return None
+        self.restarts += 1
+        self.echo(f"MLflow server restarted at {url} in {time.monotonic() - began:.0f} s; the cells go on "
+                  "(their requests are retried).")
+        return url
+
+
 def _spawn_server(root: Path, host: str, port: int) -> subprocess.Popen:
     db = root / "mlflow.db"
     # WAL lets readers (UI, look-ups) proceed while a run writes; the mode persists in the file.
@@ -128,11 +218,17 @@ def _spawn_server(root: Path, host: str, port: int) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, timeout: float = START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
+def _wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, timeout: float = START_TIMEOUT_S,
+                  echo: Callable[[str], None] | None = None) -> None:
+    began = time.monotonic()
+    deadline, said = began + timeout, began
     while time.monotonic() < deadline:
         if _healthy(url):
             return
+        if echo is not None and time.monotonic() - said >= SAY_EVERY_S:
+            said = time.monotonic()
+            echo(f"MLflow server at {url} still starting ({said - began:.0f} s; a cold start takes up to ~85 s on two "
+                 "busy cores)")
         if proc.poll() is not None:
             raise XferError(
                 f"the MLflow server exited (code {proc.returncode}) before answering at {url}; its log "
@@ -204,18 +300,23 @@ def _server_alive(pgid: int) -> bool:
         os.killpg(pgid, 0)
     except (ProcessLookupError, PermissionError):
         return False
-    proc = Path("/proc")
-    if not proc.is_dir():
+    if not Path("/proc").is_dir():
         return True  # no /proc (macOS): trust the recorded group id
-    for stat in proc.glob("[0-9]*/stat"):
+    return bool(_members(pgid))
+
+
+def _members(pgid: int) -> list[int]:
+    """The live mlflow processes of the group: the wrapper and the worker(s) that serve ([] without /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             state, _ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
             cmdline = (stat.parent / "cmdline").read_bytes()
         except (OSError, ValueError):
             continue
         if int(pgrp) == pgid and state != "Z" and b"mlflow" in cmdline:
-            return True
-    return False
+            found.append(int(stat.parent.name))
+    return sorted(found)
 
 
 @contextmanager

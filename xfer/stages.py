@@ -60,6 +60,7 @@ class StageSummary:
     seconds: float = 0.0
     packs: int = 0
     resumed: int = 0     # of the cells run: those that resumed from an epoch state after their trial crashed
+    stopped: int = 0     # its grid stopped: cells saved resumable, or never started (the rerun goes on with them)
     work_seconds: float = 0.0   # the cells' own work (their runs' `seconds`: training, or making adversarial sets)
     modes: dict[str, str] = field(default_factory=dict)   # how packs trained (packed_sequential / _vectorised) → why
     note: str = ""              # what else the stage did, in words (the attack stage: sets made, scores)
@@ -67,16 +68,18 @@ class StageSummary:
 
     def metrics(self) -> dict[str, float]:
         return {"cells": float(self.cells), "cached": float(self.cached), "ran": float(self.ran),
-                "failed": float(len(self.failed)), "packs": float(self.packs), "seconds": self.seconds,
+                "failed": float(len(self.failed)), "stopped": float(self.stopped), "packs": float(self.packs),
+                "seconds": self.seconds,
                 "work_seconds": self.work_seconds}
 
     def line(self) -> str:
         modes = "; ".join(f"{mode}: {why}" if why else mode for mode, why in self.modes.items())
         packed = f" in {self.packs} pack{'s' * (self.packs != 1)}{f' ({modes})' if modes else ''}" if self.packs else ""
-        resumed = f" ({self.resumed} resumed after a crash)" if self.resumed else ""
+        resumed = f" ({self.resumed} resumed after a crash or a stop)" if self.resumed else ""
+        stopped = f", {self.stopped} stopped (the rerun goes on with them)" if self.stopped else ""
         note = f"; {self.note}" if self.note else ""
         return (f"{self.stage:<9} {self.cells:>5} cells: {self.ran} run{packed}{resumed}, {self.cached} cached, "
-                f"{len(self.failed)} failed, {self.seconds:.0f} s{note}")
+                f"{len(self.failed)} failed{stopped}, {self.seconds:.0f} s{note}")
 
 
 # ---- the grid's training cells ----------------------------------------------------------------------
@@ -176,6 +179,16 @@ def pending(experiment: str, cells: Sequence[Any], force: bool = False, stage: s
     return todo, len(cells) - len(todo)
 
 
+CLOCK_SKEW_S = 2.0   # how far a cluster node's clock may lag the driver's (NTP keeps cloud nodes within milliseconds)
+
+
+def invocation_start(options: RunOptions) -> float | None:
+    """With --force, when this invocation's runs start: only runs started since count as finished (the earlier
+    runs of the same keys are what --force runs again). None without --force: any finished run counts. Run start
+    times come from the clock of the node that started the run, so this allows `CLOCK_SKEW_S` of lag."""
+    return time.time() - CLOCK_SKEW_S if options.force else None
+
+
 def run_stage(stage: str, cells: Sequence[Any], kind: packs.Kind, options: RunOptions,
               datasets: dict[str, data.Dataset], view: Any = None, snapshot: tracking.Snapshot | None = None) -> StageSummary:
     """A stage's cells as packs, one Tune trial each; failures are listed, never fatal to the stage.
@@ -189,7 +202,7 @@ def run_stage(stage: str, cells: Sequence[Any], kind: packs.Kind, options: RunOp
     if not todo:
         return summary
     start = time.perf_counter()
-    since = time.time() - 60 if options.force else None   # forced: only runs of this invocation count as finished
+    since = invocation_start(options)
     ray = cluster.connect(options.address, options.log_file)
     options = resolved(options)
     chosen = plan_packs(todo, kind, options)
@@ -198,9 +211,11 @@ def run_stage(stage: str, cells: Sequence[Any], kind: packs.Kind, options: RunOp
     with stage_run(stage, options) as parent:
         # Datasets go to the object store once per stage; each trial reads its pack's from its node's store.
         refs = {name: ray.put(datasets[name]) for name in {kind.train(c).dataset for c in todo}}
+        # Cells an earlier invocation left unfinished (failed, stopped, killed) continue in their runs.
+        reopen = {} if options.force else tracking.unfinished_runs(options.experiment, stage, {specs.key(c) for c in todo})
         trainable = _pack_trial if options.workers_per_trial <= 1 else _distributed_pack
         ended = launch(stage, trainable, chosen, [packs.describe(p, kind) for p in chosen], options, view, len(todo),
-                       kind=kind, refs=refs, since=since, parent_run_id=parent.run_id)
+                       kind=kind, refs=refs, since=since, parent_run_id=parent.run_id, reopen=reopen)
         summary.packs, summary.slots = len(chosen), slots
         for _, last in ended:
             if last.get("mode"):
@@ -213,9 +228,10 @@ def run_stage(stage: str, cells: Sequence[Any], kind: packs.Kind, options: RunOp
 
 
 def stage_run(stage: str, options: RunOptions) -> Any:
-    """The stage's parent run in MLflow (stage names.GRID): a child of the grid invocation's run."""
+    """The stage's parent run in MLflow (stage names.GRID): a child of the grid invocation's run. SIGTERM is the
+    grid's to handle (`xfer.stopping`): a stopping grid ends its stage runs itself."""
     return tracking.start_run(options.experiment, names.GRID, "", tags={names.TAG_GRID_STAGE: stage},
-                              run_name=stage, parent_run_id=options.grid_run_id)
+                              run_name=stage, parent_run_id=options.grid_run_id, sigterm=False)
 
 
 def launch(stage: str, trainable: Callable[..., None], chosen: list[tuple[Any, ...]], names_: list[str],
@@ -285,14 +301,21 @@ def summarise(summary: StageSummary, stage: str, todo: dict[str, str], trial_err
 
     Runs a crashed trial left RUNNING are ended FAILED with that reason.
     """
+    from xfer import stopping
+
     done = tracking.finished_by_key(options.experiment, stage, since)
     reasons = {r.key: r.tags.get(names.TAG_FAILURE, "") for r in tracking.query(options.experiment, stage, status="FAILED")}
+    stopped = {r.key for r in tracking.query(options.experiment, stage, status="KILLED") if names.TAG_RESUMABLE in r.tags}
+    stop = stopping.current()
     failed = {}
     for key, name in todo.items():
         if key in done:
             summary.ran += 1
             summary.resumed += names.TAG_RESUMED in done[key].tags
             summary.work_seconds += done[key].metrics.get(names.SECONDS, 0.0)
+            continue
+        if key in stopped or (stop is not None and stop.requested and key not in reasons):
+            summary.stopped += 1   # saved resumable, or never started: the rerun goes on with it
             continue
         reason = trial_error.get(key) or reasons.get(key) or "the cell did not finish"
         failed[key] = reason
@@ -311,7 +334,7 @@ def resources(options: RunOptions) -> dict[str, float]:
 
 
 def tuner(name: str, trainable: Any, options: RunOptions, tune_config: Any, param_space: dict[str, Any] | None = None,
-          callbacks: Sequence[Any] = ()) -> Any:
+          callbacks: Sequence[Any] = (), stop: Any = None) -> Any:
     """The one Tuner xfer builds: a stage's grid of packs, or a tuning study's search (with its own TuneConfig).
 
     Tune's own tables print only with `options.verbose`: the grid's progress view (`xfer.progress`) says what
@@ -326,6 +349,9 @@ def tuner(name: str, trainable: Any, options: RunOptions, tune_config: Any, para
     # Tune's per-trial CSV / JSON / TensorBoard result files: every result written three times by the driver (Tune's
     # scalability guide: ~500 results/s without loggers, 50-100 with), for data MLflow already holds.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    if stop is not None:
+        # The grid stops itself on Ctrl-C (`xfer.stopping`); Tune's own handler would end every trial mid-step.
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     return tune.Tuner(
         tune.with_resources(trainable, resources(options)),
         param_space=param_space,
@@ -337,6 +363,7 @@ def tuner(name: str, trainable: Any, options: RunOptions, tune_config: Any, para
             # Two kept, not one: Tune forces an experiment snapshot every `num_to_keep` checkpoints of a trial.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks),
+            stop=stop,
             verbose=1 if options.verbose else 0,
         ),
     )
@@ -344,8 +371,16 @@ def tuner(name: str, trainable: Any, options: RunOptions, tune_config: Any, para
 
 def fit(stage: str, trainable: Any, configs: list[dict[str, Any]], options: RunOptions,
         callbacks: Sequence[Any] = ()) -> Any:
-    """Run `trainable` once per config (a pack, an attack group) as one Tune run; returns Tune's ResultGrid."""
+    """Run `trainable` once per config (a pack, an attack group) as one Tune run; returns Tune's ResultGrid. In a
+    grid that may stop (`stopping.current`), a stop ends the Tune run once its running trials saved their cells."""
     from ray import tune
+
+    from xfer import stopping
+
+    stop, stopper = stopping.current(), None
+    if stop is not None:
+        stopper, running = stopping.tune_hooks(stop)
+        callbacks = [*callbacks, running]
 
     config = tune.TuneConfig(
         trial_name_creator=lambda trial: f"{stage}_{trial.trial_id}",
@@ -356,7 +391,7 @@ def fit(stage: str, trainable: Any, configs: list[dict[str, Any]], options: RunO
         reuse_actors=True,
     )
     return tuner(f"{options.experiment}-{stage}", trainable, options, config,
-                 param_space={"cell": tune.grid_search(configs)}, callbacks=callbacks).fit()
+                 param_space={"cell": tune.grid_search(configs)}, callbacks=callbacks, stop=stopper).fit()
 
 
 def storage(options: RunOptions) -> str:
@@ -389,19 +424,28 @@ def _node_id() -> str:
 
 
 def _pack_trial(config: dict[str, Any], packs_: list[tuple[Any, ...]], kind: packs.Kind, refs: dict[str, Any],
-                options: RunOptions, since: float | None, parent_run_id: str | None) -> None:
+                options: RunOptions, since: float | None, parent_run_id: str | None,
+                reopen: dict[str, tracking.RunRecord]) -> None:
     """Ray Tune's view of one pack: its datasets from the object store once, its cells' states in one checkpoint."""
     import ray
     from ray import tune
 
+    from xfer import stopping
+
     set_threads(options)
     pack = packs_[config["cell"]["pack"]]
-    datasets = {name: ray.get(refs[name]) for name in {kind.train(c).dataset for c in pack}}
-    restored = _restored(tune.get_checkpoint())
-    store = packs.PackCheckpoint(restored, options.checkpoint_interval_s, _tune_report, len(pack))
-    result = packs.run_pack(pack, kind, options.experiment, datasets, store, since=since, node=_node_id(),
-                            parent_run_id=parent_run_id, vectorise=options.vectorise)
+    with stopping.Watcher(options.grid_run_id):
+        datasets = {name: ray.get(refs[name]) for name in {kind.train(c).dataset for c in pack}}
+        restored = _restored(tune.get_checkpoint())
+        store = packs.PackCheckpoint(restored, options.checkpoint_interval_s, _tune_report, len(pack))
+        result = packs.run_pack(pack, kind, options.experiment, datasets, store, since=since, node=_node_id(),
+                                parent_run_id=parent_run_id, vectorise=options.vectorise, reopen=_of(pack, reopen))
     store.flush({STATUS: 1.0, **result.metrics()})
+
+
+def _of(pack: Sequence[Any], runs: dict[str, tracking.RunRecord]) -> dict[str, tracking.RunRecord]:
+    """The unfinished runs of this pack's cells."""
+    return {key: runs[key] for key in (specs.key(c) for c in pack) if key in runs}
 
 
 def _tune_report(metrics: dict[str, Any], state_dir: Any) -> None:
@@ -418,7 +462,8 @@ def _restored(ckpt: Any) -> dict[str, checkpoint.TrainState]:
 
 
 def _distributed_pack(config: dict[str, Any], packs_: list[tuple[Any, ...]], kind: packs.Kind, refs: dict[str, Any],
-                      options: RunOptions, since: float | None, parent_run_id: str | None) -> None:
+                      options: RunOptions, since: float | None, parent_run_id: str | None,
+                      reopen: dict[str, tracking.RunRecord]) -> None:
     """A pack whose every cell trains data-parallel over `workers_per_trial` Ray Train workers."""
     from ray import tune
     from ray.train import RunConfig, ScalingConfig
@@ -429,7 +474,7 @@ def _distributed_pack(config: dict[str, Any], packs_: list[tuple[Any, ...]], kin
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"pack": pack, "kind": kind, "refs": refs, "options": options, "since": since,
-                           "parent_run_id": parent_run_id},
+                           "parent_run_id": parent_run_id, "reopen": _of(pack, reopen)},
         scaling_config=ScalingConfig(num_workers=options.workers_per_trial, use_gpu=bool(options.gpus_per_trial),
                                      resources_per_worker={"CPU": options.cpus_per_trial}),
         run_config=RunConfig(name=f"{options.experiment}-{specs.key(pack[0])}", storage_path=storage(options),
@@ -457,7 +502,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
     # Every rank must report equally often: checkpoints and progress go out per event on all ranks (0 s), not per clock.
     store = packs.PackCheckpoint(_restored(ray.train.get_checkpoint()), 0.0, report, len(pack), report_interval_s=0.0)
     result = packs.run_pack(pack, kind, options.experiment, datasets, store, device=ray.train.torch.get_device(),
-                            since=config["since"], is_chief=chief, node=_node_id(), parent_run_id=config["parent_run_id"])
+                            since=config["since"], is_chief=chief, node=_node_id(), parent_run_id=config["parent_run_id"],
+                            reopen=config["reopen"] if chief else None)
     store.flush({STATUS: 1.0, **result.metrics()})
 
 

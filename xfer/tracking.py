@@ -17,7 +17,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -236,12 +236,23 @@ class Run:
         return sha
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        """A file (at `artifact_path`, default the run's root) or a folder (default: under its own name)."""
+        """A file (at `artifact_path`, default the run's root) or a folder (default: under its own name). A store
+        that cannot take it (a full disk, an unwritable folder) is an XferError naming where and what to do: the cell
+        fails alone, its run stays unfinished (no sha256 tag, so nothing reads what was half written), and the rerun
+        continues it in the same run."""
         path = Path(path)
-        if path.is_dir():
-            self._artifacts().log_artifacts(str(path), artifact_path if artifact_path is not None else path.name)
-        else:
-            self._artifacts().log_artifact(str(path), artifact_path)
+        try:
+            if path.is_dir():
+                self._artifacts().log_artifacts(str(path), artifact_path if artifact_path is not None else path.name)
+            else:
+                self._artifacts().log_artifact(str(path), artifact_path)
+        except OSError as exc:
+            where = self._artifact_uri or "the run's artifact store"
+            raise XferError(
+                f"could not store {path.name} in run {self.run_id}'s artifacts at {where}: {exc.strerror or exc}. "
+                "Free space there (or make it writable), then run the same command again: the cell goes on in the "
+                "same run, and what is already recorded is untouched."
+            ) from None
 
     def _artifacts(self) -> Any:
         """The run's artifact store, from the URI its creation returned (MLflow's client asks the server for it again
@@ -262,6 +273,13 @@ class Run:
     def fail(self, reason: str) -> None:
         """End the run FAILED with `reason` (e.g. a NaN loss); the `start_run` block then exits quietly."""
         self._end(_ml().RunStatus.FAILED, reason)
+
+    def stop(self, reason: str, tags: Mapping[str, Any] | None = None) -> None:
+        """End the run KILLED with `reason` and `tags` (its grid is stopping: names.TAG_RESUMABLE); the `start_run`
+        block then exits quietly and the rerun reopens it."""
+        if tags:
+            self.set_tags(tags)
+        self._end(_ml().RunStatus.KILLED, reason)
 
     def _end(self, status: int, reason: str | None = None) -> None:
         if self.ended:
@@ -305,13 +323,15 @@ def start_run(
     run_name: str | None = None,
     parent_run_id: str | None = None,
     resume_run_id: str | None = None,
+    sigterm: bool = True,
 ) -> Iterator[Run]:
     """One run of one cell; never left RUNNING by a process that can still act.
 
     Ends FINISHED when the block completes; FAILED with names.TAG_FAILURE when it raises (re-raised);
     KILLED on SIGTERM, Ctrl-C or SystemExit. In the main thread a SIGTERM handler is installed for the
     block (the previous one is restored, and called, afterwards); SIGKILL can only be cleaned up later,
-    by `end_stale_runs`. `resume_run_id` reopens that run (a resumed trial) when it still exists.
+    by `end_stale_runs`. `resume_run_id` reopens that run (a resumed trial) when it still exists. `sigterm=False`
+    leaves SIGTERM to the caller (a grid stopping cleanly: `xfer.stopping`).
     """
     client = _client()
     run_tags = {names.TAG_STAGE: stage, names.TAG_KEY: key, names.TAG_EXPERIMENT: experiment, **(tags or {})}
@@ -325,7 +345,7 @@ def start_run(
     else:
         artifact_uri = None
     run = Run(client, run_id, experiment, artifact_uri)
-    previous = _install_sigterm()
+    previous = _install_sigterm() if sigterm else None
     try:
         if params is not None:
             run.log_params(params)
@@ -354,8 +374,9 @@ def _reopen(client: MlflowClient, run_id: str, tags: dict[str, str]) -> str | No
         previous = client.get_run(run_id)
     except _ml().MlflowException:
         return None
-    if names.TAG_FAILURE in previous.data.tags:
-        client.delete_tag(run_id, names.TAG_FAILURE)  # the earlier attempt's failure no longer describes the run
+    for stale in (names.TAG_FAILURE, names.TAG_RESUMABLE):   # the earlier attempt's end no longer describes the run
+        if stale in previous.data.tags:
+            client.delete_tag(run_id, stale)
     client.update_run(run_id, status="RUNNING")
     client.log_batch(run_id, tags=[_ml().RunTag(k, v) for k, v in tags.items()])
     return run_id
@@ -482,6 +503,18 @@ class Snapshot:
     def finished_by_key(self, stage: str | None = None, since: float | None = None) -> dict[str, RunRecord]:
         """As `finished_by_key`, from the listing."""
         return _newest_by_key(self.query(stage), since)
+
+
+def unfinished_runs(experiment: str, stage: str, keys: Collection[str]) -> dict[str, RunRecord]:
+    """The newest run of each of these cells that ended without finishing (FAILED, KILLED: a stopped grid's, or
+    RUNNING: a killed process's), by key: what the cell's next attempt continues instead of starting a second run.
+    Three small searches (a grid with nothing unfinished gets empty pages)."""
+    found: dict[str, RunRecord] = {}
+    for status in ("FAILED", "KILLED", "RUNNING"):
+        for record in query(experiment, stage, status=status):
+            if record.key in keys and (record.key not in found or record.start_time > found[record.key].start_time):
+                found[record.key] = record
+    return found
 
 
 def query_keys(experiment: str, keys: Sequence[str], stage: str | None = None) -> list[RunRecord]:

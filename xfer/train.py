@@ -68,11 +68,13 @@ def train(
     device: torch.device | str | None = None,
     resume: TrainState | None = None,
     on_epoch_end: Callable[[TrainState], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> Result:
     """Train `model` on `data` as `spec` says; return final metrics and the error curve.
 
     `on_epoch_end` receives the full training state after every epoch (the Ray adapter checkpoints it);
-    `resume` continues from such a state instead of epoch 0.
+    `resume` continues from such a state instead of epoch 0. `stop`, asked before every optimiser step, ends
+    training early with a "stopped" result (the grid is stopping: the cell resumes from its last epoch state).
     """
     device = torch.device(device) if device is not None else _default_device()
     cuda = device.type == "cuda"
@@ -112,6 +114,8 @@ def train(
         seen = 0
         batch = min(spec.batch_size, len(order))
         for begin in range(0, phase.steps_per_epoch * batch, batch):  # the last partial batch is dropped
+            if stop is not None and stop():
+                return stopped(spec, step, epoch, curve, now())
             idx = order[begin:begin + batch]
             x = _as_float(train_x[idx], cuda)
             if spec.augment:
@@ -313,6 +317,12 @@ def _failed(spec: TrainSpec, step: int, epoch: int, curve: list[dict[str, Any]],
         "lower the learning rate or check the data"
     )
     return Result("failed", reason, {names.SECONDS: seconds, "steps": float(step)}, curve)
+
+
+def stopped(spec: TrainSpec, step: int, epoch: int, curve: list[dict[str, Any]], seconds: float) -> Result:
+    """The result of a cell stopped mid-training (its grid is stopping): it resumes from its last epoch state."""
+    return Result("stopped", f"stopped at step {step} (epoch {epoch + 1}) because the grid is stopping; the rerun "
+                  "resumes it from its last epoch state", {names.SECONDS: seconds, "steps": float(step)}, curve)
 
 
 def _default_device() -> torch.device:

@@ -382,7 +382,7 @@ def run_study(study: StudySpec, trials: int, options: stages.RunOptions, storage
     echo(f"study {study.name} in {_shown(url)}: {done} finished trial(s), running {todo} more (target {trials})")
     with study_run(study, options.experiment, url) as run:
         context = TrialContext(study, options.experiment, pretrain_run, run.run_id)
-        stopped = _search(context, ot_study, ot_storage, withhold_test(target), pretrained, todo, options) if todo else 0
+        stopped = _search(context, ot_study, ot_storage, withhold_test(target), pretrained, todo, options, echo) if todo else 0
         ot_study = optuna.load_study(study_name=study.name, storage=ot_storage)
         outcome = _evaluate(context, ot_study, target, url, todo, stopped)
         record(run, study, ot_study, outcome)
@@ -439,8 +439,10 @@ def free_slots(options: stages.RunOptions) -> int:
 
 
 def _search(context: TrialContext, ot_study: optuna.Study, ot_storage: optuna.storages.BaseStorage,
-            dataset: data.Dataset, pretrained: models.XferModel, todo: int, options: stages.RunOptions) -> int:
-    """Run `todo` trials on Ray Tune; end the MLflow runs of trials ASHA stopped. Returns how many it stopped."""
+            dataset: data.Dataset, pretrained: models.XferModel, todo: int, options: stages.RunOptions,
+            echo: Callable[[str], None] = print) -> int:
+    """Run `todo` trials on Ray Tune, a line per trial event on `echo` (`TrialLines`); end the MLflow runs of trials
+    ASHA stopped. Returns how many it stopped."""
     cluster.connect(options.address, options.log_file)
     options = stages.resolved(options)
     study = context.study
@@ -465,6 +467,7 @@ def _search(context: TrialContext, ot_study: optuna.Study, ot_storage: optuna.st
             trial_dirname_creator=lambda trial: f"{names.TUNE}_{trial.trial_id}",
             reuse_actors=True,  # short trials: a fresh worker per trial would spend longer importing torch than training
         ),
+        callbacks=[TrialLines(echo, todo, epochs)],
     )
     stopped = 0
     for result in tuner.fit():
@@ -478,6 +481,60 @@ def _search(context: TrialContext, ot_study: optuna.Study, ot_storage: optuna.st
                   else f"the trial crashed: {type(result.error).__name__}: {str(result.error).strip()[-300:]}")
         tracking.end_stale_runs(context.experiment, trial_key(study, result.config), reason)
     return stopped
+
+
+class TrialLines(tune.Callback):
+    """The study's view on the terminal: a line when a trial starts (its point of the space), after each epoch but
+    the last (its validation error) and when it ends (finished, stopped early by ASHA, failed or crashed). Tune's
+    own trial table prints only with --verbose (`stages.tuner`)."""
+
+    def __init__(self, echo: Callable[[str], None], trials: int, epochs: int) -> None:
+        self.echo, self.trials, self.epochs = echo, trials, epochs
+        self._numbers: dict[str, int] = {}
+
+    def _name(self, trial: Any) -> str:
+        number = self._numbers.setdefault(trial.trial_id, len(self._numbers) + 1)
+        return f"trial {number}/{self.trials}"
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if trial.trial_id in self._numbers:   # a retry after a crash (on_trial_recover said why)
+            self.echo(f"  {self._name(trial)} started again, from its last epoch")
+            return
+        point = " ".join(f"{k}={_short(v)}" for k, v in sorted(trial.config.items()))
+        self.echo(f"  {self._name(trial)} started: {point}")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if stages.STATUS not in result and names.EPOCH in result:
+            self.echo(f"  {self._name(trial)} epoch {result[names.EPOCH]:.0f}/{self.epochs}: "
+                      f"val_error {result[names.VAL_ERROR]:.4f}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        val_error, epoch = last.get(names.VAL_ERROR, math.nan), last.get(names.EPOCH, math.nan)
+        if stages.STATUS not in last:
+            ended = f"stopped early by ASHA after epoch {epoch:.0f} of {self.epochs} (val_error {val_error:.4f})"
+        elif last[stages.STATUS]:
+            ended = f"finished: val_error {val_error:.4f} after {epoch:.0f} epoch(s)"
+        else:
+            ended = "failed (its MLflow run's xfer.failure tag says why)"
+        self.echo(f"  {self._name(trial)} {ended}")
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.echo(f"  {self._name(trial)} crashed ({_error(trial)}); retrying")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.echo(f"  {self._name(trial)} crashed: {_error(trial)}")
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        # Tune pickles its run config (callbacks included) into the experiment folder: that copy is silent, since a
+        # terminal cannot be pickled. The live Tuner keeps this object.
+        return tune.Callback, ()
+
+
+def _error(trial: Any) -> str:
+    """A crashed trial's error in one line (the traceback is in the log)."""
+    lines = str(getattr(trial, "error_msg", "") or "").strip().splitlines()
+    return lines[-1][:200] if lines else "see the log"
 
 
 # ---- after the search: best vs default, test error once, importances, artifacts -------------------------

@@ -127,9 +127,10 @@ def train_many(
     device: torch.device | str | None = None,
     resumes: Sequence[TrainState | None] | None = None,
     on_epoch_end: Sequence[Callable[[TrainState], None] | None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> list[Result]:
     """Train cell i exactly as train.train(specs[i], data[i], models[i], reports[i], device, resumes[i],
-    on_epoch_end[i]) would, all cells in each step together.
+    on_epoch_end[i], stop) would, all cells in each step together.
 
     `models[i]` ends holding cell i's final weights (BatchNorm statistics included); a failed cell's model
     holds its weights at the failing step, as train.train leaves it.
@@ -159,7 +160,7 @@ def train_many(
                 if cell.live:
                     cell.phase = _phase(cell.spec, cell.model, epoch, steps_per_epoch)
             optim = _bind(pack, cells)
-        step = _train_epoch(pack, optim, cells, store, epoch, step, steps_per_epoch, start)
+        step = _train_epoch(pack, optim, cells, store, epoch, step, steps_per_epoch, start, stop)
         if not any(cell.live for cell in cells):
             break
         _end_epoch(pack, optim, cells, store, epoch, step, start)
@@ -205,7 +206,7 @@ def _phase(spec: TrainSpec, model: XferModel, epoch: int, steps_per_epoch: int) 
 
 
 def _train_epoch(pack: _Pack, optim: _Optimiser, cells: list[_Cell], store: _Store, epoch: int, step: int,
-                 steps_per_epoch: int, start: float) -> int:
+                 steps_per_epoch: int, start: float, stop: Callable[[], bool] | None = None) -> int:
     """One epoch of every cell, one batched step at a time; returns the step count after it."""
     spec, n, device = cells[0].spec, len(cells), store.images.device
     size = store.lengths["train"]
@@ -220,6 +221,12 @@ def _train_epoch(pack: _Pack, optim: _Optimiser, cells: list[_Cell], store: _Sto
     seen = 0
     batch = min(spec.batch_size, size)
     for t, begin in enumerate(range(0, steps_per_epoch * batch, batch)):
+        if stop is not None and stop():
+            for i, cell in enumerate(cells):
+                if cell.live:
+                    _write_back(pack, i, cell.model)
+                    cell.result = loop.stopped(cell.spec, step, epoch, cell.curve, _now(cell, start))
+            return step
         idx = orders[:, begin:begin + batch]
         x = store.images[idx].float().div_(255)  # N×B×C×H×W; the dataset stays uint8 on the device
         if spec.augment:
@@ -677,11 +684,12 @@ class PackTiming:
 
 
 def measure(specs: Sequence[TrainSpec], data: Sequence[Splits], models: Sequence[XferModel],
-            device: torch.device | str | None = None, steps: int = 10) -> PackTiming:
-    """Time `steps` steps of these cells both ways, after one warm-up step each way.
+            device: torch.device | str | None = None, steps: int = 10, repeats: int = 1) -> PackTiming:
+    """Time `steps` steps of these cells both ways, after one warm-up step each way; with `repeats`, the best of
+    that many timings each way (another process's burst slows one timing, never speeds one up).
 
     Runs the real paths (train.train per cell, then train_many) on copies of the models and on each cell's
-    data cut to `steps` batches without validation or test splits, so it costs about 2·steps·N single
+    data cut to `steps` batches without validation or test splits, so it costs about 2·steps·N·repeats single
     steps. The pack runner calls it where the batched model is not always faster (CPU) and prints the choice.
     """
     device = torch.device(device) if device is not None else loop._default_device()
@@ -707,7 +715,8 @@ def measure(specs: Sequence[TrainSpec], data: Sequence[Splits], models: Sequence
         return middle - begin, time.perf_counter() - middle
 
     run(1)
-    sequential, vectorised = run(steps)
+    timings = [run(steps) for _ in range(max(1, repeats))]
+    sequential, vectorised = min(t[0] for t in timings), min(t[1] for t in timings)
     done = min(steps, len(data[0].train) // batch)
     return PackTiming(done, done * batch * len(specs), sequential, vectorised)
 

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
+import sys
 from pathlib import Path
 
 from xfer import grid as grids
+from xfer.errors import XferError
 from xfer.cli import add_cluster_flags, add_data_flags, add_run_flags, run_options
 
 # Grid settings that are not a plain --flag VALUE: how the command line sets them instead.
@@ -28,7 +31,7 @@ _SPECIAL = {"freeze", "tuned", "adder", "scratch", "augment", "fast_dev_run"}
 
 
 def parser() -> argparse.ArgumentParser:
-    from xfer import packs, pipeline
+    from xfer import packs, pipeline, server
 
     p = argparse.ArgumentParser(prog="sweeps/full_grid.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,6 +70,9 @@ def parser() -> argparse.ArgumentParser:
                    help="print the plan: each stage's cells, what MLflow has, packs and an estimate of the wall time "
                         "(the data need not be here); run nothing")
     p.add_argument("--gpus", type=int, default=0, metavar="G", help="--dry-run: estimate the wall time on G GPUs too")
+    p.add_argument("--mlflow-patience", type=float, default=server.PATIENCE_S, metavar="SECONDS",
+                   help="a tracking server xfer did not start (MLFLOW_TRACKING_URI) unreachable this long stops the grid "
+                        "cleanly (the runs folder's own server is restarted instead)")
     add_run_flags(p)
     return p
 
@@ -90,9 +96,13 @@ def grid_from_args(args: argparse.Namespace) -> grids.Grid:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from xfer import pipeline, progress, server, tracking
+    from xfer import pipeline, progress, server, stopping, tracking
 
     args = parser().parse_args(argv)
+    if not args.mlflow_patience > 0:
+        raise XferError(f"--mlflow-patience {args.mlflow_patience:g}: it is how many seconds an unreachable tracking "
+                        "server is waited for, so it must be more than 0 (default "
+                        f"{server.PATIENCE_S:.0f}). Nothing was launched.")
     grid = grid_from_args(args)
     options = run_options(args, grid.name, skip_bad_images=args.skip_bad_images, workers_per_trial=args.workers_per_trial,
                           checkpoint_interval_s=args.checkpoint_every, vectorise=args.vectorise)
@@ -103,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         server.ensure_server()
         grid = tuning.apply_best(grid, echo=print)
     if args.dry_run:   # the plan and its cost, with or without the data; starts no Ray and no trial
-        pipeline.dry_run(grid, options, gpus=args.gpus)
+        pipeline.dry_run(grid, options, gpus=args.gpus, only=tuple(args.stages))
         return 0
     prepared = pipeline.prepare(grid, options)   # every refusal happens here: no MLflow server, no Ray yet
     server.ensure_server()
@@ -115,10 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     if pipeline.stand_in_note(prepared):
         view.line(pipeline.stand_in_note(prepared))
     listed = pipeline.snapshot(options)   # one listing of MLflow answers the plan and every stage until one runs
-    for line in pipeline.planned(prepared, grid, options, echo=view.line, listed=listed).lines():
+    only = tuple(args.stages)
+    for line in pipeline.planned(prepared, grid, options, echo=view.line, listed=listed, only=only).lines():
         view.line(line)
-    with progress.quiet_logs(log, enabled=not args.verbose), view:
-        outcome = pipeline.run_grid(grid, options, only=tuple(args.stages), prepared=prepared, echo=view.line,
+    # Ctrl-C / SIGTERM stop the grid cleanly (a second stops at once); the tracking server is watched throughout.
+    with progress.quiet_logs(log, enabled=not args.verbose), view, stopping.Stop(view.line) as stop, \
+            server.Watch(view.line, on_lost=stop.trigger, patience_s=args.mlflow_patience):
+        outcome = pipeline.run_grid(grid, options, only=only, prepared=prepared, echo=view.line,
                                     view=view, listed=listed)
     view.line("\n== summary")
     for summary in outcome.summaries:
@@ -132,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         view.line(f"report: {outcome.report_dir}/index.html")
     if not args.verbose:
         view.line(f"log: {log}")
+    if outcome.stopped:
+        stopped = sum(s.stopped for s in outcome.summaries)
+        view.line(f"stopped ({outcome.stopped}): {stopped} cell(s) left resumable or not started; no later stage and no "
+                  f"report ran. Go on with the same command: {shlex.join(['python', 'sweeps/full_grid.py', *(argv or sys.argv[1:])])}")
+        return stop.exit_code
     return 1 if outcome.failed else 0
 
 

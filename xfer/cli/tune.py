@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from xfer.cli import add_cluster_flags, add_data_flags, run_options
+from xfer.cli import add_cluster_flags, add_data_flags, add_run_flags, run_options
 from xfer.errors import XferError
 from xfer.specs import FinetuneSpec, PretrainSpec, TrainSpec
 
@@ -57,6 +57,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="Optuna storage as a SQLAlchemy URL (default sqlite:///<runs>/optuna.db)")
     add_data_flags(p)
     add_cluster_flags(p)
+    add_run_flags(p, force=False)
     return p
 
 
@@ -85,16 +86,22 @@ def trials_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from xfer import server, tracking, tuning
+    from xfer import progress, server, tracking, tuning
 
     args = parser().parse_args(argv)
     study, trials = study_from_args(args), trials_from_args(args)
     server.ensure_server()
-    # verbose: the study has no progress view of its own; Tune's trial table is its view.
-    options = run_options(args, args.experiment, force=False, verbose=True)
-    outcome = tuning.run_study(study, trials, options, storage=args.storage, pretrain_experiment=args.pretrain_experiment)
+    log = progress.log_path(f"tune-{study.name}")
+    # The grid's quiet view: a line per trial event here (tuning.TrialLines); Ray's banners, Tune's messages and the
+    # workers' output in the log; -v/--verbose puts them (and Tune's trial table) back on the terminal.
+    options = run_options(args, args.experiment, force=False, log_file=None if args.verbose else str(log))
+    with progress.quiet_logs(log, enabled=not args.verbose):
+        outcome = tuning.run_study(study, trials, options, storage=args.storage,
+                                   pretrain_experiment=args.pretrain_experiment)
     print(summary(outcome))
     print(f"MLflow UI: {tracking.ui_url(args.experiment)}  (parent run {outcome.parent_run_id})")
+    if not args.verbose:
+        print(f"log: {log}")
     return 0
 
 

@@ -231,6 +231,9 @@ class Info:
     # "loaded" | "cache" (files unchanged since) | "published" (files absent) | "synthetic" (files absent: its
     # stand-in, with the published facts, takes its place)
     source: str = "loaded"
+    # What its models classify: the plan counts the attack stage's cells with them (a surrogate of another label set
+    # runs one feature attack for several logit attacks). () = not known (a cache written before they were kept).
+    class_names: tuple[str, ...] = ()
 
 
 def info(name: str, root: str | Path | None = None, cache: Path | None = None, skip_bad_images: bool = False,
@@ -246,13 +249,15 @@ def info(name: str, root: str | Path | None = None, cache: Path | None = None, s
     if (published or stand_in) and name in PUBLISHED and _absent_files(_entry(name), root):
         facts = PUBLISHED[name]
         return Info(name, facts.train, facts.test, facts.in_shape, facts.num_classes,
-                    "synthetic" if stand_in else "published")
+                    "synthetic" if stand_in else "published", facts.class_names)
     key, signature = f"{name}|{root}|skip_bad_images={skip_bad_images}", _signature(name, root)
     known = _read_cache(cache)
     if signature and key in known and known[key].get("signature") == signature:
-        return Info(**{**known[key]["info"], "in_shape": tuple(known[key]["info"]["in_shape"]), "source": "cache"})
+        kept = known[key]["info"]   # an older file's entries have no class_names: read as not known
+        return Info(**{**kept, "in_shape": tuple(kept["in_shape"]), "class_names": tuple(kept.get("class_names", ())),
+                       "source": "cache"})
     ds = load(name, root, download, skip_bad_images)
-    found = Info(name, len(ds.train), len(ds.test), ds.in_shape, ds.num_classes)
+    found = Info(name, len(ds.train), len(ds.test), ds.in_shape, ds.num_classes, class_names=tuple(ds.class_names))
     if cache is not None and signature:
         known = _read_cache(cache)   # another process may have written meanwhile
         known[key] = {"signature": signature, "info": {k: v for k, v in vars(found).items() if k != "source"}}
