@@ -390,3 +390,26 @@ def test_bench_prints_examples_per_second(capsys: pytest.CaptureFixture) -> None
     rows = attack.bench(n=16, steps=2, devices=["cpu"])
     assert rows[0]["examples"] == 16 and rows[0]["examples_per_s"] > 0
     assert "examples/s" in capsys.readouterr().out
+
+
+def test_every_registry_attack_makes_the_examples_it_made_before_the_torchattacks_change() -> None:
+    """torchattacks 3.5.1 → 3.3.0 (plain pip installs, issue 32): each registry attack, targeted and not, makes the
+    examples recorded under 3.5.1 (tests/attack_reference.py), bit for bit on a CPU with one thread. Bits depend on
+    torch's kernels too, so the comparison is exact under the torch release that recorded them, close otherwise."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    import attack_reference as reference
+
+    recorded = load_file(reference.RECORDED)
+    with safe_open(reference.RECORDED, "pt") as f:
+        made_under = f.metadata()
+    assert made_under["torchattacks"] == "3.5.1"
+    made = reference.examples()
+    assert set(made) == set(recorded) == {f"{n}/{'targeted' if t else 'untargeted'}" for n, t in reference.cases()}
+    for case, examples in made.items():
+        if torch.__version__ == made_under["torch"]:
+            assert torch.equal(examples, recorded[case]), case
+        else:   # another torch's kernels may round differently, and a rounding can flip a gradient's sign here and
+            # there: most pixels still agree exactly
+            assert examples.shape == recorded[case].shape and (examples == recorded[case]).float().mean() >= 0.9, case

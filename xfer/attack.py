@@ -24,12 +24,13 @@ Requesting `feature_pgd` itself puts every surrogate on the same footing (one lo
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 import tempfile
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -132,7 +133,7 @@ def _difgsm(model: nn.Module, spec: AttackSpec) -> Attack:
 def _cw(model: nn.Module, spec: AttackSpec) -> Attack:
     # L2 Carlini–Wagner, c=1 (torchattacks' advice); alpha = Adam's step in tanh space. 0.1, not the paper's 0.01:
     # grids run tens of steps, not thousands, and at 0.01 CW barely moves in 30 steps on MNIST.
-    return _torchattacks().CW(model, c=1.0, kappa=0.0, steps=spec.steps, lr=spec.alpha if spec.alpha is not None else 0.1)
+    return cw_class()(model, c=1.0, kappa=0.0, steps=spec.steps, lr=spec.alpha if spec.alpha is not None else 0.1)
 
 
 @attack("feature_pgd", loss="features", targeted=False)
@@ -146,6 +147,52 @@ def _torchattacks() -> ModuleType:
     import torchattacks
 
     return torchattacks
+
+
+@functools.cache
+def cw_class() -> type[Attack]:
+    """torchattacks' CW with its targeted mode fixed.
+
+    torchattacks 3.3.0 keeps, as the best example so far, one whose prediction differs from the labels it was given;
+    in targeted mode those labels are the targets, so it keeps the examples that miss them (measured: 0% of targeted
+    CW examples hit their target). 3.4+ fixed that (keep where the prediction is the target) but broke `f`, which
+    takes the target's logit as max(one_hot × logits): 0, not the logit, when that logit is negative. This is 3.3.0's
+    `f` (`masked_select`) with 3.4's condition; untargeted CW is 3.3.0's, unchanged.
+    """
+    torchattacks = _torchattacks()
+
+    class CW(torchattacks.CW):
+        def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            images = images.clone().detach().to(self.device)
+            labels = labels.clone().detach().to(self.device)
+            aims = self.get_target_label(images, labels) if self.targeted else labels
+            w = self.inverse_tanh_space(images).detach().requires_grad_(True)
+            best_adv, best_l2 = images.clone(), torch.full((len(images),), 1e10, device=self.device)
+            prev_cost, shape = 1e10, [-1] + [1] * (images.dim() - 1)
+            optimizer = torch.optim.Adam([w], lr=self.lr)
+            for step in range(self.steps):
+                adv = self.tanh_space(w)
+                l2 = (adv - images).pow(2).flatten(1).sum(1)
+                outputs = self.get_logits(adv)
+                cost = l2.sum() + self.c * self.f(outputs, aims).sum()
+                optimizer.zero_grad()
+                cost.backward()
+                optimizer.step()
+                predicted = outputs.detach().argmax(1)
+                # An example counts when it does what the attack asks (hits its target / leaves its label) with a
+                # smaller perturbation than the best so far.
+                success = (predicted == aims) if self.targeted else (predicted != labels)
+                better = (success & (best_l2 > l2.detach())).float()
+                best_l2 = better * l2.detach() + (1 - better) * best_l2
+                better = better.view(shape)
+                best_adv = better * adv.detach() + (1 - better) * best_adv
+                if step % max(self.steps // 10, 1) == 0:   # torchattacks' early stop when the cost rises
+                    if cost.item() > prev_cost:
+                        return best_adv
+                    prev_cost = cost.item()
+            return best_adv
+
+    return CW
 
 
 @functools.cache
@@ -230,11 +277,18 @@ def generate(surrogate: nn.Module | Sequence[nn.Module], images: torch.Tensor, l
         torch.manual_seed(spec.seed)
         atk = atk_kind.build(model, spec)
         atk.set_device(device)
-        if spec.targeted:
-            atk.set_mode_targeted_by_label(quiet=True)  # the labels handed to the attack are the targets
+        if spec.targeted:   # the labels handed to the attack are the targets; torchattacks prints the mode change
+            with redirect_stdout(io.StringIO()):
+                atk.set_mode_targeted_by_function(_the_labels)
         chunks = [atk(x[i:i + GENERATE_BATCH].to(device), aims[i:i + GENERATE_BATCH].to(device)).cpu()
                   for i in range(0, len(x), GENERATE_BATCH)]
     return torch.cat(chunks)
+
+
+def _the_labels(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """A targeted attack's target map: the labels it is given are the targets (`set_mode_targeted_by_label` of
+    torchattacks 3.4+, which 3.3.0 lacks; its `None` for this raises)."""
+    return labels
 
 
 def target_labels(labels: torch.Tensor, num_classes: int, seed: int) -> torch.Tensor:
