@@ -76,6 +76,12 @@ def test_smoke_preset_end_to_end_then_nothing_reruns(local_ray, experiment: str,
     assert sum(s.cached for s in outcome.summaries) == sum(s.cells for s in outcome.summaries) > 0
     assert outcome.summaries[-1].stage == names.REPORT and outcome.report_dir == str(report.parent)
     assert key_file.stat().st_mtime_ns == made and len(tracking.query(experiment, tags={names.TAG_STAGE: names.REPORT})) == 1
+    # ... and it is recorded as a child of the grid's run, not as a second, empty top-level run in the UI.
+    first, again = tracking.query(experiment, names.GRID, tags={names.TAG_GRID_STAGE: "all"})
+    assert "mlflow.parentRunId" not in first.tags and again.tags["mlflow.parentRunId"] == first.run_id
+    assert again.tags["mlflow.runName"].endswith("(nothing to do)")
+    assert tracking.ui_url(experiment).endswith(f"/#/experiments/{tracking.experiment_id(experiment)}/runs")
+    assert tracking._client().get_experiment_by_name(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 @pytest.mark.slow

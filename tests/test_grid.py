@@ -510,3 +510,38 @@ def test_the_live_headline_keeps_its_columns_as_the_done_count_grows() -> None:
         widths.append(line.index("cells done"))
         assert f"{done:>2}/13 cells done" in line
     assert widths[0] == widths[1]   # "attack     9/13" and "attack    10/13": what follows stays put
+
+
+def test_where_output_is_not_a_terminal_a_running_cell_prints_its_epochs_and_the_eta_counts_them(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from xfer import progress
+
+    clock = [1000.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    out = io.StringIO()
+    view = progress.GridView(Console(file=out, width=200), live=False)
+    stage = view.stage(names.PRETRAIN, 2)
+    stage.started = clock[0]
+    stage.started_pack("t1", "fashionmnist resnet_mini")
+    cell = "fashionmnist resnet_mini n=60000"
+    log = tmp_path / "grid.log"
+    with progress.quiet_logs(log):
+        for minute, epoch in enumerate((1, 2, 3), start=1):
+            clock[0] = 1000.0 + 60 * minute
+            stage.result("t1", {"cell": cell, "epoch": epoch, "epochs": 6, names.VAL_ERROR: 0.5 / epoch})
+        clock[0] += 10   # a report 10 s later, same epoch: no new line; a new epoch 10 s later: held back (30 s)
+        stage.result("t1", {"cell": cell, "epoch": 3, "epochs": 6, names.VAL_ERROR: 0.5 / 3})
+        stage.result("t1", {"cell": cell, "epoch": 4, "epochs": 6, names.VAL_ERROR: 0.1})
+        clock[0] += 60   # within the next (long) epoch: how far it is, with its train window's error
+        stage.result("t1", {"cell": cell, "epoch": 4.25, "epochs": 6, names.TRAIN_ERROR: 0.08})
+    lines = [line for line in out.getvalue().splitlines() if "epoch" in line]
+    assert lines == [*(f"pretrain: {cell} epoch {e}/6, val_error {0.5 / e:.4f}" for e in (1, 2, 3)),
+                     f"pretrain: {cell} epoch 4.25/6, train_error 0.0800"]
+    assert all(line in log.read_text() for line in lines)   # and in the log file, with their times
+    # No cell has finished, yet the ETA is known: 4.25 of 6 epochs of one of 2 cells in 250 s.
+    assert stage.partly_done() == pytest.approx(4.25 / 6)
+    assert stage.eta() == f"{round((2 - 4.25 / 6) / (4.25 / 6) * 250) // 60} min {round((2 - 4.25 / 6) / (4.25 / 6) * 250) % 60:02d} s"

@@ -225,7 +225,7 @@ def test_queries_return_typed_records_with_lineage_and_the_full_spec(experiment:
     assert tracking.query(experiment, stage=names.ATTACK) == [] and tracking.query(experiment, status="RUNNING") == []
     client = MlflowClient(server.ensure_server())
     assert client.get_experiment_by_name(experiment).tags[tracking.TAG_GRID] == '{"name": "g"}'
-    assert tracking.ui_url(experiment).endswith(f"/#/experiments/{tracking.experiment_id(experiment)}")
+    assert tracking.ui_url(experiment).endswith(f"/#/experiments/{tracking.experiment_id(experiment)}/runs")
     with pytest.raises(XferError, match="is not one of"):
         tracking.query(experiment, status="DONE")
 

@@ -185,7 +185,15 @@ class Life:
         from xfer import stopping
 
         return self.finish(loop.train(self.cell.train, self.splits, self.model, device=device, resume=self.resume,
-                                      on_epoch_end=self.epoch_end, stop=stopping.requested))
+                                      on_epoch_end=self.epoch_end, stop=stopping.requested, report=self.within_epoch))
+
+    def within_epoch(self, record: dict[str, Any]) -> None:
+        """The loop's report of a train window (every `log_every` steps): where the epoch is, for the progress view
+        (a session without `step` discards it)."""
+        step = getattr(self.session, "step", None)
+        if step is not None and record.get("kind") == "train":
+            step({names.EPOCH: float(record[names.EPOCH]), "epochs": float(self.cell.train.epochs),
+                  "cell": self.cell.label, names.TRAIN_ERROR: float(record[names.TRAIN_ERROR])})
 
     def _stopped(self, result: loop.Result) -> None:
         """The grid is stopping: keep the last epoch's state on the run (names.RESUME_DIR) and end it KILLED and

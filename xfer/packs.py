@@ -352,6 +352,12 @@ class PackCheckpoint:
             self._progress.progress(progress, Path(tmp))   # Tune copies the folder into its storage before returning
         self._last = time.monotonic()
 
+    def step(self, metrics: dict[str, Any]) -> None:
+        """Where a running cell is within its epoch (progress only, no checkpoint), sent when due. Not with
+        data-parallel ranks, which report every event: a report per step window would cost each a round trip."""
+        if self._progress.interval_s > 0:
+            self._progress.progress({**metrics, "cells_done": float(self.done), "cells": float(self.cells)})
+
     def cell_done(self, key: str) -> None:
         """A cell's run has ended: its state is no longer needed to resume."""
         self._running.pop(key, None)
@@ -389,6 +395,9 @@ class _CellSession:
 
     def epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None:
         self.pack.epoch_end(self.key, state, metrics)
+
+    def step(self, metrics: dict[str, float]) -> None:
+        self.pack.step(metrics)
 
     def done(self, result: loop.Result) -> None:
         self.pack.cell_done(self.key)

@@ -307,7 +307,19 @@ def run_grid(grid: grids.Grid, options: RunOptions, only: tuple[str, ...] = STAG
                               "failed": float(len(outcome.failed))})
         if stopped():
             grid_run.stop(f"stopped: {stop.reason}")
+        elif not any(s.ran or s.failed for s in summaries):
+            _nest_a_rerun_that_did_nothing(grid_run, options.experiment, listed)
     return outcome
+
+
+def _nest_a_rerun_that_did_nothing(grid_run: tracking.Run, experiment: str, listed: tracking.Snapshot | None) -> None:
+    """An invocation that ran nothing is recorded as a child of the grid's last top-level run, so that reruns of a
+    finished grid do not add an empty top-level run each to the MLflow UI."""
+    runs = listed.query(names.GRID, status=None) if listed else tracking.query(experiment, names.GRID, status=None)
+    earlier = [r for r in runs if r.run_id != grid_run.run_id and r.tags.get(names.TAG_GRID_STAGE) == "all"
+               and "mlflow.parentRunId" not in r.tags]
+    if earlier:
+        tracking.nest_under(grid_run, earlier[-1].run_id, f"grid {time.strftime('%Y-%m-%d %H:%M:%S')} (nothing to do)")
 
 
 def _record_skipped(run: tracking.Run, skipped: dict[str, tuple[str, ...]], echo: Callable[[str], None]) -> None:

@@ -27,9 +27,11 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from xfer import server
+from xfer import names, server
 
 NOISY_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.data", "mlflow", "alembic", "optuna", "urllib3", "filelock")
+LOG = logging.getLogger("xfer.progress")   # what the terminal shows, and each running cell's epochs, in the log file
+EPOCH_LINE_EVERY_S = 30.0   # a running cell's progress line at most this often where output is not a terminal
 
 
 def log_path(name: str) -> Path:
@@ -49,7 +51,7 @@ def quiet_logs(path: Path, enabled: bool = True) -> Iterator[None]:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     saved = {}
-    for name in NOISY_LOGGERS:
+    for name in (*NOISY_LOGGERS, LOG.name):
         logger = logging.getLogger(name)
         saved[name] = (logger.level, logger.propagate, list(logger.handlers))
         logger.handlers = [handler]   # Ray's own console handler too: its messages belong in the log
@@ -95,6 +97,7 @@ class _Running:
     cell: str = ""                 # the cell it trains now (its axes)
     epoch: float = 0.0
     epochs: float = 0.0
+    shown: float = 0.0             # when its last epoch line was printed (monotonic)
 
 
 @dataclass
@@ -110,13 +113,18 @@ class StageProgress:
     started: float = field(default_factory=time.monotonic)
     running: dict[str, _Running] = field(default_factory=dict)
 
+    def partly_done(self) -> float:
+        """The running cells' share of their epochs: work done that no finished cell counts yet (a cell at its last
+        epoch has finished, or is about to, and is counted by `done`)."""
+        return sum(run.epoch / run.epochs for run in self.running.values() if 0 < run.epoch < run.epochs)
+
     def rate(self) -> float:
-        """Cells per minute so far."""
+        """Cells per minute so far, counting the running cells' finished epochs."""
         minutes = (time.monotonic() - self.started) / 60
-        return self.done / minutes if minutes > 0 else 0.0
+        return (self.done + self.partly_done()) / minutes if minutes > 0 else 0.0
 
     def eta(self) -> str:
-        left, rate = self.total - self.done - self.failed, self.rate()
+        left, rate = self.total - self.done - self.failed - self.partly_done(), self.rate()
         if left <= 0:
             return "0 s"
         return _duration(left / rate * 60) if rate else "…"
@@ -132,7 +140,8 @@ class StageProgress:
         for run in self.running.values():
             where = f"{run.cell or run.pack}"
             if run.epochs:
-                where += f"  epoch {run.epoch:g}/{run.epochs:g}"
+                where += f"  epoch {run.epoch:g}/{run.epochs:g}" if run.epoch == int(run.epoch) else \
+                    f"  epoch {run.epoch:.1f}/{run.epochs:g}"
             lines.append(Text(f"  ▸ {where}", style="dim" if not run.cell else ""))
         return Group(*lines)
 
@@ -152,7 +161,19 @@ class StageProgress:
         cell = str(result.get("cell", "") or run.cell)
         if cell != run.cell and cell:
             self.view.changed(f"{self.name}: training {cell}", quiet=True)
-        run.cell, run.epoch, run.epochs = cell, float(result.get("epoch", 0) or 0), float(result.get("epochs", 0) or 0)
+        epoch = float(result.get("epoch", 0) or 0)
+        newer = cell == run.cell and epoch > run.epoch or cell != run.cell and epoch > 0
+        run.cell, run.epoch, run.epochs = cell, epoch, float(result.get("epochs", 0) or 0)
+        if newer and run.epochs and epoch < run.epochs and time.monotonic() - run.shown >= EPOCH_LINE_EVERY_S:
+            # Life inside a long cell where output goes to a file (a terminal shows it in the live block): an
+            # epoch's end with its validation error, or, within a long epoch, how far it is with its train error.
+            run.shown = time.monotonic()
+            ended_epoch = epoch == int(epoch)
+            key = names.VAL_ERROR if ended_epoch else names.TRAIN_ERROR
+            err = result.get(key)
+            where = f"{epoch:g}" if ended_epoch else f"{epoch:.2f}"
+            self.view.progress(f"{self.name}: {cell} epoch {where}/{run.epochs:g}"
+                               + (f", {key} {float(err):.4f}" if err is not None and err == err else ""))
         ended = json.loads(result.get(ENDED, "") or "[]")
         if "cell_finished" in result:
             ended.append([cell, "" if result["cell_finished"] else str(result.get("reason", "") or "failed")])
@@ -268,8 +289,17 @@ class GridView:
             self._live = None
 
     def line(self, text: str) -> None:
-        """A line that stays (above the live block on a terminal)."""
+        """A line that stays (above the live block on a terminal); in the log file too."""
         self.console.print(text, markup=False, highlight=False)
+        LOG.info(text)
+
+    def progress(self, text: str) -> None:
+        """A running cell's progress: a line where output is not a terminal (the live block shows it there), and
+        in the log file either way."""
+        if self._live is None:
+            self.line(text)
+        else:
+            LOG.info(text)
 
     def stage(self, name: str, total: int) -> StageProgress:
         progress = StageProgress(name, total, self)

@@ -67,11 +67,25 @@ TRAINING_STAGES = (names.PRETRAIN, names.FINETUNE, names.SCRATCH)  # their runs 
 SPLIT_METRICS = {"train": names.TRAIN_ERROR, "val": names.VAL_ERROR, "test": names.TEST_ERROR}
 
 
+EXPERIMENT_KIND = "mlflow.experimentKind"   # MLflow 3's UI: which view an experiment opens in
+TRAINING_KIND = "custom_model_development"   # ... "Machine learning": the runs table (not "genai_development")
+
+
 def ui_url(experiment: str | None = None) -> str:
-    """Where to point a browser: the tracking server, or one experiment's page on it."""
+    """Where to point a browser: the tracking server, or one experiment's runs table on it (an experiment made
+    before xfer marked its kind is marked now)."""
     uri = ensure_server()
     found = _client().get_experiment_by_name(experiment) if experiment else None
-    return f"{uri}/#/experiments/{found.experiment_id}" if found else uri
+    if found is None:
+        return uri
+    if found.tags.get(EXPERIMENT_KIND) != TRAINING_KIND:
+        _client().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, TRAINING_KIND)
+    return f"{uri}/#/experiments/{found.experiment_id}/runs"
+
+
+def nest_under(run: Run, parent_run_id: str, run_name: str) -> None:
+    """Make `run` a child of `parent_run_id` under a new name (MLflow's UI nests runs by this tag)."""
+    run.set_tags({_ml().MLFLOW_PARENT_RUN_ID: parent_run_id, "mlflow.runName": run_name})
 
 
 # --- experiments and runs ---------------------------------------------------------------------------
@@ -104,7 +118,8 @@ def _experiment_id(name: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is None:
         try:
-            return client.create_experiment(name)
+            # Model training, not a GenAI app: MLflow 3's UI then opens the runs table, not its traces overview.
+            return client.create_experiment(name, tags={EXPERIMENT_KIND: TRAINING_KIND})
         except _ml().MlflowException:
             found = client.get_experiment_by_name(name)  # another process created it meanwhile
             if found is None:
