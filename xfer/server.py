@@ -314,7 +314,8 @@ def _members(pgid: int) -> list[int]:
             cmdline = (stat.parent / "cmdline").read_bytes()
         except (OSError, ValueError):
             continue
-        if int(pgrp) == pgid and state != "Z" and b"mlflow" in cmdline:
+        # An empty command line: the process is exiting (its memory already released), not yet gone.
+        if int(pgrp) == pgid and state != "Z" and (b"mlflow" in cmdline or not cmdline):
             found.append(int(stat.parent.name))
     return sorted(found)
 
