@@ -19,3 +19,95 @@ def test_cluster_yaml_is_valid_for_ray_up() -> None:
     head_setup = " ".join(config["head_setup_commands"])
     assert "mlflow server" in head_setup and "s3://" in head_setup and "MLFLOW_TRACKING_URI" in head_setup
     assert any("uv pip install" in c for c in config["setup_commands"])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_the_head_setup_commands_start_mlflow_when_run_as_ray_runs_them(tmp_path: Path) -> None:
+    """cluster.yaml's head_setup_commands, each wrapped exactly as Ray's command runner wraps it
+    (`bash --login -c -i 'source ~/.bashrc; ... && (command)'`, through a shell, as ssh hands it over), in a
+    scratch HOME whose ~/xfer is this checkout: the MLflow server answers, and running them again (as `ray up`
+    does on every update) starts no second one. A check that matched its own shell's command line (`pgrep -f
+    "mlflow server"`) never started the server: this test fails if it comes back."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import psutil
+    from ray.autoscaler._private.command_runner import _with_interactive
+
+    home = tmp_path / "home"
+    (home / "xfer").mkdir(parents=True)
+    (home / "xfer" / ".venv").symlink_to(sys.prefix)   # the node's venv, as setup_commands made it
+    port = _free_port()
+    env = {"HOME": str(home), "PATH": os.environ["PATH"], "XFER_MLFLOW_PORT": str(port),
+           "XFER_BUCKET": (tmp_path / "bucket").as_uri()}   # a local artifact root in place of s3://
+    commands = yaml.safe_load(CLUSTER.read_text())["head_setup_commands"]
+
+    def run_all() -> None:
+        for command in commands:
+            # Output to a file, not a pipe: the server it starts in the background would hold a pipe open.
+            with open(tmp_path / "setup.log", "w+") as log:
+                done = subprocess.run(" ".join(_with_interactive(command)), shell=True, env=env, stdout=log,
+                                      stderr=subprocess.STDOUT, timeout=60, stdin=subprocess.DEVNULL)
+                log.seek(0)
+                assert done.returncode == 0, (command, log.read()[-2000:])
+
+    def serving() -> list[psutil.Process]:
+        """The `mlflow server` processes on the test's port (each with its uvicorn worker as a child)."""
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if "mlflow server" in cmdline and f"--port {port}" in cmdline and "bash" not in cmdline:   # the wrapper
+                found.append(proc)
+        return found
+
+    try:
+        run_all()
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
+                    assert answer.status == 200
+                break
+            except OSError:
+                assert time.monotonic() < deadline, (home / "mlflow" / "server.log").read_text()[-3000:]
+                time.sleep(1)
+        started = serving()
+        assert len(started) == 1 and f"sqlite:///{home}/mlflow/mlflow.db" in " ".join(started[0].cmdline())
+        assert "--workers 1" in " ".join(started[0].cmdline())   # one writer on SQLite
+        bashrc = (home / ".bashrc").read_text()
+        assert f"export MLFLOW_TRACKING_URI=http://" in bashrc and f":{port}" in bashrc
+        run_all()   # `ray up` again: the server answers, so none is started; the .bashrc line is not repeated
+        time.sleep(2)
+        assert [p.pid for p in serving()] == [started[0].pid]
+        assert (home / ".bashrc").read_text().count("MLFLOW_TRACKING_URI") == 1
+    finally:
+        for proc in serving():
+            for child in proc.children(recursive=True):
+                child.kill()
+            proc.kill()
+
+
+def test_a_trial_holding_a_gpu_that_torch_cannot_see_stops_with_the_reason() -> None:
+    """A node whose NVIDIA driver is older than torch's CUDA build: Ray hands the trial GPU ids, torch sees no
+    device. The trial stops at once naming both, instead of training on the CPU without a word."""
+    import pytest
+    import torch
+
+    from xfer import stages
+    from xfer.errors import XferError
+
+    if torch.cuda.is_available():
+        pytest.skip("torch sees a CUDA device here, so a GPU share is usable")
+    stages.check_gpu([])   # no GPU share: CPU training is what was asked for
+    with pytest.raises(XferError, match=r"holds GPU\(s\) 0 on .* sees no CUDA device there .*--gpus-per-trial 0"):
+        stages.check_gpu(["0"])

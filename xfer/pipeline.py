@@ -440,7 +440,7 @@ def _sets_trial(config: dict[str, Any], packs_: list[tuple[Any, ...]], options: 
 
     from xfer import stopping
 
-    stages.set_threads(options)
+    stages.start_trial(options)
     pack = packs_[config["cell"]["pack"]]
     context = attack.Context(options.experiment, {name: ray.get(ref) for name, ref in refs.items()},
                              parent_run_id=parent_run_id, runs=runs)
@@ -464,7 +464,7 @@ def _score_trial(config: dict[str, Any], packs_: list[tuple[Any, ...]], options:
 
     from xfer import stopping
 
-    stages.set_threads(options)
+    stages.start_trial(options)
     pack = packs_[config["cell"]["pack"]]
     progress = Throttled(lambda metrics, _: tune.report(metrics))
     with stopping.Watcher(options.grid_run_id):

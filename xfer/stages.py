@@ -411,10 +411,29 @@ def failure_reason(result: Any) -> str:
     return f"{type(result.error).__name__}: {str(result.error).strip().splitlines()[-1][:300]}"
 
 
-def set_threads(options: RunOptions) -> None:
-    """A trial owns `cpus_per_trial` cores: torch would otherwise start a thread per core of the node in every
-    trial, and two trials on two cores would fight over four threads."""
+def start_trial(options: RunOptions) -> None:
+    """What every trial does first. It owns `cpus_per_trial` cores: torch would otherwise start a thread per core
+    of the node in every trial, and two trials on two cores would fight over four threads. And it refuses to train
+    on the CPU while holding a GPU share (`check_gpu`)."""
     torch.set_num_threads(max(1, int(options.cpus_per_trial)))
+    check_gpu()
+
+
+def check_gpu(gpu_ids: Sequence[Any] | None = None) -> None:
+    """Stop a trial that Ray gave GPUs (`gpu_ids`, default `ray.get_gpu_ids()`) but where torch sees no CUDA
+    device: it would otherwise train on the node's CPU without a word, many times slower."""
+    if gpu_ids is None:
+        import ray
+
+        gpu_ids = ray.get_gpu_ids()
+    if gpu_ids and not torch.cuda.is_available():
+        import platform
+
+        raise XferError(
+            f"this trial holds GPU(s) {', '.join(map(str, gpu_ids))} on {platform.node()}, but torch "
+            f"{torch.__version__} sees no CUDA device there (torch.cuda.is_available() is False), so it would train on "
+            "the CPU. Check the node's NVIDIA driver against the CUDA version torch was built for (nvidia-smi; "
+            f"torch.version.cuda is {torch.version.cuda}), or run with --gpus-per-trial 0 to train on CPUs on purpose.")
 
 
 def _node_id() -> str:
@@ -432,7 +451,7 @@ def _pack_trial(config: dict[str, Any], packs_: list[tuple[Any, ...]], kind: pac
 
     from xfer import stopping
 
-    set_threads(options)
+    start_trial(options)
     pack = packs_[config["cell"]["pack"]]
     with stopping.Watcher(options.grid_run_id):
         datasets = {name: ray.get(refs[name]) for name in {kind.train(c).dataset for c in pack}}
@@ -491,7 +510,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     pack, kind, options = config["pack"], config["kind"], config["options"]
-    set_threads(options)
+    start_trial(options)
     chief = ray.train.get_context().get_world_rank() == 0
     datasets = {name: ray.get(config["refs"][name]) for name in {kind.train(c).dataset for c in pack}}
 

@@ -264,6 +264,7 @@ def _tune_trial(config: dict[str, Any], context: TrialContext, dataset: data.Dat
     Bad input (`XferError`: a damaged checkpoint, say) is permanent: the trial reports the failure score once
     instead of crashing, so Tune does not retry it; its run already ended FAILED with the reason.
     """
+    stages.check_gpu()
     session = TuneSession()
     try:
         run_trial(context, config, dataset, pretrained, session)
