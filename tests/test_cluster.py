@@ -85,7 +85,7 @@ def test_the_head_setup_commands_start_mlflow_when_run_as_ray_runs_them(tmp_path
         assert len(started) == 1 and f"sqlite:///{home}/mlflow/mlflow.db" in " ".join(started[0].cmdline())
         assert "--workers 1" in " ".join(started[0].cmdline())   # one writer on SQLite
         bashrc = (home / ".bashrc").read_text()
-        assert f"export MLFLOW_TRACKING_URI=http://" in bashrc and f":{port}" in bashrc
+        assert "export MLFLOW_TRACKING_URI=http://" in bashrc and f":{port}" in bashrc
         run_all()   # `ray up` again: the server answers, so none is started; the .bashrc line is not repeated
         time.sleep(2)
         assert [p.pid for p in serving()] == [started[0].pid]
