@@ -208,19 +208,24 @@ def test_a_damaged_checkpoint_fails_its_cell_once_naming_the_file(experiment: st
     assert str(stored.parent) in failed.tags[names.TAG_FAILURE]
 
 
-def test_a_running_cell_reports_where_it_is_within_its_epoch(experiment: str, digits) -> None:
+@pytest.mark.parametrize("vectorise", ["never", "always"])
+def test_a_running_cell_reports_where_it_is_within_its_epoch(experiment: str, digits, vectorise: str) -> None:
     """Each train window (every log_every steps) goes to the progress view as a fractional epoch with its train
-    error, between the epochs' own reports, so a long epoch shows life where output goes to a file."""
+    error, between the epochs' own reports, so a long epoch shows life where output goes to a file; one cell after
+    another and as one batched model alike."""
     sent: list[dict] = []
-    store = packs.PackCheckpoint({}, 3600.0, lambda metrics, state_dir: sent.append(metrics), 1,
+    store = packs.PackCheckpoint({}, 3600.0, lambda metrics, state_dir: sent.append(metrics), 2,
                                  report_interval_s=1e-9)
-    cell = tiny(0, log_every=3)   # 300 images at batch 32: 9 full steps an epoch, windows of 3 steps (96 images)
-    result = packs.run_pack([cell], stages.TRAINING, experiment, {"mnist5k": digits}, store, vectorise="never")
-    assert result.ran == [specs.key(cell)]
-    within = [m for m in sent if names.TRAIN_ERROR in m]
-    # 3, 6 and 9 steps into each epoch (96, 192 and 288 of its 300 images)
-    assert [m[names.EPOCH] for m in within] == pytest.approx([e + k * 96 / 300 for e in (0, 1) for k in (1, 2, 3)])
-    assert all(m["cell"] == stages.TRAINING.label(cell) and m["epochs"] == 2 and 0 <= m[names.TRAIN_ERROR] <= 1
-               for m in within)
-    ends = [m for m in sent if names.VAL_ERROR in m]
-    assert sorted({m[names.EPOCH] for m in ends}) == [1.0, 2.0]   # and each epoch's end, with its validation error
+    # 300 images at batch 32: 9 full steps an epoch, windows of 3 steps (96 images)
+    cells = [tiny(0, log_every=3), tiny(1, log_every=3)]
+    result = packs.run_pack(cells, stages.TRAINING, experiment, {"mnist5k": digits}, store, vectorise=vectorise)
+    assert result.ran == [specs.key(c) for c in cells]
+    assert result.mode == ("packed_vectorised" if vectorise == "always" else "packed_sequential")
+    for cell in cells:
+        label = stages.TRAINING.label(cell)
+        within = [m for m in sent if names.TRAIN_ERROR in m and m["cell"] == label]
+        # 3, 6 and 9 steps into each epoch (96, 192 and 288 of its 300 images)
+        assert [m[names.EPOCH] for m in within] == pytest.approx([e + k * 96 / 300 for e in (0, 1) for k in (1, 2, 3)])
+        assert all(m["epochs"] == 2 and 0 <= m[names.TRAIN_ERROR] <= 1 for m in within)
+        ends = [m for m in sent if names.VAL_ERROR in m and m["cell"] == label]
+        assert sorted({m[names.EPOCH] for m in ends}) == [1.0, 2.0]   # and each epoch's end, with its val error

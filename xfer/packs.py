@@ -245,8 +245,9 @@ def _together(todo: Sequence[Any], kind: Kind, context: Context, store: PackChec
         else:
             trained = vectorised.train_many(
                 [life.cell.train for _, life in lives], [life.splits for _, life in lives],
-                [life.model for _, life in lives], device=device, resumes=[life.resume for _, life in lives],
-                on_epoch_end=[life.epoch_end for _, life in lives], stop=stopping.requested)
+                [life.model for _, life in lives], [life.within_epoch for _, life in lives], device=device,
+                resumes=[life.resume for _, life in lives], on_epoch_end=[life.epoch_end for _, life in lives],
+                stop=stopping.requested)
             results = [life.finish(result) for (_, life), result in zip(lives, trained)]
     for spec in todo:
         key = specs.key(spec)
