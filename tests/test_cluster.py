@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -18,7 +19,10 @@ def test_cluster_yaml_is_valid_for_ray_up() -> None:
     assert config["head_node_type"] == "head"
     head_setup = " ".join(config["head_setup_commands"])
     assert "mlflow server" in head_setup and "s3://" in head_setup and "MLFLOW_TRACKING_URI" in head_setup
-    assert any("uv pip install" in c for c in config["setup_commands"])
+    [install] = [c for c in config["setup_commands"] if "uv pip install" in c]
+    # The same versions on every node, whenever it boots: uv and Python's patch pinned, packages as of one date.
+    assert re.search(r'"uv==\d+\.\d+\.\d+"', install) and re.search(r"--python 3\.11\.\d+ ", install)
+    assert '--exclude-newer "${XFER_EXCLUDE_NEWER:-' in install
 
 
 def _free_port() -> int:
@@ -111,3 +115,23 @@ def test_a_trial_holding_a_gpu_that_torch_cannot_see_stops_with_the_reason() -> 
     stages.check_gpu([])   # no GPU share: CPU training is what was asked for
     with pytest.raises(XferError, match=r"holds GPU\(s\) 0 on .* sees no CUDA device there .*--gpus-per-trial 0"):
         stages.check_gpu(["0"])
+
+
+def test_trial_storage_defaults_to_the_bucket_and_refuses_a_local_folder_across_machines(tmp_path: Path,
+                                                                                         monkeypatch) -> None:
+    import pytest
+
+    from xfer import cluster
+    from xfer.errors import XferError
+
+    local = tmp_path / "ray"
+    monkeypatch.delenv(cluster.BUCKET_ENV, raising=False)
+    assert cluster.trial_storage(None, local) == str(local)
+    assert cluster.trial_storage("s3://mine/tune", local) == "s3://mine/tune"
+    monkeypatch.setenv(cluster.BUCKET_ENV, "s3://xfer-bucket/")   # as cluster.yaml's setup commands export it
+    assert cluster.trial_storage(None, local) == "s3://xfer-bucket/ray"
+    # Several nodes on one machine (tests/test_full_grid.py's two-node cluster) share its disk: a folder will do.
+    cluster.check_shared(str(local), {"10.0.0.5"})
+    cluster.check_shared("s3://xfer-bucket/ray", {"10.0.0.5", "10.0.0.6"})
+    with pytest.raises(XferError, match=r"nodes are on 2 machines \(10.0.0.5, 10.0.0.6\).*--storage-path s3://"):
+        cluster.check_shared(str(local), {"10.0.0.5", "10.0.0.6"})

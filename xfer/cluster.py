@@ -67,3 +67,31 @@ def node_cpus() -> int:
 
 
 __all__ = ["connect", "gpus_per_trial", "slots", "node_cpus", "GPU_SHARE"]
+
+
+BUCKET_ENV = "XFER_BUCKET"   # cluster.yaml's bucket (s3://...): Ray's trial storage defaults to <bucket>/ray there
+
+
+def trial_storage(requested: str | None, local: Path) -> str:
+    """Where Ray Tune keeps trials' checkpoints: `requested` (--storage-path), else `$XFER_BUCKET/ray` (set on a
+    cluster made from cluster.yaml), else `local`. A local folder on a cluster whose nodes are separate machines is
+    refused: a trial restored on another node would not find its checkpoint."""
+    import ray
+
+    chosen = requested or (f"{os.environ[BUCKET_ENV].rstrip('/')}/ray" if os.environ.get(BUCKET_ENV) else str(local))
+    if ray.is_initialized():
+        machines = {node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")}
+        check_shared(chosen, machines)
+    return chosen
+
+
+def check_shared(storage: str, machines: set[str]) -> None:
+    """Refuse a local trial storage path when the cluster's nodes are on more than one machine (by address)."""
+    from xfer.errors import XferError
+
+    if "://" not in storage and len(machines) > 1:
+        raise XferError(
+            f"Ray Tune would keep trial checkpoints in {storage}, a folder on this machine, but the cluster's nodes "
+            f"are on {len(machines)} machines ({', '.join(sorted(machines))}), so a trial restarted on another node "
+            "could not resume. Give shared storage: --storage-path s3://BUCKET/ray (or set XFER_BUCKET, as "
+            "cluster.yaml does), or an NFS path mounted on every node as file:///mnt/…")

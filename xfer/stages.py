@@ -395,7 +395,8 @@ def fit(stage: str, trainable: Any, configs: list[dict[str, Any]], options: RunO
 
 
 def storage(options: RunOptions) -> str:
-    return options.storage_path or str((server.runs_dir() / "ray").resolve())
+    """Ray Tune's trial storage (`cluster.trial_storage`): --storage-path, $XFER_BUCKET/ray, else <runs>/ray."""
+    return cluster.trial_storage(options.storage_path, (server.runs_dir() / "ray").resolve())
 
 
 def _max_concurrent(options: RunOptions) -> int | None:
