@@ -413,3 +413,22 @@ def test_every_registry_attack_makes_the_examples_it_made_before_the_torchattack
         else:   # another torch's kernels may round differently, and a rounding can flip a gradient's sign here and
             # there: most pixels still agree exactly
             assert examples.shape == recorded[case].shape and (examples == recorded[case]).float().mean() >= 0.9, case
+
+
+def test_digits_are_digits_whatever_torchvision_calls_them() -> None:
+    """MNIST and QMNIST name their classes "0 - zero"…, USPS, SVHN and EMNIST digits "0"…: the same labels in the same
+    order, so a USPS-pretrained surrogate is attacked on its logits against MNIST, as a QMNIST one is; KMNIST,
+    Fashion-MNIST and EMNIST's 47 balanced classes are other label sets (feature_pgd)."""
+    from xfer import plan
+
+    names_ = {name: published.class_names for name, published in data.PUBLISHED.items()}
+    mnist = names_["mnist"]
+    assert data.label_set(mnist) == tuple("0123456789")
+    for digits in ("qmnist", "usps", "svhn", "emnist_digits"):
+        assert data.same_labels(names_[digits], mnist), digits
+    for other in ("kmnist", "fashion_mnist", "emnist_balanced", "emnist_letters"):
+        assert not data.same_labels(names_[other], mnist), other
+    assert not data.same_labels(tuple(reversed(mnist)), mnist)   # the same names in another order: other labels
+    pgd = AttackSpec(attack="pgd", eps=0.3, dataset="mnist")
+    assert attack._attack_for(pgd, [plan._Surrogate(names_["usps"])], mnist) == pgd
+    assert attack._attack_for(pgd, [plan._Surrogate(names_["kmnist"])], mnist).attack == attack.FEATURE_ATTACK

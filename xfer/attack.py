@@ -8,9 +8,10 @@ sha256). Its scores on every target are rows of a table, not runs: `xfer.scores`
 Which loss a surrogate is attacked with (the label-set rule). An adversarial example of the target task
 is made by raising the surrogate's loss on the task's labels, which only means something when the
 surrogate's head classifies exactly the task's classes. So:
-- a surrogate whose checkpoint `class_names` equal the attacked task's is attacked with the requested
-  attack on its logits (scratch models, every target as its own white-box reference, and pretrained
-  models whose source shares the task's label set, e.g. QMNIST or USPS digits for MNIST);
+- a surrogate whose checkpoint `class_names` name the attacked task's labels (`data.same_labels`: MNIST's
+  "0 - zero" is USPS's "0") is attacked with the requested attack on its logits (scratch models, every target
+  as its own white-box reference, and pretrained models whose source shares the task's label set, e.g. QMNIST,
+  USPS, SVHN or EMNIST digits for MNIST);
 - a pretrained surrogate with another label set (KMNIST, FashionMNIST, EMNIST letters, ... for MNIST)
   has no head for the task; its *features* are what fine-tuning inherits, so it is attacked with
   `feature_pgd`: L∞ PGD that pushes the body's penultimate features away from the clean image's, a
@@ -518,7 +519,8 @@ def plan(experiment: str, attacks: Sequence[AttackSpec], ensembles: bool = False
         groups = [[m] for m in pretrained + scratch] + (_by_source(pretrained) if ensembles else [])
         for group in groups:
             chosen = _attack_for(spec, group, task.class_names)
-            fits = [t.run_id for t in targets if t.in_shape == group[0].in_shape and t.class_names == task.class_names]
+            fits = [t.run_id for t in targets
+                    if t.in_shape == group[0].in_shape and data.same_labels(t.class_names, task.class_names)]
             if chosen is not None and fits:
                 _add(cells, chosen, group, fits)
         for target in targets if SELF in surrogate_stages else ():  # the white-box reference: a target on itself
@@ -592,7 +594,7 @@ def _add(cells: dict[str, AttackCell], spec: AttackSpec, surrogates: list[_Model
 def _attack_for(spec: AttackSpec, surrogates: list[_Model], task_classes: tuple[str, ...]) -> AttackSpec | None:
     """The label-set rule: the asked attack if the surrogates classify the task's classes, else feature_pgd (or none)."""
     asked = kind(spec.attack)
-    if asked.loss == "features" or all(m.class_names == task_classes for m in surrogates):
+    if asked.loss == "features" or all(data.same_labels(m.class_names, task_classes) for m in surrogates):
         return spec
     if spec.targeted or not asked.linf:
         return None  # a targeted or L2 attack needs a head over the task's labels
@@ -716,12 +718,12 @@ def _check_cell(spec: AttackSpec, surrogates: Sequence[_Model], targets: Sequenc
                 raise XferError(f"{role} run {m.run_id} takes images of shape {m.in_shape}, but the attacked task is {task}; "
                                 "surrogates and targets must share the task's image shape.")
     for m in targets:
-        if m.class_names != tuple(class_names):
+        if not data.same_labels(m.class_names, class_names):
             raise XferError(f"target run {m.run_id} classifies {len(m.class_names)} classes ({', '.join(m.class_names[:5])}, ...), "
                             f"not those of {task}; targets must be trained on the attacked task.")
     if kind(spec.attack).loss == "logits":
         for m in surrogates:
-            if m.class_names != tuple(class_names):
+            if not data.same_labels(m.class_names, class_names):
                 raise XferError(f"surrogate run {m.run_id} classifies other classes than {task}, so {spec.attack!r} has "
                                 f"no loss to raise on its logits; attack it with {FEATURE_ATTACK!r} (attack.plan does).")
 

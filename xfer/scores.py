@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xfer import attack, names, tracking
+from xfer import attack, data, names, tracking
 from xfer.attack import AttackCell, _Model
 from xfer.errors import XferError
 
@@ -371,7 +371,7 @@ def _fits(target: _Model, chunk: list[tuple[str, attack.Examples]], outcome: Sco
     if target.run_id in outcome.failed:
         return False
     for set_run_id, found in chunk:
-        if target.class_names != found.class_names or target.in_shape != tuple(found.clean.shape[1:]):
+        if not data.same_labels(target.class_names, found.class_names) or target.in_shape != tuple(found.clean.shape[1:]):
             outcome.failed[target.run_id] = (
                 f"target run {target.run_id} classifies {len(target.class_names)} classes from images {target.in_shape}, "
                 f"not the {len(found.class_names)} classes and images {tuple(found.clean.shape[1:])} of the set "

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -116,6 +117,23 @@ class Splits(_Classified):
 def _shape(split: Split) -> tuple[int, int, int]:
     c, h, w = split.images.shape[1:]
     return (c, h, w)
+
+
+# ---------------------------------------------------------------------------------------------- label sets
+
+_NAMED_DIGIT = re.compile(r"^(\d+) - \w+$")   # torchvision's MNIST and QMNIST: "0 - zero", "1 - one", ...
+
+
+def label_set(class_names: Sequence[str]) -> tuple[str, ...]:
+    """The classes a head predicts, in label order, under one spelling per class: torchvision names MNIST's and
+    QMNIST's digits "0 - zero"…, USPS's, SVHN's and EMNIST's "0"…, and a digit is a digit. Two models classify
+    the same labels when their label sets are equal (`same_labels`)."""
+    return tuple(m.group(1) if (m := _NAMED_DIGIT.match(name)) else name for name in class_names)
+
+
+def same_labels(a: Sequence[str], b: Sequence[str]) -> bool:
+    """Whether heads over class names `a` and `b` predict the same labels in the same order."""
+    return label_set(a) == label_set(b)
 
 
 # ---------------------------------------------------------------------------------------------- registry
@@ -644,6 +662,7 @@ def channel_stats(split: Split) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 __all__ = [
     "Info", "info", "PUBLISHED", "Published", "stand_in", "Split", "Dataset", "Splits", "Loader", "dataset",
+    "label_set", "same_labels",
     "list_datasets", "data_root", "load", "missing", "describe_missing",
     "make_splits", "stratified_indices", "channel_stats", "DATA_ENV", "IMAGEFOLDER",
 ]
