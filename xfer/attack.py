@@ -42,7 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from xfer import checkpoint, data, names, specs, tracking
+from xfer import checkpoint, data, names, specs, stopping, tracking
 from xfer.errors import XferError
 from xfer.models import XferModel
 from xfer.specs import AttackCellSpec, AttackSpec
@@ -677,8 +677,6 @@ def make_sets(experiment: str, cells: Sequence[AttackCell], device: torch.device
     """A pack of adversarial sets in one process, sharing models and data; sets already made are skipped, and none is
     started once the grid is stopping. Returns the failed cells' reasons by key: a cell refused for bad input
     (`XferError`) fails alone and its pack-mates go on. `progress` hears each cell's end."""
-    from xfer import stopping
-
     context = context or Context(experiment)
     done = context.made(cells)
     failed: dict[str, str] = {}

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from xfer import checkpoint, names, specs, tracking
+from xfer import checkpoint, names, specs, stopping, tracking
 from xfer import train as loop
 from xfer.checkpoint import TrainState
 from xfer.data import Splits
@@ -182,8 +182,6 @@ class Life:
 
     def train(self, device: str | torch.device | None = None) -> loop.Result:
         """Train alone with the one loop (ending early if the grid stops), then `finish`."""
-        from xfer import stopping
-
         return self.finish(loop.train(self.cell.train, self.splits, self.model, device=device, resume=self.resume,
                                       on_epoch_end=self.epoch_end, stop=stopping.requested, report=self.within_epoch))
 

@@ -12,6 +12,7 @@ ADDER = "adder"
 REPORT = "report"
 TUNE = "tune"
 STAGES = (PRETRAIN, FINETUNE, SCRATCH, ATTACK, ADDER, REPORT, TUNE)
+GRID_STAGES = (PRETRAIN, FINETUNE, SCRATCH, ADDER, ATTACK, REPORT)   # a grid's stages in the order they run (--stages)
 GRID = "grid"   # the runs that make the MLflow UI's tree: one per grid invocation, one per stage under it (TAG_GRID_STAGE)
 
 # Tags (MLflow run tags).

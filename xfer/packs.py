@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from xfer import checkpoint, data, names, specs, tracking
+from xfer import checkpoint, data, names, specs, stopping, tracking
 from xfer import train as loop
 from xfer.cells import Cell, Life, Session, live
 from xfer.checkpoint import TrainState
@@ -173,8 +173,6 @@ def run_pack(pack: Sequence[Any], kind: Kind, experiment: str, datasets: dict[st
     continued in its run, from the epoch state a stopped cell saved there. When the grid stops
     (`stopping.requested`), cells end resumable and no further cell starts.
     """
-    from xfer import stopping
-
     if vectorise not in VECTORISE:
         raise XferError(f"--vectorise {vectorise!r} is not one of {', '.join(VECTORISE)}.")
     store = store or PackCheckpoint({}, math.inf, lambda metrics, state_dir: None, len(pack))
@@ -226,7 +224,7 @@ def _record(outcome: PackResult, store: PackCheckpoint, key: str, label: str, re
 def _together(todo: Sequence[Any], kind: Kind, context: Context, store: PackCheckpoint, device: torch.device,
               is_chief: bool, node: str, vectorise: str, outcome: PackResult) -> None:
     """The pack's cells with their runs open side by side, trained as one batched model if that is the choice."""
-    from xfer import stopping, vectorised
+    from xfer import vectorised
 
     lives: list[tuple[Any, Life]] = []
     refused: dict[str, str] = {}

@@ -13,11 +13,11 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from xfer import cluster, data, grid as grids, names, packs, server, specs, stages, tracking
+from xfer import cluster, data, grid as grids, names, packs, server, specs, stages, stopping, tracking
 from xfer.errors import XferError
 from xfer.stages import RunOptions, StageSummary
 
-STAGE_ORDER = (names.PRETRAIN, names.FINETUNE, names.SCRATCH, names.ADDER, names.ATTACK, names.REPORT)
+STAGE_ORDER = names.GRID_STAGES
 
 
 @dataclass(frozen=True)
@@ -257,8 +257,6 @@ def run_grid(grid: grids.Grid, options: RunOptions, only: tuple[str, ...] = STAG
     started = time.perf_counter()
     tracking.log_grid(options.experiment, grids.describe(grid))
     tracking.set_experiment_tags(options.experiment, {names.TAG_STAND_INS: ",".join(prepared.stand_ins)})
-    from xfer import stopping
-
     stop = stopping.current()   # the invocation's, when its command stops cleanly on Ctrl-C / SIGTERM
     with tracking.start_run(options.experiment, names.GRID, "", run_name=f"grid {time.strftime('%Y-%m-%d %H:%M:%S')}",
                             tags={names.TAG_GRID_STAGE: "all"}, sigterm=stop is None) as grid_run:
@@ -268,8 +266,7 @@ def run_grid(grid: grids.Grid, options: RunOptions, only: tuple[str, ...] = STAG
         def fresh() -> tracking.Snapshot | None:   # the listing, while nothing has run since it was taken
             return None if any(s.ran or s.failed or s.stopped for s in summaries) else listed
 
-        def stopped() -> bool:   # a stopping grid runs no further stage (and no report)
-            return stop is not None and stop.requested
+        stopped = stopping.grid_stopping   # a stopping grid runs no further stage (and no report)
 
         for stage, group in training_stages(cells):
             if stage in only and group and not stopped():
@@ -349,7 +346,7 @@ def run_attack_stage(attack_specs: tuple[Any, ...], options: RunOptions, view: A
     `keys`: the grid's training cells (the models attacked); `surrogate_stages`: whose examples are scored on every
     target (`Grid.attack_surrogates`); `datasets`: the attacked task's data, handed to the packs through Ray's object
     store (loaded here when not given); `listed`: the experiment's runs when nothing has run since they were listed."""
-    from xfer import attack, scores, stopping
+    from xfer import attack, scores
 
     since = stages.invocation_start(options)   # forced: only sets made by this invocation count
     runs, state = _attack_state(attack_specs, options, keys, surrogate_stages, since, listed)
@@ -389,9 +386,8 @@ def run_attack_stage(attack_specs: tuple[Any, ...], options: RunOptions, view: A
                                   {j.target.run_id: failed[j.target.run_id] for j in pack if j.target.run_id in failed})
                     for pack, (_, last) in zip(chosen, ended)]
 
-        stop = stopping.current()
         result = scores.run(options.experiment, planned, runs, make, score, since, state,
-                            stopping=lambda: stop is not None and stop.requested)
+                            stopping=stopping.grid_stopping)
         summary.work_seconds = result.work_seconds
         summary.stopped = len(result.stopped)
         summary.modes = {f"scoring {mode}": why for mode, why in result.modes.items()}
@@ -438,8 +434,6 @@ def _sets_trial(config: dict[str, Any], packs_: list[tuple[Any, ...]], options: 
 
     from xfer.progress import Throttled
 
-    from xfer import stopping
-
     stages.start_trial(options)
     pack = packs_[config["cell"]["pack"]]
     context = attack.Context(options.experiment, {name: ray.get(ref) for name, ref in refs.items()},
@@ -461,8 +455,6 @@ def _score_trial(config: dict[str, Any], packs_: list[tuple[Any, ...]], options:
     from xfer import scores
 
     from xfer.progress import Throttled
-
-    from xfer import stopping
 
     stages.start_trial(options)
     pack = packs_[config["cell"]["pack"]]

@@ -163,14 +163,11 @@ def flops_per_example(arch: str, in_shape: tuple[int, int, int], classes: int) -
 
 # ---- the plan ----------------------------------------------------------------------------------------
 
-STAGES = (names.PRETRAIN, names.FINETUNE, names.SCRATCH, names.ADDER, names.ATTACK, names.REPORT)   # in run order
-
-
 def plan(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any], finished: Callable[[str], set[str]],
          missing: dict[str, str], pack_size: Callable[[bool], int], slots: int, cpus_per_trial: float = 1.0,
          gpus: int = 0, gpu_share: float = 0.25, echo: Callable[[str], None] | None = None,
          attack_cells: Callable[[], tuple[int, int]] | None = None, report_made: bool = False,
-         only: Collection[str] = STAGES) -> Plan:
+         only: Collection[str] = names.GRID_STAGES) -> Plan:
     """Each stage's cells, what MLflow already has (`finished(stage)`: keys), packs and estimated wall time here
     (`slots` trials at once on this machine) and on `gpus` GPUs (`gpu_share` of a GPU per trial).
     `attack_cells()`: the attack stage's (cells, still to run), asked only once the training stages that run have
@@ -395,4 +392,4 @@ def _known(cache: Path, arch: str) -> bool:
     return any(f"/{arch}/" in key for key in calibration.read(cache))
 
 
-__all__ = ["Plan", "StagePlan", "plan", "attack_sets", "STAGES", "throughput", "score_rate", "flops_per_example", "duration", "GPU_TFLOPS"]
+__all__ = ["Plan", "StagePlan", "plan", "attack_sets", "throughput", "score_rate", "flops_per_example", "duration", "GPU_TFLOPS"]

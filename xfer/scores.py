@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xfer import attack, data, names, tracking
+from xfer import attack, data, names, stopping, tracking
 from xfer.attack import AttackCell, _Model
 from xfer.errors import XferError
 
@@ -280,8 +280,6 @@ def score_pack(pack: Sequence[Job], sets: Mapping[str, SetFacts], stage_run_id: 
     name = targets_hash([job.target.run_id for job in pack])   # the pack's name on its parts
     done = _already(stage_run_id, name) if stage_run_id else set()
     examples = _Examples(sets)
-    from xfer import stopping
-
     outcome, finished = Scored(), 0
     ordered = list(pack)
     for begin in range(0, len(ordered), block):

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from xfer import checkpoint, cluster, data, names, packs, server, specs, tracking
+from xfer import checkpoint, cluster, data, names, packs, server, specs, stopping, tracking
 from xfer import train as loop
 from xfer.cells import Cell, Session, live
 from xfer.errors import XferError
@@ -301,12 +301,9 @@ def summarise(summary: StageSummary, stage: str, todo: dict[str, str], trial_err
 
     Runs a crashed trial left RUNNING are ended FAILED with that reason.
     """
-    from xfer import stopping
-
     done = tracking.finished_by_key(options.experiment, stage, since)
     reasons = {r.key: r.tags.get(names.TAG_FAILURE, "") for r in tracking.query(options.experiment, stage, status="FAILED")}
     stopped = {r.key for r in tracking.query(options.experiment, stage, status="KILLED") if names.TAG_RESUMABLE in r.tags}
-    stop = stopping.current()
     failed = {}
     for key, name in todo.items():
         if key in done:
@@ -314,7 +311,7 @@ def summarise(summary: StageSummary, stage: str, todo: dict[str, str], trial_err
             summary.resumed += names.TAG_RESUMED in done[key].tags
             summary.work_seconds += done[key].metrics.get(names.SECONDS, 0.0)
             continue
-        if key in stopped or (stop is not None and stop.requested and key not in reasons):
+        if key in stopped or (stopping.grid_stopping() and key not in reasons):
             summary.stopped += 1   # saved resumable, or never started: the rerun goes on with it
             continue
         reason = trial_error.get(key) or reasons.get(key) or "the cell did not finish"
@@ -374,8 +371,6 @@ def fit(stage: str, trainable: Any, configs: list[dict[str, Any]], options: RunO
     """Run `trainable` once per config (a pack, an attack group) as one Tune run; returns Tune's ResultGrid. In a
     grid that may stop (`stopping.current`), a stop ends the Tune run once its running trials saved their cells."""
     from ray import tune
-
-    from xfer import stopping
 
     stop, stopper = stopping.current(), None
     if stop is not None:
@@ -449,8 +444,6 @@ def _pack_trial(config: dict[str, Any], packs_: list[tuple[Any, ...]], kind: pac
     """Ray Tune's view of one pack: its datasets from the object store once, its cells' states in one checkpoint."""
     import ray
     from ray import tune
-
-    from xfer import stopping
 
     start_trial(options)
     pack = packs_[config["cell"]["pack"]]

@@ -11,6 +11,7 @@ once its running trials have saved (or after `GRACE_S`), launching nothing more 
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 import time
@@ -34,6 +35,12 @@ def current() -> Stop | None:
 def requested() -> bool:
     """Whether this process's grid is stopping: cells check it between optimiser steps and end resumable."""
     return _requested.is_set()
+
+
+def grid_stopping() -> bool:
+    """The driver's side of `requested`: whether this invocation's grid (`current()`) has been asked to stop."""
+    stop = current()
+    return stop is not None and stop.requested
 
 
 def flag_name(grid_run_id: str) -> str:
@@ -105,8 +112,8 @@ class Stop:
             return
         if not ray.is_initialized():
             return
-        self._flag = _Flag.options(name=flag_name(self.grid_run_id), namespace=NAMESPACE,
-                                   lifetime=None, num_cpus=0).remote()   # type: ignore[attr-defined]
+        self._flag = _flag_class().options(name=flag_name(self.grid_run_id), namespace=NAMESPACE,
+                                           lifetime=None, num_cpus=0).remote()
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         if self.reason:
@@ -115,7 +122,9 @@ class Stop:
         self.trigger(f"{name} received", signum)
 
 
+@functools.cache
 def _flag_class() -> Any:
+    """The stop flag's actor class, made on first use (`ray.remote` needs Ray imported)."""
     import ray
 
     @ray.remote(num_cpus=0)
@@ -126,20 +135,6 @@ def _flag_class() -> Any:
             return True
 
     return StopFlag
-
-
-class _LazyFlag:
-    """`ray.remote` needs Ray imported; the class is made on first use."""
-
-    _made: Any = None
-
-    def options(self, **kwargs: Any) -> Any:
-        if _LazyFlag._made is None:
-            _LazyFlag._made = _flag_class()
-        return _LazyFlag._made.options(**kwargs)
-
-
-_Flag = _LazyFlag()
 
 
 class Watcher:
@@ -215,4 +210,4 @@ def tune_hooks(stop: Stop) -> tuple[Any, Any]:
     return Stopper(), Running()
 
 
-__all__ = ["Stop", "Watcher", "current", "requested", "tune_hooks", "flag_name", "GRACE_S", "EXIT_CODES"]
+__all__ = ["Stop", "Watcher", "current", "requested", "grid_stopping", "tune_hooks", "flag_name", "GRACE_S", "EXIT_CODES"]
