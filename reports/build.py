@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from reports import figures, markdown, schema, tables
 from reports.html import index_page
+from reports.replication import replication
 from reports.tables import Tables
 from reports.verdicts import CLAIMS, FIGURE, all_verdicts, claims_doc, claims_table
 from xfer import names, server, tracking
@@ -29,7 +30,8 @@ KEY_FILE = ".report-key"    # in the report folder: the `report_key` of the repo
 @dataclass(frozen=True)
 class ReportResult:
     """Where the report went, what it wrote, what it could not make, its MLflow run (None if not logged), and its
-    verdicts (the `verdicts` table: each claim 1-7's headline row and its narrower scopes, with a printable `line`)."""
+    verdicts (the `verdicts` table: each claim 1-7's headline row and its narrower scopes, with a printable `line`)
+    and its replication table (each seed row beside xfer's mean and interval over seeds)."""
 
     out: Path
     files: list[Path]
@@ -37,6 +39,7 @@ class ReportResult:
     run_id: str | None = None
     verdicts: pd.DataFrame | None = None
     cached: bool = False       # the report in `out` was already made from these same runs by this same code
+    replication: pd.DataFrame | None = None
 
 
 def build_report(experiment: str, out: Path | None = None, log_to_mlflow: bool = True,
@@ -60,16 +63,17 @@ def build_report(experiment: str, out: Path | None = None, log_to_mlflow: bool =
     out.mkdir(parents=True, exist_ok=True)
     (out / KEY_FILE).unlink(missing_ok=True)     # written last: a report cut short is never taken as made
     found = tables.collect(experiment, records)
-    verdicts = all_verdicts(found)
+    verdicts, replicated = all_verdicts(found), replication(found)
     missing = missing_inputs(experiment, found)
-    files = (write_data(found, verdicts, out) + write_figures(found, verdicts, out)
-             + write_markdown(found, verdicts, out))
+    files = (write_data(found, verdicts, replicated, out) + write_figures(found, verdicts, out)
+             + write_markdown(found, verdicts, replicated, out))
     index = out / "index.html"
-    index.write_text(index_page(experiment, out, files, missing, verdicts, found.runs, notes=notes(experiment)))
+    index.write_text(index_page(experiment, out, files, missing, verdicts, found.runs, notes=notes(experiment),
+                                replication=replicated, at_chance=tables.chance_runs(found)))
     files.append(index)
     run_id = log_report(experiment, out, files, found.runs["run_id"], parent_run_id) if log_to_mlflow else None
     (out / KEY_FILE).write_text(key + "\n")
-    return ReportResult(out, files, missing, run_id, verdicts)
+    return ReportResult(out, files, missing, run_id, verdicts, replication=replicated)
 
 
 def notes(experiment: str) -> list[str]:
@@ -129,7 +133,7 @@ def missing_inputs(experiment: str, found: Tables) -> list[str]:
     return [message for absent, message in checks if absent]
 
 
-def write_data(found: Tables, verdicts: pd.DataFrame, out: Path) -> list[Path]:
+def write_data(found: Tables, verdicts: pd.DataFrame, replicated: pd.DataFrame, out: Path) -> list[Path]:
     """Every table as Parquet with its documented schema (empty tables too), the matrices, verdicts as JSON."""
     data = out / DATA
     data.mkdir(exist_ok=True)
@@ -138,7 +142,7 @@ def write_data(found: Tables, verdicts: pd.DataFrame, out: Path) -> list[Path]:
                                 ("finetune", found.finetune, []), ("scratch", found.scratch, []),
                                 ("adder", found.adder, []),
                                 ("curves", found.curves, []), ("transfer", found.transfer, []),
-                                ("verdicts", verdicts, [])):
+                                ("verdicts", verdicts, []), ("replication", replicated, [])):
         files.append(data / f"{table}.parquet")
         pq.write_table(schema.to_arrow(frame, table, extra), files[-1])
     for (attack, eps), (matrix, _same) in tables.matrices(found.transfer).items():
@@ -225,12 +229,14 @@ def curve_sets(found: Tables) -> dict[tuple[str, str], pd.DataFrame]:
     return sets
 
 
-def write_markdown(found: Tables, verdicts: pd.DataFrame, out: Path) -> list[Path]:
-    """The seed-shaped tables; a table whose input is empty is left out (its absence is already in `missing`)."""
+def write_markdown(found: Tables, verdicts: pd.DataFrame, replicated: pd.DataFrame, out: Path) -> list[Path]:
+    """The seed-shaped tables; a table whose input is empty is left out (its absence is already in `missing`). The
+    replication table is written whenever it has rows: a row not run says why this grid cannot speak to it."""
     directory = out / TABLES
     made = {"pretrain": (found.pretrain, markdown.pretrain_table), "finetune": (found.finetune, markdown.finetune_table),
-            "attacks": (found.transfer, markdown.attacks_table), "claims": (claims_table(verdicts), markdown.claims_table),
-            "verdicts": (verdicts, markdown.verdicts_list)}
+            "attacks": (found.transfer, markdown.attacks_table),
+            "claims": (claims_table(verdicts), lambda claims: markdown.claims_table(claims, tables.chance_runs(found))),
+            "verdicts": (verdicts, markdown.verdicts_list), "replication": (replicated, markdown.replication_table)}
     files = []
     for name, (frame, render) in made.items():
         if len(frame):

@@ -35,13 +35,16 @@ LARGEST = 5          # decided effects listed under "largest effects"
 FAILURES_SHOWN = 20  # failed runs listed by name; the rest are counted
 VERDICT_STYLE = {"supported": "#d4edda", "contradicted": "#f8d7da", "inconclusive": "#eeeeee",
                  "insufficient seeds": "#fff3cd", "no runs": "#ffffff"}
+# The replication table's words (reports.replication): the seed's value inside xfer's interval, or xfer above / below.
+REPLICATION_STYLE = {"within the interval": "#d4edda", "above": "#d4edda", "below": "#f8d7da", "too few seeds": "#fff3cd"}
 STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
          "table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #ccc;padding:3px 6px;vertical-align:top}"
          "td.num{text-align:right;white-space:nowrap}")
 
 
 def index_page(experiment: str, out: Path, files: list[Path], missing: list[str], verdicts: pd.DataFrame,
-               runs: pd.DataFrame, notes: list[str] | None = None) -> str:
+               runs: pd.DataFrame, notes: list[str] | None = None, replication: pd.DataFrame | None = None,
+               at_chance: pd.DataFrame | None = None) -> str:
     """The page: what to know first (`notes`), what the grid found, what is missing, every verdict, every PNG figure
     inline, links by kind."""
     def link(path: Path, text: str | None = None) -> str:
@@ -51,7 +54,9 @@ def index_page(experiment: str, out: Path, files: list[Path], missing: list[str]
     parts = [f"<h1>xfer report: {escape(experiment)}</h1>"]
     parts += [f'<p class="note"><b>Read this first.</b> {escape(note)}</p>' for note in notes or []]
     parts += ["<h2>What this grid found</h2>",
-             claims_section(verdicts, files, link), largest_section(verdicts), failures_section(runs)]
+             claims_section(verdicts, files, link, at_chance), largest_section(verdicts), failures_section(runs)]
+    if replication is not None:
+        parts.append(replication_section(replication))
     if missing:
         parts.append("<h2>Missing</h2><p>This report is partial; these parts could not be made:</p><ul>"
                      + "".join(f"<li>{escape(m)}</li>" for m in missing) + "</ul>")
@@ -83,8 +88,10 @@ def figure_groups(pngs: list[Path]) -> list[tuple[str, list[Path]]]:
     return [(heading, chosen) for heading, chosen in groups.items() if chosen]
 
 
-def claims_section(verdicts: pd.DataFrame, files: list[Path], link: Callable[..., str]) -> str:
-    """The claims table: one row per claim 1-7 (its headline), effect and interval in pp, its figures."""
+def claims_section(verdicts: pd.DataFrame, files: list[Path], link: Callable[..., str],
+                   at_chance: pd.DataFrame | None = None) -> str:
+    """The claims table: one row per claim 1-7 (its headline), effect and interval in pp, Holm's p, its figures; the
+    cells at chance left out of the verdicts counted beneath."""
     pngs = [p for p in files if p.suffix == ".png"]
     rows = []
     for claim in verdicts[verdicts["headline"]].itertuples():
@@ -97,13 +104,49 @@ def claims_section(verdicts: pd.DataFrame, files: list[Path], link: Callable[...
             f"<tr><td>{claim.claim_id}</td><td>{escape(claim.text)}</td><td>{escape(claim.seed_doc)}</td>"
             f"<td>{escape(claim.scope)}</td>"
             f'<td style="background:{VERDICT_STYLE.get(claim.verdict, "#fff")}">{escape(claim.verdict)}</td>'
-            f'<td class="num">{_pp(claim.effect)}</td><td class="num">{ci}</td><td class="num">{claim.n_seeds}</td>'
+            f'<td class="num">{_pp(claim.effect)}</td><td class="num">{ci}</td><td class="num">{_p(claim)}</td>'
+            f'<td class="num">{claim.n_seeds}</td>'
             f"<td>{escape(claim.why if isinstance(claim.why, str) else '')}</td><td>{'<br>'.join(links)}</td></tr>")
     head = "".join(f"<th>{h}</th>" for h in ("#", "claim", "seed doc", "headline scope", "verdict", "effect (pp)",
-                                             "95% CI (pp)", "seeds", "why", "figures"))
+                                             "95% CI (pp)", "p (Holm)", "seeds", "why", "figures"))
+    chance = ""
+    if at_chance is not None and len(at_chance):
+        by_stage = ", ".join(f"{n} {stage}" for stage, n in at_chance["stage"].value_counts().sort_index().items())
+        chance = (f"<p><b>{len(at_chance)} cell(s) at chance</b> (test accuracy within 5 pp of 1 / classes: {by_stage}) "
+                  "are left out of every verdict; the finetune, scratch and adder tables flag them "
+                  "(<code>at_chance</code>).</p>")
     return ("<h3>Claims</h3><p>Each seed claim's headline: a paired difference per seed (effect &gt; 0 favours the "
-            "claim), 95% CI by Student's t over seeds (paired t over seeds); SCHEMA.md says how each headline is "
-            f"chosen, and the verdicts below list every scope.</p><table><tr>{head}</tr>{''.join(rows)}</table>")
+            "claim), 95% CI by Student's t over seeds, conditional on the fixed test set; the seven headlines are "
+            "Holm-adjusted together and decided only when Holm's p &lt; 0.05. SCHEMA.md says how each headline is "
+            "chosen, and the verdicts below list every scope (descriptive, uncorrected).</p>"
+            f"<table><tr>{head}</tr>{''.join(rows)}</table>{chance}")
+
+
+def replication_section(replication: pd.DataFrame) -> str:
+    """The seeds' published numbers beside xfer's, the rows this grid ran first; the rest counted, with a link."""
+    ran = replication[replication["n_seeds"] > 0]
+    link = '<a href="tables/replication.md">tables/replication.md</a>'
+    if ran.empty:
+        return (f"<h3>Replication</h3><p>No seed row matches a finished run of this grid (the seeds' rows are on "
+                f"their real data and archs: <code>--preset replicate</code>); {link} says why for each.</p>")
+
+    def pct(value: float) -> str:
+        return "" if pd.isna(value) else f"{100 * value:.2f}"
+
+    rows = "".join(
+        f"<tr><td>{escape(r.seed_doc)}</td><td>{escape(r.row)}</td><td>{escape(r.metric)}</td>"
+        f'<td class="num">{pct(r.seed_value)}</td><td class="num">{pct(r.mean)}</td>'
+        f'<td class="num">{f"[{pct(r.ci_low)}, {pct(r.ci_high)}]" if pd.notna(r.ci_low) else ""}</td>'
+        f'<td class="num">{r.n_seeds}</td><td class="num">{_pp(r.difference)}</td>'
+        f'<td style="background:{REPLICATION_STYLE.get(r.word, "#fff")}">{escape(r.word)}</td></tr>'
+        for r in ran.itertuples())
+    head = "".join(f"<th>{h}</th>" for h in ("seed doc", "row", "metric", "seed (%)", "xfer (%)", "95% CI (%)", "seeds",
+                                             "xfer − seed (pp)", "word"))
+    rest = len(replication) - len(ran)
+    return ("<h3>Replication</h3><p>Each published number of the seeds this grid ran, beside xfer's mean and 95% "
+            "interval over seeds (Student's t; one fixed test set, so the interval covers training randomness only)"
+            f"{f'; {rest} more seed row(s) not run, with the reason, in {link}' if rest else f' ({link})'}.</p>"
+            f"<table><tr>{head}</tr>{rows}</table>")
 
 
 def largest_section(verdicts: pd.DataFrame) -> str:
@@ -131,6 +174,12 @@ def failures_section(runs: pd.DataFrame) -> str:
     more = f"<p>… and {len(failed) - FAILURES_SHOWN} more (runs.parquet, status FAILED).</p>" \
         if len(failed) > FAILURES_SHOWN else ""
     return f"<h3>Failures</h3><p>{len(failed)} run(s) FAILED ({by_stage}):</p><ul>{items}</ul>{more}"
+
+
+def _p(claim: object) -> str:
+    """A headline's p and Holm-adjusted p, e.g. "0.012 (0.048)"."""
+    p, adjusted = getattr(claim, "p_value"), getattr(claim, "p_holm")
+    return f"{p:.2g} ({adjusted:.2g})" if pd.notna(p) and pd.notna(adjusted) else ""
 
 
 def _pp(value: float) -> str:

@@ -83,8 +83,9 @@ def verdicts_list(verdicts: pd.DataFrame) -> str:
     return "\n".join(parts)
 
 
-def claims_table(claims: pd.DataFrame) -> str:
-    """The claims table: one row per claim with its verdict, effect and 95% interval in pp, and its figure."""
+def claims_table(claims: pd.DataFrame, at_chance: pd.DataFrame | None = None) -> str:
+    """The claims table: one row per claim with its verdict, effect and 95% interval in pp, Holm's p, and its figure;
+    the cells at chance that every verdict leaves out are counted beneath."""
     def pp(value: float) -> str:
         return "" if pd.isna(value) else f"{100 * value:+.2f}"
 
@@ -92,8 +93,43 @@ def claims_table(claims: pd.DataFrame) -> str:
         "#": claims["claim_id"], "claim": claims["text"], "seed": claims["seed_doc"], "scope": claims["scope"],
         "effect (pp)": claims["effect"].map(pp),
         "95% CI (pp)": [f"[{pp(lo)}, {pp(hi)}]" if pd.notna(lo) else "" for lo, hi in zip(claims["ci_low"], claims["ci_high"])],
+        "p (Holm)": [f"{p:.2g} ({h:.2g})" if pd.notna(p) and pd.notna(h) else "" for p, h in
+                     zip(claims["p_value"], claims["p_holm"])],
         "seeds": claims["n_seeds"], "verdict": claims["verdict"], "why": claims["why"].fillna(""),
         "figure": [f"[{Path(f).name}](../{f})" if isinstance(f, str) else "" for f in claims["figure"]],
     })
     return ("## Claims: each seed claim's headline verdict (paired t over seeds, 95% CI)\n\n"
-            "Effect > 0 favours the claim; `verdicts.md` lists every scope beneath each headline.\n\n" + render(table))
+            "Effect > 0 favours the claim. The headlines are Holm-adjusted together (p, and Holm's p in brackets): "
+            "a headline is decided only when Holm's p < 0.05. Intervals are conditional on the fixed test set. "
+            "`verdicts.md` lists every scope beneath each headline (descriptive, uncorrected).\n\n" + render(table)
+            + chance_note(at_chance))
+
+
+def chance_note(at_chance: pd.DataFrame | None) -> str:
+    """How many cells are at chance and left out of every verdict (nothing when none is)."""
+    if at_chance is None or at_chance.empty:
+        return ""
+    by_stage = ", ".join(f"{n} {stage}" for stage, n in at_chance["stage"].value_counts().sort_index().items())
+    return (f"\n{len(at_chance)} cell(s) at chance (test accuracy within 5 pp of 1 / classes: {by_stage}) are left out "
+            "of every verdict; the finetune, scratch and adder tables flag them (`at_chance`).\n")
+
+
+def replication_table(replicated: pd.DataFrame) -> str:
+    """The replication table: each seed row, the seed's value, xfer's mean and 95% interval over seeds (n), the
+    difference in pp, and the word; rows not run keep their reason."""
+    def pct(value: float) -> str:
+        return "" if pd.isna(value) else f"{100 * value:.2f}"
+
+    table = pd.DataFrame({
+        "seed": replicated["seed_doc"], "row": replicated["row"], "metric": replicated["metric"],
+        "seed (%)": replicated["seed_value"].map(pct), "xfer (%)": replicated["mean"].map(pct),
+        "95% CI (%)": [f"[{pct(lo)}, {pct(hi)}]" if pd.notna(lo) else "" for lo, hi in
+                       zip(replicated["ci_low"], replicated["ci_high"])],
+        "n": replicated["n_seeds"], "xfer − seed (pp)": (100 * replicated["difference"]).map(
+            lambda d: "" if pd.isna(d) else f"{d:+.2f}"),
+        "word": replicated["word"], "why": replicated["why"].fillna(""), "where in the seed": replicated["where"],
+    })
+    return ("## Replication: the seeds' published numbers beside xfer's (mean and 95% t interval over seeds)\n\n"
+            "The intervals are over seeds on one fixed test set (the dataset's own), so they cover training "
+            "randomness, not test-set sampling. `word`: the seed's value lies within xfer's interval, or xfer's "
+            "interval lies above or below it.\n\n" + render(table))

@@ -67,6 +67,8 @@ SET_METRICS = (
                                                      "pretraining sources"),
     Column("mean_adv_acc", F64, "fraction", "attack runs: mean adversarial accuracy over every target scored"),
 )
+AT_CHANCE = Column("at_chance", BOOL, "", "test accuracy within 5 pp of chance (1 / classes): left out of every "
+                                         "verdict (null when the classes are not known)")
 # The matched scratch baseline, joined onto transfer rows: the same columns, prefixed.
 BASELINE = (Column("scratch_run_id", STR, "id", "matched scratch run (null when none was found)"),) + tuple(
     Column("scratch_" + c.name, c.type, c.unit, "matched scratch run's " + c.doc) for c in TRAIN_METRICS
@@ -96,10 +98,10 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
     "pretrain": (RUN_ID, KEY, SOURCE, ARCH, SIZE, LR, SEED, *TRAIN_METRICS),
     "finetune": (RUN_ID, KEY, Column("pretrain_run_id", STR, "id", "the pretrain run it started from"),
                  SOURCE, TARGET, ARCH, SIZE, FREEZE, LR, SEED, OPTIMIZER, HEAD_LR_MULT, UNFREEZE, EPOCHS,
-                 *TRAIN_METRICS, *BASELINE),
-    "scratch": (RUN_ID, KEY, TARGET, ARCH, SIZE, LR, SEED, OPTIMIZER, EPOCHS, *TRAIN_METRICS),
+                 *TRAIN_METRICS, AT_CHANCE, *BASELINE),
+    "scratch": (RUN_ID, KEY, TARGET, ARCH, SIZE, LR, SEED, OPTIMIZER, EPOCHS, *TRAIN_METRICS, AT_CHANCE),
     "adder": (RUN_ID, Column("variant", STR, "", "the transfer arm: transfer, or another (e.g. transfer_features)"),
-              SIZE, SEED, *TRAIN_METRICS, *BASELINE),
+              SIZE, SEED, *TRAIN_METRICS, AT_CHANCE, *BASELINE),
     "curves": (
         RUN_ID,
         Column("step", I64, "optimizer steps", "iteration the point was recorded at"),
@@ -147,10 +149,12 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
                                           "insufficient)"),
         Column("ci_high", F64, "fraction", "95% Student's t interval over the per-seed differences, upper end (null "
                                            "if insufficient)"),
-        Column("method", STR, "", "how the interval is made: 'paired t over seeds'"),
+        Column("method", STR, "", "how the interval is made: 'paired t over seeds, conditional on the fixed test "
+                                  "set'"),
         Column("n_seeds", I64, "seeds", "independent seeds: per-seed mean differences the t interval is computed over"),
-        Column("verdict", STR, "", "supported (interval above 0), contradicted (below 0), inconclusive (holds 0), "
-                                   "insufficient seeds (fewer than 3) or no runs"),
+        Column("verdict", STR, "", "supported (interval above 0), contradicted (below 0), inconclusive (holds 0, or "
+                                   "a headline whose Holm-adjusted p is not below 0.05), insufficient seeds (fewer "
+                                   "than 3), insufficient spread (the same difference in every seed) or no runs"),
         Column("why", STR, "", "why there is no verdict or what qualifies it, e.g. 'no scratch cells in this grid' "
                                "(null when nothing needs saying)"),
         Column("figure", STR, "path", "the claim's figure relative to the report folder (null with no runs)"),
@@ -162,7 +166,40 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
                                            "(null elsewhere)"),
         Column("seeds", pa.list_(I64), "", "the paired seeds, ascending"),
         Column("seed_effects", pa.list_(F64), "fraction", "each seed's mean paired difference, in `seeds` order"),
+        Column("p_value", F64, "", "two-sided paired t test of mean 0 over the per-seed differences (null without "
+                                   "an interval)"),
+        Column("p_holm", F64, "", "headlines: p_value Holm-adjusted over the headlines that have one; a headline is "
+                                  "decided only when it is below 0.05 (null on other rows)"),
+        Column("inference", STR, "", "confirmatory (a headline: Holm over the headlines) or descriptive (no "
+                                     "multiple-comparison control)"),
+        Column("seeds_for_power", F64, "seeds", "seeds a paired t test needs for 80% power if the observed effect "
+                                                "and spread were true (null: no effect or spread, or over 100)"),
         Column("line", STR, "", "the row as one sentence"),
+    ),
+    "replication": (
+        Column("seed_doc", STR, "", "the seed document the number comes from: 000-004"),
+        Column("row", STR, "", "the seed row's stable name (reports.replication.SEED_ROWS)"),
+        Column("where", STR, "", "where the number stands in the seed document"),
+        Column("stage", STR, "", "what was trained: pretrain, finetune, scratch, adder (an arm) or adder_classifier"),
+        Column("source", STR, "", "the pretraining source of a fine-tune row (null elsewhere)"),
+        Column("dataset", STR, "", "what the model was trained on: a pretrain row's source, else the target"),
+        Column("arch", STR, "", "xfer's arch for the seed's (null for the adder's rows)"),
+        Column("size", I64, "examples", "training examples (0 = the whole set; null = not stated: the grid's largest)"),
+        Column("freeze_depth", I64, "layers", "leading parameter tensors frozen while fine-tuning"),
+        Column("variant", STR, "", "the adder's arm: transfer or scratch (null elsewhere)"),
+        Column("metric", STR, "", "test_acc or val_acc"),
+        Column("seed_value", F64, "fraction", "the seed's published number (null where it states none)"),
+        Column("n_seeds", I64, "seeds", "xfer's seeds with a matching finished run"),
+        Column("mean", F64, "fraction", "xfer's mean over seeds (the runs of one seed averaged first)"),
+        Column("ci_low", F64, "fraction", "95% Student's t interval over the per-seed values, lower end (null with "
+                                          "fewer than 3 seeds)"),
+        Column("ci_high", F64, "fraction", "95% Student's t interval over the per-seed values, upper end"),
+        Column("difference", F64, "fraction", "xfer's mean - the seed's value (x 100 = pp; > 0: xfer higher)"),
+        Column("word", STR, "", "the seed's value is within the interval, or xfer's interval lies above or below "
+                                "it; not run, too few seeds, or no seed value"),
+        Column("why", STR, "", "why a row was not run or has no interval (null when nothing needs saying)"),
+        Column("seeds", pa.list_(I64), "", "xfer's seeds, ascending"),
+        Column("seed_values", pa.list_(F64), "fraction", "xfer's value in each seed, in `seeds` order"),
     ),
 }
 

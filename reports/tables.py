@@ -75,6 +75,7 @@ def collect(experiment: str, records: list[tracking.RunRecord] | None = None) ->
     records = inputs(experiment) if records is None else records
     runs, params = runs_frame(records)
     finished = runs[runs["status"] == FINISHED]
+    finished = finished.assign(at_chance=at_chance(finished))
     where = {r.run_id: r.artifact_uri for r in records}
     curves, without_curve = curves_frame(finished[finished["stage"].isin(TRAINING_STAGES)], where)
     return Tables(
@@ -85,6 +86,77 @@ def collect(experiment: str, records: list[tracking.RunRecord] | None = None) ->
         adder=adder_frame(finished),
         transfer=transfer_frame(finished, scores.read(experiment)),
     )
+
+
+CHANCE_MARGIN = 0.05   # a model within this of chance accuracy (1 / classes) has learnt nothing a verdict can use
+
+
+def at_chance(runs: pd.DataFrame) -> pd.Series:
+    """Per fine-tune, scratch and adder run: is its test accuracy within CHANCE_MARGIN of 1 / classes (its target's
+    classes; the adder's 19 sums)? Null where the classes are not known (or the run is of another stage)."""
+    from xfer import adder
+
+    flags = pd.Series(pd.NA, index=runs.index, dtype="boolean")
+    for index, stage, target, accuracy in zip(runs.index, runs["stage"], runs["target"], runs["test_acc"]):
+        if stage not in (names.FINETUNE, names.SCRATCH, names.ADDER) or pd.isna(accuracy):
+            continue
+        classes = adder.SUMS if stage == names.ADDER else classes_of(target)
+        if classes:
+            flags[index] = bool(accuracy <= 1 / classes + CHANCE_MARGIN)
+    return flags
+
+
+def classes_of(dataset: str | None) -> int | None:
+    """How many classes `dataset` has, without loading it: its published facts (torchvision's sets), else what a grid
+    recorded in the runs folder's datasets.json when it planned; None if neither knows."""
+    from xfer import data
+
+    if not dataset:
+        return None
+    if dataset in data.PUBLISHED:
+        return data.PUBLISHED[dataset].num_classes
+    return _recorded_classes().get(dataset)
+
+
+def _recorded_classes() -> dict[str, int]:
+    import json
+
+    try:
+        known = json.loads((server.runs_dir() / "datasets.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {entry["info"]["name"]: int(entry["info"]["num_classes"]) for entry in known.values()
+            if isinstance(entry, dict) and "name" in entry.get("info", {}) and "num_classes" in entry["info"]}
+
+
+def without_chance(found: Tables) -> Tables:
+    """`found` without the runs at chance (`at_chance`): fine-tune, scratch and adder rows dropped, a baseline at
+    chance unjoined (its scratch_* columns null), adversarial scores on a target at chance dropped."""
+    dropped = set()
+    for frame in (found.finetune, found.scratch, found.adder):
+        dropped |= set(frame.loc[frame["at_chance"].fillna(False).astype(bool), "run_id"])
+    if not dropped:
+        return found
+
+    def unjoined(frame: pd.DataFrame) -> pd.DataFrame:
+        kept = frame[~frame["run_id"].isin(dropped)].copy()
+        lost = kept["scratch_run_id"].isin(dropped)
+        kept.loc[lost, [c for c in kept.columns if c.startswith("scratch_")]] = np.nan
+        return kept.reset_index(drop=True)
+
+    return dataclasses.replace(
+        found, finetune=unjoined(found.finetune), adder=unjoined(found.adder),
+        scratch=found.scratch[~found.scratch["run_id"].isin(dropped)].reset_index(drop=True),
+        transfer=found.transfer[~found.transfer["target_run_id"].isin(dropped)].reset_index(drop=True))
+
+
+def chance_runs(found: Tables) -> pd.DataFrame:
+    """The fine-tune, scratch and adder runs at chance (run_id, stage, label, test_acc), for the report to name."""
+    parts = []
+    for stage, frame in ((names.FINETUNE, found.finetune), (names.SCRATCH, found.scratch), (names.ADDER, found.adder)):
+        hit = frame[frame["at_chance"].fillna(False).astype(bool)]
+        parts.append(pd.DataFrame({"run_id": hit["run_id"], "stage": stage, "test_acc": hit["test_acc"]}))
+    return pd.concat(parts, ignore_index=True)
 
 
 def ensure_experiment(experiment: str) -> None:

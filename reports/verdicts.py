@@ -4,7 +4,15 @@ The unit of replication is the seed: every difference is first averaged within a
 sources, freeze depths ... of a slice), and the interval is Student's t on those per-seed means. Pairs
 within a seed are not independent, so treating them as replicates would give intervals that are too narrow;
 and with the 3-5 seeds a grid affords, a percentile bootstrap is too narrow as well (its resamples can only
-take a handful of distinct means, and it ignores that the spread itself is estimated from 3-5 values).
+take a handful of distinct means, and it ignores that the spread itself is estimated from 3-5 values). Every seed
+is scored on the same test set, so an interval is conditional on it: it covers training randomness, not the
+sampling of test examples.
+
+The seven headlines are the confirmatory tests: their p-values are Holm-adjusted together, and a headline is
+supported or contradicted only when its adjusted p is below 0.05. Every other row is descriptive (its own interval,
+no multiple-comparison control). Identical per-seed differences have no spread to make an interval from: such a row
+is "insufficient spread", not a verdict by sign. Cells whose test accuracy is at chance (`tables.at_chance`) are
+left out of every verdict, and the report says how many.
 
 Every claim gets exactly one headline row (`headline` true), always, in claim order, even with no runs
 ("no runs", with why); the rows beneath it are the same claim on narrower scopes (per size, per cell ...).
@@ -23,13 +31,18 @@ import pandas as pd
 from scipy import stats
 
 from reports.schema import SCHEMAS
-from reports.tables import Tables, size_order, size_text
+from reports.tables import Tables, size_order, size_text, without_chance
 from xfer import names
 
 MIN_SEEDS = 3           # below this the sd over seeds is too unstable for an interval: say so instead of guessing
 CONFIDENCE = 0.95
-METHOD = "paired t over seeds"
+METHOD = "paired t over seeds, conditional on the fixed test set"
+ALPHA = 1 - CONFIDENCE  # a headline is decided when its Holm-adjusted p is below this
+POWER = 0.8             # `seeds_for_power`: the seeds a paired t test needs for this power at the observed effect
+MAX_SEEDS = 100         # ... searched up to this many (null beyond)
 INSUFFICIENT = "insufficient seeds"
+NO_SPREAD = "insufficient spread"   # identical per-seed differences: no spread to make an interval from
+CONFIRMATORY, DESCRIPTIVE = "confirmatory", "descriptive"   # a row's `inference`: Holm over the headlines, or none
 NO_RUNS = "no runs"
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
 # A row's level: the claim's headline; a summary beneath it (a size pooled, a trend, another arm); one cell of the grid.
@@ -106,8 +119,7 @@ BY_KEY = {c.key: c for c in CLAIMS}
 def t_interval(values: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
     """Mean of `values` (one per seed, n >= 2) and its Student's t interval: mean ± t_{(1+c)/2, n-1} · sd / √n.
 
-    Identical values (sd 0) give a zero-width interval at their mean: every seed agreeing exactly is taken at
-    its word, so the verdict follows the sign of the mean (and is inconclusive only at exactly 0).
+    Identical values (sd 0) give a zero-width interval at their mean, which `verdict_row` does not decide on.
     """
     n = len(values)
     mean = float(np.mean(values))
@@ -118,6 +130,42 @@ def t_interval(values: np.ndarray, confidence: float = CONFIDENCE) -> tuple[floa
 def decide(low: float, high: float) -> str:
     """Supported when the interval lies above 0, contradicted when below, inconclusive when it holds 0."""
     return SUPPORTED if low > 0 else CONTRADICTED if high < 0 else INCONCLUSIVE
+
+
+def p_value(values: np.ndarray) -> float:
+    """Two-sided p of the one-sample (paired) t test of mean 0 over the per-seed values (nan without spread)."""
+    sd = float(np.std(values, ddof=1))
+    if not sd > 0:
+        return np.nan
+    t = float(np.mean(values)) / (sd / np.sqrt(len(values)))
+    return float(2 * stats.t.sf(abs(t), len(values) - 1))
+
+
+def seeds_for_power(values: np.ndarray, power: float = POWER, alpha: float = ALPHA) -> float:
+    """The fewest seeds a two-sided paired t test at `alpha` needs for `power` if the true effect and spread were the
+    observed ones (noncentral t); nan with no effect or spread, or beyond MAX_SEEDS."""
+    sd, mean = float(np.std(values, ddof=1)), float(np.mean(values))
+    if not (sd > 0 and mean != 0):
+        return np.nan
+    d = abs(mean) / sd
+    for n in range(2, MAX_SEEDS + 1):
+        critical, shift = stats.t.ppf(1 - alpha / 2, n - 1), d * np.sqrt(n)
+        if stats.nct.sf(critical, n - 1, shift) + stats.nct.cdf(-critical, n - 1, shift) >= power:
+            return float(n)
+    return np.nan
+
+
+def holm(p: np.ndarray) -> np.ndarray:
+    """Holm's step-down adjustment of the p-values `p` (nan entries are not tests: left nan, not counted)."""
+    p = np.asarray(p, dtype=float)
+    adjusted = np.full_like(p, np.nan)
+    tested = np.flatnonzero(~np.isnan(p))
+    order = tested[np.argsort(p[tested], kind="stable")]
+    m, running = len(order), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def per_seed(pairs: pd.DataFrame, pool: list[str]) -> pd.DataFrame:
@@ -137,20 +185,32 @@ def verdict_row(claim: Claim, scope: str, seeds: pd.DataFrame, headline: bool = 
                effect=np.nan, ci_low=np.nan, ci_high=np.nan,
                treated_mean=_mean(seeds, "treated"), control_mean=_mean(seeds, "control"),
                ceiling=_mean(seeds, "ceiling"), seeds=[int(s) for s in seeds.index],
-               seed_effects=[float(d) for d in seeds["diff"]], figure=FIGURE.format(id=claim.id))
+               seed_effects=[float(d) for d in seeds["diff"]], figure=FIGURE.format(id=claim.id),
+               p_value=np.nan, p_holm=np.nan, inference=DESCRIPTIVE, seeds_for_power=np.nan)
     head = f"{claim.text} ({scope})"
     if n < MIN_SEEDS:
         why = "; ".join(filter(None, [f"{n} seed(s) paired, {MIN_SEEDS} needed", note]))
         return row | dict(verdict=INSUFFICIENT, why=why,
                           line=f"{head}: {INSUFFICIENT} ({n} paired, need {MIN_SEEDS}); no effect estimated.")
-    effect, low, high = t_interval(seeds["diff"].to_numpy(dtype=float))
-    verdict = decide(low, high)
-    degenerate = "identical difference in every seed: zero-width interval" if low == high else ""
+    diffs = seeds["diff"].to_numpy(dtype=float)
+    effect, low, high = t_interval(diffs)
+    if not low < high:
+        why = f"the same difference, {100 * effect:+.2f} pp, in every seed: no spread to make an interval from"
+        return row | dict(effect=effect, verdict=NO_SPREAD, why="; ".join(filter(None, [note, why])),
+                          line=f"{head}: {NO_SPREAD} ({why}); no interval.")
+    row |= dict(effect=effect, ci_low=low, ci_high=high, verdict=decide(low, high), p_value=p_value(diffs),
+                seeds_for_power=seeds_for_power(diffs), why=note or None)
+    return row | dict(line=decided_line(row))
+
+
+def decided_line(row: dict) -> str:
+    """A row with an interval as one sentence: verdict, effect, interval, seeds, p (Holm's too on a headline)."""
     ceiling = f"; white-box ceiling {100 * row['ceiling']:.1f}%" if pd.notna(row["ceiling"]) else ""
-    line = (f"{head}: {verdict}; effect {100 * effect:+.2f} pp, 95% CI [{100 * low:+.2f}, {100 * high:+.2f}] pp "
-            f"over {n} seeds ({METHOD}; {row['measure']}{ceiling}).")
-    return row | dict(effect=effect, ci_low=low, ci_high=high, verdict=verdict,
-                      why="; ".join(filter(None, [note, degenerate])) or None, line=line)
+    holm_text = f", Holm-adjusted {row['p_holm']:.2g}" if pd.notna(row.get("p_holm", np.nan)) else ""
+    why = f" ({row['why']})" if row["verdict"] == INCONCLUSIVE and row.get("why") else ""
+    return (f"{row['text']} ({row['scope']}): {row['verdict']}{why}; effect {100 * row['effect']:+.2f} pp, 95% CI "
+            f"[{100 * row['ci_low']:+.2f}, {100 * row['ci_high']:+.2f}] pp over {row['n_seeds']} seeds, p = "
+            f"{row['p_value']:.2g}{holm_text} ({METHOD}; {row['measure']}{ceiling}).")
 
 
 def no_runs(claim: Claim, why: str) -> dict:
@@ -159,6 +219,7 @@ def no_runs(claim: Claim, why: str) -> dict:
                 seed_doc=claim.seed_doc, scope="",
                 measure=claim.measure, method=METHOD, n_seeds=0, effect=np.nan, ci_low=np.nan, ci_high=np.nan,
                 treated_mean=np.nan, control_mean=np.nan, ceiling=np.nan, seeds=[], seed_effects=[], figure=None,
+                p_value=np.nan, p_holm=np.nan, inference=CONFIRMATORY, seeds_for_power=np.nan,
                 verdict=NO_RUNS, why=why, line=f"{claim.text}: {NO_RUNS}; {why}.")
 
 
@@ -428,9 +489,40 @@ CLAIM_BUILDERS: dict[int, Callable[[Tables], list[dict]]] = {
 
 
 def all_verdicts(found: Tables) -> pd.DataFrame:
-    """Every claim 1-7, its headline row first and the narrower scopes beneath, in claim order."""
-    rows = [row for claim in CLAIMS for row in CLAIM_BUILDERS[claim.id](found)]
+    """Every claim 1-7, its headline row first and the narrower scopes beneath, in claim order; cells at chance left
+    out, the headlines Holm-adjusted together (`confirm`)."""
+    clean = without_chance(found)
+    rows = confirm([row for claim in CLAIMS for row in CLAIM_BUILDERS[claim.id](clean)])
     return pd.DataFrame(rows, columns=[c.name for c in SCHEMAS["verdicts"]])
+
+
+def confirm(rows: list[dict]) -> list[dict]:
+    """Holm's adjustment over the headlines that have a p-value: a headline whose adjusted p is not below ALPHA is
+    inconclusive whatever its own interval says, and says so; every other row is descriptive. A headline whose
+    seeds are too few for POWER at its observed effect says how many it would need."""
+    heads = [row for row in rows if row["headline"]]
+    adjusted = holm(np.array([row["p_value"] for row in heads], dtype=float))
+    tested = int(np.sum(~np.isnan(adjusted)))
+    for row, p in zip(heads, adjusted):
+        row["inference"] = f"{CONFIRMATORY}: Holm over {tested} headline(s)" if tested else CONFIRMATORY
+        if np.isnan(p):
+            continue
+        row["p_holm"] = float(p)
+        notes = [row["why"]] if row.get("why") else []
+        if row["verdict"] in (SUPPORTED, CONTRADICTED) and not p < ALPHA:
+            notes.append(f"its own interval excludes 0 (p = {row['p_value']:.2g}), but the Holm-adjusted p over "
+                         f"{tested} headlines is {p:.2g}")
+            row["verdict"] = INCONCLUSIVE
+        needed = row["seeds_for_power"]
+        if row["n_seeds"] < (needed if pd.notna(needed) else MAX_SEEDS + 1):
+            notes.append(f"underpowered: {f'~{needed:.0f}' if pd.notna(needed) else f'over {MAX_SEEDS}'} seeds for "
+                         f"{POWER:.0%} power at this effect and spread")
+        row["why"] = "; ".join(notes) or None
+        row["line"] = decided_line(row)
+    for row in rows:
+        if not row["headline"]:
+            row["inference"] = f"{DESCRIPTIVE}: no multiple-comparison control"
+    return rows
 
 
 def claims_table(verdicts: pd.DataFrame) -> pd.DataFrame:
@@ -452,9 +544,16 @@ def claims_doc() -> str:
                       f"{c.headline_rule}" for c in CLAIMS)
     return ("### The claims (`verdicts.parquet`)\n\n"
             f"Every row is a paired difference averaged within each seed first; with at least {MIN_SEEDS} seeds its "
-            f"95% interval is Student's t on the per-seed means (mean ± t_0.975,n-1 · sd / √n; '{METHOD}'), and the "
-            "verdict is supported if the interval lies above 0, contradicted if below, inconclusive otherwise. "
-            "Identical per-seed differences give a zero-width interval at their value (decided by its sign). "
-            f"Fewer than {MIN_SEEDS} seeds: '{INSUFFICIENT}', no effect. Each claim has exactly one headline row "
-            f"(`headline` true; '{NO_RUNS}' with `why` when the grid has no cells for it); the rows beneath it are "
+            f"95% interval is Student's t on the per-seed means (mean ± t_0.975,n-1 · sd / √n; '{METHOD}': every seed "
+            "is scored on the same test set, so the interval covers training randomness, not test-set sampling), and "
+            "the verdict is supported if the interval lies above 0, contradicted if below, inconclusive otherwise. "
+            "The seven headlines are the confirmatory tests: their paired-t p-values (`p_value`) are Holm-adjusted "
+            "together (`p_holm`), and a headline whose adjusted p is not below 0.05 is inconclusive whatever its own "
+            "interval says (`why` says so). Every other row is descriptive (`inference`): its own interval, no "
+            f"multiple-comparison control. Identical per-seed differences have no spread: '{NO_SPREAD}', no "
+            f"interval. Fewer than {MIN_SEEDS} seeds: '{INSUFFICIENT}', no effect. `seeds_for_power` is how many seeds "
+            f"a paired t test would need for {POWER:.0%} power if the observed effect and spread were true; a headline "
+            "with fewer says it is underpowered. Cells whose test accuracy is at chance (the `at_chance` column of the "
+            "finetune, scratch and adder tables) are left out of every verdict. Each claim has exactly one headline "
+            f"row (`headline` true; '{NO_RUNS}' with `why` when the grid has no cells for it); the rows beneath it are "
             "narrower scopes. A pooled headline weighs every pooled scope equally within a seed.\n\n" + items)

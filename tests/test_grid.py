@@ -358,6 +358,54 @@ def test_the_claims_preset_answers_every_claim_from_embedded_data() -> None:
     assert steps == {2500}   # the seed's step budget
 
 
+def test_only_keeps_the_named_cells_and_leaves_pretraining_and_keys_alone() -> None:
+    pools = {"glyph_letters": 15600, "uci_digits": 1797, "mnist5k": 4000}
+    full = grids.from_preset("smoke", sizes=(100, 500), freeze={"resnet_mini": (0, 20, 23)})
+    only = dataclasses.replace(full, only=grids.make(only=[
+        {"stage": "finetune", "source": "uci_digits", "size": 500, "freeze": [20, 23]},
+        {"stage": "scratch", "size": 100}]).only)
+    grids.validate(only)
+    every, kept = grids.cells(full, pools), grids.cells(only, pools)
+    assert [(c.source, c.train.size, c.train.freeze_depth) for c in kept.finetune] == [("uci_digits", 500, 20),
+                                                                                      ("uci_digits", 500, 23)]
+    assert [c.train.size for c in kept.scratch] == [100]
+    assert kept.pretrain == every.pretrain    # every source is still pretrained (and attacked)
+    assert set(kept.finetune) < set(every.finetune) and set(kept.scratch) < set(every.scratch)   # the same specs: keys
+
+
+@pytest.mark.parametrize("only, message", [
+    ([{"stage": "pretrain"}], "stage pretrain is not one `only` selects"),
+    ([{"source": "uci_digits", "size": 1000}], r"the pattern \{source: uci_digits, size: 1000\} matches no"),
+    ([{"colour": "red"}], "colour cannot select cells"),
+    ([{"size": "big"}], "size: 'big' is not a whole number"),
+    (["finetune"], "'finetune' is not a mapping of cell settings"),
+])
+def test_bad_only_patterns_are_refused_naming_the_pattern(only: list, message: str) -> None:
+    with pytest.raises(XferError, match=message):
+        grids.validate(grids.from_preset("smoke", only=only))
+
+
+def test_the_replicate_preset_is_seed_000s_cells_and_seed_002s_adder() -> None:
+    from reports.replication import SEED_ROWS
+
+    grid = grids.from_preset("replicate")
+    grids.validate(grid)
+    cells = grids.cells(grid, {"mnist": 60000, "fashion_mnist": 60000})
+    ran = {(c.stage, c.source, c.train.arch, c.train.size or 0, c.train.freeze_depth) for c in cells.finetune + cells.scratch}
+    ran |= {("pretrain", "", c.train.arch, c.train.dataset, 0) for c in cells.pretrain}
+    # Every seed-000 row of MNIST and Fashion-MNIST is a cell of the preset, and the preset runs nothing else.
+    rows = [r for r in SEED_ROWS if r.seed == "000" and {r.dataset, r.source} <= {"mnist", "fashion_mnist", ""}]
+    wanted = {("pretrain", "", r.arch, r.dataset, 0) if r.stage == "pretrain"
+              else (r.stage, r.source, r.arch, r.size, r.freeze) for r in rows}
+    assert len(rows) == 14 and wanted == ran
+    assert len(cells.pretrain) == 12 and all(c.train.size is None for c in cells.pretrain)   # whole training sets
+    assert grid.attacks == ("fgsm", "pgd") and grid.eps == (0.3,) and grid.attack_n == 5000
+    adder = grids.adder_cells(grid)
+    assert {c.variant for c in adder} == {"transfer", "scratch"} and {c.batch_size for c in adder} == {200}
+    classifiers = {c.pretrain for c in adder if c.pretrain is not None}
+    assert classifiers <= set(cells.pretrain) and {p.train.dataset for p in classifiers} == {"mnist"}  # trained once
+
+
 def test_adder_and_attack_surrogate_settings_are_checked_before_launch() -> None:
     with pytest.raises(XferError, match="adder settings colour are unknown"):
         grids.validate(grids.from_preset("smoke", adder={"colour": "blue"}))

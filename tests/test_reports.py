@@ -245,13 +245,17 @@ def test_claims_table_has_every_claim_and_finds_the_planted_effects_only(report)
     verdicts = pd.read_parquet(_data(report, "verdicts"))
     claims = verdicts[verdicts["headline"]].set_index("claim_id")
     assert list(claims.index) == list(range(1, 8)) and claims["method"].eq(METHOD).all()
+    assert claims["inference"].eq("confirmatory: Holm over 6 headline(s)").all()   # claim 7 has no runs: no test
+    tested = claims.dropna(subset=["p_value"])
+    assert len(tested) == 6 and (tested["p_holm"] >= tested["p_value"]).all() and claims.loc[7, "p_holm"] != claims.loc[7, "p_holm"]
     rows = verdicts.set_index(["claim_id", "scope"])
     # 1: the headline is the smallest size with >= 3 seeds (500, no effect); n=1000 beneath it, n=100 insufficient
     assert claims.loc[1, "scope"] == "size=500" and claims.loc[1, "verdict"] == "inconclusive"
     assert claims.loc[1, "ci_low"] < 0 < claims.loc[1, "ci_high"] and claims.loc[1, "figure"] == "figures/claim_1.png"
     planted = rows.loc[(1, "size=1000")]
     assert planted["verdict"] == "supported" and planted["effect"] == pytest.approx(0.10)
-    assert "+10.00 pp" in planted["line"] and f"over 5 seeds ({METHOD}" in planted["line"]
+    assert "+10.00 pp" in planted["line"] and "over 5 seeds, p = " in planted["line"] and f"({METHOD};" in planted["line"]
+    assert planted["inference"] == "descriptive: no multiple-comparison control" and np.isnan(planted["p_holm"])
     assert list(planted["seeds"]) == list(SEEDS) and np.mean(planted["seed_effects"]) == pytest.approx(0.10)
     few = rows.loc[(1, "size=100")]
     assert few["verdict"] == INSUFFICIENT and few["n_seeds"] == 2 and np.isnan(few["effect"])
@@ -293,6 +297,50 @@ def test_markdown_tables_in_the_seed_shape(report) -> None:
     assert "| 4 | adder: transfer beats scratch | 002 | size=200 |" in claims and "[claim_4.png](../figures/claim_4.png)" in claims
     attacks = (tables / "attacks.md").read_text()
     assert "| kmnist>mnist/resnet_mini/n1000/f0 | pgd | 0.3 | 95.0 | 20.0 | 20.0 | 60.0 | 0.5 | -40.0 |" in attacks
+
+
+def test_replication_puts_each_seed_value_beside_the_mean_and_interval_over_seeds(experiment: str) -> None:
+    from reports.replication import ABOVE, BELOW, NOT_RUN, TOO_FEW, WITHIN, SeedRow, lines, replication
+    from reports.tables import collect
+
+    def finetuned(value: float, **changes) -> SeedRow:
+        return SeedRow("000", f"ft {value}", "hand-written", names.FINETUNE, TARGET, ARCH, **{
+            "size": 1000, "source": "kmnist", "value": value, **changes})
+
+    rows = (finetuned(0.96), finetuned(0.99), finetuned(0.90),
+            SeedRow("000", "pretrain kmnist", "hand-written", names.PRETRAIN, "kmnist", ARCH, 60000, value=0.99),
+            SeedRow("000", "pretrain svhn", "hand-written", names.PRETRAIN, "svhn", ARCH, value=0.93),
+            finetuned(0.95, freeze=23))
+    table = replication(collect(experiment), rows)
+    # n=1000 plain fine-tunes: 1 - (0.05 + noise) over 5 seeds; the seeds' SGD and recipe cells are not averaged in.
+    expected = [1 - 0.05 - NOISE[seed] for seed in SEEDS]
+    mean, low, high = t_interval(np.array(expected))
+    first = table.iloc[0]
+    assert first["seeds"] == list(SEEDS) and np.allclose(first["seed_values"], expected)
+    assert (first["n_seeds"], first["mean"], first["ci_low"], first["ci_high"]) == pytest.approx((5, mean, low, high))
+    assert first["difference"] == pytest.approx(mean - 0.96)
+    assert table["word"].tolist() == [WITHIN, BELOW, ABOVE, TOO_FEW, NOT_RUN, NOT_RUN]
+    assert table["why"][3] == "1 seed(s), 3 needed for an interval"
+    assert table["why"][4] == "no finished pretrain run with source svhn in this grid"
+    assert table["why"][5] == ("no finished finetune run with target mnist, source kmnist, arch resnet_mini, size 1000, "
+                               "freeze depth 23 (one lr, never unfrozen) in this grid")
+    said = lines(table)
+    assert said[0] == (f"ft 0.96: seed 96.00%; xfer {100 * mean:.2f}%, 95% CI [{100 * low:.2f}, {100 * high:.2f}] "
+                       f"over 5 seed(s), {100 * (mean - 0.96):+.2f} pp: within the interval.")
+
+
+def test_every_report_has_the_replication_table_saying_why_each_row_was_not_run(report) -> None:
+    from reports.replication import NOT_RUN, SEED_ROWS
+
+    table = pd.read_parquet(_data(report, "replication"))
+    assert table["row"].tolist() == [r.row for r in SEED_ROWS]     # this grid matches none of the seeds' rows
+    assert set(table["word"]) == {NOT_RUN} and table["why"].str.contains("in this grid").all()
+    assert "adder digit classifier" in set(table["row"])
+    markdown = (report.out / "tables" / "replication.md").read_text()
+    assert markdown.count("| not run |") == len(SEED_ROWS) and "000 四 1) table (test accuracy), FMNIST预训练alexnet" in markdown
+    page = (report.out / "index.html").read_text()
+    assert "<h3>Replication</h3><p>No seed row matches a finished run" in page and "--preset replicate" in page
+    assert report.replication is not None and len(report.replication) == len(SEED_ROWS)
 
 
 def test_index_links_every_file_relatively(report) -> None:

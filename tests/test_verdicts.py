@@ -13,10 +13,11 @@ import pytest
 from scipy import stats
 
 from reports.schema import SCHEMAS
-from reports.tables import Tables
-from reports.verdicts import (ADDER_CLAIM, BY_KEY, INSUFFICIENT, METHOD, NO_RUNS, all_verdicts, claim_adder,
-                              claim_finetune_vs_scratch, claim_freezing, claim_head_lr, claim_lenet,
-                              claim_parent_examples, claim_unfreeze, claims_table, per_seed, t_interval, verdict_row)
+from reports.tables import Tables, at_chance, chance_runs
+from reports.verdicts import (ADDER_CLAIM, BY_KEY, DESCRIPTIVE, INSUFFICIENT, METHOD, NO_RUNS, NO_SPREAD, all_verdicts,
+                              claim_adder, claim_finetune_vs_scratch, claim_freezing, claim_head_lr, claim_lenet,
+                              claim_parent_examples, claim_unfreeze, claims_table, confirm, holm, per_seed,
+                              seeds_for_power, t_interval, verdict_row)
 from xfer import names
 
 CLAIM = BY_KEY["finetune_beats_scratch"]
@@ -86,15 +87,63 @@ def test_pairs_are_averaged_within_a_seed_before_the_interval() -> None:
     # seed 0 holds two pairs (0.0 and 0.2): one replicate with mean 0.1, not two values
     pairs = pd.DataFrame({"seed": [0, 0, 1, 2], "diff": [0.0, 0.2, 0.1, 0.1], "size": 100})
     row = verdict_row(CLAIM, "size=100", per_seed(pairs, []))
-    assert row["n_seeds"] == 3 and row["effect"] == pytest.approx(0.1)
-    assert row["ci_low"] == pytest.approx(0.1) and row["ci_high"] == pytest.approx(0.1)
+    assert row["n_seeds"] == 3 and row["effect"] == pytest.approx(0.1) and row["seed_effects"] == pytest.approx([0.1] * 3)
 
 
-@pytest.mark.parametrize(("value", "verdict"), [(0.03, "supported"), (-0.03, "contradicted"), (0.0, "inconclusive")])
-def test_identical_differences_give_a_zero_width_interval_decided_by_the_sign(value: float, verdict: str) -> None:
+@pytest.mark.parametrize("value", [0.03, -0.03, 0.0])
+def test_identical_differences_have_no_spread_and_get_no_verdict(value: float) -> None:
+    # Four seeds agreeing to the last digit is a fixed test set and a deterministic effect, not certainty: sd 0 gives
+    # a zero-width interval, which would call any sign "decided".
     row = _verdict([value] * 4)
-    assert row["verdict"] == verdict
-    assert row["ci_low"] == pytest.approx(value) and row["ci_high"] == pytest.approx(value)
+    assert row["verdict"] == NO_SPREAD and row["effect"] == pytest.approx(value)
+    assert np.isnan(row["ci_low"]) and np.isnan(row["ci_high"]) and np.isnan(row["p_value"])
+    assert "no spread to make an interval from" in row["why"] and "no interval" in row["line"]
+
+
+def test_p_value_and_power_are_the_paired_t_tests() -> None:
+    values = np.array([0.02, 0.05, 0.08, 0.03])
+    row = _verdict(list(values))
+    assert row["p_value"] == pytest.approx(stats.ttest_1samp(values, 0.0).pvalue)
+    assert f"p = {row['p_value']:.2g}" in row["line"] and row["inference"] == DESCRIPTIVE
+    # Power: d = 0.045 / 0.0265 = 1.7; a two-sided paired t at 0.05 reaches 80% at n = 5 (4: 0.67, 5: 0.83 by noncentral t).
+    assert seeds_for_power(values) == 5
+    assert seeds_for_power(np.array([0.01, -0.01, 0.02])) > 20   # a small effect in its noise needs many seeds
+    assert np.isnan(seeds_for_power(np.array([0.1, 0.1, 0.1])))
+
+
+def test_holm_adjusts_step_down_and_keeps_the_order() -> None:
+    p = np.array([0.01, np.nan, 0.04, 0.03, 0.005])
+    # sorted: 0.005 (x4), 0.01 (x3), 0.03 (x2), 0.04 (x1), each at least the one before
+    assert holm(p) == pytest.approx([0.03, np.nan, 0.06, 0.06, 0.02], nan_ok=True)
+    assert holm(np.array([np.nan])) == pytest.approx([np.nan], nan_ok=True)
+
+
+def test_a_headline_decided_alone_is_inconclusive_after_holm_and_says_why() -> None:
+    # Four headlines: claim 7 clearly contradicted, claim 5 clearly supported, claim 1 supported on its own at p ~ 0.03,
+    # claim 6 noise. Holm multiplies claim 1's p by 2 (two headlines have larger p): ~0.07, no longer decided.
+    def headline(key: str, values: list[float]) -> dict:
+        return verdict_row(BY_KEY[key], "all", per_seed(_pairs(values), []), headline=True)
+
+    strong = headline("lenet5_vs_resnet_mini", [-0.4, -0.41, -0.42])
+    middle = headline("head10x_sgd_helps", [0.05, 0.06, 0.045, 0.07])
+    weak = headline("finetune_beats_scratch", [0.015, 0.05, 0.03, 0.02])
+    noise = headline("unfreeze_helps", [0.01, -0.02, 0.005, 0.02])
+    sub = verdict_row(CLAIM, "size=500", per_seed(_pairs([0.015, 0.05, 0.03, 0.02]), []))
+    assert weak["verdict"] == sub["verdict"] == "supported" and 0.025 < weak["p_value"] < 0.05
+    rows = confirm([weak, sub, strong, middle, noise])
+    assert rows == [weak, sub, strong, middle, noise]
+    assert weak["p_holm"] == pytest.approx(2 * weak["p_value"]) and noise["p_holm"] == pytest.approx(noise["p_value"])
+    assert strong["p_holm"] == pytest.approx(4 * strong["p_value"]) and middle["p_holm"] == pytest.approx(3 * middle["p_value"])
+    assert weak["verdict"] == "inconclusive" and "Holm-adjusted p over 4 headlines is 0.0" in weak["why"]
+    assert weak["line"].startswith("fine-tuning a pretrained model beats training from scratch when target data is "
+                                   "scarce (all): inconclusive (its own interval excludes 0")
+    assert strong["verdict"] == "contradicted" and middle["verdict"] == "supported" and noise["verdict"] == "inconclusive"
+    assert weak["inference"] == "confirmatory: Holm over 4 headline(s)"
+    # The sub-row keeps its own interval's verdict, as a descriptive row.
+    assert sub["verdict"] == "supported" and sub["inference"].startswith(DESCRIPTIVE) and np.isnan(sub["p_holm"])
+    # Claim 6's noise (d = 0.23) would need ~150 seeds to be told from 0: the headline says it is underpowered.
+    assert np.isnan(noise["seeds_for_power"]) and "underpowered: over 100 seeds for 80% power" in noise["why"]
+    assert "underpowered" not in (middle["why"] or "")
 
 
 def test_a_pooled_headline_weighs_every_scope_equally_within_a_seed() -> None:
@@ -270,6 +319,39 @@ def test_claim_7_lenet5_against_resnet_mini_from_scratch_at_the_largest_size() -
     assert headline["scope"] == "scratch size=1000" and headline["verdict"] == "contradicted"
     assert headline["effect"] == pytest.approx(-0.05)
     assert _row(result, "stage=scratch target=mnist5k size=100")["verdict"] == "supported"
+
+
+def test_cells_at_chance_are_left_out_of_every_verdict() -> None:
+    # The audit's claim 7: SGD LeNet at 90% error (chance for 10 classes) against a resnet_mini that learnt. Pooled,
+    # the chance cells dominate the headline; left out, the headline is the AdamW pair the seed's claim is about.
+    def scratch(arch: str, seed: int, error: float, optimizer: str) -> dict:
+        return dict(run_id=f"{arch}-{optimizer}-{seed}", target="mnist", arch=arch, size=1000, lr=1e-3, seed=seed,
+                    optimizer=optimizer, epochs=10, test_error=error, test_acc=1 - error,
+                    at_chance=bool(1 - error <= 0.15))
+
+    rows = []
+    for seed in range(3):
+        rows += [scratch("lenet5", seed, 0.14 + NOISE[seed], "adamw"), scratch("resnet_mini", seed, 0.02, "adamw"),
+                 scratch("lenet5", seed, 0.90, "sgd"), scratch("resnet_mini", seed, 0.22 + NOISE[seed], "sgd")]
+    empty = {name: _table(name, []) for name in ("runs", "pretrain", "finetune", "adder", "curves", "transfer")}
+    found = Tables(**empty, scratch=_table("scratch", rows), params=[], without_curve=[])
+    assert chance_runs(found)["run_id"].tolist() == ["lenet5-sgd-0", "lenet5-sgd-1", "lenet5-sgd-2"]
+    headline = claims_table(all_verdicts(found)).set_index("claim_id").loc[7]
+    assert headline["effect"] == pytest.approx(-0.12) and headline["n_seeds"] == 3   # AdamW alone: 14% vs 2%
+    pooled = claim_lenet(_table("scratch", rows), _table("finetune", []))
+    assert _headline(pooled)["effect"] == pytest.approx((-0.12 - 0.68) / 2)             # what pooling chance gave
+
+
+def test_chance_is_one_over_the_target_classes_plus_a_margin(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    monkeypatch.setenv("XFER_RUNS", str(tmp_path))
+    (tmp_path / "datasets.json").write_text(json.dumps({"glyph_letters|/x|skip_bad_images=False": {
+        "info": {"name": "glyph_letters", "num_classes": 26}, "signature": "s"}}))
+    runs = pd.DataFrame({"stage": ["finetune", "scratch", "scratch", "adder", "pretrain", "finetune"],
+                         "target": ["mnist", "mnist", "glyph_letters", "mnist", "mnist", "imagefolder:/somewhere"],
+                         "test_acc": [0.149, 0.151, 0.088, 0.10, 0.10, 0.5]})
+    assert at_chance(runs).tolist() == [True, False, True, True, pd.NA, pd.NA]   # 1/10, 1/26 and 1/19 (sums) + 5 pp
 
 
 def test_every_claim_has_exactly_one_headline_even_with_no_runs() -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from xfer import data, models
+from xfer import data, models, names
 from xfer.errors import XferError
 from xfer.specs import OPTIMIZERS, AttackSpec, FinetuneSpec, PretrainSpec, TrainSpec
 
@@ -108,6 +108,12 @@ class Grid:
     weights: str = _field("", "resnet18's ImageNet weights: a resnet18-f37072fd.pth file, or 'imagenet' "
                                 "(torchvision's cache or download); '' = none")
     scratch: bool = _field(True, "train scratch baselines of every arch × size × lr × seed")
+    # A subset of the product, where a study names its cells (a replication of published rows): fine-tune and
+    # scratch cells are kept only when they match one of these patterns, e.g. `{stage: finetune, source:
+    # fashion_mnist, arch: resnet_mini, size: 10000, freeze: [20, 23]}`; a key holds one value or a list, an absent
+    # key matches every value (ONLY_KEYS). Pretraining stays the product (sources × archs × seeds). () = every cell.
+    only: tuple[dict[str, Any], ...] = _field((), "keep only the fine-tune and scratch cells matching one of these "
+                                                  "patterns (grid files only)")
     # Tuned settings per "arch/size" (size 0 = whole pool), from `sweeps/full_grid.py --tuned`: the tuned lr
     # replaces the lrs axis and the other settings (weight_decay, head_lr_mult, batch_size, label_smoothing)
     # the grid's, in that arch and size's fine-tune and scratch cells; a recipe's own settings still win.
@@ -273,6 +279,8 @@ def _typed(key: str, value: Any) -> Any:
     """`value` as the type of the setting `key`, or an XferError naming the setting, the value and an example."""
     if key == "freeze":
         return parse_freeze(value)
+    if key == "only":
+        return _only_patterns(value)
     if key == "adder":
         if not isinstance(value, dict):
             raise XferError(f"{_setting(key)} {value!r} is not a mapping of adder settings (e.g. `adder: {{sizes: [5000], "
@@ -311,6 +319,50 @@ def _example(key: str) -> str:
     if isinstance(default, bool):
         return f"`{key}: {str(default).lower()}` in a grid file"
     return f"{flag(key)} {default}, or `{key}: {default}` in a grid file"
+
+
+# What an `only` pattern may name, and each value's kind; stage is "finetune" or "scratch" (names.FINETUNE/SCRATCH).
+ONLY_KEYS: dict[str, type] = {"stage": str, "source": str, "arch": str, "size": int, "freeze": int, "recipe": str}
+_ONLY_EXAMPLE = "e.g. `only: [{stage: finetune, source: fashion_mnist, arch: resnet_mini, size: 10000, freeze: [20, 23]}]`"
+
+
+def _only_patterns(value: Any) -> tuple[dict[str, tuple[Any, ...]], ...]:
+    """`only` as a tuple of patterns, each key's values a tuple of the key's kind."""
+    listed = value if isinstance(value, (list, tuple)) else [value]
+    patterns = []
+    for pattern in listed:
+        if not isinstance(pattern, dict) or not pattern:
+            raise XferError(f"{_setting('only')} {pattern!r} is not a mapping of cell settings; {_ONLY_EXAMPLE}")
+        unknown = sorted(set(pattern) - set(ONLY_KEYS))
+        if unknown:
+            raise XferError(f"{_setting('only')} {', '.join(unknown)} cannot select cells (known: "
+                            f"{', '.join(ONLY_KEYS)}); {_ONLY_EXAMPLE}")
+        typed: dict[str, tuple[Any, ...]] = {}
+        for key, values in pattern.items():
+            items = tuple(values) if isinstance(values, (list, tuple)) else (values,)
+            cast = tuple(_scalar(item, ONLY_KEYS[key]) for item in items)
+            if _WRONG in cast or not cast:
+                raise XferError(f"{_setting('only')} {key}: {values!r} is not {_KIND_WORDS[ONLY_KEYS[key]]} or a list "
+                                f"of them; {_ONLY_EXAMPLE}")
+            typed[key] = cast
+        patterns.append(typed)
+    return tuple(patterns)
+
+
+def _cell_values(spec: FinetuneSpec, recipe_name: str | None) -> dict[str, Any]:
+    """What `only` patterns match against: a fine-tune or scratch cell's stage, source, arch, size, depth, recipe."""
+    train = spec.train
+    return {"stage": spec.stage, "source": spec.source, "arch": train.arch, "size": train.size or ALL,
+            "freeze": train.freeze_depth, "recipe": recipe_name}
+
+
+def selected(grid: Grid, spec: FinetuneSpec, recipe_name: str | None = None) -> bool:
+    """Whether `only` keeps the fine-tune or scratch cell `spec` (scratch cells have no recipe: any matches)."""
+    if not grid.only:
+        return True
+    values = _cell_values(spec, recipe_name)
+    return any(all(values[key] in allowed or (key == "recipe" and recipe_name is None) for key, allowed in pattern.items())
+               for pattern in grid.only)
 
 
 def parse_freeze(value: Any) -> dict[str, tuple[int, ...]]:
@@ -364,6 +416,7 @@ def validate(grid: Grid) -> None:
             problems.append("the grid has no training cells: give sources, ImageNet weights for resnet18, "
                             "or keep the scratch baselines")
         problems += _recipe_problems(grid) + _weights_problems(grid) + _tuned_problems(grid) + _attack_adder_problems(grid)
+        problems += _only_problems(grid) if not problems else []
     if problems:
         raise XferError("the grid is not valid: " + "; ".join(problems) + ". Nothing was launched.")
 
@@ -564,6 +617,38 @@ def _tuned_problems(grid: Grid) -> list[str]:
     return problems
 
 
+def _only_problems(grid: Grid) -> list[str]:
+    """`only` patterns that name a stage other than fine-tune or scratch, or match no cell (a typo keeps nothing)."""
+    problems = []
+    stages = {names.FINETUNE, names.SCRATCH}
+    for pattern in grid.only:
+        odd = sorted(set(pattern.get("stage", ())) - stages)
+        if odd:
+            problems.append(f"{_setting('only')} stage {', '.join(odd)} is not one `only` selects; use "
+                            f"{' or '.join(sorted(stages))} (pretraining is every source × arch × seed)")
+    if problems or not grid.only:
+        return problems
+    everything = cells(dataclasses.replace(grid, only=()))
+    for pattern in grid.only:
+        alone = dataclasses.replace(grid, only=(pattern,))
+        if not any(selected(alone, spec, _recipe_of(grid, spec)) for spec in everything.finetune + everything.scratch):
+            shown = ", ".join(f"{key}: {list(values) if len(values) > 1 else values[0]}" for key, values in pattern.items())
+            problems.append(f"{_setting('only')} the pattern {{{shown}}} matches no fine-tune or scratch cell of the "
+                            "grid; check its values against the grid's sources, archs, sizes, freeze depths and recipes")
+    return problems
+
+
+def _recipe_of(grid: Grid, spec: FinetuneSpec) -> str | None:
+    """The recipe of `grid` that made the fine-tune cell `spec` (None for scratch)."""
+    if spec.stage == names.SCRATCH:
+        return None
+    for name in grid.recipes:
+        settings = recipe_settings(grid, name, spec.train.freeze_depth)
+        if settings is not None and all(getattr(spec.train, k) == v for k, v in settings.items()):
+            return name
+    return None
+
+
 def _weights_problems(grid: Grid) -> list[str]:
     if not grid.weights:
         return []
@@ -619,10 +704,14 @@ def cells(grid: Grid, pool_sizes: dict[str, int] | None = None) -> Cells:
             for (parent, init), depth, name in itertools.product(starts, grid.freeze_depths(arch_name), grid.recipes):
                 settings = recipe_settings(grid, name, depth)
                 if settings is not None:
-                    finetune.append(FinetuneSpec(TrainSpec(**{**base, **init, "freeze_depth": depth, **settings}), parent))
+                    spec = FinetuneSpec(TrainSpec(**{**base, **init, "freeze_depth": depth, **settings}), parent)
+                    if selected(grid, spec, name):
+                        finetune.append(spec)
             if grid.scratch:
                 for optimizer in dict.fromkeys(recipe(name).optimizer or grid.optimizer for name in grid.recipes):
-                    scratch.append(FinetuneSpec(TrainSpec(**{**base, "optimizer": optimizer})))
+                    spec = FinetuneSpec(TrainSpec(**{**base, "optimizer": optimizer}))
+                    if selected(grid, spec):
+                        scratch.append(spec)
     attacks = tuple(
         AttackSpec(attack=name, eps=eps, steps=grid.attack_steps, n=grid.attack_n, dataset=grid.target)
         for name, eps in itertools.product(grid.attacks, grid.eps)

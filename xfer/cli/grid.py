@@ -27,7 +27,7 @@ from xfer.errors import XferError
 from xfer.cli import add_cluster_flags, add_data_flags, add_run_flags, run_options
 
 # Grid settings that are not a plain --flag VALUE: how the command line sets them instead.
-_SPECIAL = {"freeze", "tuned", "adder", "scratch", "augment", "fast_dev_run"}
+_SPECIAL = {"freeze", "tuned", "adder", "only", "scratch", "augment", "fast_dev_run"}
 
 
 def parser() -> argparse.ArgumentParser:
