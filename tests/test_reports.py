@@ -280,7 +280,7 @@ def test_claims_table_has_every_claim_and_finds_the_planted_effects_only(report)
     assert f"effect {100 * effect:+.2f} pp, 95% CI [{100 * low:+.2f}, {100 * high:+.2f}] pp over 3 seeds" in adder["line"]
     assert verdicts.loc[verdicts["claim"] == ADDER_CLAIM, "line"].tolist() == [adder["line"]]   # what sweeps/adder prints
     # 7: no LeNet-5 in this grid
-    assert claims.loc[7, "verdict"] == NO_RUNS and claims.loc[7, "why"] == "no lenet5 runs in this grid"
+    assert claims.loc[7, "verdict"] == NO_RUNS and claims.loc[7, "why"] == "no Adam or AdamW lenet5 runs in this grid"
     assert pd.isna(claims.loc[7, "figure"])
     as_json = json.loads((report.out / "data" / "verdicts.json").read_text())
     assert [v["line"] for v in as_json] == list(verdicts["line"])
@@ -358,7 +358,7 @@ def test_index_opens_with_what_the_grid_found(report) -> None:
     claims = found[found.index("<h3>Claims"):found.index("<h3>Largest effects")]
     assert claims.count("<tr><td>") == 7 and 'href="figures/claim_4.png"' in claims
     assert 'href="figures/curves_adder_n200.png"' in claims and 'href="figures/transfer_pgd_eps0.3.png"' in claims
-    assert "no lenet5 runs in this grid" in claims and ">+10.00<" not in claims   # n=1000 is not a headline
+    assert "no Adam or AdamW lenet5 runs in this grid" in claims and ">+10.00<" not in claims   # n=1000 is not a headline
     largest = found[found.index("<h3>Largest effects"):found.index("<h3>Failures")]
     assert largest.count("<li>") == 5 and "claim 3 (attack=pgd eps=0.3): supported, +40.00 pp" in largest.split("<li>")[1]
     assert largest.count("claim 2 ") == 1   # the headline and its one cell hold the same effect: listed once
