@@ -107,19 +107,28 @@ def test_auto_batches_only_a_clear_win(experiment: str, digits, speedup: float, 
     cannot flip the choice between reruns; a clear one (1.3×) batches. Driven through the kept calibration."""
     from xfer import calibration
 
+    from xfer.progress import ENDED
+
     key = f"vectorised/cpu/lenet5/batch32/cells3/threads{torch.get_num_threads()}"
     calibration.remember(calibration.path(), key, {"speedup": speedup, "measured": "earlier", "steps": 4})
+    sent: list[dict] = []
+    store = packs.PackCheckpoint({}, 3600.0, lambda metrics, state_dir: sent.append(metrics), 3, report_interval_s=1e-9)
+    cells = [tiny(5), tiny(6), tiny(7)]
     try:
-        result = packs.run_pack([tiny(5), tiny(6), tiny(7)], stages.TRAINING, experiment, {"mnist5k": digits},
-                                device="cpu")
+        result = packs.run_pack(cells, stages.TRAINING, experiment, {"mnist5k": digits}, store, device="cpu")
     finally:
         kept = calibration.read(calibration.path())
         kept.pop(key, None)   # no made-up figure outlives the test
         calibration.path().write_text(json.dumps(kept, indent=2, sort_keys=True))
     assert result.mode == mode and len(result.ran) == 3, result.why
+    labels = [stages.TRAINING.label(c) for c in cells]
+    ended = [next(i for i, m in enumerate(sent) if label in m.get(ENDED, "")) for label in labels]
+    last_started = next(i for i, m in enumerate(sent) if m.get("cell") == labels[2] and names.EPOCH in m)
     if mode == "packed_sequential":
         assert result.why == ("on cpu the batched model measured 1.10× the speed of one cell after another for lenet5 "
                               "(3 cells, batch 32); it must reach 1.2×")
+        # Each cell ends (its run FINISHED, its end reported) as soon as it has trained, not with the pack.
+        assert ended[0] < ended[1] < last_started < ended[2]
     else:
         assert result.why == "3 lenet5 cells as one batched model on cpu"
 

@@ -107,6 +107,7 @@ class Life:
         self._through = -1   # the last step whose curve points are logged
         self._last_state: TrainState | None = None   # the last epoch's state: what a stopped cell resumes from
         self._reopened = False
+        self._exited = False
 
     def __enter__(self) -> Life:
         self.resume = self.session.restore()
@@ -136,6 +137,10 @@ class Life:
         return self
 
     def __exit__(self, *exc: Any) -> bool:
+        """End the run (FAILED with the error, if one is raised); once: a pack may end a cell before its stack does."""
+        if self._exited:
+            return False
+        self._exited = True
         suppressed = self._stack.__exit__(*exc)
         if exc[0] is None and self.result is not None:
             self.session.done(self.result)

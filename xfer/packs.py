@@ -238,19 +238,24 @@ def _together(todo: Sequence[Any], kind: Kind, context: Context, store: PackChec
                 refused[key] = str(exc)
         why = _why_not(lives, device, vectorise) if len(lives) > 1 else "one cell left"
         outcome.mode, outcome.why = ("packed_sequential", why) if why else ("packed_vectorised", _why(lives, device))
+        for spec in todo:
+            key = specs.key(spec)
+            if key in refused:
+                _record(outcome, store, key, kind.label(spec), refused[key])
         if why:
-            results = [life.train(device) for _, life in lives]
-        else:
-            trained = vectorised.train_many(
-                [life.cell.train for _, life in lives], [life.splits for _, life in lives],
-                [life.model for _, life in lives], [life.within_epoch for _, life in lives], device=device,
-                resumes=[life.resume for _, life in lives], on_epoch_end=[life.epoch_end for _, life in lives],
-                stop=stopping.requested)
-            results = [life.finish(result) for (_, life), result in zip(lives, trained)]
-    for spec in todo:
-        key = specs.key(spec)
-        if key in refused:
-            _record(outcome, store, key, kind.label(spec), refused[key])
+            # One after another: each cell's run ends, and its end is reported, as soon as it has trained, so the
+            # progress view counts it then (not when the pack ends) and a later cell's crash cannot take its run with it.
+            for spec, life in lives:
+                result = life.train(device)
+                life.__exit__(None, None, None)
+                _record(outcome, store, specs.key(spec), kind.label(spec), result.reason, result.status)
+            return
+        trained = vectorised.train_many(
+            [life.cell.train for _, life in lives], [life.splits for _, life in lives],
+            [life.model for _, life in lives], [life.within_epoch for _, life in lives], device=device,
+            resumes=[life.resume for _, life in lives], on_epoch_end=[life.epoch_end for _, life in lives],
+            stop=stopping.requested)
+        results = [life.finish(result) for (_, life), result in zip(lives, trained)]
     for (spec, _), result in zip(lives, results):
         _record(outcome, store, specs.key(spec), kind.label(spec), result.reason, result.status)
 
