@@ -229,6 +229,22 @@ def test_claim_2_freezing_is_paired_with_full_fine_tuning_from_the_same_checkpoi
     assert not any("freeze_depth=23" in r["scope"] for r in result)
 
 
+def test_claim_2_carries_seed_000s_own_contrast_freeze_20_against_23() -> None:
+    # The replicate preset's shape: no full fine-tuning at 10,000 (so no headline pair), but depths 20 and 23 from the
+    # same checkpoint; seed 000 found 20 better by 0.82 pp. Here 23 is 1 pp worse in every seed, give or take noise.
+    rows = []
+    for seed in range(3):
+        rows.append(_finetune(seed, 10000, 0.05, freeze=20, source="fashion_mnist"))
+        rows.append(_finetune(seed, 10000, 0.06 + NOISE[seed] / 2, freeze=23, source="fashion_mnist"))
+        rows.append(_finetune(seed, 0, 0.01, source="fashion_mnist"))
+    result = claim_freezing(_table("finetune", rows))
+    assert result[0]["headline"] and result[0]["verdict"] == NO_RUNS
+    [seed_row] = result[1:]
+    assert seed_row["scope"] == "seed 000's contrast: freeze 20 vs 23, arch=resnet_mini size=10000"
+    assert seed_row["effect"] == pytest.approx(0.01) and seed_row["verdict"] == "supported" and not seed_row["headline"]
+    assert seed_row["measure"].startswith("resnet_mini test_error frozen 23 - frozen 20 tensors")
+
+
 def test_claim_3_parent_examples_against_another_source_of_the_same_arch() -> None:
     rows = []
     for seed in range(3):
