@@ -374,8 +374,11 @@ def test_only_keeps_the_named_cells_and_leaves_pretraining_and_keys_alone() -> N
 
 
 @pytest.mark.parametrize("only, message", [
-    ([{"stage": "pretrain"}], "stage pretrain is not one `only` selects"),
-    ([{"source": "uci_digits", "size": 1000}], r"the pattern \{source: uci_digits, size: 1000\} matches no"),
+    ([{"stage": "pretrain"}], "stage pretrain is not fine-tune or scratch"),
+    ([{"source": "fmnist"}], "source fmnist is not a source xfer knows"),
+    ([{"arch": "alexnet"}], "arch alexnet is not an arch xfer knows"),
+    ([{"recipe": "sgd10"}], "unknown recipe 'sgd10'"),
+    ([{"source": "uci_digits", "size": 1000}], r"the patterns \{source: uci_digits, size: 1000\} keep no fine-tune"),
     ([{"colour": "red"}], "colour cannot select cells"),
     ([{"size": "big"}], "size: 'big' is not a whole number"),
     (["finetune"], "'finetune' is not a mapping of cell settings"),
@@ -383,6 +386,14 @@ def test_only_keeps_the_named_cells_and_leaves_pretraining_and_keys_alone() -> N
 def test_bad_only_patterns_are_refused_naming_the_pattern(only: list, message: str) -> None:
     with pytest.raises(XferError, match=message):
         grids.validate(grids.from_preset("smoke", only=only))
+
+
+def test_a_preset_narrowed_on_the_command_line_keeps_what_its_patterns_still_match(full_grid) -> None:
+    # The replicate preset names alexnet_mini cells too; --archs resnet_mini leaves those patterns matching nothing.
+    grid = full_grid.grid_from_args(full_grid.parser().parse_args(["--preset", "replicate", "--archs", "resnet_mini"]))
+    grids.validate(grid)
+    kept = grids.cells(grid)
+    assert {c.train.arch for c in kept.finetune + kept.scratch} == {"resnet_mini"} and len(kept.finetune) == 4 * 3
 
 
 def test_the_replicate_preset_is_seed_000s_cells_and_seed_002s_adder() -> None:

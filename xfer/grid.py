@@ -618,35 +618,33 @@ def _tuned_problems(grid: Grid) -> list[str]:
 
 
 def _only_problems(grid: Grid) -> list[str]:
-    """`only` patterns that name a stage other than fine-tune or scratch, or match no cell (a typo keeps nothing)."""
+    """`only` patterns that name what cannot exist (a stage other than fine-tune or scratch, an unknown dataset, arch
+    or recipe: a typo would keep nothing), or that together keep no cell. A pattern that matches nothing because the
+    command line narrowed an axis (`--archs resnet_mini` on a preset that names alexnet_mini's cells) is fine."""
     problems = []
-    stages = {names.FINETUNE, names.SCRATCH}
+    known = {"stage": {names.FINETUNE, names.SCRATCH}, "source": set(data.list_datasets()),
+             "arch": set(models.list_archs())}
     for pattern in grid.only:
-        odd = sorted(set(pattern.get("stage", ())) - stages)
-        if odd:
-            problems.append(f"{_setting('only')} stage {', '.join(odd)} is not one `only` selects; use "
-                            f"{' or '.join(sorted(stages))} (pretraining is every source × arch × seed)")
+        for key, allowed in known.items():
+            odd = sorted(str(v) for v in pattern.get(key, ()) if v not in allowed and not str(v).startswith(data.IMAGEFOLDER))
+            if odd:
+                hint = ("fine-tune or scratch (pretraining is every source × arch × seed)" if key == "stage"
+                        else f"{'an' if key == 'arch' else 'a'} {key} xfer knows")
+                problems.append(f"{_setting('only')} {key} {', '.join(odd)} is not {hint}")
+        for name in pattern.get("recipe", ()):
+            try:
+                recipe(name)
+            except XferError as exc:
+                problems.append(f"{_setting('only')} {str(exc).rstrip('.')}")
     if problems or not grid.only:
         return problems
-    everything = cells(dataclasses.replace(grid, only=()))
-    for pattern in grid.only:
-        alone = dataclasses.replace(grid, only=(pattern,))
-        if not any(selected(alone, spec, _recipe_of(grid, spec)) for spec in everything.finetune + everything.scratch):
-            shown = ", ".join(f"{key}: {list(values) if len(values) > 1 else values[0]}" for key, values in pattern.items())
-            problems.append(f"{_setting('only')} the pattern {{{shown}}} matches no fine-tune or scratch cell of the "
-                            "grid; check its values against the grid's sources, archs, sizes, freeze depths and recipes")
+    kept = cells(grid)
+    if not kept.finetune and not kept.scratch:
+        shown = "; ".join("{" + ", ".join(f"{key}: {list(values) if len(values) > 1 else values[0]}"
+                                          for key, values in pattern.items()) + "}" for pattern in grid.only)
+        problems.append(f"{_setting('only')} the patterns {shown} keep no fine-tune or scratch cell of the grid; check "
+                        "their values against the grid's sources, archs, sizes, freeze depths and recipes")
     return problems
-
-
-def _recipe_of(grid: Grid, spec: FinetuneSpec) -> str | None:
-    """The recipe of `grid` that made the fine-tune cell `spec` (None for scratch)."""
-    if spec.stage == names.SCRATCH:
-        return None
-    for name in grid.recipes:
-        settings = recipe_settings(grid, name, spec.train.freeze_depth)
-        if settings is not None and all(getattr(spec.train, k) == v for k, v in settings.items()):
-            return name
-    return None
 
 
 def _weights_problems(grid: Grid) -> list[str]:
