@@ -91,6 +91,31 @@ def test_the_watch_says_it_waits_for_a_server_xfer_did_not_start_then_gives_up(t
 
 # ---- Ctrl-C, SIGTERM, and the server killed, one grid -------------------------------------------------------
 
+STARTS_RAY_THEN_TERMINATED = """
+import os, signal, sys, time
+from xfer import cluster, stopping
+with stopping.Stop(lambda line: print(line, flush=True)) as stop:
+    cluster.connect()      # as a grid does once a stage has cells: Ray starts after the grid's handlers are in
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(1)
+    print("requested", stop.requested, stop.exit_code, flush=True)
+"""
+
+
+def test_sigterm_after_ray_started_stops_the_grid_cleanly_in_a_fresh_process(tmp_path: Path) -> None:
+    """The command line's order: the grid's handlers first, then `ray.init`, whose C++ failure handler takes
+    SIGTERM (a stack dump and a dead driver: what a cluster's job stop met). The grid takes SIGTERM back. The
+    grid test below cannot see this: its Ray is started by the test session before the grid's handlers."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"XFER_RUNS": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", STARTS_RAY_THEN_TERMINATED], capture_output=True, text=True,
+                          env=env, timeout=180, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "stopping: SIGTERM received" in done.stdout and "requested True 143" in done.stdout
+    assert "SIGTERM received at time" not in done.stderr   # Ray's handler did not run
+
 @pytest.mark.slow
 def test_ctrl_c_then_sigterm_stop_the_grid_cleanly_and_a_killed_server_is_restarted_and_each_rerun_goes_on(
         local_ray, experiment: str, capsys: pytest.CaptureFixture, full_grid, mlflow_server: Server) -> None:

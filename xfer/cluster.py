@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from xfer import server
+from xfer import server, stopping
 
 GPU_SHARE = 0.25   # default GPUs per trial when the cluster has GPUs: several packs share one device
 
@@ -31,6 +31,9 @@ def connect(address: str | None = None, log_file: str | None = None) -> Any:
         with redirected(Path(log_file) if log_file else None):
             ray.init(address=address or os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": server.worker_env()},
                      configure_logging=False, log_to_driver=log_file is None)
+        stop = stopping.current()
+        if stop is not None:   # Ray's SIGTERM handler would kill the driver before the grid could stop cleanly
+            stop.claim_signals()
     return ray
 
 

@@ -76,6 +76,13 @@ class Stop:
         _current.append(self)
         return self
 
+    def claim_signals(self) -> None:
+        """Put this grid's handlers back on SIGINT and SIGTERM (from the main thread, while entered): `ray.init`
+        installs Ray's C++ failure handler on SIGTERM over them, which prints a stack and kills the driver."""
+        if self._previous and threading.current_thread() is threading.main_thread():
+            for sig in self._previous:
+                signal.signal(sig, self._on_signal)
+
     def __exit__(self, *exc: Any) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
