@@ -40,6 +40,7 @@ class ReportResult:
     verdicts: pd.DataFrame | None = None
     cached: bool = False       # the report in `out` was already made from these same runs by this same code
     replication: pd.DataFrame | None = None
+    at_chance: pd.DataFrame | None = None   # the cells left out of every verdict (`tables.chance_runs`)
 
 
 def build_report(experiment: str, out: Path | None = None, log_to_mlflow: bool = True,
@@ -73,7 +74,7 @@ def build_report(experiment: str, out: Path | None = None, log_to_mlflow: bool =
     files.append(index)
     run_id = log_report(experiment, out, files, found.runs["run_id"], parent_run_id) if log_to_mlflow else None
     (out / KEY_FILE).write_text(key + "\n")
-    return ReportResult(out, files, missing, run_id, verdicts, replication=replicated)
+    return ReportResult(out, files, missing, run_id, verdicts, replication=replicated, at_chance=tables.chance_runs(found))
 
 
 def notes(experiment: str) -> list[str]:

@@ -155,7 +155,10 @@ def chance_runs(found: Tables) -> pd.DataFrame:
     parts = []
     for stage, frame in ((names.FINETUNE, found.finetune), (names.SCRATCH, found.scratch), (names.ADDER, found.adder)):
         hit = frame[frame["at_chance"].fillna(False).astype(bool)]
-        parts.append(pd.DataFrame({"run_id": hit["run_id"], "stage": stage, "test_acc": hit["test_acc"]}))
+        described = [" ".join(f"{c}={size_text(v) if c == 'size' else v}" for c, v in row.items() if pd.notna(v))
+                     for row in hit.reindex(columns=["source", "target", "arch", "variant", "size", "freeze_depth",
+                                                     "optimizer", "seed"]).to_dict("records")]
+        parts.append(pd.DataFrame({"run_id": hit["run_id"], "stage": stage, "label": described, "test_acc": hit["test_acc"]}))
     return pd.concat(parts, ignore_index=True)
 
 

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after parsing, so that --help and a mistyped flag answer at once, without loading MLflow.
     from reports import build_report
     from reports.verdicts import ADDER_CLAIM
-    from xfer import adder, data, progress, server, tracking
+    from xfer import adder, data, names, progress, server, tracking
 
     cells = adder.cells(
         args.sizes, args.seeds, dataset=args.dataset, digit_arch=args.digit_arch, pretrain_epochs=args.pretrain_epochs,
@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"figure: {path}")
     for line in report.verdicts.loc[report.verdicts["claim"] == ADDER_CLAIM, "line"]:
         print(f"verdict: {line}")
+    if report.at_chance is not None:
+        for row in report.at_chance[report.at_chance["stage"] == names.ADDER].itertuples():
+            print(f"at chance, left out of the verdicts: adder {row.label} (test accuracy {row.test_acc:.1%})")
     print(f"report: {report.out / 'index.html'}")
     print(f"MLflow UI: {tracking.ui_url(args.experiment)}  (experiment '{args.experiment}')")
     return 1 if failed else 0
