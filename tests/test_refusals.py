@@ -58,3 +58,19 @@ def test_bad_input_is_refused_before_anything_starts(case: str, tmp_path: Path, 
     assert again.returncode == 2 and expected in " ".join(again.stderr.split())
     runs_after = tracking._client().search_runs([e.experiment_id for e in experiments], max_results=50000)
     assert [(r.info.run_id, r.info.status) for r in runs_after] == [(r.info.run_id, r.info.status) for r in runs_before]
+
+
+def test_a_refusal_paragraph_never_splits_a_hyphenated_name_or_flag(capsys: pytest.CaptureFixture) -> None:
+    """textwrap's default breaks after hyphens: '--data-root' or 'study-cba03721' split over two lines cannot be
+    copied or searched for. Every position of the name relative to the 100-column wrap is tried."""
+    from xfer.cli import run_main
+    from xfer.errors import XferError
+
+    for pad in range(60, 110):
+        def refuse() -> None:
+            raise XferError("x" * pad + " pass --data-root or the experiment study-cba03721-long-name instead.")
+
+        with pytest.raises(SystemExit):
+            run_main(refuse)
+        err = capsys.readouterr().err
+        assert "--data-root" in err and "study-cba03721-long-name" in err, pad

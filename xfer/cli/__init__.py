@@ -33,7 +33,9 @@ def run_main(main: Callable[[], int | None]) -> None:
     try:
         code = main()
     except XferError as exc:
-        print("\n" + textwrap.fill(f"xfer: {exc}", width=100), file=sys.stderr)
+        # Lines break at spaces only: a name, path or flag with a hyphen (--data-root, study-1a2b) stays whole.
+        print("\n" + textwrap.fill(f"xfer: {exc}", width=100, break_on_hyphens=False, break_long_words=False),
+              file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("\nxfer: interrupted; finished cells are kept in MLflow, and running the same command again "
