@@ -64,17 +64,17 @@ def build_report(experiment: str, out: Path | None = None, log_to_mlflow: bool =
     out.mkdir(parents=True, exist_ok=True)
     (out / KEY_FILE).unlink(missing_ok=True)     # written last: a report cut short is never taken as made
     found = tables.collect(experiment, records)
-    verdicts, replicated = all_verdicts(found), replication(found)
+    verdicts, replicated, excluded = all_verdicts(found), replication(found), tables.chance_runs(found)
     missing = missing_inputs(experiment, found)
     files = (write_data(found, verdicts, replicated, out) + write_figures(found, verdicts, out)
-             + write_markdown(found, verdicts, replicated, out))
+             + write_markdown(found, verdicts, replicated, out, excluded))
     index = out / "index.html"
     index.write_text(index_page(experiment, out, files, missing, verdicts, found.runs, notes=notes(experiment),
-                                replication=replicated, at_chance=tables.chance_runs(found)))
+                                replication=replicated, at_chance=excluded))
     files.append(index)
     run_id = log_report(experiment, out, files, found.runs["run_id"], parent_run_id) if log_to_mlflow else None
     (out / KEY_FILE).write_text(key + "\n")
-    return ReportResult(out, files, missing, run_id, verdicts, replication=replicated, at_chance=tables.chance_runs(found))
+    return ReportResult(out, files, missing, run_id, verdicts, replication=replicated, at_chance=excluded)
 
 
 def notes(experiment: str) -> list[str]:
@@ -230,13 +230,14 @@ def curve_sets(found: Tables) -> dict[tuple[str, str], pd.DataFrame]:
     return sets
 
 
-def write_markdown(found: Tables, verdicts: pd.DataFrame, replicated: pd.DataFrame, out: Path) -> list[Path]:
+def write_markdown(found: Tables, verdicts: pd.DataFrame, replicated: pd.DataFrame, out: Path,
+                   at_chance: pd.DataFrame | None = None) -> list[Path]:
     """The seed-shaped tables; a table whose input is empty is left out (its absence is already in `missing`). The
     replication table is written whenever it has rows: a row not run says why this grid cannot speak to it."""
     directory = out / TABLES
     made = {"pretrain": (found.pretrain, markdown.pretrain_table), "finetune": (found.finetune, markdown.finetune_table),
             "attacks": (found.transfer, markdown.attacks_table),
-            "claims": (claims_table(verdicts), lambda claims: markdown.claims_table(claims, tables.chance_runs(found))),
+            "claims": (claims_table(verdicts), lambda claims: markdown.claims_table(claims, at_chance)),
             "verdicts": (verdicts, markdown.verdicts_list), "replication": (replicated, markdown.replication_table)}
     files = []
     for name, (frame, render) in made.items():

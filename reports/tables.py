@@ -97,25 +97,26 @@ def at_chance(runs: pd.DataFrame) -> pd.Series:
     from xfer import adder
 
     flags = pd.Series(pd.NA, index=runs.index, dtype="boolean")
-    for index, stage, target, accuracy in zip(runs.index, runs["stage"], runs["target"], runs["test_acc"]):
-        if stage not in (names.FINETUNE, names.SCRATCH, names.ADDER) or pd.isna(accuracy):
-            continue
-        classes = adder.SUMS if stage == names.ADDER else classes_of(target)
+    judged = runs["stage"].isin([names.FINETUNE, names.SCRATCH, names.ADDER]) & runs["test_acc"].notna()
+    known = classes_of(set(runs.loc[judged & (runs["stage"] != names.ADDER), "target"].dropna()))
+    for index, stage, target, accuracy in zip(runs.index[judged], runs["stage"][judged], runs["target"][judged],
+                                              runs["test_acc"][judged]):
+        classes = adder.SUMS if stage == names.ADDER else known.get(target)
         if classes:
             flags[index] = bool(accuracy <= 1 / classes + CHANCE_MARGIN)
     return flags
 
 
-def classes_of(dataset: str | None) -> int | None:
-    """How many classes `dataset` has, without loading it: its published facts (torchvision's sets), else what a grid
-    recorded in the runs folder's datasets.json when it planned; None if neither knows."""
+def classes_of(datasets: set[str]) -> dict[str, int]:
+    """How many classes each of `datasets` has, without loading it: its published facts (torchvision's sets), else
+    what a grid recorded in the runs folder's datasets.json when it planned (read once); absent if neither knows."""
     from xfer import data
 
-    if not dataset:
-        return None
-    if dataset in data.PUBLISHED:
-        return data.PUBLISHED[dataset].num_classes
-    return _recorded_classes().get(dataset)
+    known = {name: data.PUBLISHED[name].num_classes for name in datasets if name in data.PUBLISHED}
+    if set(datasets) - set(known):
+        recorded = _recorded_classes()
+        known |= {name: recorded[name] for name in set(datasets) - set(known) if name in recorded}
+    return known
 
 
 def _recorded_classes() -> dict[str, int]:
