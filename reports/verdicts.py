@@ -153,11 +153,20 @@ def seeds_for_power(values: np.ndarray, power: float = POWER, alpha: float = ALP
     if not (sd > 0 and mean != 0):
         return np.nan
     d = abs(mean) / sd
-    for n in range(2, MAX_SEEDS + 1):
+
+    def enough(n: int) -> bool:
         critical, shift = stats.t.ppf(1 - alpha / 2, n - 1), d * np.sqrt(n)
-        if stats.nct.sf(critical, n - 1, shift) + stats.nct.cdf(-critical, n - 1, shift) >= power:
-            return float(n)
-    return np.nan
+        # scipy's lower tail is nan far out (a large shift), where it is 0 to double precision.
+        return stats.nct.sf(critical, n - 1, shift) + np.nan_to_num(stats.nct.cdf(-critical, n - 1, shift)) >= power
+
+    # Power grows with n: bisect (~7 noncentral-t evaluations, not up to 100 for every row of a large grid's report).
+    if not enough(MAX_SEEDS):
+        return np.nan
+    low, high = 1, MAX_SEEDS   # enough(high); not enough(low), as one seed has no test
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if enough(middle) else (middle, high)
+    return float(high)
 
 
 def holm(p: np.ndarray) -> np.ndarray:

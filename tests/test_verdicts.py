@@ -109,6 +109,9 @@ def test_p_value_and_power_are_the_paired_t_tests() -> None:
     assert seeds_for_power(values) == 5
     assert seeds_for_power(np.array([0.01, -0.01, 0.02])) > 20   # a small effect in its noise needs many seeds
     assert np.isnan(seeds_for_power(np.array([0.1, 0.1, 0.1])))
+    # A large effect (d = 6.8): 3 seeds give 99.9% power (2 give 54%). scipy's noncentral t returns nan for the far
+    # lower tail here, which once read as "not enough" and gave 4.
+    assert seeds_for_power(np.array([0.1, 0.12, 0.09])) == 3
 
 
 def test_holm_adjusts_step_down_and_keeps_the_order() -> None:
