@@ -201,7 +201,7 @@ def test_combined_recipe_and_the_unfreeze_defaults() -> None:
 
 
 @pytest.mark.parametrize("override, message", [
-    (dict(recipes=("plain", "head10x")), r"unknown recipe 'head10x'; known recipes are plain, sgd, head10x_sgd, unfreeze"),
+    (dict(recipes=("plain", "head10x")), r"unknown recipe 'head10x'; known recipes are plain, sgd, head10x_sgd, lr10x_sgd, unfreeze, unfreeze_control"),
     (dict(recipes=("sgd+unfreez",)), r"unknown recipe 'unfreez' in 'sgd\+unfreez'"),
     (dict(recipes=("plain", "sgd"), optimizer="sgd"), "recipes 'plain' and 'sgd' give the same cells"),
     (dict(recipes=("unfreeze",), epochs=1), r"unfreezes at epoch 0, which must lie in 1..0"),
@@ -241,7 +241,7 @@ def test_preset_files_are_presets(tmp_path: Path, full_grid) -> None:
     usage = full_grid.parser().format_help()
     for name in ("seed", "smoke", "claims", "cifar10", "lenet", "lenet_cifar10", "lenet_cifar10_gray", "resnet18", "hotdog"):
         assert name in grids.list_presets() and name in usage
-    with pytest.raises(XferError, match=r"unknown preset 'cifar100'; known presets are cifar10, claims, hotdog, lenet"):
+    with pytest.raises(XferError, match=r"unknown preset 'cifar100'; known presets are cifar10, claims, claims_sgd_lr, hotdog"):
         grids.from_preset("cifar100")
     (tmp_path / "mine.toml").write_text('name = "mine"\nsizes = [7]\n')
     assert grids.list_presets(tmp_path) == ["mine", "seed", "smoke"]
@@ -259,9 +259,12 @@ def test_weights_path_is_made_absolute(tmp_path: Path, monkeypatch: pytest.Monke
 def test_recipe_cells_train_as_their_recipe_says() -> None:
     grid = grids.make(name="r", sources=("uci_digits",), archs=("lenet5",), target="mnist5k", sizes=(400,),
                       freeze={"lenet5": (0, 4)}, lrs=(0.01,), seeds=(0,), epochs=3, val_size=100, batch_size=50,
-                      recipes=("head10x_sgd", "unfreeze"), unfreeze_epoch=2, attacks=("fgsm",))
+                      recipes=("head10x_sgd", "lr10x_sgd", "unfreeze", "unfreeze_control"), unfreeze_epoch=2,
+                      attacks=("fgsm",))
     grids.validate(grid)
-    by_recipe = {(c.train.optimizer, c.train.freeze_depth): c.train for c in grids.cells(grid).finetune}
+    by_recipe = {(c.train.optimizer, c.train.head_lr_mult, c.train.unfreeze_body, c.train.freeze_depth): c.train
+                 for c in grids.cells(grid).finetune}
+    assert by_recipe[("sgd", 1.0, True, 4)].lr == pytest.approx(0.1)   # lr10x_sgd: every layer at 10 × 0.01
     # The mechanics need gradients, not a learnable task: noise images in mnist5k's shape stand in for it.
     images = torch.randint(0, 256, (600, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(600) % 10
@@ -277,13 +280,13 @@ def test_recipe_cells_train_as_their_recipe_says() -> None:
         assert loop.train(spec, splits, model, on_epoch_end=states.append).ok
         return convs, states
 
-    _, states = run(by_recipe[("sgd", 4)])
+    _, states = run(by_recipe[("sgd", 10.0, True, 4)])
     groups = states[0].optimizer["param_groups"]
     assert [len(g["params"]) for g in groups] == [4, 2]  # the unfrozen body tensors (fc1, fc2), then the head
     assert [g["initial_lr"] for g in groups] == [pytest.approx(0.01), pytest.approx(0.1)]
     assert groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"]) and groups[0]["momentum"] == 0.9  # SGD, cosine-decayed
 
-    convs, states = run(by_recipe[("adamw", 4)])
+    convs, states = run(by_recipe[("adamw", 1.0, True, 4)])
     for epoch in (0, 1):  # epochs 1 and 2: the convolutions stay frozen; the rest of the body and the head at lr
         assert all(torch.equal(states[epoch].model[name], value) for name, value in convs.items())
         assert [(len(g["params"]), g["lr"]) for g in states[epoch].optimizer["param_groups"]] == [(4, 0.01), (2, 0.01)]
@@ -292,6 +295,66 @@ def test_recipe_cells_train_as_their_recipe_says() -> None:
     assert unfrozen == [(8, pytest.approx(0.001)), (2, pytest.approx(0.001))]
     assert "patience" in states[2].scheduler
     assert not any(torch.equal(states[2].model[name], value) for name, value in convs.items())
+
+    # unfreeze_control: the same switch at epoch 3 (lr × 0.1, ReduceLROnPlateau), but the convolutions stay frozen.
+    control = by_recipe[("adamw", 1.0, False, 4)]
+    assert (control.unfreeze_epoch, control.schedule) == (2, "plateau")
+    convs, states = run(control)
+    assert [(len(g["params"]), g["lr"]) for g in states[2].optimizer["param_groups"]] == [
+        (4, pytest.approx(0.001)), (2, pytest.approx(0.001))]
+    assert "patience" in states[2].scheduler
+    assert all(torch.equal(states[2].model[name], value) for name, value in convs.items())
+    assert not torch.equal(states[2].model["head.weight"], states[1].model["head.weight"])
+
+
+def test_steps_budget_sgd_lrs_and_only_by_optimizer() -> None:
+    grid = grids.from_preset("smoke", sizes=(100, 500, 0), batch_size=32, epochs=4, steps=(200,), lrs=(0.002,),
+                             sgd_lrs=(0.03,), recipes=("plain", "sgd", "lr10x_sgd", "unfreeze"),
+                             only=({"stage": "scratch", "optimizer": "adamw"}, {"stage": "finetune"}))
+    grids.validate(grid)
+    cells = grids.cells(grid, {"mnist5k": 4000, "glyph_letters": 5000, "uci_digits": 1797})
+    # 200 steps whatever the size: 4 epochs of 50 steps each (an epoch of 100 examples is 16 passes over them).
+    for c in cells.finetune + cells.scratch:
+        t = c.train
+        assert (t.epochs, t.epoch_steps) == (4, 50)
+        assert t.unfreeze_epoch == (2 if t.schedule == "plateau" else None)
+        assert t.lr == pytest.approx({"adamw": 0.002, "sgd": 0.03}[t.optimizer] * (10 if t.lr > 0.1 else 1))
+    sgd = [c.train for c in cells.finetune if c.train.optimizer == "sgd"]
+    assert sorted({t.lr for t in sgd}) == [pytest.approx(0.03), pytest.approx(0.3)]   # sgd, lr10x_sgd
+    # `only` by optimizer: the SGD scratch cells the recipes would bring are left out.
+    assert {c.train.optimizer for c in cells.scratch} == {"adamw"} and len(cells.scratch) == 3
+    # Without a steps budget an epoch is one pass, and without sgd_lrs SGD takes the lrs axis.
+    plain = grids.cells(grids.from_preset("smoke", recipes=("plain", "sgd")))
+    assert {c.train.epoch_steps for c in plain.finetune} == {None}
+    assert {c.train.lr for c in plain.finetune} == set(grids.from_preset("smoke").lrs)
+    # Budgets are an axis: a second one makes its own cells where `only` keeps them (here: scratch at the pool), the
+    # first budget's cells unchanged; 1,150 steps round up to 4 epochs of 288.
+    two = dataclasses.replace(grid, steps=(200, 1150), only=grids.make(only=[
+        {"stage": "scratch", "optimizer": "adamw", "steps": 200}, {"stage": "finetune", "steps": 200},
+        {"stage": "scratch", "optimizer": "adamw", "steps": 1150, "size": 0}]).only)
+    grids.validate(two)
+    more = grids.cells(two, {"mnist5k": 4000, "glyph_letters": 5000, "uci_digits": 1797})
+    assert more.finetune == cells.finetune and set(cells.scratch) < set(more.scratch)
+    extra = [c.train for c in more.scratch if c not in cells.scratch]
+    assert [(t.size, t.epochs, t.epoch_steps) for t in extra] == [(None, 4, 288)]
+    # Two budgets that round to the same steps an epoch make one cell, not two.
+    same = dataclasses.replace(grid, steps=(200, 197), only=())
+    assert grids.cells(same).scratch == grids.cells(dataclasses.replace(same, steps=(200,))).scratch
+
+
+def test_an_epoch_steps_epoch_cycles_through_the_data_and_is_evaluated_once() -> None:
+    # 100 examples at batch 32: one pass is 3 steps; an epoch of 10 steps draws from 4 passes (fresh permutations),
+    # so the loop and the vectorised pack take 10 steps an epoch, and every example is seen in the first 4 batches.
+    small = data.make_splits(data.load("mnist5k"), 100, 50, seed=0)
+    spec = TrainSpec(arch="lenet5", dataset="mnist5k", size=100, val_size=50, epochs=2, batch_size=32, lr=1e-3,
+                     epoch_steps=10)
+    order = loop.epoch_order(100, spec, 0, 10 * 32)
+    assert len(order) == 400 and all(sorted(order[i * 100:(i + 1) * 100].tolist()) == list(range(100)) for i in range(4))
+    assert torch.equal(order[:100], loop.epoch_order(100, dataclasses.replace(spec, epoch_steps=None), 0))
+    result = loop.train(spec, small, loop.prepare_model(spec, small))
+    assert result.ok and result.metrics["steps"] == 20
+    assert [r["epoch"] for r in result.curve if r["split"] == "val"] == [1.0, 2.0]
+
 
 
 def test_sources_of_another_image_shape_are_refused_before_launch(tiny_root) -> None:
@@ -345,12 +408,22 @@ def test_the_claims_preset_answers_every_claim_from_embedded_data() -> None:
     grids.validate(grid)   # no data needed: every source and the target are embedded or rendered
     assert {grid.target, *grid.sources} <= {n for n in data.list_datasets() if data._entry(n).embedded}
     cells = grids.cells(grid, {"mnist5k": 4000, "glyph_digits": 6000, "glyph_letters": 15600})
-    assert len(grid.seeds) >= 3 and {"resnet_mini", "lenet5"} <= set(grid.archs)      # claim 7
-    assert {c.train.freeze_depth for c in cells.finetune} == {0, 4, 20}                # claim 2
-    assert {c.train.head_lr_mult for c in cells.finetune if c.train.optimizer == "sgd"} == {1.0, 10.0}   # claim 5
-    assert any(c.train.unfreeze_epoch for c in cells.finetune)                          # claim 6
-    assert len({c.train.size for c in cells.finetune}) >= 3 and cells.scratch            # claim 1
-    assert grid.attack_surrogates == ("pretrain",) and len(grid.sources) >= 2            # claim 3: A and B
+    fine, scratch = [c.train for c in cells.finetune], [c.train for c in cells.scratch]
+    assert len(grid.seeds) >= 3 and {("resnet_mini", "adamw"), ("lenet5_maxpool", "adamw")} <= {
+        (t.arch, t.optimizer) for t in scratch}                                           # claim 7: seed 003's LeNet
+    assert {t.freeze_depth for t in fine} == {0, 20, 23}                                  # claim 2 (20 vs 23 beneath)
+    sgd = {(t.freeze_depth, t.head_lr_mult, t.lr) for t in fine if t.optimizer == "sgd"}
+    assert sgd == {(d, m, lr) for d in (0, 20) for m, lr in ((1.0, 0.03), (10.0, 0.03), (1.0, 0.3))}   # claim 5
+    assert {t.unfreeze_body for t in fine if t.unfreeze_epoch} == {True, False}           # claim 6: same schedule
+    assert len({t.size for t in fine}) >= 3 and {t.size for t in scratch} == {t.size for t in fine}   # claim 1
+    # A fixed step budget: every cell takes 200 optimiser steps whatever its size; claim 7's headline pair alone,
+    # scratch on the whole pool, also at seed 003's 10 passes over it (1,152 steps).
+    assert grid.steps == (200, 1150)
+    seed_budget = [t for t in scratch if t.epoch_steps * t.epochs > 1000]
+    assert {(t.arch, t.size, t.seed) for t in seed_budget} == {(a, None, s) for a in ("resnet_mini", "lenet5_maxpool")
+                                                              for s in grid.seeds}
+    assert {t.epochs * t.epoch_steps for t in fine + scratch if t not in seed_budget} == {200}
+    assert grid.attack_surrogates == ("pretrain",) and len(grid.sources) >= 2            # claim 3: A, A' and B
     adder_cells = grids.adder_cells(grid)                                                # claim 4
     assert {c.variant for c in adder_cells} == {"transfer", "transfer_features", "scratch"}
     assert {c.seed for c in adder_cells} == set(grid.seeds) and all(c.dataset == "mnist5k" for c in adder_cells)

@@ -46,6 +46,17 @@ def test_parameter_listing_matches_seed(name: str, expected: list[tuple[int, ...
     assert len(expected) == {"alexnet_mini": 16, "resnet_mini": 32, "mlp_mixer": 18, "mlp_mixer2": 30}[name]
 
 
+def test_lenet5_maxpool_is_seed_003s_lenet() -> None:
+    # Seed 003's nn.Sequential: conv 1→6 5×5 pad 2, sigmoid, max-pool 2; conv 6→16 5×5, sigmoid, max-pool 2;
+    # 400→120→84→10 with sigmoids. xfer's lenet5 has the same tensors but average-pools on 28×28.
+    model = models.build("lenet5_maxpool", (1, 28, 28), 10)
+    assert _shapes(model) == [(6, 1, 5, 5), (6,), (16, 6, 5, 5), (16,), (120, 400), (120,), (84, 120), (84,),
+                              (10, 84), (10,)]
+    kinds = [type(m).__name__ for m in model.body]
+    assert kinds.count("MaxPool2d") == 2 and kinds.count("Sigmoid") == 4 and "AvgPool2d" not in kinds
+    assert "AvgPool2d" in [type(m).__name__ for m in models.build("lenet5", (1, 28, 28), 10).body]
+
+
 PAIR_ARCHS = set(xfer.adder.ARCHS.values())  # take two digits as a 2-channel image
 
 

@@ -12,6 +12,7 @@ import torch
 
 from xfer import checkpoint, data, models, names, specs
 from xfer import train as loop
+from xfer.errors import XferError
 from xfer.specs import TrainSpec
 
 
@@ -143,11 +144,18 @@ def test_fast_dev_run_evaluates_the_first_batch_of_val_and_test_only(digits: dat
     assert whole.metrics[names.VAL_ERROR] == pytest.approx(2 / 3)
 
 
-def test_fast_dev_run_has_its_own_key_and_leaves_existing_keys_alone() -> None:
+def test_later_fields_have_their_own_keys_and_leave_existing_keys_alone() -> None:
     s = TrainSpec(arch="lenet5", dataset="mnist")
-    assert specs.key(s) == "d21c07a3b9728938"   # recorded before the field existed
-    fields = {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name != "fast_dev_run"}
+    assert specs.key(s) == "d21c07a3b9728938"   # recorded before fast_dev_run, unfreeze_body and epoch_steps existed
+    later = ("fast_dev_run", "unfreeze_body", "epoch_steps")
+    fields = {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name not in later}
     without = json.dumps({"type": "TrainSpec", "spec": fields}, sort_keys=True, separators=(",", ":"))
     assert specs.key(s) == hashlib.sha256(without.encode()).hexdigest()[:16]
     assert specs.key(specs.replace(s, fast_dev_run=True)) != specs.key(s)
     assert specs.from_flat(TrainSpec, specs.to_flat(specs.replace(s, fast_dev_run=True))).fast_dev_run
+    unfreezing = specs.replace(s, freeze_depth=4, unfreeze_epoch=5)
+    control = specs.replace(unfreezing, unfreeze_body=False)
+    assert specs.key(control) != specs.key(unfreezing)
+    assert not specs.from_flat(TrainSpec, specs.to_flat(control)).unfreeze_body
+    with pytest.raises(XferError, match="unfreeze_body False .* needs an unfreeze_epoch"):
+        specs.replace(s, unfreeze_body=False)

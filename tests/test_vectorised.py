@@ -181,6 +181,23 @@ def test_augmentation_unfreezing_and_label_smoothing(pool: data.Dataset) -> None
     assert not torch.equal(models.layers(trained[0])[0][1], before)  # frozen in epoch 1, trained after unfreezing
 
 
+def test_step_budget_epochs_and_the_unfreeze_control_train_as_they_would_alone(pool: data.Dataset) -> None:
+    # epoch_steps beyond one pass (the epoch cycles through fresh permutations), and a cell that switches its lr at
+    # the unfreeze epoch with its body kept frozen (unfreeze_body False) beside one that unfreezes.
+    steps = 3 * (SIZE // BATCH) + 1
+    common = {"optimizer": "sgd", "unfreeze_epoch": 1, "freeze_depth": 4, "epoch_steps": steps, "schedule": "plateau"}
+    specs = [spec(lr=0.05, seed=0, **common), spec(lr=0.05, seed=1, unfreeze_body=False, **common)]
+    cell_data = [splits(pool, s.seed) for s in specs]
+    cell_models = [loop.prepare_model(s, d) for s, d in zip(specs, cell_data)]
+    before = [models.layers(m)[0][1].detach().clone() for m in cell_models]
+    sequential, alone, batched, trained = train_both(specs, cell_data, cell_models)
+    for i in range(2):
+        assert_same_cell(sequential[i], batched[i], alone[i], trained[i], SGD_ATOL)
+        assert batched[i].metrics["steps"] == 2 * steps
+    assert not torch.equal(models.layers(trained[0])[0][1], before[0])   # unfrozen at epoch 1
+    assert torch.equal(models.layers(trained[1])[0][1].cpu(), before[1])  # the control's body never moves
+
+
 @pytest.mark.parametrize("log_every", [LOG_EVERY, 20])  # caught at a log step, or at the end of the epoch
 def test_a_diverging_cell_fails_alone(pool: data.Dataset, log_every: int) -> None:
     specs = [spec(seed=s, log_every=log_every) for s in range(3)]

@@ -37,14 +37,18 @@ class Recipe:
 
     optimizer: str | None = None        # e.g. "sgd" (momentum 0.9); None = the grid's optimizer
     head_lr_mult: float | None = None   # parameter groups: the new head at lr × this, the body at lr
+    lr_mult: float | None = None        # every layer at the cell's lr × this
     unfreeze: bool | None = None        # freeze-then-unfreeze (needs a freeze depth > 0, i.e. a pretrained body)
+    keep_frozen: bool | None = None     # with unfreeze: the schedule's switch at unfreeze_epoch, the body kept frozen
 
 
 RECIPES: dict[str, Recipe] = {
     "plain": Recipe(),                                          # the grid's optimizer, one lr, cosine schedule
     "sgd": Recipe(optimizer="sgd"),                             # SGD at one lr: the baseline head10x_sgd is measured against
     "head10x_sgd": Recipe(optimizer="sgd", head_lr_mult=10.0),  # SGD, the new head at 10× the body's lr
+    "lr10x_sgd": Recipe(optimizer="sgd", lr_mult=10.0),         # SGD, every layer at 10× lr: head10x_sgd's other control
     "unfreeze": Recipe(unfreeze=True),                          # body frozen `unfreeze_epoch` epochs, then all at lower lr
+    "unfreeze_control": Recipe(unfreeze=True, keep_frozen=True),  # unfreeze's schedule, the body never unfrozen
 }
 
 
@@ -66,9 +70,21 @@ class Grid:
     - ``plain``: the grid's `optimizer`, one lr for body and head, cosine schedule (the seed's cells).
     - ``sgd``: SGD with momentum at one lr, the single-lr baseline of ``head10x_sgd``.
     - ``head10x_sgd``: SGD with two parameter groups, the new head at 10× the body's lr.
+    - ``lr10x_sgd``: SGD with every layer at 10× the lr: does head10x_sgd help because it raises the head's lr,
+      or because it raises an lr (seed 004's recipe against both controls: claim 5).
     - ``unfreeze``: the first `freeze depth` tensors stay frozen for `unfreeze_epoch` epochs, then every layer
-      trains at lr × `unfreeze_lr_mult` under ReduceLROnPlateau on validation error. A cell with nothing
-      frozen (depth 0) has nothing to unfreeze, so the recipe skips depth 0.
+      trains at lr × `unfreeze_lr_mult`; both phases run ReduceLROnPlateau on validation error (seed 001's
+      schedule). A cell with nothing frozen (depth 0) has nothing to unfreeze, so the recipe skips depth 0.
+    - ``unfreeze_control``: the unfreeze recipe with the body kept frozen: the same schedule, the same lr drop at
+      `unfreeze_epoch`, so against ``unfreeze`` only the unfreezing differs (claim 6).
+
+    SGD cells (every recipe whose optimizer is SGD, and SGD scratch cells) take their learning rates from `sgd_lrs`
+    when it is given: SGD and Adam want rates an order of magnitude apart, and one shared axis leaves one of them
+    untrained. `steps` gives every fine-tune and scratch cell the same optimiser-step budget whatever its size:
+    `epochs` epochs of steps / epochs steps each (TrainSpec.epoch_steps: an epoch draws from as many passes over the
+    data as it needs), so that a study varying the size varies data, not training length, and every cell is
+    evaluated `epochs` times. It is an axis: each budget makes its own cells (0 = one pass over the data an epoch),
+    and `only` patterns can keep a budget to the cells that need it.
 
     A recipe's settings reach only its own cells, so adding a recipe never changes another cell's key, and
     ``plain`` cells keep the keys they had before recipes existed. Scratch baselines have no pretrained
@@ -102,6 +118,10 @@ class Grid:
     optimizer: str = _field(TrainSpec.optimizer, "optimizer of pretraining, scratch and recipes that set none")
     recipes: tuple[str, ...] = _field(("plain",), f"fine-tuning recipes: {', '.join(RECIPES)}, or several joined "
                                                     "with '+' (e.g. head10x_sgd+unfreeze)")
+    sgd_lrs: tuple[float, ...] = _field((), "learning rates of SGD cells (SGD recipes and SGD scratch); empty = --lrs")
+    steps: tuple[int, ...] = _field((0,), "optimiser-step budgets of fine-tune and scratch cells whatever their size "
+                                          "(--epochs epochs of steps / epochs steps each; each budget makes its own "
+                                          "cells); 0 = one pass over the data an epoch")
     unfreeze_epoch: int = _field(0, "epoch at which the unfreeze recipe unfreezes every layer (0 = half of --epochs)")
     unfreeze_lr_mult: float = _field(TrainSpec.unfreeze_lr_mult, "after unfreezing, every layer trains at lr × this")
     augment: bool = _field(False, "random crop + flip on every training cell (32×32 colour sets such as CIFAR-10)")
@@ -141,6 +161,15 @@ class Grid:
 
     def unfreeze_at(self) -> int:
         return self.unfreeze_epoch or self.epochs // 2
+
+    def lrs_of(self, optimizer: str) -> tuple[float, ...]:
+        """The learning rates of a cell trained by `optimizer`: `sgd_lrs` for SGD when given, else `lrs`."""
+        return self.sgd_lrs if optimizer == "sgd" and self.sgd_lrs else self.lrs
+
+    def epoch_steps(self, steps: int) -> int | None:
+        """A fine-tune or scratch cell's optimiser steps per epoch under a budget of `steps` (its `epochs` epochs take
+        `steps` rounded up to a multiple of them); None (one pass over the data an epoch) without a budget."""
+        return -(-steps // self.epochs) if steps else None
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -322,7 +351,8 @@ def _example(key: str) -> str:
 
 
 # What an `only` pattern may name, and each value's kind; stage is "finetune" or "scratch" (names.FINETUNE/SCRATCH).
-ONLY_KEYS: dict[str, type] = {"stage": str, "source": str, "arch": str, "size": int, "freeze": int, "recipe": str}
+ONLY_KEYS: dict[str, type] = {"stage": str, "source": str, "arch": str, "size": int, "freeze": int, "recipe": str,
+                              "optimizer": str, "steps": int}
 _ONLY_EXAMPLE = "e.g. `only: [{stage: finetune, source: fashion_mnist, arch: resnet_mini, size: 10000, freeze: [20, 23]}]`"
 
 
@@ -349,18 +379,20 @@ def _only_patterns(value: Any) -> tuple[dict[str, tuple[Any, ...]], ...]:
     return tuple(patterns)
 
 
-def _cell_values(spec: FinetuneSpec, recipe_name: str | None) -> dict[str, Any]:
-    """What `only` patterns match against: a fine-tune or scratch cell's stage, source, arch, size, depth, recipe."""
+def _cell_values(spec: FinetuneSpec, recipe_name: str | None, steps: int = 0) -> dict[str, Any]:
+    """What `only` patterns match against: a fine-tune or scratch cell's stage, source, arch, size, depth, recipe,
+    optimizer (a scratch cell's only recipe setting) and step budget (`Grid.steps`: 0 = none)."""
     train = spec.train
     return {"stage": spec.stage, "source": spec.source, "arch": train.arch, "size": train.size or ALL,
-            "freeze": train.freeze_depth, "recipe": recipe_name}
+            "freeze": train.freeze_depth, "recipe": recipe_name, "optimizer": train.optimizer, "steps": steps}
 
 
-def selected(grid: Grid, spec: FinetuneSpec, recipe_name: str | None = None) -> bool:
-    """Whether `only` keeps the fine-tune or scratch cell `spec` (scratch cells have no recipe: any matches)."""
+def selected(grid: Grid, spec: FinetuneSpec, recipe_name: str | None = None, steps: int = 0) -> bool:
+    """Whether `only` keeps the fine-tune or scratch cell `spec`, made under the step budget `steps` (scratch cells
+    have no recipe: any matches)."""
     if not grid.only:
         return True
-    values = _cell_values(spec, recipe_name)
+    values = _cell_values(spec, recipe_name, steps)
     return any(all(values[key] in allowed or (key == "recipe" and recipe_name is None) for key, allowed in pattern.items())
                for pattern in grid.only)
 
@@ -460,8 +492,10 @@ _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "pretrain_size": (_at_least(0), "must be at least 0 (0 = each source's whole pool)"),
     "unfreeze_epoch": (_at_least(0), "must be at least 0 (0 = half of epochs)"),
     "unfreeze_lr_mult": (lambda mult: mult > 0, "must be more than 0 (every layer's lr after unfreezing = lr × this)"),
+    "sgd_lrs": (lambda lr: 0 < lr < 10, "must lie in (0, 10), e.g. 0.05"),
+    "steps": (_at_least(0), "must be at least 0 (optimiser steps per cell; 0 = --epochs)"),
 }
-_AXES = ("sources", "archs", "sizes", "lrs", "seeds", "recipes", "attacks", "eps")  # each value makes its own cells
+_AXES = ("sources", "archs", "sizes", "steps", "lrs", "sgd_lrs", "seeds", "recipes", "attacks", "eps")  # each value makes its own cells
 
 
 def _range_problems(grid: Grid) -> list[str]:
@@ -552,16 +586,24 @@ def recipe(name: str) -> Recipe:
     return Recipe(**merged)
 
 
-def recipe_settings(grid: Grid, name: str, freeze_depth: int) -> dict[str, Any] | None:
-    """The TrainSpec settings recipe `name` gives a fine-tune cell with `freeze_depth`; None if it does not apply."""
+def recipe_settings(grid: Grid, name: str, freeze_depth: int, lr: float | None = None) -> dict[str, Any] | None:
+    """The TrainSpec settings recipe `name` gives a fine-tune cell with `freeze_depth` (and its lr, when the cell's
+    `lr` is given); None if the recipe does not apply to the cell."""
     chosen = recipe(name)
     settings: dict[str, Any] = {"optimizer": chosen.optimizer or grid.optimizer}
     if chosen.head_lr_mult is not None:
         settings["head_lr_mult"] = chosen.head_lr_mult
+    if lr is not None:
+        settings["lr"] = lr * (chosen.lr_mult or 1.0)
     if chosen.unfreeze:
         if not freeze_depth:
             return None  # nothing frozen, nothing to unfreeze: the cell would repeat another recipe's
         settings.update(unfreeze_epoch=grid.unfreeze_at(), unfreeze_lr_mult=grid.unfreeze_lr_mult, schedule="plateau")
+        if chosen.keep_frozen:
+            settings["unfreeze_body"] = False
+    elif chosen.keep_frozen:
+        raise XferError(f"recipe {name!r} keeps the body frozen at the unfreeze epoch, which only means something "
+                        "with unfreeze (e.g. unfreeze_control).")
     return settings
 
 
@@ -579,7 +621,7 @@ def _recipe_problems(grid: Grid) -> list[str]:
     resolved: dict[str, dict[str, Any]] = {}
     for name in grid.recipes:
         try:
-            settings = recipe_settings(grid, name, freeze_depth=1)  # at a depth > 0 every recipe applies
+            settings = recipe_settings(grid, name, freeze_depth=1, lr=1.0)  # at a depth > 0 every recipe applies
         except XferError as exc:
             problems.append(str(exc).rstrip("."))
             continue
@@ -687,29 +729,44 @@ def cells(grid: Grid, pool_sizes: dict[str, int] | None = None) -> Cells:
         for source, arch_name, seed in itertools.product(grid.sources, grid.archs, grid.seeds)
     }
     finetune, scratch = [], []
+    made: set[FinetuneSpec] = set()   # two budgets that round to the same epoch_steps make one cell, not two
+    optimizers = {name: recipe(name).optimizer or grid.optimizer for name in grid.recipes}
     for arch_name, size in itertools.product(grid.archs, grid.sizes):
         tuned = dict(grid.tuned.get(f"{arch_name}/{size}", {}))
-        lrs = (tuned.pop("lr"),) if "lr" in tuned else grid.lrs
-        for lr, seed in itertools.product(lrs, grid.seeds):
+        tuned_lr = tuned.pop("lr", None)
+
+        def lrs_of(optimizer: str) -> tuple[float, ...]:
+            # A tuned lr replaces the lrs axis; SGD cells keep sgd_lrs where given (a tuning of another optimizer's).
+            return (tuned_lr,) if tuned_lr is not None and not (optimizer == "sgd" and grid.sgd_lrs) else grid.lrs_of(optimizer)
+
+        # Every lr of any cell, in the axis' order: a grid without sgd_lrs keeps the cell order it always had.
+        all_lrs = tuple(dict.fromkeys(lr for optimizer in [grid.optimizer, *optimizers.values()] for lr in lrs_of(optimizer)))
+        for steps, lr, seed in itertools.product(grid.steps, all_lrs, grid.seeds):
             base = dict(arch=arch_name, dataset=grid.target, size=size or None, val_size=grid.val_size,
-                        epochs=grid.epochs, batch_size=grid.batch_size, lr=lr, augment=grid.augment, seed=seed,
-                        fast_dev_run=grid.fast_dev_run)
+                        epochs=grid.epochs, epoch_steps=grid.epoch_steps(steps), batch_size=grid.batch_size, lr=lr,
+                        augment=grid.augment, seed=seed, fast_dev_run=grid.fast_dev_run)
             base.update(tuned)
             starts: list[tuple[PretrainSpec | None, dict[str, Any]]] = [
                 (pretrain[(source, arch_name, seed)], {}) for source in grid.sources]
             if grid.weights and arch_name == IMAGENET_ARCH:
                 starts.append((None, {"weights": grid.weights}))
             for (parent, init), depth, name in itertools.product(starts, grid.freeze_depths(arch_name), grid.recipes):
-                settings = recipe_settings(grid, name, depth)
+                if lr not in lrs_of(optimizers[name]):
+                    continue
+                settings = recipe_settings(grid, name, depth, lr=lr)
                 if settings is not None:
                     spec = FinetuneSpec(TrainSpec(**{**base, **init, "freeze_depth": depth, **settings}), parent)
-                    if selected(grid, spec, name):
+                    if selected(grid, spec, name, steps) and spec not in made:
                         finetune.append(spec)
+                        made.add(spec)
             if grid.scratch:
-                for optimizer in dict.fromkeys(recipe(name).optimizer or grid.optimizer for name in grid.recipes):
+                for optimizer in dict.fromkeys(optimizers.values()):
+                    if lr not in lrs_of(optimizer):
+                        continue
                     spec = FinetuneSpec(TrainSpec(**{**base, "optimizer": optimizer}))
-                    if selected(grid, spec):
+                    if selected(grid, spec, steps=steps) and spec not in made:
                         scratch.append(spec)
+                        made.add(spec)
     attacks = tuple(
         AttackSpec(attack=name, eps=eps, steps=grid.attack_steps, n=grid.attack_n, dataset=grid.target)
         for name, eps in itertools.product(grid.attacks, grid.eps)
@@ -742,7 +799,7 @@ def fast_dev_run(grid: Grid) -> Grid:
         adder.update(sizes=[batch], epochs=1, pretrain_epochs=1, pretrain_size=batch, val_pairs=batch, test_pairs=batch)
     return dataclasses.replace(
         grid, name=grid.name if grid.name.endswith(FAST_DEV_RUN) else grid.name + FAST_DEV_RUN, fast_dev_run=True, epochs=2 if unfreezing else 1, pretrain_epochs=1,
-        unfreeze_epoch=1 if unfreezing else grid.unfreeze_epoch, attack_n=min(grid.attack_n, FAST_DEV_RUN_ATTACK_N),
+        steps=(0,), unfreeze_epoch=1 if unfreezing else grid.unfreeze_epoch, attack_n=min(grid.attack_n, FAST_DEV_RUN_ATTACK_N),
         adder=adder)
 
 

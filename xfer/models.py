@@ -242,6 +242,23 @@ def _lenet5(in_shape: Shape) -> tuple[nn.Module, int]:
     return body, 84
 
 
+@arch("lenet5_maxpool")
+def _lenet5_maxpool(in_shape: Shape) -> tuple[nn.Module, int]:
+    """Seed 003's MNIST LeNet-5 as the seed built it: sigmoid, 2×2 max-pools, the first convolution padded by 2 on
+    28×28 (unpadded on 32×32, LeCun's input size). xfer's `lenet5` pools by average on 28×28, and keeps doing so:
+    its recorded cells and attack references stay what they were."""
+    c, h, w = in_shape
+    pad = {(28, 28): 2, (32, 32): 0}.get((h, w))
+    if pad is None:
+        raise XferError(f"lenet5_maxpool takes 28×28 (seed 003's MNIST LeNet-5) or 32×32 inputs, not {h}×{w}.")
+    body = nn.Sequential(
+        nn.Conv2d(c, 6, 5, padding=pad), nn.Sigmoid(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.Sigmoid(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(16 * 5 * 5, 120), nn.Sigmoid(), nn.Linear(120, 84), nn.Sigmoid(),
+    )
+    return body, 84
+
+
 def digit_body(channels: int, h: int, w: int) -> nn.Sequential:
     """The adder seed's per-digit CNN: conv 32-64 (3×3, each followed by a 2×2 max-pool), fc 128: 128 features."""
     return nn.Sequential(

@@ -184,7 +184,8 @@ def plan(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any], finished: 
     def seconds(t: TrainSpec, on_gpu: bool) -> float:
         info = infos[t.dataset]
         examples = t.size or (info.train - t.val_size)
-        steps = (1 if t.fast_dev_run else max(1, examples // min(t.batch_size, examples))) * t.epochs
+        per_epoch = t.epoch_steps if t.epoch_steps is not None else max(1, examples // min(t.batch_size, examples))
+        steps = (1 if t.fast_dev_run else per_epoch) * t.epochs
         trained = steps * min(t.batch_size, examples)
         evaluated = t.epochs * (2 * t.batch_size if t.fast_dev_run else min(t.val_size, info.train) + info.test)
         key = (t.arch, info.in_shape)

@@ -56,10 +56,17 @@ class TrainSpec:
     freeze_depth: int = 0           # the first `freeze_depth` layers of models.layers(model) are frozen
     unfreeze_epoch: int | None = None  # freeze-then-unfreeze: at this epoch unfreeze all layers ...
     unfreeze_lr_mult: float = 0.1   # ... and continue at lr * unfreeze_lr_mult
+    # False: at unfreeze_epoch only the lr drop and the schedule's restart happen, the body stays frozen (the
+    # unfreeze recipe's same-schedule control: xfer.grid.RECIPES["unfreeze_control"]).
+    unfreeze_body: bool = later(True)
     augment: bool = False           # random crop + flip on tensors (32x32 recipes)
     weights: str | None = None      # resnet18: start the body from ImageNet weights (a local file, or "imagenet")
     seed: int = 0
     log_every: int = 20             # train error is recorded every `log_every` steps
+    # Optimiser steps per epoch; None = one pass over the training data (the last partial batch dropped). Set, each
+    # epoch draws its batches from as many fresh permutations of the data as it needs, so that a cell's step budget
+    # (and its number of evaluations: one an epoch) does not depend on its data's size (xfer.grid's `steps`).
+    epoch_steps: int | None = later(None)
     # A smoke run of the real path: one optimiser step per epoch, and every evaluation on the first batch of val
     # and test. Its errors mean nothing; it only shows that the cell runs end to end.
     fast_dev_run: bool = later(False)
@@ -74,12 +81,16 @@ class TrainSpec:
             problems.append(f"lr {self.lr} must be in (0, 10)")
         if self.epochs < 1 or self.batch_size < 1 or self.log_every < 1:
             problems.append("epochs, batch_size and log_every must be positive")
+        if self.epoch_steps is not None and self.epoch_steps < 1:
+            problems.append(f"epoch_steps {self.epoch_steps} must be positive (or None for one pass over the data)")
         if self.size is not None and self.size < 1:
             problems.append(f"size {self.size} must be positive (or None for the whole pool)")
         if self.val_size < 0 or self.freeze_depth < 0:
             problems.append("val_size and freeze_depth must be >= 0")
         if self.unfreeze_epoch is not None and not 0 < self.unfreeze_epoch < self.epochs:
             problems.append(f"unfreeze_epoch {self.unfreeze_epoch} must lie in 1..epochs-1 ({self.epochs - 1})")
+        if not self.unfreeze_body and self.unfreeze_epoch is None:
+            problems.append("unfreeze_body False (keep the body frozen at unfreeze_epoch) needs an unfreeze_epoch")
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"label_smoothing {self.label_smoothing} must be in [0, 1)")
         if problems:

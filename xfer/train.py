@@ -107,12 +107,13 @@ def train(
         model.train()
         # Per-epoch seeds make the batch order and dropout masks of epoch e the same with or without a resume.
         torch.manual_seed(spec.seed * 100_003 + epoch)
-        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(spec.seed * 100_003 + epoch))
-        order = order[rank::world][:shard].to(device)  # data-parallel ranks take disjoint shards of one permutation
+        batch = min(spec.batch_size, shard)
+        order = epoch_order(len(train_y), spec, epoch, phase.steps_per_epoch * batch * world)
+        # Data-parallel ranks take disjoint shards of one order.
+        order = order[rank::world][:max(shard, phase.steps_per_epoch * batch)].to(device)
         correct = torch.zeros((), device=device)
         loss_sum = torch.zeros((), device=device)
         seen = 0
-        batch = min(spec.batch_size, len(order))
         for begin in range(0, phase.steps_per_epoch * batch, batch):  # the last partial batch is dropped
             if stop is not None and stop():
                 return stopped(spec, step, epoch, curve, now())
@@ -197,7 +198,7 @@ class _Phase:
     def build(spec: TrainSpec, model: models.XferModel, start_epoch: int, steps_per_epoch: int) -> _Phase:
         unfrozen = spec.unfreeze_epoch is not None and start_epoch >= spec.unfreeze_epoch
         models.unfreeze(model)
-        if not unfrozen:
+        if not (unfrozen and spec.unfreeze_body):   # the control keeps its body frozen through the second phase
             models.freeze(model, spec.freeze_depth)
         lr = spec.lr * (spec.unfreeze_lr_mult if unfrozen else 1.0)
         head = [p for p in models.head_parameters(model) if p.requires_grad]
@@ -241,9 +242,24 @@ def _average_gradients(model: torch.nn.Module) -> None:
 
 
 def _steps(n: int, spec: TrainSpec) -> int:
+    """Optimiser steps per epoch over `n` training examples: one under fast_dev_run, `epoch_steps` when set, else one
+    pass (the last partial batch dropped)."""
     if spec.fast_dev_run:
         return 1
+    if spec.epoch_steps is not None:
+        return spec.epoch_steps
     return max(1, n // min(spec.batch_size, n))
+
+
+def epoch_order(n: int, spec: TrainSpec, epoch: int, needed: int = 0) -> torch.Tensor:
+    """The order in which epoch `epoch` draws `n` training examples: a permutation seeded by the cell's seed and the
+    epoch (the same with or without a resume), followed by further permutations of the same generator until it holds
+    `needed` indices (an `epoch_steps` epoch longer than one pass over the data)."""
+    generator = torch.Generator().manual_seed(spec.seed * 100_003 + epoch)
+    orders = [torch.randperm(n, generator=generator)]
+    while len(orders) * n < needed:
+        orders.append(torch.randperm(n, generator=generator))
+    return orders[0] if len(orders) == 1 else torch.cat(orders)
 
 
 def evaluation_splits(spec: TrainSpec, data: Splits) -> Splits:

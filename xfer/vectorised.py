@@ -40,7 +40,7 @@ from xfer.train import Report, Result
 
 SHARED_FIELDS = (
     "arch", "dataset", "size", "val_size", "epochs", "batch_size", "optimizer", "schedule",
-    "unfreeze_epoch", "augment", "label_smoothing", "log_every", "fast_dev_run",
+    "unfreeze_epoch", "augment", "label_smoothing", "log_every", "fast_dev_run", "epoch_steps",
 )
 """TrainSpec fields all cells of a pack share: they fix the batched model, the step count, the data
 lengths and the step's code path. Everything else (lr, weight_decay, momentum, head_lr_mult,
@@ -211,15 +211,16 @@ def _train_epoch(pack: _Pack, optim: _Optimiser, cells: list[_Cell], store: _Sto
     spec, n, device = cells[0].spec, len(cells), store.images.device
     size = store.lengths["train"]
     seeds = [cell.spec.seed * 100_003 + epoch for cell in cells]  # train.py's per-epoch seed, per cell
-    orders = torch.stack([torch.randperm(size, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    batch = min(spec.batch_size, size)
+    orders = torch.stack([loop.epoch_order(size, cell.spec, epoch, steps_per_epoch * batch) for cell in cells])
     orders = orders.to(device) + store.starts["train"][:, None]  # one upload per epoch; batches are slices
+    length = max(size, steps_per_epoch * batch)   # the epoch's draws, as train.py counts them: one pass, or epoch_steps
     # Each cell's own stream for dropout masks and augmentation, as train.py's global seed is for it.
     generators = [torch.Generator(device).manual_seed(s) for s in seeds]
     coefficients = _coefficients(cells, optim, steps_per_epoch, device)
     correct = torch.zeros(n, device=device)
     loss_sum = torch.zeros(n, device=device)
     seen = 0
-    batch = min(spec.batch_size, size)
     for t, begin in enumerate(range(0, steps_per_epoch * batch, batch)):
         if stop is not None and stop():
             for i, cell in enumerate(cells):
@@ -239,7 +240,7 @@ def _train_epoch(pack: _Pack, optim: _Optimiser, cells: list[_Cell], store: _Sto
         loss_sum += loss * batch
         seen += batch
         if step % spec.log_every == 0:
-            _log_train(pack, cells, loss_sum, correct, seen, step, epoch, epoch + (begin + batch) / size, start)
+            _log_train(pack, cells, loss_sum, correct, seen, step, epoch, epoch + (begin + batch) / length, start)
             correct.zero_()
             loss_sum.zero_()
             seen = 0
