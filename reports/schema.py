@@ -40,7 +40,13 @@ OPTIMIZER = Column("optimizer", STR, "", "train.optimizer: adamw, adam or sgd (t
 HEAD_LR_MULT = Column("head_lr_mult", F64, "", "train.head_lr_mult: the head's lr is lr × this (1 = one lr)")
 UNFREEZE = Column("unfreeze_epoch", I64, "epochs", "train.unfreeze_epoch: freeze-then-unfreeze at this epoch "
                                                     "(null = the body stays as frozen as freeze_depth says)")
+UNFREEZE_BODY = Column("unfreeze_body", BOOL, "", "train.unfreeze_body: false = at unfreeze_epoch only the lr drops, "
+                                                  "under the same plateau schedule, and the body stays frozen (recipe "
+                                                  "unfreeze_control, the unfreeze recipe's same-schedule control); "
+                                                  "true when not logged")
 EPOCHS = Column("epochs", I64, "epochs", "train.epochs: the training budget (training stages only)")
+EPOCH_STEPS = Column("epoch_steps", I64, "optimizer steps", "train.epoch_steps: steps per epoch under a step budget "
+                                                            "(the grid's steps); null = one pass over the data")
 
 # Final metrics of a training run (also on adder runs).
 TRAIN_METRICS = (
@@ -84,7 +90,7 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         Column("start_time", TIME, "UTC", "run start"),
         Column("end_time", TIME, "UTC", "run end (null while running)"),
         SOURCE, TARGET, ARCH, SIZE, FREEZE, LR, SEED,
-        OPTIMIZER, HEAD_LR_MULT, UNFREEZE, EPOCHS,
+        OPTIMIZER, HEAD_LR_MULT, UNFREEZE, UNFREEZE_BODY, EPOCHS, EPOCH_STEPS,
         Column("variant", STR, "", "adder runs: scratch, transfer, or another transfer arm (e.g. transfer_features)"),
         Column("attack", STR, "", "attack runs: attack registry name"),
         Column("eps", F64, "pixel [0,1]", "attack runs: L-inf budget"),
@@ -97,11 +103,15 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
     ),
     "pretrain": (RUN_ID, KEY, SOURCE, ARCH, SIZE, LR, SEED, *TRAIN_METRICS),
     "finetune": (RUN_ID, KEY, Column("pretrain_run_id", STR, "id", "the pretrain run it started from"),
-                 SOURCE, TARGET, ARCH, SIZE, FREEZE, LR, SEED, OPTIMIZER, HEAD_LR_MULT, UNFREEZE, EPOCHS,
-                 *TRAIN_METRICS, AT_CHANCE, *BASELINE),
-    "scratch": (RUN_ID, KEY, TARGET, ARCH, SIZE, LR, SEED, OPTIMIZER, EPOCHS, *TRAIN_METRICS, AT_CHANCE),
+                 SOURCE, TARGET, ARCH, SIZE, FREEZE, LR, SEED, OPTIMIZER, HEAD_LR_MULT, UNFREEZE, UNFREEZE_BODY,
+                 EPOCHS, EPOCH_STEPS, *TRAIN_METRICS, AT_CHANCE, *BASELINE),
+    "scratch": (RUN_ID, KEY, TARGET, ARCH, SIZE, LR, SEED, OPTIMIZER, EPOCHS, EPOCH_STEPS, *TRAIN_METRICS, AT_CHANCE),
     "adder": (RUN_ID, Column("variant", STR, "", "the transfer arm: transfer, or another (e.g. transfer_features)"),
-              SIZE, SEED, *TRAIN_METRICS, AT_CHANCE, *BASELINE),
+              SIZE, SEED,
+              Column("pretrain_run_id", STR, "id", "the digit classifier's run (stage pretrain) the arm started from"),
+              Column("classifier_test_error", F64, "fraction", "that digit classifier's final test error (null when "
+                                                               "its run is not in the experiment)"),
+              *TRAIN_METRICS, AT_CHANCE, *BASELINE),
     "curves": (
         RUN_ID,
         Column("step", I64, "optimizer steps", "iteration the point was recorded at"),
@@ -122,6 +132,7 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         Column("target_seed", I64, "", "the target run's seed (the unit verdicts pair over)"),
         Column("surrogate_source", STR, "", "the surrogate's pretraining source (null for an ensemble)"),
         Column("surrogate_arch", STR, "", "the surrogate's arch (null for an ensemble)"),
+        Column("surrogate_seed", I64, "", "the surrogate run's seed (null for an ensemble)"),
         Column("target_source", STR, "", "the target's pretraining source"),
         Column("target_arch", STR, "", "the target's arch"),
         Column("target_size", I64, "examples", "the target's fine-tune size (0 = the whole pool)"),

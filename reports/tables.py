@@ -42,7 +42,8 @@ WHOLE_POOL = ("all", "None")  # size tags of a run on the whole training pool (s
 # The fine-tuning recipe of a training run, from its TrainSpec params (typed columns; see xfer.grid.RECIPES).
 # A training run that did not log one (written before the field existed) ran with the TrainSpec default.
 RECIPE_PARAMS = {"optimizer": ("train.optimizer", str), "head_lr_mult": ("train.head_lr_mult", float),
-                 "unfreeze_epoch": ("train.unfreeze_epoch", int), "epochs": ("train.epochs", int)}
+                 "unfreeze_epoch": ("train.unfreeze_epoch", int), "unfreeze_body": ("train.unfreeze_body", bool),
+                 "epochs": ("train.epochs", int), "epoch_steps": ("train.epoch_steps", int)}
 TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(specs.TrainSpec)}
 SPEC_STAGES = (names.PRETRAIN, names.FINETUNE, names.SCRATCH)   # the stages whose params are a TrainSpec
 
@@ -198,7 +199,7 @@ def runs_frame(records: list[tracking.RunRecord]) -> tuple[pd.DataFrame, list[st
         rows.append(row | renamed)
     columns = [c.name for c in SCHEMAS["runs"]] + sorted(params)
     frame = pd.DataFrame(rows, columns=columns)
-    integers = list(INT_TAGS) + ["unfreeze_epoch", "epochs"]
+    integers = list(INT_TAGS) + ["unfreeze_epoch", "epochs", "epoch_steps"]
     frame[integers] = frame[integers].astype("Int64")
     return frame, sorted(params)
 
@@ -211,28 +212,30 @@ def recipe_of(params: dict[str, str]) -> dict[str, object]:
         if text is None:
             out[column] = TRAIN_DEFAULTS[column]
         else:  # "None" (unfreeze_epoch unset) parses to null
-            out[column] = text if kind is str else _number(text, kind)
+            out[column] = text if kind is str else _flag(text) if kind is bool else _number(text, kind)
     return out
 
 
 def finetune_frame(finished: pd.DataFrame) -> pd.DataFrame:
-    """Fine-tune runs with the scratch run of the same target, arch, size, seed, lr, optimizer and epochs joined as
-    scratch_*.
+    """Fine-tune runs with the scratch run of the same target, arch, size, seed, lr, optimizer and training budget
+    (epochs and epoch_steps) joined as scratch_*.
 
     The optimizer is part of the match because a grid trains one scratch cell per recipe optimizer (an `sgd`
     recipe's fine-tune cells are measured against SGD scratch cells, the rest against the grid's optimizer).
     """
     finetune = _select(finished[finished["stage"] == names.FINETUNE], "finetune")
     scratch = finished[finished["stage"] == names.SCRATCH]
-    on = ["target", "arch", "size", "seed", "lr", "optimizer", "epochs"]
+    on = ["target", "arch", "size", "seed", "lr", "optimizer", "epochs", "epoch_steps"]
     return _select(with_baseline(finetune, scratch, on), "finetune")
 
 
 def adder_frame(finished: pd.DataFrame) -> pd.DataFrame:
-    """Adder runs of every transfer arm (any variant but scratch) with the scratch run of the same size and seed
-    joined as scratch_*."""
+    """Adder runs of every transfer arm (any variant but scratch) with their digit classifier's test error (through
+    the pretrain run id they record) and the scratch run of the same size and seed joined as scratch_*."""
     adder = finished[finished["stage"] == names.ADDER]
     arms = adder[adder["variant"].notna() & (adder["variant"] != names.VARIANT_SCRATCH)]
+    classifiers = finished[finished["stage"] == names.PRETRAIN].set_index("run_id")["test_error"]
+    arms = arms.assign(classifier_test_error=arms["pretrain_run_id"].map(classifiers))
     scratch = adder[adder["variant"] == names.VARIANT_SCRATCH]
     return _select(with_baseline(arms, scratch, ["size", "seed"]), "adder")
 
@@ -285,6 +288,7 @@ def transfer_frame(finished: pd.DataFrame, scored: pd.DataFrame) -> pd.DataFrame
         target_seed=rows["target_run_id"].map(models["seed"]).astype("Int64"),
         surrogate_source=rows["surrogate_run_id"].map(models["source"]),
         surrogate_arch=rows["surrogate_run_id"].map(models["arch"]),
+        surrogate_seed=rows["surrogate_run_id"].map(models["seed"]).astype("Int64"),
         target_source=rows["target_run_id"].map(models["source"]),
         target_arch=rows["target_run_id"].map(models["arch"]),
         target_size=rows["target_run_id"].map(models["size"]).astype("Int64"),
@@ -311,7 +315,8 @@ def matrices(transfer: pd.DataFrame) -> dict[tuple[str, float], tuple[pd.DataFra
 
 def label(run: pd.Series) -> str:
     """A model's readable name without its seed (matrices average seeds): e.g. ``kmnist>mnist/resnet_mini/n1000/f4``,
-    with its recipe when it is not the plain one (``/sgd``, ``/head10x``, ``/unfreeze@5``) so recipes are not averaged."""
+    with its recipe when it is not the plain one (``/sgd``, ``/head10x``, ``/unfreeze@5``, ``/unfreeze_control@5``)
+    so recipes are not averaged."""
     size = size_text(run["size"])
     if run["stage"] == names.PRETRAIN:
         return f"{run['source']}/{run['arch']}"
@@ -323,11 +328,14 @@ def label(run: pd.Series) -> str:
 
 
 def recipe_text(run: pd.Series) -> str:
-    """The recipe part of a label: what differs from TrainSpec's defaults ("" for the plain recipe)."""
+    """The recipe part of a label: what differs from TrainSpec's defaults ("" for the plain recipe). A cell whose body
+    stays frozen at its unfreeze epoch (unfreeze_body false) reads ``/unfreeze_control@5``, never ``/unfreeze@5``."""
     optimizer, mult, unfreeze = run.get("optimizer"), run.get("head_lr_mult"), run.get("unfreeze_epoch")
+    body = run.get("unfreeze_body")
+    switch = "unfreeze_control" if pd.notna(body) and not body else "unfreeze"
     return "".join([f"/{optimizer}" if isinstance(optimizer, str) and optimizer != TRAIN_DEFAULTS["optimizer"] else "",
                     f"/head{mult:g}x" if pd.notna(mult) and mult != TRAIN_DEFAULTS["head_lr_mult"] else "",
-                    f"/unfreeze@{int(unfreeze)}" if pd.notna(unfreeze) else ""])
+                    f"/{switch}@{int(unfreeze)}" if pd.notna(unfreeze) else ""])
 
 
 def size_text(size: int | None) -> str:
@@ -344,6 +352,11 @@ def _select(frame: pd.DataFrame, table: str) -> pd.DataFrame:
     """`frame` restricted to (and completed with null) the documented columns of `table`, index reset."""
     columns = [c.name for c in SCHEMAS[table]]
     return frame.reindex(columns=columns).reset_index(drop=True)
+
+
+def _flag(text: str) -> bool | None:
+    """A boolean param as xfer.tracking spells it ("true"/"false"; Python's "True"/"False" too); else null."""
+    return {"true": True, "false": False}.get(text.strip().lower())
 
 
 def _number(text: str | None, kind: type) -> float | int | None:

@@ -265,17 +265,20 @@ def test_smoke_sweep_runs_both_variants_as_tune_trials_and_reports_curves_and_a_
     assert matplotlib.image.imread(figure).std() > 0.05
     # Transfer (blue) and scratch (orange) are both drawn; the features arm, drawn later, may cover part of them.
     assert colour_pixels(figure, "blue") > 20 and colour_pixels(figure, "orange") > 20
-    verdict, *arms = [line for line in out.splitlines() if line.startswith("verdict: ")]
-    assert verdict == (f"verdict: adder: transfer beats scratch (size=200): {INSUFFICIENT} (1 paired, need {MIN_SEEDS}); "
-                       "no effect estimated.")
-    # The features arm's row, unless that cell learnt nothing at this smoke size: then it is named as at chance
-    # (test accuracy within 5 pp of 1/19) and left out of the verdicts.
+    verdicts = [line for line in out.splitlines() if line.startswith("verdict: ")]
+    transfer = (f"verdict: adder: transfer beats scratch (size=200): {INSUFFICIENT} (1 paired, need {MIN_SEEDS}); "
+                "no effect estimated.")
+    # The features arm is the headline (it differs from scratch only in its start), the seed's transfer arm next;
+    # unless the features cell learnt nothing at this smoke size: then it is named as at chance (test accuracy
+    # within 5 pp of 1/19), left out of the verdicts, and the transfer arm is the headline.
     features = runs[(adder.FEATURES, "0")].metrics[names.TEST_ACC]
     chance = [line for line in out.splitlines() if line.startswith("at chance, left out of the verdicts: adder")]
     if features <= 1 / adder.SUMS + 0.05:
-        assert not arms and len(chance) == 1 and "variant=transfer_features" in chance[0]
+        assert verdicts == [transfer] and len(chance) == 1 and "variant=transfer_features" in chance[0]
     else:
-        assert len(arms) == 1 and "arm=transfer_features" in arms[0] and INSUFFICIENT in arms[0] and not chance
+        assert len(verdicts) == 2 and verdicts[1] == transfer and not chance
+        assert "arm=transfer_features" in verdicts[0] and INSUFFICIENT in verdicts[0]
+    verdict = verdicts[0]
     table = pd.read_parquet(figure.parents[1] / "data" / "verdicts.parquet")
     saved = table[(table["claim"] == ADDER_CLAIM) & table["headline"]].iloc[0]
     assert saved["line"] == verdict.removeprefix("verdict: ") and saved["n_seeds"] == 1

@@ -13,7 +13,7 @@ import pytest
 from scipy import stats
 
 from reports.schema import SCHEMAS
-from reports.tables import Tables, at_chance, chance_runs
+from reports.tables import Tables, adder_frame, at_chance, chance_runs, recipe_of, recipe_text, transfer_frame
 from reports.verdicts import (ADDER_CLAIM, BY_KEY, DESCRIPTIVE, INSUFFICIENT, METHOD, NO_RUNS, NO_SPREAD, all_verdicts,
                               claim_adder, claim_finetune_vs_scratch, claim_freezing, claim_head_lr, claim_lenet,
                               claim_parent_examples, claim_unfreeze, claims_table, confirm, holm, per_seed,
@@ -164,11 +164,11 @@ def _table(name: str, rows: list[dict]) -> pd.DataFrame:
 
 def _finetune(seed: int, size: int, error: float, scratch: float | None = None, *, source: str = "kmnist",
               arch: str = "resnet_mini", freeze: int = 0, optimizer: str = "adamw", head: float = 1.0,
-              unfreeze: int | None = None, checkpoint: str = "") -> dict:
-    return dict(run_id=f"ft-{source}-{arch}-{size}-{freeze}-{optimizer}-{head}-{unfreeze}-{seed}",
+              unfreeze: int | None = None, body: bool = True, lr: float = 1e-3, checkpoint: str = "") -> dict:
+    return dict(run_id=f"ft-{source}-{arch}-{size}-{freeze}-{optimizer}-{head}-{unfreeze}-{body}-{lr}-{seed}",
                 pretrain_run_id=checkpoint or f"pre-{source}-{arch}-{seed}", source=source, target="mnist5k", arch=arch,
-                size=size, freeze_depth=freeze, lr=1e-3, seed=seed, optimizer=optimizer, head_lr_mult=head, epochs=10,
-                unfreeze_epoch=unfreeze, test_error=error,
+                size=size, freeze_depth=freeze, lr=lr, seed=seed, optimizer=optimizer, head_lr_mult=head, epochs=10,
+                unfreeze_epoch=unfreeze, unfreeze_body=body, test_error=error,
                 scratch_run_id=None if scratch is None else f"scratch-{arch}-{size}-{seed}", scratch_test_error=scratch)
 
 
@@ -272,23 +272,74 @@ def test_claim_3_parent_examples_against_another_source_of_the_same_arch() -> No
     assert {r["scope"] for r in result[1:]} == {"attack=fgsm eps=0.3", "attack=pgd eps=0.3"}
 
 
-def test_claim_4_headline_is_the_transfer_arm_at_the_largest_budget_with_other_arms_beneath() -> None:
+def test_claim_3_pairs_b_by_seed_and_sets_a_prime_beside_both() -> None:
+    # C of seed s: its parent A (0.8), B of seed s (0.3) and B of another seed (0.6, which averaged in would make B
+    # 0.45), and A' of the two other seeds (0.5 and 0.7: 0.6 with noise). A' of C's source is not B: it shares C's
+    # source data, not its weights, so it sits between A and B.
+    def rows_of(seed: int, with_own_b: bool = True) -> list[dict]:
+        common = dict(target_run_id=f"C{seed}", target_seed=seed, target_arch="resnet_mini", target_source="kmnist",
+                      attack="pgd", eps=0.3, surrogate_stage=names.PRETRAIN, surrogate_arch="resnet_mini",
+                      whitebox_success=0.99)
+        other, another = (seed + 1) % 3, (seed + 2) % 3
+        rows = [dict(common, is_parent=True, same_source=True, surrogate_seed=seed, success_rate=0.8 + NOISE[seed]),
+                dict(common, is_parent=False, same_source=False, surrogate_seed=other, success_rate=0.6),
+                dict(common, is_parent=False, same_source=True, surrogate_seed=other, success_rate=0.5 + NOISE[seed]),
+                dict(common, is_parent=False, same_source=True, surrogate_seed=another, success_rate=0.7),
+                dict(common, is_parent=False, same_source=False, surrogate_seed=seed, surrogate_arch="alexnet_mini",
+                     success_rate=0.0)]   # B of another arch: not the claim's B
+        return rows + ([dict(common, is_parent=False, same_source=False, surrogate_seed=seed, success_rate=0.3)]
+                       if with_own_b else [])
+
+    result = claim_parent_examples(_table("transfer", [r for seed in range(3) for r in rows_of(seed)]))
+    headline = _headline(result)
+    assert headline["scope"] == "attack=pgd eps=0.3" and headline["effect"] == pytest.approx(0.5)
+    assert headline["control_mean"] == pytest.approx(0.3) and headline["ceiling"] == pytest.approx(0.99)
+    assert headline["why"] is None   # every C had a B of its own seed
+    a_prime = _row(result, "A' vs B (same source data, unrelated weights), attack=pgd eps=0.3")
+    assert a_prime["effect"] == pytest.approx(0.3) and a_prime["treated_mean"] == pytest.approx(0.6)
+    assert a_prime["control_mean"] == pytest.approx(0.3) and np.isnan(a_prime["ceiling"]) and not a_prime["headline"]
+    parent = _row(result, "A vs A' (the parent's own weights against the same source's other seeds), "
+                          "attack=pgd eps=0.3")
+    assert parent["effect"] == pytest.approx(0.2) and parent["seed_effects"] == pytest.approx(
+        [0.2 + NOISE[seed] / 2 for seed in range(3)])
+    assert len(result) == 3   # one attack setting: no per-setting rows
+    # Without a B of C's seed, B's seeds are averaged (0.6 here), and the headline says so.
+    fallback = claim_parent_examples(_table("transfer", [r for seed in range(3) for r in rows_of(seed, False)]))
+    assert _headline(fallback)["effect"] == pytest.approx(0.2)
+    assert _headline(fallback)["why"] == "the grid has no B of C's seed for 3 of 3 fine-tuned model(s) C: their B's " \
+                                        "seeds are averaged"
+    # Without A', the rows beneath it are not made.
+    no_prime = [r for seed in range(3) for r in rows_of(seed) if not (r["same_source"] and not r["is_parent"])]
+    assert len(claim_parent_examples(_table("transfer", no_prime))) == 1
+
+
+def test_claim_4_headline_is_transfer_features_with_the_seeds_transfer_arm_and_its_classifier_floor_beneath() -> None:
     def run(variant: str, size: int, seed: int, error: float, scratch: float) -> dict:
         return dict(run_id=f"{variant}-{size}-{seed}", variant=variant, size=size, seed=seed, test_error=error,
-                    scratch_run_id=f"scratch-{size}-{seed}", scratch_test_error=scratch)
+                    scratch_run_id=f"scratch-{size}-{seed}", scratch_test_error=scratch,
+                    pretrain_run_id=f"digits-{seed}", classifier_test_error=0.01 * (seed + 1))   # mean 0.02
 
     rows = []
     for seed in range(3):
         rows.append(run(names.VARIANT_TRANSFER, 5000, seed, 0.50 + NOISE[seed], 0.10))   # the README's measurement
-        rows.append(run("transfer_features", 5000, seed, 0.05 + NOISE[seed], 0.10))
+        rows.append(run(names.VARIANT_TRANSFER_FEATURES, 5000, seed, 0.05 + NOISE[seed], 0.10))
         rows.append(run(names.VARIANT_TRANSFER, 200, seed, 0.60 + NOISE[seed], 0.80))
     result = claim_adder(_table("adder", rows))
     headline = _headline(result)
-    assert headline["scope"] == "size=5000" and headline["verdict"] == "contradicted"
-    assert headline["effect"] == pytest.approx(-0.40)
-    assert _row(result, "arm=transfer_features size=5000")["verdict"] == "supported"
-    assert _row(result, "size=200")["verdict"] == "supported"
+    assert headline["scope"] == "arm=transfer_features size=5000" and headline["verdict"] == "supported"
+    assert headline["effect"] == pytest.approx(0.05)
+    # A sum is wrong whenever either digit is: 98% digits give about 1 - 0.98^2 = 3.96% error at best.
+    floor = "digit classifier: 98.00% mean test accuracy over 3 run(s), so the transfer arm's error floor is about " \
+            "1 - (1 - 0.0200)^2 = 3.96%"
+    assert headline["why"].startswith(floor)
+    seeds_arm = result[1]   # the seed's transfer arm at the headline's size comes next
+    assert seeds_arm["scope"] == "size=5000" and seeds_arm["verdict"] == "contradicted"
+    assert seeds_arm["effect"] == pytest.approx(-0.40) and seeds_arm["why"].startswith(floor)
+    assert _row(result, "size=200")["verdict"] == "supported" and _row(result, "size=200")["why"] is None
     assert {r["claim"] for r in result} == {ADDER_CLAIM}
+    # Without transfer_features the seed's arm is the headline, as before.
+    seeds_only = claim_adder(_table("adder", [r for r in rows if r["variant"] == names.VARIANT_TRANSFER]))
+    assert _headline(seeds_only)["scope"] == "size=5000" and _headline(seeds_only)["effect"] == pytest.approx(-0.40)
 
 
 def test_claim_4_with_one_seed_keeps_the_line_sweeps_adder_prints() -> None:
@@ -310,6 +361,23 @@ def test_claim_5_head10x_sgd_against_sgd_of_the_same_cell() -> None:
     assert headline["n_seeds"] == 5
 
 
+def test_claim_5_sets_every_layer_at_10x_beneath_and_never_as_the_one_lr_baseline() -> None:
+    # lr 3e-4: the lr10x_sgd cell's lr, 3e-3, is not 10 x 3e-4 (0.0030000000000000005) to the last bit.
+    rows = []
+    for seed in range(5):
+        rows.append(_finetune(seed, 100, 0.20, optimizer="sgd", lr=3e-4))
+        rows.append(_finetune(seed, 100, 0.17 + NOISE[seed], optimizer="sgd", head=10.0, lr=3e-4))
+        rows.append(_finetune(seed, 100, 0.25, optimizer="sgd", lr=3e-3))                  # lr10x_sgd: 8 pp worse
+        rows.append(_finetune(seed, 100, 0.01, optimizer="sgd", lr=3e-3, checkpoint="x"))  # another checkpoint
+    result = claim_head_lr(_table("finetune", rows))
+    headline = _headline(result)
+    assert headline["effect"] == pytest.approx(0.03) and headline["control_mean"] == pytest.approx(0.20)
+    everyone = result[1]
+    assert everyone["scope"] == "against every layer at 10x (lr10x_sgd)" and not everyone["headline"]
+    assert everyone["effect"] == pytest.approx(0.08) and everyone["control_mean"] == pytest.approx(0.25)
+    assert everyone["verdict"] == "supported" and "lr10x_sgd" in everyone["measure"]
+
+
 def test_claim_6_unfreeze_against_the_frozen_cell_of_the_same_depth_and_against_full_fine_tuning() -> None:
     rows = []
     for seed in range(3):
@@ -320,8 +388,33 @@ def test_claim_6_unfreeze_against_the_frozen_cell_of_the_same_depth_and_against_
     result = claim_unfreeze(_table("finetune", rows))
     headline = _headline(result)
     assert headline["verdict"] == "supported" and headline["effect"] == pytest.approx(0.04)
+    # No unfreeze_control cells: the frozen cell is the headline's control, and the headline says what else differs.
+    assert headline["why"].startswith("no unfreeze_control cells in this grid: against the frozen cells never "
+                                      "unfrozen instead, whose schedule differs")
+    assert headline["measure"].startswith("test_error of a frozen-body cell")
     [full] = [r for r in result if r["scope"].startswith("against full fine-tuning")]
     assert full["verdict"] == "contradicted" and full["effect"] == pytest.approx(-0.06)
+
+
+def test_claim_6_pairs_unfreeze_with_its_same_schedule_control() -> None:
+    # Against the frozen cell (another schedule) unfreezing gains 4 pp; against unfreeze_control (the same lr drop on
+    # the same plateau schedule, body kept frozen) only 2: the other 2 were the schedule's.
+    rows = []
+    for seed in range(3):
+        rows.append(_finetune(seed, 100, 0.20, freeze=20))
+        rows.append(_finetune(seed, 100, 0.16 + NOISE[seed], freeze=20, unfreeze=3))
+        rows.append(_finetune(seed, 100, 0.18, freeze=20, unfreeze=3, body=False))   # unfreeze_control
+        rows.append(_finetune(seed, 100, 0.00, freeze=20, unfreeze=4, body=False))   # another switch epoch: no pair
+        rows.append(_finetune(seed, 100, 0.10))
+    result = claim_unfreeze(_table("finetune", rows))
+    headline = _headline(result)
+    assert headline["effect"] == pytest.approx(0.02) and headline["control_mean"] == pytest.approx(0.18)
+    assert headline["why"] is None and headline["measure"].startswith("test_error of the unfreeze_control cell")
+    # The control cells are never on the unfreezing side: with them, these two would be 0.03 and -0.07.
+    frozen = _row(result, "against the frozen cell never unfrozen (another schedule)")
+    assert frozen["effect"] == pytest.approx(0.04) and frozen["measure"].startswith("test_error of a frozen-body cell")
+    [full] = [r for r in result if r["scope"].startswith("against full fine-tuning")]
+    assert full["effect"] == pytest.approx(-0.06) and len(result) == 3
 
 
 def test_claim_7_lenet5_against_resnet_mini_from_scratch_at_the_largest_size() -> None:
@@ -336,8 +429,31 @@ def test_claim_7_lenet5_against_resnet_mini_from_scratch_at_the_largest_size() -
     result = claim_lenet(_table("scratch", rows), _table("finetune", []))
     headline = _headline(result)
     assert headline["scope"] == "scratch size=1000" and headline["verdict"] == "contradicted"
-    assert headline["effect"] == pytest.approx(-0.05)
-    assert _row(result, "stage=scratch target=mnist5k size=100")["verdict"] == "supported"
+    assert headline["effect"] == pytest.approx(-0.05 + 0.02)   # 5 pp worse: 3 pp beyond the 2 pp margin
+    assert headline["why"].startswith("the LeNet-5 is xfer's lenet5 (average-pooled), not seed 003's max-pool one")
+    assert _row(result, "stage=scratch target=mnist5k size=100 budget=epochs=10")["verdict"] == "supported"
+
+
+def test_claim_7_is_non_inferiority_within_2_pp_on_the_seeds_max_pool_lenet() -> None:
+    def scratch(arch: str, seed: int, error: float, epoch_steps: int = 288) -> dict:
+        return dict(run_id=f"{arch}-{seed}-{epoch_steps}", target="mnist5k", arch=arch, size=1000, lr=1e-3, seed=seed,
+                    optimizer="adam", epochs=4, epoch_steps=epoch_steps, test_error=error)
+
+    rows = []
+    for seed in range(3):   # LeNet-5 1 pp worse than resnet_mini: within the margin by 1 pp
+        rows += [scratch("resnet_mini", seed, 0.05), scratch("lenet5_maxpool", seed, 0.06 + NOISE[seed]),
+                 scratch("lenet5", seed, 0.50)]   # xfer's avg-pool LeNet: not the seed's when the seed's is there
+        # A smaller step budget at the same size and epochs (a steps axis): its own row beneath, never paired with
+        # the larger budget's cells, never in the headline.
+        rows += [scratch("resnet_mini", seed, 0.04, epoch_steps=50), scratch("lenet5_maxpool", seed, 0.56, epoch_steps=50)]
+    result = claim_lenet(_table("scratch", rows), _table("finetune", []))
+    headline = _headline(result)
+    assert headline["scope"] == "scratch size=1000 steps=4x288"
+    assert _row(result, "stage=scratch target=mnist5k size=1000 budget=steps=4x50")["effect"] == pytest.approx(-0.50)
+    assert headline["effect"] == pytest.approx(0.01)
+    assert headline["seed_effects"] == pytest.approx([0.01 - NOISE[seed] for seed in range(3)])
+    assert headline["treated_mean"] == pytest.approx(0.06) and headline["control_mean"] == pytest.approx(0.05)
+    assert headline["why"] is None and "within 2 pp" in headline["text"]
 
 
 def test_cells_at_chance_are_left_out_of_every_verdict() -> None:
@@ -354,9 +470,9 @@ def test_cells_at_chance_are_left_out_of_every_verdict() -> None:
     found = Tables(**empty, scratch=_table("scratch", rows), params=[], without_curve=[])
     assert chance_runs(found)["run_id"].tolist() == ["lenet5-3", "lenet5-4"]
     headline = claims_table(all_verdicts(found)).set_index("claim_id").loc[7]
-    assert headline["effect"] == pytest.approx(-0.12) and headline["n_seeds"] == 3
+    assert headline["effect"] == pytest.approx(-0.12 + 0.02) and headline["n_seeds"] == 3
     pooled = claim_lenet(_table("scratch", rows), _table("finetune", []))
-    assert _headline(pooled)["effect"] == pytest.approx((3 * -0.12 + 2 * -0.88) / 5)   # what pooling chance gave
+    assert _headline(pooled)["effect"] == pytest.approx((3 * -0.12 + 2 * -0.88) / 5 + 0.02)   # what pooling chance gave
 
 
 def test_claim_7_reads_adam_cells_only_as_seed_003_trains() -> None:
@@ -369,7 +485,7 @@ def test_claim_7_reads_adam_cells_only_as_seed_003_trains() -> None:
             (("lenet5", 0.146, "adamw"), ("resnet_mini", 0.019, "adamw"), ("lenet5", 0.80, "sgd"),
              ("resnet_mini", 0.221, "sgd"))]
     headline = _headline(claim_lenet(_table("scratch", rows), _table("finetune", [])))
-    assert headline["effect"] == pytest.approx(-0.127) and headline["verdict"] == "contradicted"
+    assert headline["effect"] == pytest.approx(-0.127 + 0.02) and headline["verdict"] == "contradicted"
     only_sgd = claim_lenet(_table("scratch", [r for r in rows if r["optimizer"] == "sgd"]), _table("finetune", []))
     assert only_sgd[0]["verdict"] == NO_RUNS and only_sgd[0]["why"] == "no Adam or AdamW lenet5 or resnet_mini runs in this grid"
 
@@ -394,6 +510,35 @@ def test_every_claim_has_exactly_one_headline_even_with_no_runs() -> None:
     assert claims["verdict"].eq(NO_RUNS).all() and claims["why"].str.len().gt(0).all()
     assert list(claims["seed_doc"]) == ["000", "000", "000", "002", "004", "001", "003"]
     assert claims.loc[claims["claim_id"] == 7, "why"].item() == "no Adam or AdamW lenet5 or resnet_mini runs in this grid"
+
+
+def test_unfreeze_control_cells_are_a_recipe_of_their_own() -> None:
+    assert recipe_of({"train.unfreeze_epoch": "3", "train.unfreeze_body": "false"})["unfreeze_body"] is False
+    assert recipe_of({"train.unfreeze_body": "True"})["unfreeze_body"] is True
+    assert recipe_of({})["unfreeze_body"] is True   # recorded before the field: the body unfroze
+    cell = {"optimizer": "adamw", "head_lr_mult": 1.0, "unfreeze_epoch": 3}
+    assert recipe_text(pd.Series(cell | {"unfreeze_body": True})) == "/unfreeze@3"
+    assert recipe_text(pd.Series(cell | {"unfreeze_body": False})) == "/unfreeze_control@3"
+
+
+def test_adder_table_carries_its_digit_classifier_and_transfer_its_surrogate_seed() -> None:
+    def run(run_id: str, stage: str, **values) -> dict:
+        return dict(run_id=run_id, stage=stage, start_time=pd.Timestamp("2026-01-01", tz="UTC"), **values)
+
+    finished = _table("runs", [
+        run("digits-1", names.PRETRAIN, source="mnist5k", arch="digit_cnn", seed=1, test_error=0.015),
+        run("t", names.ADDER, variant=names.VARIANT_TRANSFER, size=200, seed=1, pretrain_run_id="digits-1",
+            test_error=0.5),
+        run("s", names.ADDER, variant=names.VARIANT_SCRATCH, size=200, seed=1, test_error=0.4),
+        run("C", names.FINETUNE, source="mnist5k", target="mnist", arch="digit_cnn", size=100, freeze_depth=0,
+            seed=4, pretrain_run_id="digits-1"),
+        run("set", names.ATTACK, whitebox_success=0.9)])
+    [row] = adder_frame(finished).to_dict("records")
+    assert (row["pretrain_run_id"], row["classifier_test_error"], row["scratch_test_error"]) == ("digits-1", 0.015, 0.4)
+    scored = pd.DataFrame([{"set_run_id": "set", "surrogate_run_id": "digits-1", "target_run_id": "C", "attack": "pgd",
+                            "eps": 0.3, names.TAG_SAME_SOURCE: True, names.TAG_IS_PARENT: True}])
+    [scores] = transfer_frame(finished, scored).to_dict("records")
+    assert (scores["surrogate_seed"], scores["target_seed"]) == (1, 4)
 
 
 def _bootstrap(values: np.ndarray, draws: int = 10_000) -> tuple[float, float]:
