@@ -14,10 +14,10 @@ from scipy import stats
 
 from reports.schema import SCHEMAS
 from reports.tables import Tables, adder_frame, at_chance, chance_runs, recipe_of, recipe_text, transfer_frame
-from reports.verdicts import (ADDER_CLAIM, BY_KEY, DESCRIPTIVE, INSUFFICIENT, METHOD, NO_RUNS, NO_SPREAD, all_verdicts,
-                              claim_adder, claim_finetune_vs_scratch, claim_freezing, claim_head_lr, claim_lenet,
-                              claim_parent_examples, claim_unfreeze, claims_table, confirm, holm, per_seed,
-                              seeds_for_power, t_interval, verdict_row)
+from reports.verdicts import (ADDER_CLAIM, BY_KEY, CLAIMS, DESCRIPTIVE, INSUFFICIENT, METHOD, NO_RUNS, NO_SPREAD,
+                              all_verdicts, claim_adder, claim_finetune_vs_scratch, claim_freezing, claim_head_lr,
+                              claim_lenet, claim_parent_examples, claim_unfreeze, claims_doc, claims_table, confirm,
+                              holm, per_seed, seeds_for_power, t_interval, verdict_row)
 from xfer import names
 
 CLAIM = BY_KEY["finetune_beats_scratch"]
@@ -546,3 +546,12 @@ def _bootstrap(values: np.ndarray, draws: int = 10_000) -> tuple[float, float]:
     means = values[np.random.default_rng(0).integers(0, len(values), size=(draws, len(values)))].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
     return float(low), float(high)
+
+
+def test_every_claim_names_the_seed_words_it_tests() -> None:
+    # Each claim cites where its seed says it (section and line of ../shared/seeds/), and SCHEMA.md carries it.
+    doc = claims_doc()
+    for claim in CLAIMS:
+        assert claim.where.startswith(("seed " + claim.seed_doc, "no sentence of seed " + claim.seed_doc))
+        assert f"Source: {claim.where}." in doc
+    assert "解冻后几个epoch即可达到之前cnn训练20轮的效果" in BY_KEY["unfreeze_helps"].where
