@@ -406,6 +406,10 @@ def test_throughput_is_measured_once_and_kept(tmp_path: Path) -> None:
 def test_the_claims_preset_answers_every_claim_from_embedded_data() -> None:
     grid = grids.from_preset("claims")
     grids.validate(grid)   # no data needed: every source and the target are embedded or rendered
+    # Its rehearsal keeps the steps axis its `only` patterns name (a step an epoch, whatever the budget).
+    rehearsal = grids.fast_dev_run(grid)
+    grids.validate(rehearsal)
+    assert len(grids.cells(rehearsal).finetune) == len(grids.cells(grid).finetune)
     assert {grid.target, *grid.sources} <= {n for n in data.list_datasets() if data._entry(n).embedded}
     cells = grids.cells(grid, {"mnist5k": 4000, "glyph_digits": 6000, "glyph_letters": 15600})
     fine, scratch = [c.train for c in cells.finetune], [c.train for c in cells.scratch]

@@ -493,7 +493,7 @@ _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "unfreeze_epoch": (_at_least(0), "must be at least 0 (0 = half of epochs)"),
     "unfreeze_lr_mult": (lambda mult: mult > 0, "must be more than 0 (every layer's lr after unfreezing = lr × this)"),
     "sgd_lrs": (lambda lr: 0 < lr < 10, "must lie in (0, 10), e.g. 0.05"),
-    "steps": (_at_least(0), "must be at least 0 (optimiser steps per cell; 0 = --epochs)"),
+    "steps": (_at_least(0), "must be at least 0 (optimiser steps per cell; 0 = one pass over the data an epoch)"),
 }
 _AXES = ("sources", "archs", "sizes", "steps", "lrs", "sgd_lrs", "seeds", "recipes", "attacks", "eps")  # each value makes its own cells
 
@@ -799,7 +799,7 @@ def fast_dev_run(grid: Grid) -> Grid:
         adder.update(sizes=[batch], epochs=1, pretrain_epochs=1, pretrain_size=batch, val_pairs=batch, test_pairs=batch)
     return dataclasses.replace(
         grid, name=grid.name if grid.name.endswith(FAST_DEV_RUN) else grid.name + FAST_DEV_RUN, fast_dev_run=True, epochs=2 if unfreezing else 1, pretrain_epochs=1,
-        steps=(0,), unfreeze_epoch=1 if unfreezing else grid.unfreeze_epoch, attack_n=min(grid.attack_n, FAST_DEV_RUN_ATTACK_N),
+        unfreeze_epoch=1 if unfreezing else grid.unfreeze_epoch, attack_n=min(grid.attack_n, FAST_DEV_RUN_ATTACK_N),
         adder=adder)
 
 
