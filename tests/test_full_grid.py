@@ -9,11 +9,12 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import psutil
 import pytest
 
-from xfer import data, grid as grids, names, pipeline, scores, server, specs, stages, tracking
+from xfer import data, estimators, grid as grids, names, pipeline, scores, server, specs, stages, tracking
 from xfer.stages import RunOptions, run_training_stage
 from xfer.specs import PretrainSpec, TrainSpec
 
@@ -47,6 +48,12 @@ def test_smoke_preset_end_to_end_then_nothing_reruns(local_ray, experiment: str,
     assert set(table["set_run_id"]) == {r.run_id for r in sets}
     assert set(table["target_run_id"]) == {r.run_id for r in by_stage[names.FINETUNE] + by_stage[names.SCRATCH]}
     assert len(by_stage[names.REPORT]) == 1
+    # The estimate stage: one run per pretrained model, its four scores as metrics, on the whole MNIST-5k pool.
+    estimates = by_stage[names.ESTIMATE]
+    assert sorted(r.tags[names.TAG_PRETRAIN_RUN] for r in estimates) == sorted(pretrain_ids)
+    assert all(np.isfinite([r.metrics[e] for e in estimators.ESTIMATORS]).all() for r in estimates)
+    assert {r.metrics[names.ESTIMATE_EXAMPLES] for r in estimates} == {4000.0}
+    assert {r.tags[names.TAG_TARGET] for r in estimates} == {"mnist5k"}
     report = Path(out.split("report: ")[1].split()[0])
     assert report.is_file() and (report.parent / "data" / "transfer.parquet").is_file()
     assert not tracking.query(experiment, status="RUNNING")
@@ -70,9 +77,10 @@ def test_smoke_preset_end_to_end_then_nothing_reruns(local_ray, experiment: str,
     assert planned_sets == str(attack_cells) == "13"   # the smoke grid: 14 settings × surrogates, letters' 2 are one
     assert rows["attack"] == [str(attack_cells)] * 2 + ["0"] and rows["report"] == ["1", "1", "0"]
     assert rows["pretrain"] == ["2", "2", "0"] and rows["total"][1:] == ["0", "0"]   # to run, packs
+    assert rows["estimate"] == ["2", "2", "0"]
     # The same grid again: every cell is found by its key in MLflow, nothing re-runs, the report is kept as made.
     outcome = pipeline.run_grid(grid, RunOptions(experiment=experiment))
-    assert [s.ran for s in outcome.summaries] == [0, 0, 0, 0, 0]
+    assert [s.ran for s in outcome.summaries] == [0] * 6   # pretrain, estimate, finetune, scratch, attack, report
     assert sum(s.cached for s in outcome.summaries) == sum(s.cells for s in outcome.summaries) > 0
     assert outcome.summaries[-1].stage == names.REPORT and outcome.report_dir == str(report.parent)
     assert key_file.stat().st_mtime_ns == made and len(tracking.query(experiment, tags={names.TAG_STAGE: names.REPORT})) == 1
@@ -109,8 +117,10 @@ def test_fast_dev_run_rehearses_every_stage_on_one_batch_in_an_experiment_of_its
     table = scores.read(rehearsal)
     assert sets and len(table) == sum(int(r.metrics[names.TARGETS_SCORED]) for r in sets)
     assert set(table["n"]) == {grids.FAST_DEV_RUN_ATTACK_N}
-    cells = sum(len(by_stage[s]) for s in (names.PRETRAIN, names.FINETUNE, names.SCRATCH, names.ATTACK))
-    assert len(runs) <= cells + 1 + 6   # the cells, the report, and the grid's parent runs (grid + 5 stages)
+    assert len(by_stage[names.ESTIMATE]) == 2   # on one batch of target images
+    assert {r.metrics[names.ESTIMATE_EXAMPLES] for r in by_stage[names.ESTIMATE]} == {32.0}
+    cells = sum(len(by_stage[s]) for s in (names.PRETRAIN, names.ESTIMATE, names.FINETUNE, names.SCRATCH, names.ATTACK))
+    assert len(runs) <= cells + 1 + 7   # the cells, the report, and the grid's parent runs (grid + 6 stages)
     report = Path(out.split("report: ")[1].split()[0])
     assert "synthetic stand-ins for kmnist" in report.read_text()
     # Its rerun: nothing to do.
@@ -134,7 +144,8 @@ def test_stages_runs_only_the_stages_named(local_ray, experiment: str, capsys, f
     out = capsys.readouterr().out
     # The plan said so: the other stages are rows marked skipped, out of the total (one pretrain cell).
     plan = {line.split()[0]: line.split()[1:4] for line in out.splitlines() if line.startswith("  ") and line.split()}
-    assert [stage for stage, row in plan.items() if row[2:] == ["skipped"]] == ["finetune", "scratch", "attack", "report"]
+    assert [stage for stage, row in plan.items() if row[2:] == ["skipped"]] == ["estimate", "finetune", "scratch", "attack",
+                                                                               "report"]
     assert plan["total"] == ["1", "1", "1"] and "report:" not in out
     assert [(r.stage, r.status) for r in _cells(experiment)] == [(names.PRETRAIN, "FINISHED")]   # no other stage ran
     assert full_grid.main(argv) == 0   # again: nothing to run, and still nothing of the other stages

@@ -588,8 +588,9 @@ def test_the_attack_row_is_an_upper_bound_only_where_class_names_are_unknown(tmp
         made = plan.plan(grid, cells, infos, lambda stage: set(), {}, lambda on_gpu: 8, slots=2)
         return {line.split()[0]: line.split()[1:4] for line in made.lines()[1:] if line.split()[0] in ("attack", "total")}
 
-    assert rows(_infos()) == {"attack": ["13", "0", "13"], "total": ["21", "21", "6"]}
-    assert rows(_infos(class_names=False)) == {"attack": ["≤14", "0", "≤14"], "total": ["≤22", "≤22", "6"]}
+    # total: 2 pretrain, 2 estimate, 4 finetune, 1 scratch, the attack cells and the report
+    assert rows(_infos()) == {"attack": ["13", "0", "13"], "total": ["23", "23", "8"]}
+    assert rows(_infos(class_names=False)) == {"attack": ["≤14", "0", "≤14"], "total": ["≤24", "≤24", "8"]}
 
 
 def test_dataset_class_names_are_kept_in_datasets_json_and_an_older_file_still_reads(tmp_path: Path) -> None:
@@ -618,7 +619,8 @@ def test_the_plan_with_stages_shows_the_others_skipped_and_leaves_them_out_of_th
     assert full_grid.main(["--preset", "smoke", "--name", name, *some, "--dry-run"]) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("  ") and line.split()}
-    assert rows["attack"][:4] == ["attack", "13", "0", "skipped"] and out.count("(not in --stages)") == 1
+    assert rows["attack"][:4] == ["attack", "13", "0", "skipped"] and rows["estimate"][:4] == ["estimate", "2", "0", "skipped"]
+    assert out.count("(not in --stages)") == 2
     assert rows["total"][1:4] == ["8", "8", "5"]   # 2 + 4 + 1 training cells and the report; not the 13 sets
     # The same plan as objects: the total and the estimate are the stages' that run, and nothing of attack's is counted.
     grid = full_grid.grid_from_args(full_grid.parser().parse_args(["--preset", "smoke", "--name", name]))
@@ -627,11 +629,12 @@ def test_the_plan_with_stages_shows_the_others_skipped_and_leaves_them_out_of_th
     everything = pipeline.planned(prepared, grid, options)
     chosen = pipeline.planned(prepared, grid, options, only=("pretrain", "finetune", "scratch", "report"))
     skipped = {s.stage: s for s in chosen.stages if s.skipped}
-    assert set(skipped) == {names.ATTACK} and skipped[names.ATTACK].seconds_here == 0
+    assert set(skipped) == {names.ESTIMATE, names.ATTACK} and skipped[names.ATTACK].seconds_here == 0
     seconds = {s.stage: s.seconds_here for s in everything.stages}
-    assert sum(s.seconds_here for s in chosen.stages) == pytest.approx(sum(seconds.values()) - seconds[names.ATTACK])
+    assert sum(s.seconds_here for s in chosen.stages) == pytest.approx(
+        sum(seconds.values()) - seconds[names.ATTACK] - seconds[names.ESTIMATE])
     [total] = [line for line in everything.lines() if line.startswith("  total")]
-    assert total.split()[1:3] == ["21", "21"]
+    assert total.split()[1:3] == ["23", "23"]
 
 
 def test_the_live_headline_keeps_its_columns_as_the_done_count_grows() -> None:

@@ -4,6 +4,7 @@
     xfer bench --transfer [--sources glyph_digits glyph_letters] [--size 500] [--seeds 0 1 2]
     xfer bench --pack [--archs resnet_mini lenet5 mlp_mixer] [--cells 6] [--json]
     xfer bench --score [--archs resnet_mini alexnet_mini mlp_mixer] [--targets 8] [--n 1000] [--json]
+    xfer bench --estimate [--archs resnet_mini alexnet_mini mlp_mixer] [--n 5000] [--json]
 
 Seed style = torchvision Dataset of PIL images + DataLoader + ToTensor/Normalize, batch 64, fp32.
 xfer = uint8 tensors on the device, permutation batches, per-batch normalisation (bf16 + channels_last
@@ -18,6 +19,11 @@ slot so both see the same parallelism; it prints cells/hour and samples/s of eac
 the same `n` random images, one target after another against one stacked model (vmap), after a warm-up each way;
 it prints target-examples scored per second both ways and their ratio (`--json`: rows ``{"arch", "device",
 "targets", "examples", "loop_per_s", "stacked_per_s", "ratio"}``).
+
+`--estimate` times the estimate stage's work per (pretrained model, target) pair (`xfer.estimate.bench`): the
+forward pass over `n` of the target's training images that gives the body's features and the source head's softmax,
+then LEEP, NCE, H-score and LogME each, on one CPU thread (`--json`: rows ``{"arch", "device", "examples",
+"feature_dim", "features_s", "leep_s", "nce_s", "h_score_s", "logme_s", "total_s"}``).
 
 `--transfer` prints the foundation's transfer figure: `arch` pretrained on each glyph source, then
 fine-tuned (all layers, new head) on `size` MNIST-5k digits, against the same arch from scratch on the

@@ -161,21 +161,31 @@ def logme(features: npt.ArrayLike, target_labels: npt.ArrayLike) -> float:
 
 
 def scores(features: npt.ArrayLike, source_probs: npt.ArrayLike, target_labels: npt.ArrayLike,
-           n_target_classes: int) -> dict[str, float]:
+           n_target_classes: int, seconds: dict[str, float] | None = None) -> dict[str, float]:
     """All four estimates for one (pretrained model, target task) pair, named and ordered as `ESTIMATORS`.
 
     In xfer the inputs come from one forward pass of the pretrained `XferModel` over the target's training
     images (`features_and_probs`): `features` = the body's penultimate output (n × feature_dim), `source_probs` =
     the softmax of the SOURCE head over the source's own classes (n × source classes; the head is not replaced
     by a target head), `target_labels` = the target's labels of those images, in 0..n_target_classes − 1.
-    Higher is better for every estimate; rank candidate models for a target by each one separately.
+    Higher is better for every estimate; rank candidate models for a target by each one separately. `seconds`,
+    when given, receives each estimator's wall time under its name.
     """
-    return {
-        "leep": leep(source_probs, target_labels, n_target_classes),
-        "nce": nce(source_probs, target_labels, n_target_classes),
-        "h_score": h_score(features, target_labels),
-        "logme": logme(features, target_labels),
+    import time
+
+    calls = {
+        "leep": lambda: leep(source_probs, target_labels, n_target_classes),
+        "nce": lambda: nce(source_probs, target_labels, n_target_classes),
+        "h_score": lambda: h_score(features, target_labels),
+        "logme": lambda: logme(features, target_labels),
     }
+    out = {}
+    for name in ESTIMATORS:
+        began = time.perf_counter()
+        out[name] = calls[name]()
+        if seconds is not None:
+            seconds[name] = time.perf_counter() - began
+    return out
 
 
 def features_and_probs(model: XferModel, images: torch.Tensor, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:

@@ -23,7 +23,8 @@ import yaml
 
 from xfer import data, models, names
 from xfer.errors import XferError
-from xfer.specs import OPTIMIZERS, AttackSpec, FinetuneSpec, PretrainSpec, TrainSpec
+from xfer.estimators import ESTIMATORS
+from xfer.specs import OPTIMIZERS, AttackSpec, EstimateSpec, FinetuneSpec, PretrainSpec, TrainSpec
 
 ALL = 0  # a fine-tune size of 0 means "the whole training pool" (the seed's 60,000 less the validation split)
 PRESET_DIR = Path(__file__).resolve().parent.parent / "sweeps" / "presets"  # preset grid files, by file name
@@ -138,6 +139,11 @@ class Grid:
     # replaces the lrs axis and the other settings (weight_decay, head_lr_mult, batch_size, label_smoothing)
     # the grid's, in that arch and size's fine-tune and scratch cells; a recipe's own settings still win.
     tuned: dict[str, dict[str, Any]] = _field({}, "tuned settings per 'arch/size' (filled by --tuned)")
+    estimate_n: int = _field(10000, "target training images each pretrained model is scored on by the estimate stage "
+                             "(LEEP, NCE, H-score, LogME; a stratified draw, the same for every model; 0 = the whole pool)")
+    prune_sources: int = _field(0, "fine-tune only the K sources the estimate stage ranks best for each arch "
+                                   "(by --prune-by; 0 = every source)")
+    prune_by: str = _field("logme", "the estimator --prune-sources ranks by: leep, nce, h_score or logme")
     attacks: tuple[str, ...] = _field(("fgsm", "pgd"), "attacks (attack registry names)")
     eps: tuple[float, ...] = _field((0.3,), "attack budgets (L∞, in [0, 1] pixel units)")
     attack_n: int = _field(5000, "test examples each attack perturbs")
@@ -442,6 +448,8 @@ def validate(grid: Grid) -> None:
     problems = _type_problems(grid)
     if not problems:  # the checks below compare numbers and look names up; wrong types would break them
         problems = [*_range_problems(grid), *_name_problems(grid)]
+        if grid.prune_by not in ESTIMATORS:
+            problems.append(f"{_setting('prune_by')} {grid.prune_by!r} is not an estimator; use one of {', '.join(ESTIMATORS)}")
         if grid.optimizer not in OPTIMIZERS:
             problems.append(f"{_setting('optimizer')} the optimizer {grid.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if not grid.sources and not grid.scratch and not _fine_tuned_archs(grid):
@@ -494,6 +502,9 @@ _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "unfreeze_lr_mult": (lambda mult: mult > 0, "must be more than 0 (every layer's lr after unfreezing = lr × this)"),
     "sgd_lrs": (lambda lr: 0 < lr < 10, "must lie in (0, 10), e.g. 0.05"),
     "steps": (_at_least(0), "must be at least 0 (optimiser steps per cell; 0 = one pass over the data an epoch)"),
+    "estimate_n": (_at_least(0), "must be at least 0 (target images each pretrained model is scored on; 0 = the whole "
+                                 "pool)"),
+    "prune_sources": (_at_least(0), "must be at least 0 (sources kept for fine-tuning per arch; 0 = every source)"),
 }
 _AXES = ("sources", "archs", "sizes", "steps", "lrs", "sgd_lrs", "seeds", "recipes", "attacks", "eps")  # each value makes its own cells
 
@@ -709,6 +720,7 @@ class Cells:
     finetune: tuple[FinetuneSpec, ...]
     scratch: tuple[FinetuneSpec, ...]
     attacks: tuple[AttackSpec, ...]
+    estimates: tuple[EstimateSpec, ...] = ()   # each pretrained model scored for the target (xfer.estimate)
 
 
 def cells(grid: Grid, pool_sizes: dict[str, int] | None = None) -> Cells:
@@ -771,7 +783,14 @@ def cells(grid: Grid, pool_sizes: dict[str, int] | None = None) -> Cells:
         AttackSpec(attack=name, eps=eps, steps=grid.attack_steps, n=grid.attack_n, dataset=grid.target)
         for name, eps in itertools.product(grid.attacks, grid.eps)
     )
-    return Cells(tuple(pretrain.values()), tuple(finetune), tuple(scratch), attacks)
+    # A rehearsal scores one batch of target images; a grid estimate_n of them, or the whole pool (None) when that
+    # is no more (so a pool's key does not depend on how far estimate_n exceeds it).
+    scored = grid.batch_size if grid.fast_dev_run else (grid.estimate_n or None)
+    pool = (pool_sizes or {}).get(grid.target)
+    if scored is not None and pool is not None and scored >= pool:
+        scored = None
+    estimates = tuple(EstimateSpec(p, grid.target, scored) for p in pretrain.values())
+    return Cells(tuple(pretrain.values()), tuple(finetune), tuple(scratch), attacks, estimates)
 
 
 def _pretrain_size(grid: Grid, source: str, pool_sizes: dict[str, int] | None) -> int | None:

@@ -5,14 +5,15 @@ Change a string here and every reader and writer changes with it; never spell th
 
 # Stages: the value of the TAG_STAGE tag on every MLflow run xfer writes.
 PRETRAIN = "pretrain"
+ESTIMATE = "estimate"   # transferability estimates of each pretrained model for the grid's target (xfer.estimate)
 FINETUNE = "finetune"
 SCRATCH = "scratch"
 ATTACK = "attack"
 ADDER = "adder"
 REPORT = "report"
 TUNE = "tune"
-STAGES = (PRETRAIN, FINETUNE, SCRATCH, ATTACK, ADDER, REPORT, TUNE)
-GRID_STAGES = (PRETRAIN, FINETUNE, SCRATCH, ADDER, ATTACK, REPORT)   # a grid's stages in the order they run (--stages)
+STAGES = (PRETRAIN, ESTIMATE, FINETUNE, SCRATCH, ATTACK, ADDER, REPORT, TUNE)
+GRID_STAGES = (PRETRAIN, ESTIMATE, FINETUNE, SCRATCH, ADDER, ATTACK, REPORT)   # a grid's stages in the order they run (--stages)
 GRID = "grid"   # the runs that make the MLflow UI's tree: one per grid invocation, one per stage under it (TAG_GRID_STAGE)
 
 # Tags (MLflow run tags).
@@ -73,6 +74,15 @@ TAG_SAME_SOURCE = "same_source"   # "true" / "false": surrogate's pretraining so
 TAG_IS_PARENT = "is_parent"       # "true" / "false": surrogate is exactly the target's pretrain run
 TAG_EXPERIMENT = "xfer.experiment"
 TAG_STAND_INS = "xfer.stand_ins"  # experiment tag: datasets a --fast-dev-run replaced by synthetic stand-ins ("" if none)
+
+# Estimate runs (stage ESTIMATE): one per pretrained model × target, tagged TAG_SOURCE / TAG_TARGET / TAG_ARCH /
+# TAG_SEED / TAG_PRETRAIN_RUN; metrics: each of xfer.estimators.ESTIMATORS by its own name ("leep", "nce", "h_score",
+# "logme"), its seconds as "<name>_seconds", and the two below (plus SECONDS, the whole cell).
+ESTIMATE_EXAMPLES = "examples"            # target training images the model was scored on
+FEATURES_SECONDS = "features_seconds"     # the forward pass that gives the estimators their inputs
+# Experiment tag: the sources --prune-sources left out of fine-tuning, as JSON {"k", "by", "groups": [{"target",
+# "arch", "kept", "skipped", "scores"}]} ("" when the last grid pruned none).
+TAG_PRUNED = "xfer.pruned_sources"
 
 # Adder runs (stage ADDER): which side of the transfer-vs-scratch comparison a run is on.
 TAG_VARIANT = "variant"

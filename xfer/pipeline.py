@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from xfer import cluster, data, grid as grids, names, packs, server, specs, stages, stopping, tracking
+from xfer import cluster, data, estimate, grid as grids, names, packs, server, specs, stages, stopping, tracking
 from xfer.errors import XferError
 from xfer.stages import RunOptions, StageSummary
 
@@ -185,10 +185,12 @@ def planned(prepared: Prepared, grid: grids.Grid, options: RunOptions, gpus: int
     gpu_share = options.gpus_per_trial or cluster.GPU_SHARE
     slots = max(1, int((os.cpu_count() or 1) // max(options.cpus_per_trial, 1e-3)))
     size = (lambda on_gpu: options.pack_size or packs.PACK_SIZE["cuda" if on_gpu else "cpu"])
-    return plan.plan(grid, prepared.cells, prepared.infos, finished, prepared.missing, size, slots,
+    cells, note = estimate.planned(grid, prepared.cells, listed.query(names.ESTIMATE) if listed else None)
+    return plan.plan(grid, cells, prepared.infos, finished, prepared.missing, size, slots,
                      options.cpus_per_trial, gpus, gpu_share, echo,
-                     attack_cells=(lambda: _attack_counts(prepared.cells, grid, options, listed)) if listed else None,
-                     report_made=bool(listed) and _report_made(options.experiment, listed), only=only)
+                     attack_cells=(lambda: _attack_counts(cells, grid, options, listed)) if listed else None,
+                     report_made=bool(listed) and _report_made(options.experiment, listed), only=only,
+                     notes={names.FINETUNE: note} if note else {})
 
 
 def _attack_counts(cells: grids.Cells, grid: grids.Grid, options: RunOptions,
@@ -234,7 +236,8 @@ def dry_run(grid: grids.Grid, options: RunOptions, echo: Callable[[str], None] =
     listed = snapshot(options)
     for line in planned(prepared, grid, options, gpus, echo, listed, only).lines():
         echo(line)
-    for stage, group in training_stages(prepared.cells):
+    cells, _ = estimate.planned(grid, prepared.cells, listed.query(names.ESTIMATE) if listed else None)
+    for stage, group in training_stages(cells):
         if stage not in only:
             continue
         todo, _ = stages.pending(options.experiment, group, options.force, stage, listed) if listed else (list(group), 0)
@@ -269,6 +272,13 @@ def run_grid(grid: grids.Grid, options: RunOptions, only: tuple[str, ...] = STAG
         stopped = stopping.grid_stopping   # a stopping grid runs no further stage (and no report)
 
         for stage, group in training_stages(cells):
+            if stage == names.FINETUNE:   # between pretraining and fine-tuning: the estimates, and what they prune
+                if names.ESTIMATE in only and cells.estimates and not stopped():
+                    summaries.append(estimate.run_stage(cells.estimates, options, datasets, view, fresh()))
+                    echo(summaries[-1].line())
+                if names.FINETUNE in only and not stopped():
+                    cells = pruned(grid, cells, options.experiment, echo)
+                    group = cells.finetune
             if stage in only and group and not stopped():
                 summaries.append(stages.run_training_stage(stage, group, options, datasets, view, fresh()))
                 echo(summaries[-1].line())
@@ -307,6 +317,22 @@ def run_grid(grid: grids.Grid, options: RunOptions, only: tuple[str, ...] = STAG
         elif not any(s.ran or s.failed for s in summaries):
             _nest_a_rerun_that_did_nothing(grid_run, options.experiment, listed)
     return outcome
+
+
+def pruned(grid: grids.Grid, cells: grids.Cells, experiment: str, echo: Callable[[str], None] = print) -> grids.Cells:
+    """The cells the fine-tune stage runs under --prune-sources (`estimate.rank`, from the estimate runs in MLflow),
+    said on the terminal and kept as the experiment tag names.TAG_PRUNED for the report ("" when nothing is pruned)."""
+    previous = tracking.experiment_tags(experiment).get(names.TAG_PRUNED, "")
+    if not estimate.applies(grid):
+        if previous:
+            tracking.set_experiment_tags(experiment, {names.TAG_PRUNED: ""})
+        return cells
+    pruning = estimate.rank(grid, cells, tracking.query(experiment, names.ESTIMATE))
+    if pruning.tag() != previous:
+        tracking.set_experiment_tags(experiment, {names.TAG_PRUNED: pruning.tag()})
+    for line in pruning.lines():
+        echo(line)
+    return estimate.prune(cells, pruning)
 
 
 def _nest_a_rerun_that_did_nothing(grid_run: tracking.Run, experiment: str, listed: tracking.Snapshot | None) -> None:

@@ -81,7 +81,7 @@ class Plan:
                  f"{duration(sum(s.seconds_here for s in run)):>12}")
         total += f"  {duration(sum(s.seconds_gpus for s in run)):>14}" if self.gpus else ""
         out.append(total)
-        out += [f"  estimate: {source}" for source in self.sources]
+        out += [f"  costs: {source}" for source in self.sources]
         if self.missing:
             first, what = next(iter(self.missing.items()))
             out.append(f"  warning: the data of {', '.join(self.missing)} is missing; planned from the published sizes. "
@@ -167,13 +167,14 @@ def plan(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any], finished: 
          missing: dict[str, str], pack_size: Callable[[bool], int], slots: int, cpus_per_trial: float = 1.0,
          gpus: int = 0, gpu_share: float = 0.25, echo: Callable[[str], None] | None = None,
          attack_cells: Callable[[], tuple[int, int]] | None = None, report_made: bool = False,
-         only: Collection[str] = names.GRID_STAGES) -> Plan:
+         only: Collection[str] = names.GRID_STAGES, notes: dict[str, str] | None = None) -> Plan:
     """Each stage's cells, what MLflow already has (`finished(stage)`: keys), packs and estimated wall time here
     (`slots` trials at once on this machine) and on `gpus` GPUs (`gpu_share` of a GPU per trial).
     `attack_cells()`: the attack stage's (cells, still to run), asked only once the training stages that run have
     nothing left (before then its cells are counted from the grid and its datasets' class names); `report_made`:
     the report of these runs is already made. A stage not in `only` (--stages) is a row marked skipped, with its
-    cells and what MLflow has, and left out of the totals; nothing of it is measured."""
+    cells and what MLflow has, and left out of the totals; nothing of it is measured. `notes`: a word per stage
+    (what --prune-sources leaves out of the fine-tune stage's `cells`)."""
     from xfer import specs
 
     cache = calibration.path()
@@ -207,7 +208,11 @@ def plan(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any], finished: 
             continue
         here, packs = _packed(todo, pack_size(False), slots, lambda c: seconds(c.train, False))
         on_gpus = _packed(todo, pack_size(True), max(1, int(gpus / gpu_share)), lambda c: seconds(c.train, True))[0] if gpus else 0.0
-        stages.append(StagePlan(stage, len(group), len(group) - len(todo), len(todo), packs, here, on_gpus))
+        stages.append(StagePlan(stage, len(group), len(group) - len(todo), len(todo), packs, here, on_gpus,
+                                note=(notes or {}).get(stage, "")))
+        if stage == names.PRETRAIN and cells.estimates:
+            stages.append(_estimate_plan(cells, infos, finished, slots, gpus, gpu_share, threads, cache,
+                                         8 * pack_size(False), skipped=names.ESTIMATE not in only))
     adder_row = _adder_plan(grid, finished, slots, pack_size(False), cpus_per_trial, cache, rates, sources, infos,
                             skipped=names.ADDER not in only)
     if adder_row is not None:
@@ -245,6 +250,36 @@ def _packed(todo: list[Any], size: int, slots: int, cost: Callable[[Any], float]
     for work in sorted(per_pack, reverse=True):
         loads[loads.index(min(loads))] += work + PACK_START_S
     return max(loads) + STAGE_START_S, packs
+
+
+ESTIMATE_LOAD_S = 0.3   # an estimate cell's model download and load, beside its forward pass (CELL_RECORD_S apart)
+
+
+def _estimate_plan(cells: grids.Cells, infos: dict[str, Any], finished: Callable[[str], set[str]], slots: int,
+                   gpus: int, gpu_share: float, threads: int, cache: Path, pack: int, skipped: bool = False) -> StagePlan:
+    """The estimate stage: a forward pass of each pretrained model over its `n` target images, at the arch's scoring
+    speed on this CPU (`score_rate`; the four estimators themselves take well under a second a model at n=10,000:
+    `xfer bench --estimate`), and a model load and an MLflow run per cell."""
+    from xfer import specs
+
+    done = finished(names.ESTIMATE)
+    todo = [c for c in cells.estimates if specs.key(c) not in done]
+    row = StagePlan(names.ESTIMATE, len(cells.estimates), len(cells.estimates) - len(todo), len(todo), 0, 0.0, 0.0,
+                    skipped=skipped)
+    if skipped or not todo:
+        return row
+    target = infos[todo[0].target]
+    images = (lambda c: c.n or target.train)
+
+    def cost(c: Any, on_gpu: bool) -> float:
+        arch = c.pretrain.train.arch
+        if on_gpu:
+            return images(c) * flops_per_example(arch, target.in_shape, target.num_classes) / (GPU_TFLOPS * 1e12 * gpu_share)
+        return images(c) / score_rate(arch, target.in_shape, target.num_classes, threads, cache) + ESTIMATE_LOAD_S + CELL_RECORD_S
+
+    row.seconds_here, row.packs = _packed(todo, pack, slots, lambda c: cost(c, False))
+    row.seconds_gpus = _packed(todo, pack, max(1, int(gpus / gpu_share)), lambda c: cost(c, True))[0] if gpus else 0.0
+    return row
 
 
 def _adder_plan(grid: grids.Grid, finished: Callable[[str], set[str]], slots: int, size: int, cpus: float,

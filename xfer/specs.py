@@ -128,6 +128,25 @@ class FinetuneSpec:
 
 
 @dataclass(frozen=True)
+class EstimateSpec:
+    """Score `pretrain`'s model for the target task `target` with the transferability estimators (xfer.estimate),
+    before any fine-tuning: one forward pass over `n` of the target's training images (a stratified draw fixed by
+    the target alone, so every model is scored on the same images; None = the whole training pool)."""
+
+    pretrain: PretrainSpec
+    target: str
+    n: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n is not None and self.n < 1:
+            raise XferError(f"an estimate scores at least one target image, not n={self.n}; None scores the whole pool.")
+
+    @property
+    def stage(self) -> str:
+        return names.ESTIMATE
+
+
+@dataclass(frozen=True)
 class AttackSpec:
     """One attack setting: which attack, its budget, and which examples of the target task it perturbs."""
 

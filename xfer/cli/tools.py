@@ -9,6 +9,7 @@
     xfer bench --transfer                      # glyph-pretrained vs scratch on 500 MNIST-5k digits
     xfer bench --attack                        # PGD generation, examples/s
     xfer bench --score [--targets 8] [--json]  # K targets scoring the same images: one after another vs stacked
+    xfer bench --estimate [--n 5000] [--json]  # LEEP, NCE, H-score, LogME: seconds per (model, target) pair
     xfer archs resnet_mini                     # an arch's parameter tensors, numbered as freeze depths
 """
 
@@ -72,7 +73,7 @@ def stop(argv: list[str]) -> int:
 
 
 def bench_parser() -> argparse.ArgumentParser:
-    from xfer import bench, stacked
+    from xfer import bench, estimate, stacked
 
     cuda = _cuda()
     p = argparse.ArgumentParser(prog="xfer bench", description=bench.__doc__,
@@ -90,8 +91,8 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-size", type=int, default=5000)
     p.add_argument("--pack", action="store_true", help="a trial per cell against packed trials (cells/hour)")
     p.add_argument("--archs", nargs="+", default=None,
-                   help=f"--pack, --score: the archs to measure (default --pack: {' '.join(bench.PACK_ARCHS)}; "
-                        f"--score: {' '.join(stacked.SCORE_ARCHS)})")
+                   help=f"--pack, --score, --estimate: the archs to measure (default --pack: {' '.join(bench.PACK_ARCHS)}; "
+                        f"--score: {' '.join(stacked.SCORE_ARCHS)}; --estimate: {' '.join(estimate.BENCH_ARCHS)})")
     p.add_argument("--cells", type=int, default=6, help="--pack: cells per arch")
     p.add_argument("--pack-cell-size", type=int, default=1000, help="--pack: training examples per cell")
     p.add_argument("--pack-epochs", type=int, default=1, help="--pack: epochs per cell")
@@ -100,14 +101,18 @@ def bench_parser() -> argparse.ArgumentParser:
                    help="K targets of one arch scoring the same images, one after another vs as one stacked model "
                         "(target-examples/s)")
     p.add_argument("--targets", type=int, default=8, help="--score: target models per arch")
+    p.add_argument("--estimate", action="store_true",
+                   help="seconds per (pretrained model, target) pair of each transferability estimator and of the "
+                        "forward pass that feeds them, per arch, on --dataset's training images")
     p.add_argument("--gpu-report", action="store_true",
                    help="every GPU measurement in one go: install and correctness checks, cells/hour of the three "
                         "paths, batched throughput and peak memory per arch, the projected seed-grid time")
     p.add_argument("--device", default="cuda", help="--gpu-report: the device (cpu runs the script small, as a check)")
     p.add_argument("--quick", action="store_true", help="--gpu-report: tiny sizes (checks the script, not the GPU)")
     p.add_argument("--attack", action="store_true", help="time PGD generation (examples/s) on CPU and, if present, CUDA")
-    p.add_argument("--n", type=int, default=1000,
-                   help="--attack: examples to generate (mnist5k's test split has 1000); --score: images to score")
+    p.add_argument("--n", type=int, default=None,
+                   help="--attack: examples to generate (default 1000: mnist5k's test split); --score: images to score "
+                        "(default 1000); --estimate: target training images (default 5000)")
     p.add_argument("--steps", type=int, default=10, help="--attack: PGD steps")
     return p
 
@@ -115,8 +120,11 @@ def bench_parser() -> argparse.ArgumentParser:
 def run_bench(argv: list[str]) -> int:
     from xfer import attack, bench, stacked
 
+    from xfer import estimate
+
     args = bench_parser().parse_args(argv)
     echo = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    n = args.n or (estimate.BENCH_N if args.estimate else 1000)
     if args.gpu_report:
         if args.device == "cuda" and not _cuda():
             raise XferError("--gpu-report needs a CUDA GPU, and torch sees none here; --device cpu --quick checks the "
@@ -130,11 +138,15 @@ def run_bench(argv: list[str]) -> int:
         if args.json:
             print(json.dumps(rows, indent=2))
     elif args.score:
-        rows = stacked.bench(args.archs or list(stacked.SCORE_ARCHS), args.targets, args.n, args.devices, echo=echo)
+        rows = stacked.bench(args.archs or list(stacked.SCORE_ARCHS), args.targets, n, args.devices, echo=echo)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+    elif args.estimate:
+        rows = estimate.bench(args.archs or list(estimate.BENCH_ARCHS), n, args.dataset, args.devices, echo=echo)
         if args.json:
             print(json.dumps(rows, indent=2))
     elif args.attack:
-        attack.bench(args.n, args.steps, args.arch, args.devices)
+        attack.bench(n, args.steps, args.arch, args.devices)
     elif args.transfer:
         print(bench.transfer(args.sources, args.arch, args.size, args.seeds, args.epochs, args.pretrain_epochs,
                              args.pretrain_size))
