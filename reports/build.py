@@ -15,12 +15,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from reports import figures, markdown, schema, tables
+from reports import figures, markdown, schema, tables, transferability
 from reports.html import index_page
 from reports.replication import replication
 from reports.tables import Tables
 from reports.verdicts import CLAIMS, FIGURE, all_verdicts, claims_doc, claims_table
 from xfer import names, server, tracking
+from xfer.errors import XferError
 
 DATA, FIGURES, TABLES = "data", "figures", "tables"   # sub-folders of the report folder
 SCHEMA_FILE = "SCHEMA.md"
@@ -65,21 +66,30 @@ def build_report(experiment: str, out: Path | None = None, log_to_mlflow: bool =
     (out / KEY_FILE).unlink(missing_ok=True)     # written last: a report cut short is never taken as made
     found = tables.collect(experiment, records)
     verdicts, replicated, excluded = all_verdicts(found), replication(found), tables.chance_runs(found)
-    missing = missing_inputs(experiment, found)
-    files = (write_data(found, verdicts, replicated, out) + write_figures(found, verdicts, out)
-             + write_markdown(found, verdicts, replicated, out, excluded))
+    ranked = transferability.transferability(found.estimates, found.finetune)
+    tags = tracking.experiment_tags(experiment)
+    missing = missing_inputs(experiment, found, ranked)
+    try:
+        pruned = transferability.pruned_groups(tags.get(names.TAG_PRUNED))
+    except XferError as error:   # a tag written by hand or by another version: the rest of the report still stands
+        pruned = transferability.pruned_groups("")
+        missing.append(str(error))
+    files = (write_data(found, verdicts, replicated, out, ranked) + write_figures(found, verdicts, out, ranked)
+             + write_markdown(found, verdicts, replicated, out, excluded, ranked, pruned))
     index = out / "index.html"
-    index.write_text(index_page(experiment, out, files, missing, verdicts, found.runs, notes=notes(experiment),
-                                replication=replicated, at_chance=excluded))
+    index.write_text(index_page(experiment, out, files, missing, verdicts, found.runs, notes=notes(tags),
+                                replication=replicated, at_chance=excluded,
+                                transferability=transferability.summary(ranked), pruned=pruned))
     files.append(index)
     run_id = log_report(experiment, out, files, found.runs["run_id"], parent_run_id) if log_to_mlflow else None
     (out / KEY_FILE).write_text(key + "\n")
     return ReportResult(out, files, missing, run_id, verdicts, replication=replicated, at_chance=excluded)
 
 
-def notes(experiment: str) -> list[str]:
-    """What a reader must know before the numbers: a rehearsal on synthetic stand-ins (--fast-dev-run) says so."""
-    stand_ins = tracking.experiment_tags(experiment).get(names.TAG_STAND_INS, "")
+def notes(tags: dict[str, str]) -> list[str]:
+    """What a reader must know before the numbers, from the experiment's `tags`: a rehearsal on synthetic stand-ins
+    (--fast-dev-run) says so."""
+    stand_ins = tags.get(names.TAG_STAND_INS, "")
     if not stand_ins:
         return []
     return [f"This grid ran on synthetic stand-ins for {', '.join(stand_ins.split(','))} (--fast-dev-run: their files "
@@ -89,8 +99,11 @@ def notes(experiment: str) -> list[str]:
 
 def report_key(experiment: str, records: list[tracking.RunRecord]) -> str:
     """What a report is made from: the runs it reads (id, status, end time; an adversarial set's run also what it is
-    scored on, which grows after it ends) and the source of this package."""
+    scored on, which grows after it ends), the experiment tags it reads (the stand-ins of a rehearsal, the sources
+    --prune-sources skipped) and the source of this package."""
     digest = hashlib.sha256(experiment.encode())
+    tags = tracking.experiment_tags(experiment)
+    digest.update(f"{tags.get(names.TAG_STAND_INS, '')}\n{tags.get(names.TAG_PRUNED, '')}".encode())
     for r in sorted(records, key=lambda r: r.run_id):
         scored = f" {r.tags.get(names.TAG_SCORED, '')} {r.metrics.get(names.TARGETS_SCORED, '')}" if r.stage == names.ATTACK else ""
         digest.update(f"\n{r.run_id} {r.status} {r.end_time}{scored}".encode())
@@ -111,9 +124,11 @@ def _made(out: Path, key: str) -> bool:
     return (out / "index.html").is_file() and stamp.is_file() and stamp.read_text().strip() == key
 
 
-def missing_inputs(experiment: str, found: Tables) -> list[str]:
-    """The inputs that are absent, each with the parts of the report it leaves empty."""
+def missing_inputs(experiment: str, found: Tables, ranked: pd.DataFrame | None = None) -> list[str]:
+    """The inputs that are absent, each with the parts of the report it leaves empty (`ranked`: the
+    transferability table, empty when no setting pairs estimates with fine-tunes of 2 sources)."""
     unmatched = len(found.finetune) > 0 and found.finetune["scratch_run_id"].isna().all()
+    unranked = len(found.estimates) > 0 and ranked is not None and ranked.empty
     checks = [
         (found.runs.empty, f"no runs at all in experiment {experiment!r}: every table is empty"),
         (found.pretrain.empty, "no finished pretrain runs: the pretrain table and pretrain accuracy table are empty"),
@@ -130,20 +145,29 @@ def missing_inputs(experiment: str, found: Tables) -> list[str]:
                                "attack table and attack verdicts are not made"),
         (found.adder.empty, "no finished adder transfer runs (stage adder, any variant but scratch): the adder table "
                             "is empty and adder transfer is not compared with scratch"),
+        (found.estimates.empty, "no finished estimate runs: the estimates and transferability tables are empty, and "
+                                "the transferability figures and table (estimators' rankings against fine-tuned "
+                                "error) are not made"),
+        (unranked, "no fine-tune setting has finished runs of 2 or more sources with estimates (paired through their "
+                   "pretrain run and target): the transferability table is empty and its figures are not made"),
     ]
     return [message for absent, message in checks if absent]
 
 
-def write_data(found: Tables, verdicts: pd.DataFrame, replicated: pd.DataFrame, out: Path) -> list[Path]:
-    """Every table as Parquet with its documented schema (empty tables too), the matrices, verdicts as JSON."""
+def write_data(found: Tables, verdicts: pd.DataFrame, replicated: pd.DataFrame, out: Path,
+               ranked: pd.DataFrame) -> list[Path]:
+    """Every table as Parquet with its documented schema (empty tables too), the matrices, verdicts as JSON;
+    `ranked` is the transferability table."""
     data = out / DATA
     data.mkdir(exist_ok=True)
     files = []
     for table, frame, extra in (("runs", found.runs, found.params), ("pretrain", found.pretrain, []),
+                                ("estimates", found.estimates, []),
                                 ("finetune", found.finetune, []), ("scratch", found.scratch, []),
                                 ("adder", found.adder, []),
                                 ("curves", found.curves, []), ("transfer", found.transfer, []),
-                                ("verdicts", verdicts, []), ("replication", replicated, [])):
+                                ("verdicts", verdicts, []), ("replication", replicated, []),
+                                ("transferability", ranked, [])):
         files.append(data / f"{table}.parquet")
         pq.write_table(schema.to_arrow(frame, table, extra), files[-1])
     for (attack, eps), (matrix, _same) in tables.matrices(found.transfer).items():
@@ -156,8 +180,9 @@ def write_data(found: Tables, verdicts: pd.DataFrame, replicated: pd.DataFrame, 
     return files
 
 
-def write_figures(found: Tables, verdicts: pd.DataFrame, out: Path) -> list[Path]:
-    """Each claim's forest plot, curves (transfer vs scratch), accuracy vs size, freeze depth, transfer heatmaps."""
+def write_figures(found: Tables, verdicts: pd.DataFrame, out: Path, ranked: pd.DataFrame) -> list[Path]:
+    """Each claim's forest plot, curves (transfer vs scratch), accuracy vs size, freeze depth, each target × arch's
+    transferability scatter (`ranked`: the transferability table), transfer heatmaps."""
     directory = out / FIGURES
     files = []
     for claim in CLAIMS:
@@ -172,6 +197,9 @@ def write_figures(found: Tables, verdicts: pd.DataFrame, out: Path) -> list[Path
     if len(found.finetune):
         files += figures.save(figures.accuracy_vs_size(found.finetune), directory, "accuracy_vs_size")
         files += figures.save(figures.freeze_effect(found.finetune), directory, "freeze_depth")
+    for (target, arch), rows in ranked.groupby(["target", "arch"], sort=True):
+        files += figures.save(figures.transferability_scatter(rows), directory,
+                              f"transferability_{_slug(target)}_{_slug(arch)}")
     groups = {label: (arch, size) for label, arch, size in
               found.transfer[["target_label", "target_arch", "target_size"]].drop_duplicates().itertuples(index=False)}
     heatmaps = []
@@ -231,14 +259,20 @@ def curve_sets(found: Tables) -> dict[tuple[str, str], pd.DataFrame]:
 
 
 def write_markdown(found: Tables, verdicts: pd.DataFrame, replicated: pd.DataFrame, out: Path,
-                   at_chance: pd.DataFrame | None = None) -> list[Path]:
+                   at_chance: pd.DataFrame | None = None, ranked: pd.DataFrame | None = None,
+                   pruned: pd.DataFrame | None = None) -> list[Path]:
     """The seed-shaped tables; a table whose input is empty is left out (its absence is already in `missing`). The
-    replication table is written whenever it has rows: a row not run says why this grid cannot speak to it."""
+    replication table is written whenever it has rows: a row not run says why this grid cannot speak to it; the
+    transferability table (`ranked`) whenever it has rows or --prune-sources skipped sources (`pruned`)."""
     directory = out / TABLES
+    pruned = transferability.pruned_groups("") if pruned is None else pruned
     made = {"pretrain": (found.pretrain, markdown.pretrain_table), "finetune": (found.finetune, markdown.finetune_table),
             "attacks": (found.transfer, markdown.attacks_table),
             "claims": (claims_table(verdicts), lambda claims: markdown.claims_table(claims, at_chance)),
             "verdicts": (verdicts, markdown.verdicts_list), "replication": (replicated, markdown.replication_table)}
+    if ranked is not None:   # the sources --prune-sources skipped are worth the table even when nothing is ranked
+        made["transferability"] = (ranked if len(ranked) else pruned,
+                                   lambda _: markdown.transferability_tables(found.estimates, ranked, pruned))
     files = []
     for name, (frame, render) in made.items():
         if len(frame):

@@ -22,6 +22,7 @@ from matplotlib.ticker import MaxNLocator
 from reports.tables import TRANSFER, size_order, size_text
 from reports.verdicts import CELL, scope_values
 from xfer import names
+from xfer.estimators import ESTIMATORS
 
 SPLIT_PREFERENCE = ("test", "val", "train")   # the curve drawn is the first split the runs recorded
 GROUP_COLORS = {TRANSFER: "tab:blue", names.SCRATCH: "tab:orange"}
@@ -294,3 +295,52 @@ def claim_cells(rows: pd.DataFrame) -> Figure:
 def wrap(text: str, width: int) -> str:
     """`text` broken at spaces into lines of at most `width` characters (a longer word keeps its own line)."""
     return "\n".join(textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)) or text
+
+
+SETTING_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+LEGEND_MAX_SETTINGS = 12   # more settings than this: the legend would hide the points, so the title counts them
+
+
+def transferability_scatter(rows: pd.DataFrame) -> Figure:
+    """One target × arch's `transferability` rows: a panel per estimator, its score (x) against the measured
+    fine-tuned test error (y), both means over seeds, one marker series per fine-tune setting.
+
+    A source's score does not depend on the setting, so each source's points stand in one column and the source is
+    named once, above its column. A good estimator's points fall from left to right (higher score, lower error);
+    the panel title gives its τ, the mean over settings.
+    """
+    target, arch = rows["target"].iloc[0], rows["arch"].iloc[0]
+    estimators = [name for name in ESTIMATORS if name in set(rows["estimator"])]
+    order = {size: i for i, size in enumerate(size_order(rows["size"]))}
+    settings = list(dict.fromkeys(rows.assign(at=rows["size"].map(order)).sort_values(
+        ["at", "freeze_depth", "setting"], kind="stable")["setting"]))
+    styles = {setting: (f"C{i % 10}", SETTING_MARKERS[(i // 10) % len(SETTING_MARKERS)]) for i, setting in
+              enumerate(settings)}
+    fig = Figure(figsize=(4.2 * len(estimators), 4.6), layout=LAYOUT)
+    axes = fig.subplots(1, len(estimators), sharey=True, squeeze=False)[0]
+    for ax, estimator in zip(axes, estimators):
+        part = rows[rows["estimator"] == estimator]
+        columns: dict[str, list[tuple[float, float]]] = {}
+        for row in part.itertuples():
+            color, marker = styles[row.setting]
+            ax.scatter(row.source_scores, row.source_errors, color=color, marker=marker, s=22, alpha=0.8,
+                       label=row.setting)
+            for source, x, y in zip(row.sources, row.source_scores, row.source_errors):
+                columns.setdefault(source, []).append((x, y))
+        for source, points in columns.items():
+            xs, ys = zip(*points)
+            ax.annotate(source, (float(np.mean(xs)), max(ys)), xytext=(0, 5), textcoords="offset points",
+                        ha="center", fontsize="x-small")
+        tau, with_tau = part["tau"].mean(), part["tau"].notna().sum()
+        ax.set_title(f"{estimator}: " + (f"τ = {tau:+.2f} (mean of {with_tau} setting(s))" if with_tau else
+                                         "no τ (a side ties every source)"), fontsize="medium")
+        ax.set_xlabel(f"{estimator} score (mean over seeds)")
+        ax.margins(y=0.12)   # room for the source names above the highest points
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("fine-tuned test error (mean over seeds)")
+    if len(settings) <= LEGEND_MAX_SETTINGS:   # else the legend would cover the points
+        axes[-1].legend(fontsize="x-small", title="setting", title_fontsize="x-small")
+    crowded = len(settings) > LEGEND_MAX_SETTINGS
+    fig.suptitle(f"{target} / {arch}: transferability estimate against measured test error, per source"
+                 + (f" ({len(settings)} settings, one colour and marker each)" if crowded else ""))
+    return fig

@@ -13,6 +13,9 @@ from urllib.parse import quote
 
 import pandas as pd
 
+from reports.markdown import summary_cells
+from reports.transferability import TOP_K
+
 SECTIONS = (  # file suffix → section heading, in page order
     (".md", "Tables (Markdown)"),
     (".parquet", "Data (Parquet)"),
@@ -28,6 +31,7 @@ FIGURE_KINDS = (  # file-name prefix → heading; the first matching prefix wins
     ("accuracy_vs_size", "Fine-tuning: accuracy against size and freeze depth"),
     ("freeze_depth", "Fine-tuning: accuracy against size and freeze depth"),
     ("transfer_", "Adversarial transfer: target accuracy under each surrogate's examples"),
+    ("transferability_", "Transferability estimators: score against fine-tuned test error, per source"),
     ("", "Other figures"),
 )
 DECIDED = ("supported", "contradicted")
@@ -44,9 +48,11 @@ STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
 
 def index_page(experiment: str, out: Path, files: list[Path], missing: list[str], verdicts: pd.DataFrame,
                runs: pd.DataFrame, notes: list[str] | None = None, replication: pd.DataFrame | None = None,
-               at_chance: pd.DataFrame | None = None) -> str:
+               at_chance: pd.DataFrame | None = None, transferability: pd.DataFrame | None = None,
+               pruned: pd.DataFrame | None = None) -> str:
     """The page: what to know first (`notes`), what the grid found, what is missing, every verdict, every PNG figure
-    inline, links by kind."""
+    inline, links by kind. `transferability` is the estimators' summary (`reports.transferability.summary`),
+    `pruned` the sources --prune-sources skipped (`pruned_groups`)."""
     def link(path: Path, text: str | None = None) -> str:
         rel = path.relative_to(out).as_posix()
         return f'<a href="{quote(rel)}">{escape(text or rel)}</a>'
@@ -57,6 +63,8 @@ def index_page(experiment: str, out: Path, files: list[Path], missing: list[str]
              claims_section(verdicts, files, link, at_chance), largest_section(verdicts), failures_section(runs)]
     if replication is not None:
         parts.append(replication_section(replication))
+    if transferability is not None and (len(transferability) or (pruned is not None and len(pruned))):
+        parts.append(transferability_section(transferability, pruned, files, link))
     if missing:
         parts.append("<h2>Missing</h2><p>This report is partial; these parts could not be made:</p><ul>"
                      + "".join(f"<li>{escape(m)}</li>" for m in missing) + "</ul>")
@@ -147,6 +155,34 @@ def replication_section(replication: pd.DataFrame) -> str:
             "interval over seeds (Student's t; one fixed test set, so the interval covers training randomness only)"
             f"{f'; {rest} more seed row(s) not run, with the reason, in {link}' if rest else f' ({link})'}.</p>"
             f"<table><tr>{head}</tr>{rows}</table>")
+
+
+def transferability_section(summary: pd.DataFrame, pruned: pd.DataFrame | None, files: list[Path],
+                            link: Callable[..., str]) -> str:
+    """Each estimator's mean τ and regrets per target × arch, its figures and the Markdown table; then the sources
+    --prune-sources skipped, whose fine-tunes were not run."""
+    cells = summary_cells(summary)
+    head = "".join(f"<th>{escape(h)}</th>" for h in cells.columns)
+    rows = "".join("<tr>" + "".join(f"<td>{escape(v)}</td>" for v in row[:3])
+                   + "".join(f'<td class="num">{escape(v)}</td>' for v in row[3:]) + "</tr>"
+                   for row in cells.itertuples(index=False))
+    links = [link(p) for p in files if p.suffix in (".png", ".md") and p.stem.startswith("transferability")]
+    skipped = ""
+    if pruned is not None and len(pruned):
+        groups = "; ".join(f"{escape(r.target)}/{escape(r.arch)}: {escape(', '.join(r.skipped) or 'none')}"
+                           for r in pruned.itertuples())
+        by, k = escape(str(pruned["by"].iloc[0])), int(pruned["k"].iloc[0])
+        skipped = (f"<p><b>--prune-sources</b> ranked the sources by <code>{by}</code> and fine-tuned only the best "
+                   f"K = {k} per target × arch; skipped: {groups}. "
+                   "Their fine-tune cells were not run, so the measured τ covers only the kept sources (the Markdown "
+                   "table names any skipped source an earlier grid fine-tuned).</p>")
+    table = f"<table><tr>{head}</tr>{rows}</table>" if len(summary) else ""
+    return ("<h3>Transferability estimators</h3><p>How well each estimator's ranking of the sources, made before "
+            "fine-tuning, predicts the measured fine-tuned test error: Kendall's τ-b per fine-tune setting (+1: the "
+            "same order), averaged over settings; how often its top source was the best; the regret (pp of test "
+            f"error) of fine-tuning only its top 1 or top {TOP_K} sources. Per setting, with bootstrap intervals over "
+            "seeds: "
+            f"{' '.join(links) or 'none made (no setting has 2 measured sources)'}.</p>{table}{skipped}")
 
 
 def largest_section(verdicts: pd.DataFrame) -> str:

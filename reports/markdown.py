@@ -10,7 +10,9 @@ from pathlib import Path
 import pandas as pd
 
 from reports.tables import size_order, size_text
+from reports.transferability import TOP_K, summary
 from xfer import names
+from xfer.estimators import ESTIMATORS
 
 
 def render(df: pd.DataFrame) -> str:
@@ -133,3 +135,102 @@ def replication_table(replicated: pd.DataFrame) -> str:
             "The intervals are over seeds on one fixed test set (the dataset's own), so they cover training "
             "randomness, not test-set sampling. `word`: the seed's value lies within xfer's interval, or xfer's "
             "interval lies above or below it.\n\n" + render(table))
+
+
+def transferability_tables(estimates: pd.DataFrame, ranked: pd.DataFrame, pruned: pd.DataFrame) -> str:
+    """The transferability table: the summary per target × arch × estimator first; then per target × arch the
+    sources' estimator scores and measured errors side by side, and each setting's τ, interval and regrets; then the
+    sources --prune-sources skipped, when it skipped any."""
+    def pp(value: float) -> str:
+        return "" if pd.isna(value) else f"{100 * value:.2f}"
+
+    def tau(value: float) -> str:
+        return "" if pd.isna(value) else f"{value:+.2f}"
+
+    parts = ["## Transferability: each estimator's ranking of the sources beside the measured fine-tuned test error\n\n"
+             "Per fine-tune setting measured for 2 or more sources: Kendall's τ-b between each estimator's score and "
+             "the measured test error, both means over seeds (+1: the estimator orders the sources as fine-tuning "
+             "does; empty when either side ties every source), its 95% percentile bootstrap interval over seeds "
+             "(empty with one seed), and the regret of fine-tuning only the estimator's top source (top-1) or its "
+             f"top {TOP_K} (top-{TOP_K}: 0 by construction with {TOP_K} sources), in pp of test error. Fine-tunes at "
+             "chance are kept: choosing such a source is a real, bad outcome.\n"]
+    if len(ranked):
+        parts.append("### Summary: mean over settings\n\n" + render(summary_cells(summary(ranked))))
+    for (target, arch), rows in ranked.groupby(["target", "arch"], sort=True):
+        parts.append(f"### {target} / {arch}\n\n" + _scores_beside_errors(estimates, rows, target, arch)
+                     + "\n" + render(pd.DataFrame({
+                         "setting": rows["setting"], "estimator": rows["estimator"], "sources": rows["n_sources"],
+                         "seeds": rows["n_seeds"], "τ": rows["tau"].map(tau),
+                         "95% interval": [f"[{tau(lo)}, {tau(hi)}]" if pd.notna(lo) else "" for lo, hi in
+                                          zip(rows["tau_low"], rows["tau_high"])],
+                         "ranking": rows["ranking"], "pick": rows["pick"].fillna(""), "best": rows["best"],
+                         "regret top-1 (pp)": rows["regret_top1"].map(pp),
+                         f"regret top-{TOP_K} (pp)": rows["regret_top2"].map(pp)})))
+    return "\n".join(parts) + pruned_section(pruned, ranked)
+
+
+def summary_cells(table: pd.DataFrame) -> pd.DataFrame:
+    """The estimators' summary (`reports.transferability.summary`) as text, for this table and the index page: τ
+    signed, the share of settings whose pick was the best in %, regrets in pp."""
+    def number(value: float, spec: str, scale: float = 1.0, unit: str = "") -> str:
+        return "" if pd.isna(value) else f"{scale * value:{spec}}{unit}"
+
+    return pd.DataFrame({
+        "target": table["target"], "arch": table["arch"], "estimator": table["estimator"],
+        "settings": table["settings"].astype(str), "mean τ": table["mean_tau"].map(lambda v: number(v, "+.2f")),
+        "pick is best": table["pick_is_best"].map(lambda v: number(v, ".0f", 100, "%")),
+        "mean regret top-1 (pp)": table["mean_regret_top1"].map(lambda v: number(v, ".2f", 100)),
+        f"mean regret top-{TOP_K} (pp)": table["mean_regret_top2"].map(lambda v: number(v, ".2f", 100))})
+
+
+def _scores_beside_errors(estimates: pd.DataFrame, ranked: pd.DataFrame, target: str, arch: str) -> str:
+    """Sources across: each estimator's score (mean over seeds) with its rank, then each setting's measured test
+    error (%, mean over seeds) with its rank; 1 = best. A source with an estimate but no fine-tune has no error."""
+    own = estimates[(estimates["target"] == target) & (estimates["arch"] == arch)]
+    scores = own.groupby(["source", "seed"])[list(ESTIMATORS)].mean().groupby("source").mean()
+    errors = {}
+    for setting, rows in ranked.groupby("setting", sort=False):
+        errors[setting] = pd.Series({s: e for r in rows.itertuples() for s, e in zip(r.sources, r.source_errors)})
+    sources = sorted(set(scores.index) | {s for e in errors.values() for s in e.index})
+    lines = {f"{name} score": _with_rank(scores[name], ascending=False, digits=".4g") for name in ESTIMATORS}
+    lines |= {f"{setting} error (%)": _with_rank(100 * values, ascending=True, digits=".2f")
+              for setting, values in errors.items()}
+    table = pd.DataFrame.from_dict(lines, orient="index", columns=sources).fillna("")
+    table.insert(0, "", table.index)
+    return ("Scores (mean over seeds) and measured test error (%, mean over seeds), rank in brackets, 1 = best:\n\n"
+            + render(table))
+
+
+def _with_rank(values: pd.Series, ascending: bool, digits: str) -> dict[str, str]:
+    """Each source's value and its rank among them (1 = best; equal values share the better rank)."""
+    values = values.dropna()
+    ranks = values.rank(ascending=ascending, method="min")
+    return {source: f"{value:{digits}} ({int(ranks[source])})" for source, value in values.items()}
+
+
+def pruned_section(pruned: pd.DataFrame, ranked: pd.DataFrame) -> str:
+    """The sources --prune-sources skipped per target × arch, with the estimator, K and every source's score; their
+    fine-tune cells were not run, so the measured τ covers only the kept ones (a skipped source an earlier grid
+    fine-tuned is named). Nothing when the last grid pruned nothing."""
+    if pruned.empty:
+        return ""
+    by, k = pruned["by"].iloc[0], int(pruned["k"].iloc[0])
+
+    def scored(sources: list[str], scores: dict[str, float]) -> str:   # a source kept unranked has no estimate
+        return ", ".join(f"{s} ({scores[s]:.4g})" if s in scores else f"{s} (no estimate)" for s in sources) or "none"
+
+    measured = {(t, a): {s for listed in rows["sources"] for s in listed} for (t, a), rows in
+                ranked.groupby(["target", "arch"])} if len(ranked) else {}
+    anyway = [[s for s in r.skipped if s in measured.get((r.target, r.arch), set())] for r in pruned.itertuples()]
+    table = pd.DataFrame({
+        "target": pruned["target"], "arch": pruned["arch"], "by": pruned["by"], "K": pruned["k"],
+        "kept (score)": [scored(r.kept, r.scores) for r in pruned.itertuples()],
+        "skipped (score)": [scored(r.skipped, r.scores) for r in pruned.itertuples()],
+        "skipped but fine-tuned by an earlier grid": [", ".join(found) or "none" for found in anyway]})
+    few = (f" With K = {k} and no skipped source measured, each τ is over {k} sources (+1 or −1) and the top-{k} "
+           "regret is 0 by construction." if k <= 2 and not any(anyway) else "")
+    return ("\n## Sources skipped by --prune-sources\n\n"
+            f"The last grid ranked each target × arch's sources by `{by}` and fine-tuned only the best K = {k}. The "
+            "sources below were skipped: their fine-tune cells were not run, so the measured τ and regrets above "
+            "cover only the kept sources (and any skipped source an earlier grid fine-tuned, named in the last column)."
+            f"{few}\n\n" + render(table))

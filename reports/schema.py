@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import pandas as pd
 import pyarrow as pa
 
+from xfer import names
+from xfer.estimators import ESTIMATORS
+
 
 @dataclass(frozen=True)
 class Column:
@@ -73,6 +76,24 @@ SET_METRICS = (
                                                      "pretraining sources"),
     Column("mean_adv_acc", F64, "fraction", "attack runs: mean adversarial accuracy over every target scored"),
 )
+# An estimate run's metrics (stage estimate): each estimator's score of one pretrained model on the grid's target,
+# what it cost, and how many target images it read. Higher is better for every estimator; scores compare sources on
+# one target and are not comparable across targets. A new estimator in xfer.estimators needs its line here (KeyError).
+ESTIMATOR_DOCS = {
+    "leep": "LEEP (Nguyen et al. 2020): mean log-likelihood of the target labels through the source head's classes "
+            "(<= 0)",
+    "nce": "NCE (Tran et al. 2019): negative conditional entropy of the target labels given the source head's class "
+           "(<= 0)",
+    "h_score": "H-score (Bao et al. 2019): how well the penultimate features separate the target classes (>= 0)",
+    "logme": "LogME (You et al. 2021): log evidence per example of a linear model on the penultimate features",
+}
+ESTIMATE_SCORES = tuple(Column(name, F64, "", ESTIMATOR_DOCS[name]) for name in ESTIMATORS)
+ESTIMATE_COSTS = (
+    Column(names.ESTIMATE_EXAMPLES, I64, "examples", "estimate runs: target training images the model was scored on"),
+    Column(names.FEATURES_SECONDS, F64, "s", "estimate runs: the forward pass that gives every estimator its inputs"),
+    *(Column(f"{name}_seconds", F64, "s", f"estimate runs: computing {name} from those inputs") for name in ESTIMATORS),
+)
+ESTIMATE_METRICS = ESTIMATE_SCORES + ESTIMATE_COSTS
 AT_CHANCE = Column("at_chance", BOOL, "", "test accuracy within 5 pp of chance (1 / classes): left out of every "
                                          "verdict (null when the classes are not known)")
 # The matched scratch baseline, joined onto transfer rows: the same columns, prefixed.
@@ -83,7 +104,7 @@ BASELINE = (Column("scratch_run_id", STR, "id", "matched scratch run (null when 
 SCHEMAS: dict[str, tuple[Column, ...]] = {
     "runs": (
         RUN_ID,
-        Column("stage", STR, "", "xfer.stage: pretrain, finetune, scratch, attack, adder, tune"),
+        Column("stage", STR, "", "xfer.stage: pretrain, estimate, finetune, scratch, attack, adder, tune"),
         KEY,
         Column("status", STR, "", "MLflow run status (FINISHED, FAILED, ...)"),
         Column("run_name", STR, "", "MLflow run name"),
@@ -94,14 +115,20 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         Column("variant", STR, "", "adder runs: scratch, transfer, or another transfer arm (e.g. transfer_features)"),
         Column("attack", STR, "", "attack runs: attack registry name"),
         Column("eps", F64, "pixel [0,1]", "attack runs: L-inf budget"),
-        Column("pretrain_run_id", STR, "id", "fine-tune runs: the pretrain run it started from"),
+        Column("pretrain_run_id", STR, "id", "fine-tune runs: the pretrain run it started from; estimate runs: the "
+                                             "pretrain run it scored"),
         Column("surrogate_run_id", STR, "id", "attack runs (adversarial sets): the surrogate model's run"),
         Column("parent_run_id", STR, "id", "MLflow parent run (a cell's: its stage's run)"),
         Column("failure", STR, "", "xfer.failure: why the run ended FAILED or KILLED (null otherwise)"),
         *TRAIN_METRICS,
         *SET_METRICS,
+        *ESTIMATE_METRICS,
     ),
     "pretrain": (RUN_ID, KEY, SOURCE, ARCH, SIZE, LR, SEED, *TRAIN_METRICS),
+    "estimates": (RUN_ID, KEY, Column("pretrain_run_id", STR, "id", "the pretrain run whose model was scored"),
+                  SOURCE, Column("target", STR, "", "the grid's target, whose training images were scored"), ARCH, SEED,
+                  *ESTIMATE_SCORES, *ESTIMATE_COSTS,
+                  Column("seconds", F64, "s", "wall-clock time of the whole cell (loading, features, estimators)")),
     "finetune": (RUN_ID, KEY, Column("pretrain_run_id", STR, "id", "the pretrain run it started from"),
                  SOURCE, TARGET, ARCH, SIZE, FREEZE, LR, SEED, OPTIMIZER, HEAD_LR_MULT, UNFREEZE, UNFREEZE_BODY,
                  EPOCHS, EPOCH_STEPS, *TRAIN_METRICS, AT_CHANCE, *BASELINE),
@@ -212,6 +239,38 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         Column("seeds", pa.list_(I64), "", "xfer's seeds, ascending"),
         Column("seed_values", pa.list_(F64), "fraction", "xfer's value in each seed, in `seeds` order"),
     ),
+    # reports.transferability: each estimator's ranking of the sources beside the measured fine-tuned test error.
+    "transferability": (
+        Column("target", STR, "", "the target the sources are ranked for"), ARCH,
+        SIZE, FREEZE, LR, OPTIMIZER, HEAD_LR_MULT, UNFREEZE, UNFREEZE_BODY, EPOCHS, EPOCH_STEPS,
+        Column("setting", STR, "", "the fine-tune setting as text: n<size>/f<freeze_depth>, its recipe (as in labels), "
+                                   "and lr, epochs, steps where they vary for this target and arch"),
+        Column("estimator", STR, "", "leep, nce, h_score or logme (higher ranks a source better)"),
+        Column("n_sources", I64, "sources", "sources with an estimate and a finished fine-tune in this setting "
+                                            "(a setting is kept from 2)"),
+        Column("n_seeds", I64, "seeds", "seeds with an estimate and a fine-tune of at least one source"),
+        Column("tau", F64, "", "Kendall's tau-b between the estimator's score and -(measured test error), each the "
+                               "mean over seeds per source; +1: the estimator orders the sources as fine-tuning does. "
+                               "Null when either side ties every source (a constant estimator ranks nothing)"),
+        Column("tau_low", F64, "", "95% percentile bootstrap interval of tau, lower end: 2000 resamples of the seeds "
+                                   "with replacement, both means recomputed on the same seeds, fixed generator seed; "
+                                   "null with one seed (nothing to resample)"),
+        Column("tau_high", F64, "", "the same interval's upper end"),
+        Column("ranking", STR, "", "sources best to worst by the estimator, joined by ' > ' (ties by name)"),
+        Column("measured_ranking", STR, "", "sources best to worst by measured test error, joined by ' > '"),
+        Column("pick", STR, "", "the estimator's top-ranked source (null when it ties every source)"),
+        Column("best", STR, "", "the source with the lowest measured test error"),
+        Column("regret_top1", F64, "fraction", "pick's measured test error - best's (0 when the pick is the best; "
+                                               "x 100 = pp; null without a pick)"),
+        Column("regret_top2", F64, "fraction", "the lowest measured test error among the estimator's 2 top-ranked "
+                                               "sources - best's: the cost of fine-tuning only those (--prune-sources "
+                                               "with K=2); trivially 0 with 2 sources; null without a pick"),
+        Column("sources", pa.list_(STR), "", "the sources ranked, by name"),
+        Column("source_scores", pa.list_(F64), "", "each source's estimator score, mean over seeds, in `sources` "
+                                                   "order"),
+        Column("source_errors", pa.list_(F64), "fraction", "each source's measured test error, mean over seeds (the "
+                                                           "runs of one seed averaged first), in `sources` order"),
+    ),
 }
 
 MATRIX_PREFIX = "transfer_matrix_"
@@ -241,6 +300,8 @@ def to_arrow(df: pd.DataFrame, table: str, extra: Sequence[str] = ()) -> pa.Tabl
         values = df[f.name] if f.name in df.columns else pd.Series([None] * len(df), dtype=object)
         if pa.types.is_timestamp(f.type):
             values = pd.to_datetime(values, utc=True)
+        elif pa.types.is_list(f.type):   # an empty table's list column reads as float NaN, which Arrow cannot list
+            values = values.astype(object)
         arrays.append(pa.array(values, type=f.type, from_pandas=True))
     return pa.Table.from_arrays(arrays, schema=schema)
 

@@ -1,5 +1,5 @@
-"""MLflow runs and the score table → the report's DataFrames: runs, pretrain, finetune (+ scratch baseline), scratch,
-adder, curves, transfer.
+"""MLflow runs and the score table → the report's DataFrames: runs, pretrain, estimates, finetune (+ scratch
+baseline), scratch, adder, curves, transfer.
 
 Joins go through run ids recorded as lineage (pretrain run tags, the score table's set, surrogate and target run
 ids), never through names; the only join on values is a transfer run with its scratch baseline, which by design
@@ -17,7 +17,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from reports.schema import SCHEMAS, SET_METRICS, TRAIN_METRICS
+from reports.schema import ESTIMATE_METRICS, SCHEMAS, SET_METRICS, TRAIN_METRICS
 from xfer import names, server, specs, tracking
 from xfer.errors import XferError
 
@@ -25,7 +25,7 @@ from xfer.errors import XferError
 TRANSFER = names.VARIANT_TRANSFER
 
 TRAINING_STAGES = (names.PRETRAIN, names.FINETUNE, names.SCRATCH, names.ADDER)
-METRIC_NAMES = [c.name for c in TRAIN_METRICS + SET_METRICS]
+METRIC_NAMES = [c.name for c in TRAIN_METRICS + SET_METRICS + ESTIMATE_METRICS]
 FINISHED = "FINISHED"
 ENSEMBLE_JOIN = "+"    # xfer.attack joins an ensemble surrogate's run ids with this
 DOWNLOAD_THREADS = 8   # curve downloads are one small HTTP request each: latency-bound, so overlap them
@@ -61,6 +61,8 @@ class Tables:
     adder: pd.DataFrame
     curves: pd.DataFrame
     transfer: pd.DataFrame
+    # Finished estimate runs; empty by default, so tables built by hand for the verdicts need not name it.
+    estimates: pd.DataFrame = dataclasses.field(default_factory=lambda: _select(pd.DataFrame(), "estimates"))
 
 
 def inputs(experiment: str, snapshot: tracking.Snapshot | None = None) -> list[tracking.RunRecord]:
@@ -82,6 +84,7 @@ def collect(experiment: str, records: list[tracking.RunRecord] | None = None) ->
     return Tables(
         runs=runs, params=params, without_curve=without_curve, curves=curves,
         pretrain=_select(finished[finished["stage"] == names.PRETRAIN], "pretrain"),
+        estimates=_select(finished[finished["stage"] == names.ESTIMATE], "estimates"),
         finetune=finetune_frame(finished),
         scratch=_select(finished[finished["stage"] == names.SCRATCH], "scratch"),
         adder=adder_frame(finished),
@@ -199,7 +202,7 @@ def runs_frame(records: list[tracking.RunRecord]) -> tuple[pd.DataFrame, list[st
         rows.append(row | renamed)
     columns = [c.name for c in SCHEMAS["runs"]] + sorted(params)
     frame = pd.DataFrame(rows, columns=columns)
-    integers = list(INT_TAGS) + ["unfreeze_epoch", "epochs", "epoch_steps"]
+    integers = list(INT_TAGS) + ["unfreeze_epoch", "epochs", "epoch_steps", names.ESTIMATE_EXAMPLES]
     frame[integers] = frame[integers].astype("Int64")
     return frame, sorted(params)
 

@@ -147,7 +147,8 @@ def _data(report, table: str) -> Path:
 def test_report_goes_to_the_runs_folder_by_default(report, mlflow_server: Server) -> None:
     assert report.out == mlflow_server.root.resolve() / "reports" / EXPERIMENT
     assert (report.out / "index.html") in report.files
-    assert len(report.missing) == 1   # the one run without a curve artifact
+    assert len(report.missing) == 2   # the one run without a curve artifact; no estimate runs (test_transferability)
+    assert any(m.startswith("no finished estimate runs: ") and "not made" in m for m in report.missing)
 
 
 @pytest.mark.parametrize("table", list(SCHEMAS))
@@ -377,7 +378,8 @@ def test_report_is_logged_as_an_mlflow_run(report, mlflow_server: Server) -> Non
 def test_empty_experiment_gives_a_partial_report(mlflow_server: Server, tmp_path: Path) -> None:
     tracking.experiment_id(EMPTY)
     result = build_report(EMPTY, tmp_path / "report", log_to_mlflow=False)
-    assert any("no runs at all" in m for m in result.missing) and len(result.missing) == 6
+    assert any("no runs at all" in m for m in result.missing) and len(result.missing) == 7
+    assert pq.read_schema(result.out / "data" / "transferability.parquet") == arrow_schema("transferability")
     assert pq.read_schema(result.out / "data" / "finetune.parquet") == arrow_schema("finetune")
     assert not any(p.suffix == ".png" for p in result.files)
     page = (result.out / "index.html").read_text()
