@@ -25,9 +25,12 @@ def test_gpu_report_runs_every_section_on_a_cpu_and_prints_its_figures_as_json(t
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)   # stdout is the JSON alone; the lines go to stderr
     assert report["device"] == "cpu" and report["install"]["cuda_available"] in (True, False)
-    # The batched model against each cell alone: float32 on a CPU agrees within the tolerance it states.
-    correctness = report["correctness"]
-    assert correctness["ok"] and correctness["max_final_diff"] <= correctness["tolerance"] < 0.02
+    # The batched model against each cell alone: float32 on a CPU within one example of a window, and bf16 (the
+    # arithmetic of GPU cells, run on the CPU here) within the tolerance it states.
+    fp32, bf16 = report["correctness"]
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    assert fp32["ok"] and fp32["max_final_diff"] <= fp32["tolerance"] < 0.02
+    assert bf16["ok"] and bf16["max_final_diff"] <= bf16["tolerance"]
     # The grid's real path three ways, for the quick report's one arch.
     [paths] = report["paths"]
     assert paths["arch"] == bench.GPU_REPORT_ARCHS[0] and paths["cells"] == 2

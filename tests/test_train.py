@@ -146,12 +146,14 @@ def test_fast_dev_run_evaluates_the_first_batch_of_val_and_test_only(digits: dat
 
 def test_later_fields_have_their_own_keys_and_leave_existing_keys_alone() -> None:
     s = TrainSpec(arch="lenet5", dataset="mnist")
-    assert specs.key(s) == "d21c07a3b9728938"   # recorded before fast_dev_run, unfreeze_body and epoch_steps existed
-    later = ("fast_dev_run", "unfreeze_body", "epoch_steps")
+    assert specs.key(s) == "d21c07a3b9728938"   # recorded before fast_dev_run, unfreeze_body, epoch_steps, precision
+    later = ("fast_dev_run", "unfreeze_body", "epoch_steps", "precision")
     fields = {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name not in later}
     without = json.dumps({"type": "TrainSpec", "spec": fields}, sort_keys=True, separators=(",", ":"))
     assert specs.key(s) == hashlib.sha256(without.encode()).hexdigest()[:16]
     assert specs.key(specs.replace(s, fast_dev_run=True)) != specs.key(s)
+    assert specs.key(specs.replace(s, precision="bf16")) != specs.key(s) == specs.key(specs.replace(s, precision="auto"))
+    assert specs.from_flat(TrainSpec, specs.to_flat(specs.replace(s, precision="fp32"))).precision == "fp32"
     assert specs.from_flat(TrainSpec, specs.to_flat(specs.replace(s, fast_dev_run=True))).fast_dev_run
     unfreezing = specs.replace(s, freeze_depth=4, unfreeze_epoch=5)
     control = specs.replace(unfreezing, unfreeze_body=False)

@@ -24,7 +24,7 @@ import yaml
 from xfer import data, models, names
 from xfer.errors import XferError
 from xfer.estimators import ESTIMATORS
-from xfer.specs import OPTIMIZERS, AttackSpec, EstimateSpec, FinetuneSpec, PretrainSpec, TrainSpec
+from xfer.specs import OPTIMIZERS, PRECISIONS, AttackSpec, EstimateSpec, FinetuneSpec, PretrainSpec, TrainSpec
 
 ALL = 0  # a fine-tune size of 0 means "the whole training pool" (the seed's 60,000 less the validation split)
 PRESET_DIR = Path(__file__).resolve().parent.parent / "sweeps" / "presets"  # preset grid files, by file name
@@ -126,6 +126,8 @@ class Grid:
     unfreeze_epoch: int = _field(0, "epoch at which the unfreeze recipe unfreezes every layer (0 = half of --epochs)")
     unfreeze_lr_mult: float = _field(TrainSpec.unfreeze_lr_mult, "after unfreezing, every layer trains at lr × this")
     augment: bool = _field(False, "random crop + flip on every training cell (32×32 colour sets such as CIFAR-10)")
+    precision: str = _field("auto", "arithmetic of every training cell: auto (bf16 autocast on a GPU, float32 on a "
+                                    "CPU), fp32, or bf16 (on any device)")
     weights: str = _field("", "resnet18's ImageNet weights: a resnet18-f37072fd.pth file, or 'imagenet' "
                                 "(torchvision's cache or download); '' = none")
     scratch: bool = _field(True, "train scratch baselines of every arch × size × lr × seed")
@@ -448,6 +450,8 @@ def validate(grid: Grid) -> None:
     problems = _type_problems(grid)
     if not problems:  # the checks below compare numbers and look names up; wrong types would break them
         problems = [*_range_problems(grid), *_name_problems(grid)]
+        if grid.precision not in PRECISIONS:
+            problems.append(f"{_setting('precision')} {grid.precision!r} is not one of {', '.join(PRECISIONS)}")
         if grid.prune_by not in ESTIMATORS:
             problems.append(f"{_setting('prune_by')} {grid.prune_by!r} is not an estimator; use one of {', '.join(ESTIMATORS)}")
         if grid.optimizer not in OPTIMIZERS:
@@ -736,7 +740,7 @@ def cells(grid: Grid, pool_sizes: dict[str, int] | None = None) -> Cells:
         (source, arch_name, seed): PretrainSpec(TrainSpec(
             arch=arch_name, dataset=source, size=_pretrain_size(grid, source, pool_sizes), val_size=grid.val_size,
             epochs=grid.pretrain_epochs, batch_size=grid.batch_size, optimizer=grid.optimizer, augment=grid.augment,
-            seed=seed, fast_dev_run=grid.fast_dev_run,
+            seed=seed, fast_dev_run=grid.fast_dev_run, precision=grid.precision,
         ))
         for source, arch_name, seed in itertools.product(grid.sources, grid.archs, grid.seeds)
     }
@@ -756,7 +760,7 @@ def cells(grid: Grid, pool_sizes: dict[str, int] | None = None) -> Cells:
         for steps, lr, seed in itertools.product(grid.steps, all_lrs, grid.seeds):
             base = dict(arch=arch_name, dataset=grid.target, size=size or None, val_size=grid.val_size,
                         epochs=grid.epochs, epoch_steps=grid.epoch_steps(steps), batch_size=grid.batch_size, lr=lr,
-                        augment=grid.augment, seed=seed, fast_dev_run=grid.fast_dev_run)
+                        augment=grid.augment, seed=seed, fast_dev_run=grid.fast_dev_run, precision=grid.precision)
             base.update(tuned)
             starts: list[tuple[PretrainSpec | None, dict[str, Any]]] = [
                 (pretrain[(source, arch_name, seed)], {}) for source in grid.sources]

@@ -57,7 +57,8 @@ def pack_key(kind: Kind, spec: Any) -> tuple[Any, ...]:
     train one batch an epoch, whatever their size)."""
     t = kind.train(spec)
     size = None if t.fast_dev_run else t.size
-    return (kind.name, kind.stage(spec), t.arch, t.dataset, size, t.batch_size, t.epochs, t.epoch_steps, t.augment)
+    return (kind.name, kind.stage(spec), t.arch, t.dataset, size, t.batch_size, t.epochs, t.epoch_steps, t.augment,
+            t.precision)
 
 
 def plan(cells: Sequence[Any], key: Callable[[Any], Hashable], pack_size: int, slots: int = 1) -> list[tuple[Any, ...]]:

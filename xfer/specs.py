@@ -21,6 +21,9 @@ from xfer.errors import XferError
 S = TypeVar("S")
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
+# A cell's arithmetic: "auto" is bf16 autocast on CUDA and float32 elsewhere; "fp32" float32 everywhere; "bf16" bf16
+# autocast on any device (a CPU too: how a GPU cell's numerics are checked without a GPU).
+PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("cosine", "plateau", "none")
 
 
@@ -70,9 +73,12 @@ class TrainSpec:
     # A smoke run of the real path: one optimiser step per epoch, and every evaluation on the first batch of val
     # and test. Its errors mean nothing; it only shows that the cell runs end to end.
     fast_dev_run: bool = later(False)
+    precision: str = later("auto")  # PRECISIONS: "auto" = bf16 autocast on CUDA, float32 elsewhere
 
     def __post_init__(self) -> None:
         problems = []
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:

@@ -78,6 +78,7 @@ def train(
     """
     device = torch.device(device) if device is not None else _default_device()
     cuda = device.type == "cuda"
+    low = bf16(spec.precision, device)
     model.to(device)
     if cuda:
         model.to(memory_format=torch.channels_last)  # NHWC convs are faster under bf16 on tensor cores
@@ -122,7 +123,7 @@ def train(
             if spec.augment:
                 x = augment_batch(x)
             y = train_y[idx]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=low):
                 logits = model(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=spec.label_smoothing)
             phase.optimizer.zero_grad(set_to_none=True)
@@ -155,7 +156,7 @@ def train(
             row = _row(step, epoch + 1, now(), "train", 1 - correct.item() / seen)
             curve.append(row)
             report({"kind": "train", **_metrics_of(row), names.TRAIN_LOSS: loss_sum.item() / seen})
-        errors = {split: error(model, *tensors, cuda=cuda) for split, tensors in eval_sets.items()}
+        errors = {split: error(model, *tensors, cuda=cuda, low=low) for split, tensors in eval_sets.items()}
         if phase.scheduler is not None and spec.schedule == "plateau":
             phase.scheduler.step(errors["val"])
         for split, err in errors.items():
@@ -175,7 +176,8 @@ def train(
             ))
     # Evaluation is deterministic and nothing changes the model after the last epoch's: its errors are the final ones
     # (a cell resumed from its last epoch's state evaluates once here).
-    final = errors if errors is not None else {split: error(model, *tensors, cuda=cuda) for split, tensors in eval_sets.items()}
+    final = errors if errors is not None else {split: error(model, *tensors, cuda=cuda, low=low)
+                                               for split, tensors in eval_sets.items()}
     last_train = [r["error"] for r in curve if r["split"] == "train"]
     metrics = {
         names.TEST_ERROR: final["test"], names.TEST_ACC: 1 - final["test"],
@@ -275,8 +277,11 @@ def evaluation_splits(spec: TrainSpec, data: Splits) -> Splits:
 
 
 @torch.no_grad()
-def error(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cuda: bool = False) -> float:
-    """Classification error of `model` on uint8 `images` (already on the model's device)."""
+def error(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cuda: bool = False,
+          low: bool | None = None) -> float:
+    """Classification error of `model` on uint8 `images` (already on the model's device); under bf16 autocast when
+    `low` (default: on CUDA, the "auto" precision)."""
+    low = cuda if low is None else low
     if len(labels) == 0:
         return math.nan
     was_training = model.training
@@ -284,7 +289,7 @@ def error(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cu
     wrong = torch.zeros((), device=labels.device)
     for begin in range(0, len(labels), EVAL_BATCH):
         x = _as_float(images[begin:begin + EVAL_BATCH], cuda)
-        with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=low):
             wrong += (model(x).argmax(1) != labels[begin:begin + EVAL_BATCH]).sum()
     model.train(was_training)
     return wrong.item() / len(labels)
@@ -339,6 +344,11 @@ def stopped(spec: TrainSpec, step: int, epoch: int, curve: list[dict[str, Any]],
     """The result of a cell stopped mid-training (its grid is stopping): it resumes from its last epoch state."""
     return Result("stopped", f"stopped at step {step} (epoch {epoch + 1}) because the grid is stopping; the rerun "
                   "resumes it from its last epoch state", {names.SECONDS: seconds, "steps": float(step)}, curve)
+
+
+def bf16(precision: str, device: torch.device | str) -> bool:
+    """Whether a cell of `precision` (TrainSpec.precision) runs its forward passes under bf16 autocast on `device`."""
+    return precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
 
 
 def _default_device() -> torch.device:

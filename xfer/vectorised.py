@@ -40,7 +40,7 @@ from xfer.train import Report, Result
 
 SHARED_FIELDS = (
     "arch", "dataset", "size", "val_size", "epochs", "batch_size", "optimizer", "schedule",
-    "unfreeze_epoch", "augment", "label_smoothing", "log_every", "fast_dev_run", "epoch_steps",
+    "unfreeze_epoch", "augment", "label_smoothing", "log_every", "fast_dev_run", "epoch_steps", "precision",
 )
 """TrainSpec fields all cells of a pack share: they fix the batched model, the step count, the data
 lengths and the step's code path. Everything else (lr, weight_decay, momentum, head_lr_mult,
@@ -150,7 +150,7 @@ def train_many(
     callbacks = list(on_epoch_end) if on_epoch_end is not None else [None] * n
     cells = [_start_cell(specs[i], models[i], reports[i], callbacks[i], resumes[i], device, start_epoch, steps_per_epoch)
              for i in range(n)]
-    pack = _stack(models, device, min(spec.batch_size, store.lengths["train"]))
+    pack = _stack(models, device, min(spec.batch_size, store.lengths["train"]), loop.bf16(spec.precision, device))
     optim = _bind(pack, cells)
     _load_optimiser_states(pack, optim, cells)
     start = time.perf_counter()
@@ -403,6 +403,7 @@ class _Pack:
     buffers: dict[str, torch.Tensor]     # N×shape: input mean/std, BatchNorm statistics (updated in place)
     dropouts: tuple[_DropoutSite, ...]   # in forward call order, the order a cell's generator is drawn in
     n_cells: int
+    low: bool = False                    # bf16, as train.py's autocast: the template casts as autocast would
 
     def block(self, flat: torch.Tensor, name: str, cell: int) -> torch.Tensor:
         """Cell `cell`'s tensor `name` in a buffer laid out like `flat`."""
@@ -412,7 +413,7 @@ class _Pack:
 
 
 @torch.no_grad()
-def _stack(models: Sequence[XferModel], device: torch.device, batch: int) -> _Pack:
+def _stack(models: Sequence[XferModel], device: torch.device, batch: int, low: bool = False) -> _Pack:
     n = len(models)
     named = [dict(m.named_parameters()) for m in models]
     param_names = list(named[0])
@@ -429,13 +430,19 @@ def _stack(models: Sequence[XferModel], device: torch.device, batch: int) -> _Pa
         params[k] = view
     buffer_sets = [dict(m.named_buffers()) for m in models]
     buffers = {k: torch.stack([b[k] for b in buffer_sets]).to(device) for k in buffer_sets[0]}
-    template, dropouts = _template(models[0], batch)
-    return _Pack(template, offsets, flat, grad, params, buffers, dropouts, n)
+    template, dropouts = _template(models[0], batch, device.type if low else None)
+    return _Pack(template, offsets, flat, grad, params, buffers, dropouts, n, low)
 
 
-def _template(model: XferModel, batch: int) -> tuple[nn.Module, tuple[_DropoutSite, ...]]:
-    """A meta-device copy with nn.Dropout swapped for `_MaskedDropout`, and where its dropouts are called."""
+def _template(model: XferModel, batch: int, bf16_on: str | None = None) -> tuple[nn.Module, tuple[_DropoutSite, ...]]:
+    """A meta-device copy with nn.Dropout swapped for `_MaskedDropout`, and where its dropouts are called; with
+    `bf16_on` (a device type), its layers swapped for ones that cast as bf16 autocast does there (`_AUTOCAST`)."""
     template = copy.deepcopy(model).to("meta")
+    if bf16_on is not None:
+        swaps = _AUTOCAST[bf16_on if bf16_on in _AUTOCAST else "cpu"]
+        for module in template.modules():
+            if type(module) in swaps:
+                module.__class__ = swaps[type(module)]
     for name, module in list(template.named_modules()):
         if type(module) is nn.Dropout:
             parent, _, child = name.rpartition(".")
@@ -452,6 +459,55 @@ def _template(model: XferModel, batch: int) -> tuple[nn.Module, tuple[_DropoutSi
     for hook in hooks:
         hook.remove()
     return template, tuple(sites)
+
+
+# ---- bf16 under vmap ----------------------------------------------------------------------------------
+# torch.autocast does not reach ops inside torch.func.vmap: there a Linear or a convolution returns float32 where the
+# same model alone, under autocast, returns bf16 (checked on CPU, torch 2.9), so a batched pack would train at
+# another precision than its cells alone. These layers do what autocast does to them, explicitly: matmuls and
+# convolutions in bf16 (inputs, weights and bias cast, output bf16); normalisations compute in float32 and return
+# what autocast returns on that device (BatchNorm: its input's dtype; LayerNorm: bf16 on a CPU, float32 on CUDA,
+# whose autocast lists layer_norm among its float32 ops). Every other op keeps its input's dtype, with or without
+# autocast. tests/test_vectorised.py checks each arch's layer-by-layer dtypes and outputs against autocast's.
+
+def _low(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.to(torch.bfloat16)
+
+
+class _Bf16Linear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(_low(x), _low(self.weight), _low(self.bias))
+
+
+class _Bf16Conv1d(nn.Conv1d):
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return super()._conv_forward(_low(x), _low(weight), _low(bias))
+
+
+class _Bf16Conv2d(nn.Conv2d):
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return super()._conv_forward(_low(x), _low(weight), _low(bias))
+
+
+class _Fp32BatchNorm2d(nn.BatchNorm2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+class _Fp32LayerNorm(nn.LayerNorm):   # CUDA: float32 out
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float())
+
+
+class _Bf16LayerNorm(nn.LayerNorm):   # CPU: in float32, out as its input
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+_LOW_PRECISION = {nn.Linear: _Bf16Linear, nn.Conv1d: _Bf16Conv1d, nn.Conv2d: _Bf16Conv2d,
+                  nn.BatchNorm2d: _Fp32BatchNorm2d}
+_AUTOCAST = {"cpu": {**_LOW_PRECISION, nn.LayerNorm: _Bf16LayerNorm},
+             "cuda": {**_LOW_PRECISION, nn.LayerNorm: _Fp32LayerNorm}}
 
 
 def _cell_loss(template: nn.Module, label_smoothing: float, params: dict[str, torch.Tensor],
@@ -473,11 +529,10 @@ def _step(pack: _Pack, optim: _Optimiser, coefficients: _Coefficients, t: int, x
     masks = _draw_masks(pack, generators, x.device)
     pack.template.train()
     pack.grad.zero_()
-    cuda = x.device.type == "cuda"
-    # bf16 autocast on CUDA only, as train.py; channels_last is not applied: vmap's conv rule picks the layout.
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cuda):
-        loss, right = vmap(lambda p, b, xi, yi: _cell_loss(pack.template, label_smoothing, p, b, xi, yi))(
-            pack.params, {**pack.buffers, **masks}, x, y)
+    # bf16 where train.py autocasts, by the template's own casts (autocast does not reach inside vmap);
+    # channels_last is not applied: vmap's conv rule picks the layout.
+    loss, right = vmap(lambda p, b, xi, yi: _cell_loss(pack.template, label_smoothing, p, b, xi, yi))(
+        pack.params, {**pack.buffers, **masks}, x, y)
     # Cells never mix, so the gradient of the sum is each cell's own gradient in its own block.
     loss.sum().backward()
     _update(pack, optim, coefficients, t)
@@ -508,9 +563,8 @@ def _errors(pack: _Pack, store: _Store, split: str) -> list[float]:
     for begin in range(0, size, chunk):
         idx = store.starts[split][:, None] + torch.arange(begin, min(begin + chunk, size), device=device)
         x = store.images[idx].float().div_(255)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            wrong += vmap(lambda p, b, xi, yi: _cell_wrong(pack.template, p, b, xi, yi))(
-                pack.params, pack.buffers, x, store.labels[idx])
+        wrong += vmap(lambda p, b, xi, yi: _cell_wrong(pack.template, p, b, xi, yi))(
+            pack.params, pack.buffers, x, store.labels[idx])
     return [w / size for w in wrong.tolist()]
 
 
