@@ -16,6 +16,7 @@ fine-tuned, per target × arch, and what was skipped is kept as the experiment t
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import time
@@ -318,8 +319,8 @@ def planned(grid: grids.Grid, cells: grids.Cells, records: Sequence[tracking.Run
         Group(grid.target, arch, grid.sources[:grid.prune_sources], grid.sources[grid.prune_sources:], {})
         for arch in grid.archs))
     kept = prune(cells, stand_in)
-    counts = {(c.train.arch, c.source) for c in cells.finetune}
-    even = len({sum(1 for c in cells.finetune if (c.train.arch, c.source) == pair) for pair in counts}) <= 1
+    counts = collections.Counter((c.train.arch, c.source) for c in cells.finetune)
+    even = all(len({n for (a, _), n in counts.items() if a == arch}) <= 1 for arch in grid.archs)   # within each arch
     return kept, (f"--prune-sources {grid.prune_sources} by {grid.prune_by}: {len(cells.finetune) - len(kept.finetune)} "
                   f"cells {'' if even else 'or so '}not run, of the {len(grid.sources) - grid.prune_sources} source(s) "
                   "per arch ranked lowest (known once the estimate stage has run)")
