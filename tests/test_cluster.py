@@ -23,14 +23,30 @@ def test_cluster_yaml_is_valid_for_ray_up() -> None:
     # The same versions on every node, whenever it boots: uv and Python's patch pinned, packages as of one date.
     assert re.search(r'"uv==\d+\.\d+\.\d+"', install) and re.search(r"--python 3\.11\.\d+ ", install)
     assert '--exclude-newer "${XFER_EXCLUDE_NEWER:-' in install
+    assert '"ray[default]"' in install   # the dashboard's job API, for README's `ray job submit`
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def run_as_ray_runs(command: str, env: dict[str, str], log: Path, timeout: float = 60) -> None:
+    """One of cluster.yaml's commands, wrapped exactly as Ray's command runner wraps it on a node (`bash --login -c
+    -i 'source ~/.bashrc; ... && (command)'`, its `_with_interactive`), through a shell, as ssh hands it over.
+    Output to `log`, not a pipe: a server it starts in the background would hold a pipe open."""
+    import subprocess
+
+    from ray.autoscaler._private.command_runner import _with_interactive
+
+    with open(log, "w+") as out:
+        done = subprocess.run(" ".join(_with_interactive(command)), shell=True, env=env, stdout=out,
+                              stderr=subprocess.STDOUT, timeout=timeout, stdin=subprocess.DEVNULL)
+        out.seek(0)
+        assert done.returncode == 0, (command, out.read()[-2000:])
 
 
 def test_the_head_setup_commands_start_mlflow_when_run_as_ray_runs_them(tmp_path: Path) -> None:
@@ -40,30 +56,23 @@ def test_the_head_setup_commands_start_mlflow_when_run_as_ray_runs_them(tmp_path
     does on every update) starts no second one. A check that matched its own shell's command line (`pgrep -f
     "mlflow server"`) never started the server: this test fails if it comes back."""
     import os
-    import subprocess
     import sys
     import time
     import urllib.request
 
     import psutil
-    from ray.autoscaler._private.command_runner import _with_interactive
 
     home = tmp_path / "home"
     (home / "xfer").mkdir(parents=True)
     (home / "xfer" / ".venv").symlink_to(sys.prefix)   # the node's venv, as setup_commands made it
-    port = _free_port()
+    port = free_port()
     env = {"HOME": str(home), "PATH": os.environ["PATH"], "XFER_MLFLOW_PORT": str(port),
            "XFER_BUCKET": (tmp_path / "bucket").as_uri()}   # a local artifact root in place of s3://
     commands = yaml.safe_load(CLUSTER.read_text())["head_setup_commands"]
 
     def run_all() -> None:
         for command in commands:
-            # Output to a file, not a pipe: the server it starts in the background would hold a pipe open.
-            with open(tmp_path / "setup.log", "w+") as log:
-                done = subprocess.run(" ".join(_with_interactive(command)), shell=True, env=env, stdout=log,
-                                      stderr=subprocess.STDOUT, timeout=60, stdin=subprocess.DEVNULL)
-                log.seek(0)
-                assert done.returncode == 0, (command, log.read()[-2000:])
+            run_as_ray_runs(command, env, tmp_path / "setup.log")
 
     def serving() -> list[psutil.Process]:
         """The `mlflow server` processes on the test's port (each with its uvicorn worker as a child)."""
