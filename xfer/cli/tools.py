@@ -5,7 +5,7 @@
     xfer stop [--root runs]
     xfer bench                                 # the training loop against the seed's input pipeline
     xfer bench --pack [--json]                 # a trial per cell vs packs (sequential, batched): cells/hour
-    xfer bench --gpu-report                    # every GPU measurement in one call (on a GPU)
+    xfer bench --gpu-report [--json]           # every GPU measurement in one call (on a GPU), JSON Lines
     xfer bench --transfer                      # glyph-pretrained vs scratch on 500 MNIST-5k digits
     xfer bench --attack                        # PGD generation, examples/s
     xfer bench --score [--targets 8] [--json]  # K targets scoring the same images: one after another vs stacked
@@ -96,7 +96,9 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--cells", type=int, default=6, help="--pack: cells per arch")
     p.add_argument("--pack-cell-size", type=int, default=1000, help="--pack: training examples per cell")
     p.add_argument("--pack-epochs", type=int, default=1, help="--pack: epochs per cell")
-    p.add_argument("--json", action="store_true", help="--pack, --score, --gpu-report: print the rows as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="--pack, --score, --estimate: print the rows as JSON; --gpu-report: one JSON line per section on "
+                        "stdout as it ends, the whole report last (the lines for people go to stderr)")
     p.add_argument("--score", action="store_true",
                    help="K targets of one arch scoring the same images, one after another vs as one stacked model "
                         "(target-examples/s)")
@@ -105,10 +107,19 @@ def bench_parser() -> argparse.ArgumentParser:
                    help="seconds per (pretrained model, target) pair of each transferability estimator and of the "
                         "forward pass that feeds them, per arch, on --dataset's training images")
     p.add_argument("--gpu-report", action="store_true",
-                   help="every GPU measurement in one go: install and correctness checks, cells/hour of the three "
-                        "paths, batched throughput and peak memory per arch, the projected seed-grid time")
+                   help="every GPU measurement in one call, each section on its own (a failure is reported, the rest "
+                        "runs): install; the batched model against each cell alone (SGD, freezing, dropout, "
+                        "augmentation, resume in fp32, and bf16); batched throughput and peak memory per arch and pack "
+                        "size; four packs sharing the device; attack generation; scoring; the seed grid's projected "
+                        "hours, attacks counted. Exit status 1 if any part failed")
     p.add_argument("--device", default="cuda", help="--gpu-report: the device (cpu runs the script small, as a check)")
     p.add_argument("--quick", action="store_true", help="--gpu-report: tiny sizes (checks the script, not the GPU)")
+    p.add_argument("--sections", nargs="+", default=None, choices=bench.REPORT_SECTIONS, metavar="SECTION",
+                   help=f"--gpu-report: only these sections, in the report's order (default: "
+                        f"{' '.join(bench.DEFAULT_SECTIONS)})")
+    p.add_argument("--paths", action="store_true",
+                   help="--gpu-report: also, last, the grid's real path (MLflow, Ray Tune) a trial per cell vs packed "
+                        "(cells/hour; mostly trial start-up and MLflow runs, which --pack measures without a GPU)")
     p.add_argument("--attack", action="store_true", help="time PGD generation (examples/s) on CPU and, if present, CUDA")
     p.add_argument("--n", type=int, default=None,
                    help="--attack: examples to generate (default 1000: mnist5k's test split); --score: images to score "
@@ -129,9 +140,11 @@ def run_bench(argv: list[str]) -> int:
         if args.device == "cuda" and not _cuda():
             raise XferError("--gpu-report needs a CUDA GPU, and torch sees none here; --device cpu --quick checks the "
                             "script itself on this machine.")
-        result = bench.gpu_report(args.device, args.quick, echo=echo)
-        if args.json:
-            print(json.dumps(result, indent=2, default=str))
+        # JSON Lines, flushed as each section ends: a call cut short still leaves every finished section's figures.
+        emit = (lambda line: print(json.dumps(line, allow_nan=False), flush=True)) if args.json else None
+        sections = args.sections or [*bench.DEFAULT_SECTIONS, *(["paths"] if args.paths else [])]
+        result = bench.gpu_report(args.device, args.quick, echo=echo, emit=emit, sections=sections)
+        return 1 if result["failed"] else 0
     elif args.pack:
         rows = bench.pack_rows(args.archs or list(bench.PACK_ARCHS), args.cells, args.pack_cell_size, args.pack_epochs,
                                args.devices, echo=echo)
