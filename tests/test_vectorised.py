@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -304,6 +305,36 @@ def test_bench_pack_times_both_ways() -> None:
     assert row["sequential_samples_per_s"] > 0 and row["vectorised_samples_per_s"] > 0
     assert row["speedup"] == pytest.approx(row["vectorised_samples_per_s"] / row["sequential_samples_per_s"])
     assert row["vectorised_cells_per_hour"] == pytest.approx(row["vectorised_samples_per_s"] * 3600 / (2 * 16))
+    # What the batched optimiser keeps: AdamW's two moments (the cells' default; 8 bytes an element) and 16 bytes per
+    # (tensor, cell) block, against 8 + 16 bytes an element with the per-element slot index, weight decay and
+    # momentum it replaced.
+    model = models.build("lenet5", (1, 28, 28), 10)
+    elements, tensors = 2 * sum(p.numel() for p in model.parameters()), 2 * len(list(model.parameters()))
+    assert row["optimiser_mib"] * 2**20 == elements * 8 + tensors * 16
+    assert row["optimiser_mib_per_element_layout"] * 2**20 == elements * 24
+
+
+def test_cuda_draws_one_stream_for_the_pack_that_a_rerun_repeats() -> None:
+    """On CUDA a pack draws each dropout site's masks, and each step's crops and flips, for all its cells in one call
+    (F.dropout's CUDA kernel draws other bits than bernoulli_, so no alone-equal stream is lost); forced here on a CPU.
+    The draws are per cell (cells never share a mask), at the dropout rate, scaled as F.dropout scales, and the same
+    pack draws the same again."""
+    pack = SimpleNamespace(dropouts=(vec._DropoutSite("drop0", 0.25, (4000,)),), n_cells=3, flat=torch.zeros(1))
+    first = vec._Draws.build([5, 6, 7], torch.device("cpu"), together=True)
+    assert first.together and len(first.generators) == 1
+    mask = first.masks(pack)["drop0"]
+    assert mask.shape == (3, 4000) and mask.unique().tolist() == pytest.approx([0.0, 1 / 0.75])
+    assert all(abs((mask[i] == 0).float().mean().item() - 0.25) < 0.03 for i in range(3))
+    assert not torch.equal(mask[0], mask[1]) and not torch.equal(mask[1], mask[2])
+    again = vec._Draws.build([5, 6, 7], torch.device("cpu"), together=True).masks(pack)["drop0"]
+    assert torch.equal(mask, again)
+    assert not torch.equal(vec._Draws.build([5, 6, 8], torch.device("cpu"), together=True).masks(pack)["drop0"], mask)
+    # Augmentation: every image of every cell cropped and flipped on its own, the shape kept.
+    x = torch.rand(3, 8, 1, 12, 12)
+    out = vec._Draws.build([5, 6, 7], torch.device("cpu"), together=True).augment(x)
+    assert out.shape == x.shape and not torch.equal(out, x)
+    # On a CPU each cell keeps its own generator (train.py's draws), whatever the pack.
+    assert len(vec._Draws.build([5, 6, 7], torch.device("cpu")).generators) == 3
 
 
 def _dtypes_and_output(model: torch.nn.Module, run) -> tuple[list[tuple[str, torch.dtype]], torch.Tensor]:

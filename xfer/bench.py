@@ -228,7 +228,7 @@ def pack_rows(archs: Sequence[str], cells: int, size: int, epochs: int, devices:
 
     import ray
 
-    from xfer import names, progress, stages
+    from xfer import names, progress, stages, vectorised
     from xfer.specs import PretrainSpec
 
     rows = []
@@ -259,10 +259,14 @@ def pack_rows(archs: Sequence[str], cells: int, size: int, epochs: int, devices:
                             raise RuntimeError(f"bench cells failed: {summary.failed}")
                         row["cells_per_hour"][path] = cells / wall * 3600
                         row["samples_per_s"][path] = cells * size * epochs / wall
+                    row |= vectorised.optimiser_memory(models.build(arch, dataset.in_shape, dataset.num_classes), cells,
+                                                       grid[0].train.optimizer)
                     rows.append(row)
                     base = row["cells_per_hour"]["trial_per_cell"]
                     echo(f"{device:<5} {arch:<12} " + "  ".join(
-                        f"{path} {rate:7.0f} cells/h ({rate / base:.2f}×)" for path, rate in row["cells_per_hour"].items()))
+                        f"{path} {rate:7.0f} cells/h ({rate / base:.2f}×)" for path, rate in row["cells_per_hour"].items())
+                        + f"  batched optimiser keeps {row['optimiser_mib']:.1f} MiB "
+                          f"(per-element layout: {row['optimiser_mib_per_element_layout']:.1f} MiB)")
             finally:
                 ray.shutdown()
     return rows
@@ -664,9 +668,13 @@ def _batched_row(arch: str, cells: int, device: str, sizes: ReportSizes, echo: C
     row |= _peak_memory(device)
     row["effective_tflops"] = 3 * plans.flops_per_example(arch, (1, 28, 28), 10) * row["vectorised_samples_per_s"] / 1e12
     row["plan_gpu_tflops"] = plans.GPU_TFLOPS
+    # The plan's memory estimate for this pack, beside the peak measured above (CUDA: allocated; CPU: the process's RSS).
+    row["estimated_mib"] = plans.pack_memory(arch, (1, 28, 28), 10, cells, sizes.pack_batch,
+                                             "adamw")["total_bytes"] / 2**20   # bench_pack's cells: TrainSpec's default
     echo(f"batched {arch:<12} {cells:>3} cells: {row['vectorised_samples_per_s']:,.0f} samples/s "
          f"({row['speedup']:.2f}× one cell at a time), {row['effective_tflops']:.2f} TFLOP/s, "
-         + (f"peak {row['peak_allocated_mib']:,.0f} MiB allocated" if device == "cuda" else f"peak RSS {row['peak_rss_mib']:,.0f} MiB (the whole process's)"))
+         + (f"peak {row['peak_allocated_mib']:,.0f} MiB allocated" if device == "cuda" else f"peak RSS {row['peak_rss_mib']:,.0f} MiB (the whole process's)")
+         + f", the plan's estimate {row['estimated_mib']:,.0f} MiB")
     return row
 
 

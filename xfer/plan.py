@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -161,6 +161,70 @@ def flops_per_example(arch: str, in_shape: tuple[int, int, int], classes: int) -
     return counter.get_total_flops() / 2
 
 
+@functools.lru_cache(maxsize=None)
+def activation_bytes(arch: str, in_shape: tuple[int, int, int], classes: int) -> int:
+    """Bytes of float32 activations one training example keeps for its backward pass, counted as every leaf
+    module's output in one forward (an in-place ReLU's output is counted though it shares its input's memory, so
+    this leans high)."""
+    import torch
+
+    from xfer import models
+
+    model = models.build(arch, in_shape, classes)
+    total = 0
+
+    def count(_module: Any, _args: Any, out: Any) -> None:
+        nonlocal total
+        total += sum(t.numel() for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor))
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *in_shape))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return 4 * total
+
+
+def pack_memory(arch: str, in_shape: tuple[int, int, int], classes: int, cells: int, batch: int,
+                optimizer: str = "adamw") -> dict[str, float]:
+    """Estimated bytes a batched pack of `cells` cells of `arch` holds while it trains at `batch`: per cell its
+    parameters, gradients and optimiser state (SGD's momentum, Adam's two moments: 4 bytes an element each) and two
+    parameter-sized transients of the batched update, plus `batch` examples' activations (`activation_bytes`) and
+    input. Bytes in float32; bf16 autocast keeps some activations at half that, so on a GPU it is an upper bound.
+    xfer bench --gpu-report prints it beside the peak CUDA memory it measures for each pack."""
+    from xfer import models
+
+    params = sum(p.numel() for p in models.build(arch, in_shape, classes).parameters())
+    states = 1 if optimizer == "sgd" else 2
+    weights = cells * params * 4 * (2 + states + 2)
+    activations = cells * batch * (activation_bytes(arch, in_shape, classes) + 4 * math.prod(in_shape))
+    return {"weights_bytes": float(weights), "activation_bytes": float(activations), "total_bytes": float(weights + activations)}
+
+
+def _memory_words(todo: Sequence[Any], infos: dict[str, Any], pack: int, where: str) -> str:
+    """The largest training pack's estimated memory (`pack_memory`), at `pack` cells a pack: what a node must hold
+    per trial."""
+    by_arch: dict[tuple[str, str, int, str], int] = {}
+    for cell in todo:
+        t = cell.train
+        key = (t.arch, t.dataset, t.batch_size, t.optimizer)
+        by_arch[key] = min(pack, by_arch.get(key, 0) + 1)
+    if not by_arch:
+        return ""
+    estimates = []
+    for (arch, dataset, batch, optimizer), cells in by_arch.items():
+        info = infos[dataset]
+        size = pack_memory(arch, info.in_shape, info.num_classes, cells, min(batch, info.train), optimizer)
+        estimates.append((size["total_bytes"], arch, cells, batch, size))
+    total, arch, cells, batch, size = max(estimates)
+    return (f"memory {where}: the largest training pack, {cells} {arch} cells at batch {batch}, needs about "
+            f"{total / 2**30:.2f} GiB ({size['weights_bytes'] / 2**30:.2f} GiB weights, gradients and optimiser state, "
+            f"{size['activation_bytes'] / 2**30:.2f} GiB activations; plan.pack_memory) a trial")
+
+
 # ---- the plan ----------------------------------------------------------------------------------------
 
 def plan(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any], finished: Callable[[str], set[str]],
@@ -225,6 +289,12 @@ def plan(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any], finished: 
     stages.append(StagePlan(names.REPORT, 1, int(made), int(not made), 0, 0.0 if made else REPORT_S,
                             0.0 if made or not gpus else REPORT_S, skipped=names.REPORT not in only))
     words = []
+    training = [c for stage, group in ((names.PRETRAIN, cells.pretrain), (names.FINETUNE, cells.finetune),
+                                       (names.SCRATCH, cells.scratch)) if stage in only for c in group]
+    memory = [_memory_words(training, infos, pack_size(False), "here")]
+    if gpus:
+        memory.append(_memory_words(training, infos, pack_size(True), "on a GPU"))
+    words += [w for w in memory if w]
     if rates:
         words.append("CPU throughput per arch (training examples/s, " + f"{threads} thread(s) a trial): "
                      + ", ".join(f"{arch} {r:,.0f} ({sources[arch]})" for (arch, _), r in rates.items())

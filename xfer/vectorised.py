@@ -215,8 +215,7 @@ def _train_epoch(pack: _Pack, optim: _Optimiser, cells: list[_Cell], store: _Sto
     orders = torch.stack([loop.epoch_order(size, cell.spec, epoch, steps_per_epoch * batch) for cell in cells])
     orders = orders.to(device) + store.starts["train"][:, None]  # one upload per epoch; batches are slices
     length = max(size, steps_per_epoch * batch)   # the epoch's draws, as train.py counts them: one pass, or epoch_steps
-    # Each cell's own stream for dropout masks and augmentation, as train.py's global seed is for it.
-    generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+    draws = _Draws.build(seeds, device)
     coefficients = _coefficients(cells, optim, steps_per_epoch, device)
     correct = torch.zeros(n, device=device)
     loss_sum = torch.zeros(n, device=device)
@@ -231,9 +230,9 @@ def _train_epoch(pack: _Pack, optim: _Optimiser, cells: list[_Cell], store: _Sto
         idx = orders[:, begin:begin + batch]
         x = store.images[idx].float().div_(255)  # N×B×C×H×W; the dataset stays uint8 on the device
         if spec.augment:
-            x = torch.stack([loop.augment_batch(x[i], generator=generators[i]) for i in range(n)])
+            x = draws.augment(x)
         y = store.labels[idx]
-        loss, right = _step(pack, optim, coefficients, t, x, y, generators, spec.label_smoothing)
+        loss, right = _step(pack, optim, coefficients, t, x, y, draws, spec.label_smoothing)
         step += 1
         # Accumulate on the device; read back (one sync for all cells) only every `log_every` steps.
         correct += right
@@ -524,9 +523,9 @@ def _cell_wrong(template: nn.Module, params: dict[str, torch.Tensor], buffers: d
 
 
 def _step(pack: _Pack, optim: _Optimiser, coefficients: _Coefficients, t: int, x: torch.Tensor, y: torch.Tensor,
-          generators: list[torch.Generator], label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+          draws: _Draws, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step of every cell; returns the cells' losses and correct counts (on the device)."""
-    masks = _draw_masks(pack, generators, x.device)
+    masks = draws.masks(pack)
     pack.template.train()
     pack.grad.zero_()
     # bf16 where train.py autocasts, by the template's own casts (autocast does not reach inside vmap);
@@ -539,15 +538,64 @@ def _step(pack: _Pack, optim: _Optimiser, coefficients: _Coefficients, t: int, x
     return loss.detach(), right
 
 
-def _draw_masks(pack: _Pack, generators: list[torch.Generator], device: torch.device) -> dict[str, torch.Tensor]:
-    masks = {}
-    for site in pack.dropouts:
-        mask = torch.empty((pack.n_cells, *site.shape), device=device)
-        for cell, generator in enumerate(generators):
-            # On CPU the bits F.dropout draws from the global generator train.py seeds: same cell, same mask.
-            mask[cell].bernoulli_(1 - site.p, generator=generator)
-        masks[site.buffer] = mask.div_(1 - site.p)
-    return masks
+@dataclass(frozen=True)
+class _Draws:
+    """Where one epoch's random draws of a pack come from: dropout masks and augmentation.
+
+    On a CPU, each cell's own generator, seeded as train.py seeds the cell alone, drawn cell by cell: a batched cell
+    draws exactly the bits it would alone (tests/test_vectorised.py checks it). On CUDA, F.dropout's fused kernel
+    draws other bits than `bernoulli_` anyway, so there is no alone-equal stream to keep: one generator for the pack,
+    each site's masks and each step's crops and flips drawn for all cells in one call (one kernel where a cell-by-cell
+    loop launched N). Its seed is the cells' seeds with the epoch, so the same pack draws the same on a rerun or resume.
+    """
+
+    generators: tuple[torch.Generator, ...]   # one per cell, or one for the pack
+
+    @staticmethod
+    def build(seeds: Sequence[int], device: torch.device, together: bool | None = None) -> _Draws:
+        """Per cell on a CPU, one for the pack on CUDA (`together` overrides the choice)."""
+        if not (device.type == "cuda" if together is None else together):
+            return _Draws(tuple(torch.Generator(device).manual_seed(s) for s in seeds))
+        mixed = 0
+        for s in seeds:   # an order-dependent mix of every cell's epoch seed, kept in 63 bits
+            mixed = (mixed * 1_000_003 + s + 1) % (2**63 - 1)
+        return _Draws((torch.Generator(device).manual_seed(mixed),))
+
+    @property
+    def together(self) -> bool:
+        return len(self.generators) == 1
+
+    def masks(self, pack: _Pack) -> dict[str, torch.Tensor]:
+        """Each dropout site's N×shape mask, already scaled by 1 / (1 - p) as F.dropout scales."""
+        masks = {}
+        for site in pack.dropouts:
+            mask = torch.empty((pack.n_cells, *site.shape), device=pack.flat.device)
+            if self.together and pack.n_cells > 1:
+                mask.bernoulli_(1 - site.p, generator=self.generators[0])
+            else:
+                for cell, generator in enumerate(self.generators):
+                    # On CPU the bits F.dropout draws from the global generator train.py seeds: same cell, same mask.
+                    mask[cell].bernoulli_(1 - site.p, generator=generator)
+            masks[site.buffer] = mask.div_(1 - site.p)
+        return masks
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """N×B×C×H×W images, each cropped and flipped (loop.augment_batch) from its cell's draws or the pack's."""
+        if self.together:
+            return loop.augment_batch(x.flatten(0, 1), generator=self.generators[0]).view(x.shape)
+        return torch.stack([loop.augment_batch(x[i], generator=g) for i, g in enumerate(self.generators)])
+
+
+EVAL_IMAGES_CUDA = 16_384
+"""Images per batched forward when a pack evaluates on CUDA, over all its cells: a 10,000-image test set is then a few
+forwards an epoch for a 32-cell pack, not ~157 of 64 images a cell. The seed archs' largest activation at this many
+28×28 images is ~1.6 GB (alexnet_mini's first convolution, the mixers' token MLP; float32, no gradient kept), so
+four packs sharing a 24 GB GPU still fit. On a CPU, train.py's
+EVAL_BATCH: larger chunks only fall out of cache."""
+
+
+def _eval_images(device: torch.device) -> int:
+    return EVAL_IMAGES_CUDA if device.type == "cuda" else loop.EVAL_BATCH
 
 
 @torch.no_grad()
@@ -559,7 +607,7 @@ def _errors(pack: _Pack, store: _Store, split: str) -> list[float]:
     device = store.images.device
     pack.template.eval()
     wrong = torch.zeros(pack.n_cells, device=device)
-    chunk = max(64, loop.EVAL_BATCH // pack.n_cells)  # about as many images per forward as train.py's
+    chunk = max(64, _eval_images(device) // pack.n_cells)
     for begin in range(0, size, chunk):
         idx = store.starts[split][:, None] + torch.arange(begin, min(begin + chunk, size), device=device)
         x = store.images[idx].float().div_(255)
@@ -580,16 +628,38 @@ def _write_back(pack: _Pack, cell: int, model: XferModel) -> None:
 
 @dataclass
 class _Optimiser:
-    """AdamW / Adam / SGD state for every cell in flat buffers laid out like `_Pack.flat`."""
+    """AdamW / Adam / SGD state for every cell in flat buffers laid out like `_Pack.flat`.
+
+    What differs between cells and tensors (learning rate, weight decay, momentum, frozen or not) is kept per (cell,
+    slot) and per block of `flat` (one tensor of one cell), and broadcast over the block's elements only while a step
+    runs: 2 × 8 bytes per block, where a per-element slot index and per-element weight decay and momentum cost 16
+    bytes per parameter element (~2 GB for a 32-cell alexnet_mini pack)."""
 
     kind: str                            # "adamw" | "adam" | "sgd"
-    slot: torch.Tensor                   # int64, per element: cell * _SLOTS + (0 frozen | 1 + its param group)
+    slots: torch.Tensor                  # int64, per block of `flat` in its order: cell * _SLOTS + (0 frozen | 1 + group)
+    lengths: torch.Tensor                # int64, per block: its elements
     state: dict[str, torch.Tensor]       # torch.optim's names: exp_avg, exp_avg_sq | momentum_buffer
-    weight_decay: torch.Tensor           # per element (Adam's and SGD's L2 term; AdamW's is in the coefficients)
-    momentum: torch.Tensor               # per element (SGD)
+    weight_decay: torch.Tensor | float   # per (cell, slot), float32 (Adam's and SGD's L2 term; AdamW's is in the
+    momentum: torch.Tensor | float       # coefficients); SGD's momentum per (cell, slot); a float where all agree
     betas: tuple[float, float]
     eps: float
     step: int = 0                        # steps of this phase: Adam's bias correction, SGD's first step
+
+    def per_element(self, table: torch.Tensor | float) -> torch.Tensor | float:
+        """A per-(cell, slot) value broadcast over every element of `flat` (a transient tensor); a float stays one."""
+        if isinstance(table, float):
+            return table
+        return table[self.slots].repeat_interleave(self.lengths, output_size=self.state_numel)
+
+    @property
+    def state_numel(self) -> int:
+        return next(iter(self.state.values())).numel()
+
+    def nbytes(self) -> int:
+        """Bytes the optimiser keeps between steps (its state buffers and per-block tables)."""
+        tensors = [*self.state.values(), self.slots, self.lengths,
+                   *(t for t in (self.weight_decay, self.momentum) if isinstance(t, torch.Tensor))]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass(frozen=True)
@@ -615,22 +685,28 @@ def _bind(pack: _Pack, cells: list[_Cell]) -> _Optimiser:
             for param in group["params"]:
                 slots[i][names_in_order.index(name_of[id(param)])] = g + 1
     device = pack.flat.device
-    per_element = []
     for j, name in enumerate(names_in_order):
-        per_cell = torch.tensor([i * _SLOTS + slots[i][j] for i in range(len(cells))], device=device)
-        per_element.append(per_cell.repeat_interleave(pack.params[name][0].numel()))
         # Backward skips a tensor that no cell trains (and everything only it needs).
         pack.params[name].requires_grad_(any(slots[i][j] for i in range(len(cells))))
-    slot = torch.cat(per_element)
-    table = torch.tensor([h for cell_hyper in hyper for h in cell_hyper], dtype=torch.float64)
+    # `flat` holds each tensor's N cells one after another: block (j, i) is tensor j of cell i.
+    block_slots = torch.tensor([i * _SLOTS + slots[i][j] for j in range(len(names_in_order)) for i in range(len(cells))],
+                               device=device)
+    lengths = torch.tensor([pack.params[name][0].numel() for name in names_in_order for _ in cells], device=device)
+    used = {(i, slots[i][j]) for i, cell in enumerate(cells) if cell.live for j in range(len(names_in_order)) if slots[i][j]}
+
+    def table(column: int) -> torch.Tensor | float:
+        """Per (cell, slot), or one float where every slot a live cell trains agrees (a frozen slot's value never
+        reaches a weight: its step scale is 0, and unfreezing binds fresh state)."""
+        values = {hyper[i][g][column] for i, g in used}
+        if len(values) <= 1:
+            return float(values.pop()) if values else 0.0
+        return torch.tensor([h[column] for cell_hyper in hyper for h in cell_hyper], dtype=torch.float64).float().to(device)
+
     first = cells[0].phase.optimizer.param_groups[0]
     kind = cells[0].spec.optimizer
     keys = ("momentum_buffer",) if kind == "sgd" else ("exp_avg", "exp_avg_sq")
-    return _Optimiser(
-        kind, slot, {k: torch.zeros_like(pack.flat) for k in keys},
-        table[:, 0].float().to(device)[slot], table[:, 1].float().to(device)[slot],
-        tuple(first.get("betas", (0.9, 0.999))), first.get("eps", 1e-8),
-    )
+    return _Optimiser(kind, block_slots, lengths, {k: torch.zeros_like(pack.flat) for k in keys}, table(0), table(1),
+                      tuple(first.get("betas", (0.9, 0.999))), first.get("eps", 1e-8))
 
 
 def _coefficients(cells: list[_Cell], optim: _Optimiser, steps: int, device: torch.device) -> _Coefficients:
@@ -656,26 +732,32 @@ def _coefficients(cells: list[_Cell], optim: _Optimiser, steps: int, device: tor
     )
 
 
+def _l2(grad: torch.Tensor, weight_decay: torch.Tensor | float, param: torch.Tensor) -> torch.Tensor:
+    """torch.optim's L2 term, grad + weight_decay · param (a new tensor; the same one where there is none)."""
+    if isinstance(weight_decay, float):
+        return grad if weight_decay == 0 else grad.add(param, alpha=weight_decay)
+    return torch.addcmul(grad, weight_decay, param)
+
+
 @torch.no_grad()
 def _update(pack: _Pack, optim: _Optimiser, coefficients: _Coefficients, t: int) -> None:
     """torch.optim's single-tensor step, all cells and tensors at once; a frozen slot's coefficients are 0."""
-    param, grad = pack.flat, pack.grad
-    scale = coefficients.scale[t][optim.slot]
+    param = pack.flat
+    scale = optim.per_element(coefficients.scale[t])
+    # AdamW decays the weights by its coefficients below; Adam and SGD add the L2 term to the gradient.
+    grad = pack.grad if optim.kind == "adamw" else _l2(pack.grad, optim.per_element(optim.weight_decay), param)
     if optim.kind == "sgd":
-        grad = torch.addcmul(grad, optim.weight_decay, param)
         buf = optim.state["momentum_buffer"]
         if optim.step == 0:
             buf.copy_(grad)  # torch.optim.SGD starts its buffer as a copy of the first gradient
         else:
-            buf.mul_(optim.momentum).add_(grad)
+            buf.mul_(optim.per_element(optim.momentum)).add_(grad)
         param.addcmul_(buf, scale)
     else:
         beta1, beta2 = optim.betas
         exp_avg, exp_avg_sq = optim.state["exp_avg"], optim.state["exp_avg_sq"]
         if optim.kind == "adamw":
-            param.mul_(coefficients.decay[t][optim.slot])
-        else:
-            grad = torch.addcmul(grad, optim.weight_decay, param)
+            param.mul_(optim.per_element(coefficients.decay[t]))
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         denom = (exp_avg_sq.sqrt() / coefficients.bias_correction2_sqrt[t]).add_(optim.eps)
@@ -797,8 +879,18 @@ def bench_pack(arch: str, n_cells: int, device: torch.device | str | None, steps
         "vectorised_samples_per_s": timing.samples / timing.vectorised_s,
         "sequential_cells_per_hour": n_cells * 3600 / timing.sequential_s,
         "vectorised_cells_per_hour": n_cells * 3600 / timing.vectorised_s,
-        "speedup": timing.speedup,
+        "speedup": timing.speedup, **optimiser_memory(cells[0], n_cells, specs[0].optimizer),
     }
+
+
+def optimiser_memory(model: XferModel, n_cells: int, optimizer: str) -> dict[str, float]:
+    """MiB the batched optimiser keeps between steps for a pack of `n_cells` cells of `model`: its state buffers
+    (SGD's momentum, or Adam's two moments, as big as the pack's parameters) and per-block tables, against the
+    per-element layout it replaced (an int64 slot index, weight decay and momentum for every parameter element)."""
+    elements = n_cells * sum(p.numel() for p in model.parameters())
+    blocks = n_cells * sum(1 for _ in model.parameters())
+    state = elements * 4 * (1 if optimizer == "sgd" else 2)
+    return {"optimiser_mib": (state + blocks * 16) / 2**20, "optimiser_mib_per_element_layout": (state + elements * 16) / 2**20}
 
 
 def _sync(device: torch.device) -> None:
