@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -161,3 +162,40 @@ def test_later_fields_have_their_own_keys_and_leave_existing_keys_alone() -> Non
     assert not specs.from_flat(TrainSpec, specs.to_flat(control)).unfreeze_body
     with pytest.raises(XferError, match="unfreeze_body False .* needs an unfreeze_epoch"):
         specs.replace(s, unfreeze_body=False)
+
+
+def _window_rank(rank: int, port: int, out: Any) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        loss = torch.tensor(float("nan") if rank == 0 else 2.0)   # only rank 0's shard diverged
+        out.put((rank, loop.window(loss, torch.tensor(3.0 + rank), 4, 2)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_ranks_see_one_loss_so_a_nan_stops_them_all() -> None:
+    """A logging window's loss, correct count and examples are all-reduced over the ranks (real gloo, two
+    processes): a NaN on one rank's shard is every rank's NaN, so none goes on alone into a gradient all-reduce that
+    the stopped rank would never join."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_window_rank, args=(rank, port, out)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    seen = dict(out.get(timeout=120) for _ in procs)
+    for proc in procs:
+        proc.join(30)
+    assert set(seen) == {0, 1}
+    for loss, right, examples in seen.values():
+        assert math.isnan(loss) and right == 7.0 and examples == 8
+    # One process: the window as it is, no all-reduce.
+    assert loop.window(torch.tensor(6.0), torch.tensor(3.0), 4, 1) == (6.0, 3.0, 4)

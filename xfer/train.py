@@ -139,23 +139,25 @@ def train(
             loss_sum += loss.detach() * len(y)
             seen += len(y)
             if step % spec.log_every == 0:
-                mean_loss = loss_sum.item() / seen
-                if not math.isfinite(mean_loss):
+                total_loss, right, examples = window(loss_sum, correct, seen, world)
+                if not math.isfinite(total_loss):
                     return _failed(spec, step, epoch, curve, now())
-                row = _row(step, epoch + (begin + len(idx)) / len(order), now(), "train", 1 - correct.item() / seen)
+                row = _row(step, epoch + (begin + len(idx)) / len(order), now(), "train", 1 - right / examples)
                 curve.append(row)
-                report({"kind": "train", **_metrics_of(row), names.TRAIN_LOSS: mean_loss})
+                report({"kind": "train", **_metrics_of(row), names.TRAIN_LOSS: total_loss / examples})
                 correct.zero_()
                 loss_sum.zero_()
                 seen = 0
-        if seen and not math.isfinite(loss_sum.item()):
-            return _failed(spec, step, epoch, curve, now())
-        if seen and epoch == spec.epochs - 1:
-            # The steps since the last full `log_every` window: a cell always ends with a train error, even one
-            # with fewer steps than `log_every`.
-            row = _row(step, epoch + 1, now(), "train", 1 - correct.item() / seen)
-            curve.append(row)
-            report({"kind": "train", **_metrics_of(row), names.TRAIN_LOSS: loss_sum.item() / seen})
+        if seen:
+            total_loss, right, examples = window(loss_sum, correct, seen, world)
+            if not math.isfinite(total_loss):
+                return _failed(spec, step, epoch, curve, now())
+            if epoch == spec.epochs - 1:
+                # The steps since the last full `log_every` window: a cell always ends with a train error, even one
+                # with fewer steps than `log_every`.
+                row = _row(step, epoch + 1, now(), "train", 1 - right / examples)
+                curve.append(row)
+                report({"kind": "train", **_metrics_of(row), names.TRAIN_LOSS: total_loss / examples})
         errors = {split: error(model, *tensors, cuda=cuda, low=low) for split, tensors in eval_sets.items()}
         if phase.scheduler is not None and spec.schedule == "plateau":
             phase.scheduler.step(errors["val"])
@@ -230,6 +232,17 @@ def dist_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def window(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, world: int) -> tuple[float, float, int]:
+    """A logging window's summed loss, correct predictions and examples, over every data-parallel rank (one
+    all-reduce when there are several), so that all ranks see one loss and decide alike whether it is finite: a rank
+    that stopped on a NaN alone would leave the others blocked in their next gradient all-reduce."""
+    totals = torch.stack([loss_sum.float(), correct.float(), torch.full((), float(seen), device=loss_sum.device)])
+    if world > 1:
+        torch.distributed.all_reduce(totals)
+    total_loss, right, examples = totals.tolist()
+    return total_loss, right, int(examples)
 
 
 def _average_gradients(model: torch.nn.Module) -> None:
