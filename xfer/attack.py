@@ -300,14 +300,14 @@ def target_labels(labels: torch.Tensor, num_classes: int, seed: int) -> torch.Te
 
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-    """Predicted labels (CPU) for uint8 or [0, 1] images, in eval mode, batched; bf16 autocast on CUDA."""
+    """Predicted labels (CPU) for uint8 or [0, 1] images, in eval mode, batched, in float32 on every device: a score
+    must not depend on which device computed it (bf16 on a GPU flipped borderline predictions a CPU did not)."""
     device = _device(device)
     x = as_unit(images)
     with _prepared(model, device):
         preds = []
         for i in range(0, len(x), EVAL_BATCH):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                preds.append(model(x[i:i + EVAL_BATCH].to(device)).argmax(1).cpu())
+            preds.append(model(x[i:i + EVAL_BATCH].to(device)).argmax(1).cpu())
     return torch.cat(preds)
 
 
@@ -549,9 +549,10 @@ class Context:
 
     def __init__(self, experiment: str, datasets: Mapping[str, data.Dataset] | None = None,
                  data_root: str | Path | None = None, parent_run_id: str | None = None,
-                 runs: dict[str, _Model] | None = None) -> None:
+                 runs: dict[str, _Model] | None = None, device: torch.device | str | None = None) -> None:
         self.experiment, self.data_root = experiment, data_root
         self.parent_run_id = parent_run_id   # the attack stage's run: set runs are its children
+        self.device = _device(device)          # where its models live: loaded there once, never moved back and forth
         self.datasets = dict(datasets or {})
         self._runs = runs
         self._models: dict[str, nn.Module] = {}
@@ -570,7 +571,7 @@ class Context:
         """The model run `run_id` published, downloaded and verified once per process (attacks never change it)."""
         if run_id not in self._models:
             known = self._runs.get(run_id) if self._runs is not None else None
-            self._models[run_id] = tracking.load_model(run_id, known.record if known else None)[0]
+            self._models[run_id] = tracking.load_model(run_id, known.record if known else None)[0].to(self.device)
         return self._models[run_id]
 
     def dataset(self, name: str) -> data.Dataset:
@@ -677,7 +678,7 @@ def make_sets(experiment: str, cells: Sequence[AttackCell], device: torch.device
     """A pack of adversarial sets in one process, sharing models and data; sets already made are skipped, and none is
     started once the grid is stopping. Returns the failed cells' reasons by key: a cell refused for bad input
     (`XferError`) fails alone and its pack-mates go on. `progress` hears each cell's end."""
-    context = context or Context(experiment)
+    context = context or Context(experiment, device=device)
     done = context.made(cells)
     failed: dict[str, str] = {}
     for count, cell in enumerate(cells, 1):

@@ -540,7 +540,7 @@ def local(experiment: str, cells: Sequence[AttackCell], device: torch.device | s
     runs = attack.training_runs(experiment)
     with tracking.start_run(experiment, names.GRID, "", tags={names.TAG_GRID_STAGE: names.ATTACK}, run_name="attack",
                             parent_run_id=parent_run_id) as stage:
-        context = attack.Context(experiment, parent_run_id=stage.run_id, runs=runs)
+        context = attack.Context(experiment, parent_run_id=stage.run_id, runs=runs, device=device)
         return run(experiment, cells, runs,
                    make=lambda todo: attack.make_sets(experiment, todo, device, context),
                    score=lambda work, facts: [score_pack(work, facts, stage.run_id, device, mode=mode)],

@@ -112,7 +112,7 @@ class Stack:
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch: int = EVAL_BATCH, which: Sequence[int] | None = None) -> torch.Tensor:
         """Each target's predicted labels (int64, CPU, [K, N]) for uint8 or [0, 1] images, `batch` images per pass;
-        bf16 autocast on CUDA, as `attack.predict` scores one target. `which`: only these targets (rows in that
+        float32 on every device, as `attack.predict` scores one target. `which`: only these targets (rows in that
         order); the stacked model runs when they are at least half of them, each alone otherwise."""
         chosen = list(range(self.targets)) if which is None else list(which)
         if batch < 1:
@@ -127,11 +127,10 @@ class Stack:
         answers = []
         for i in range(0, len(x), batch):
             chunk = x[i:i + batch].to(self.device)   # moved once, read by every target
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                if together:
-                    answers.append(self._forward(self._params, self._buffers, chunk).argmax(2)[chosen].cpu())
-                else:
-                    answers.append(torch.stack([self._models[k](chunk).argmax(1) for k in chosen]).cpu())
+            if together:
+                answers.append(self._forward(self._params, self._buffers, chunk).argmax(2)[chosen].cpu())
+            else:
+                answers.append(torch.stack([self._models[k](chunk).argmax(1) for k in chosen]).cpu())
         return torch.cat(answers, 1) if answers else torch.empty((len(chosen), 0), dtype=torch.long)
 
 
