@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -144,3 +145,141 @@ def test_trial_storage_defaults_to_the_bucket_and_refuses_a_local_folder_across_
     cluster.check_shared("s3://xfer-bucket/ray", {"10.0.0.5", "10.0.0.6"})
     with pytest.raises(XferError, match=r"nodes are on 2 machines \(10.0.0.5, 10.0.0.6\).*--storage-path s3://"):
         cluster.check_shared(str(local), {"10.0.0.5", "10.0.0.6"})
+
+
+def test_a_worker_ray_gave_no_gpu_sees_none(local_ray) -> None:
+    """`--gpus-per-trial 0` on a GPU node: Ray 2.60 leaves the node's CUDA_VISIBLE_DEVICES to a worker that asked for
+    no GPU, so torch would train it on cuda:0 beside the trials the scheduler gave that GPU. The workers' environment
+    (server.worker_env) has Ray hide the GPUs from such a worker; a worker started as if on a GPU node (its
+    CUDA_VISIBLE_DEVICES naming a device) sees none once its task runs."""
+    import os
+
+    @local_ray.remote(num_gpus=0, runtime_env={"env_vars": {"CUDA_VISIBLE_DEVICES": "0"}})
+    def visible() -> str | None:
+        return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    assert local_ray.get(visible.remote()) == ""
+
+
+class _Metadata:
+    """EC2's instance metadata service on loopback (IMDSv2: a token, then the spot notice, 404 until `post`)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import json
+        import threading
+        from datetime import datetime, timedelta, timezone
+
+        notice: dict[str, str] = {}
+        self.notice = notice
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_PUT(self) -> None:
+                self._answer(200, b"token" if self.path == "/latest/api/token" else b"")
+
+            def do_GET(self) -> None:
+                right = self.headers.get("X-aws-ec2-metadata-token") == "token"
+                if self.path == "/latest/meta-data/spot/instance-action" and right and notice:
+                    self._answer(200, json.dumps(notice).encode())
+                else:
+                    self._answer(404 if right else 401, b"")
+
+            def _answer(self, code: int, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.post = lambda seconds: notice.update(action="terminate", time=(
+            datetime.now(timezone.utc) + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+
+def test_spot_notice_reads_the_instance_metadata() -> None:
+    from xfer import cluster
+
+    metadata = _Metadata()
+    try:
+        assert cluster.spot_notice(metadata.url) is None   # 404: no notice
+        metadata.post(120)
+        assert 100 < cluster.spot_notice(metadata.url) <= 120
+    finally:
+        metadata.server.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.own_ray
+def test_a_spot_reclaim_drained_by_the_watcher_does_not_spend_max_failures(tmp_path: Path) -> None:
+    """A trial on a spot node; EC2 posts its notice; the node dies. With cluster.yaml's watcher the node was drained
+    for preemption first, so Ray Tune retries the trial on another node although max_failures is 0 (a failure it
+    counted would end the trial in ERROR)."""
+    import threading
+    import time
+
+    import ray
+    from ray import tune
+    from ray.cluster_utils import Cluster
+
+    from xfer import cluster as xcluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 100 * 2**20})
+    metadata = _Metadata()
+    try:
+        spot = nodes.add_node(num_cpus=1, object_store_memory=100 * 2**20)
+        ray.init(address=nodes.address, configure_logging=False)
+        ran_on = tmp_path / "nodes"
+
+        def trainable(config: dict) -> None:
+            import ray as worker_ray
+            from ray import tune as worker_tune
+
+            with open(config["log"], "a") as log:
+                log.write(worker_ray.get_runtime_context().get_node_id() + "\n")
+            for i in range(200):
+                time.sleep(0.1)
+                worker_tune.report({"i": i})
+                if i >= 5 and config["done"].exists():
+                    return
+
+        done = tmp_path / "done"
+        results: dict = {}
+        tuner = tune.Tuner(trainable, param_space={"log": str(ran_on), "done": done},
+                           run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), verbose=0,
+                                                     failure_config=tune.FailureConfig(max_failures=0)))
+        fit = threading.Thread(target=lambda: results.update(grid=tuner.fit()), daemon=True)
+        fit.start()
+        deadline = time.monotonic() + 60
+        while not (ran_on.exists() and ran_on.read_text().strip()):
+            assert time.monotonic() < deadline, "the trial never started"
+            time.sleep(0.2)
+        assert ran_on.read_text().split() == [spot.node_id]
+
+        watched: dict = {}
+        watcher = threading.Thread(target=lambda: watched.update(left=xcluster.watch_spot(
+            nodes.address, spot.node_id, metadata.url, poll_s=0.2, echo=lambda line: None)), daemon=True)
+        watcher.start()
+        metadata.post(120)
+        watcher.join(60)
+        assert 100 < watched["left"] <= 120
+        replacement = nodes.add_node(num_cpus=1, object_store_memory=100 * 2**20)   # the autoscaler's next node
+        nodes.remove_node(spot, allow_graceful=False)   # EC2 takes the machine
+        deadline = time.monotonic() + 90
+        while fit.is_alive() and len(ran_on.read_text().split()) < 2:   # retried, or ended in ERROR
+            assert time.monotonic() < deadline, "the trial was neither retried nor ended"
+            time.sleep(0.2)
+        done.touch()
+        fit.join(120)
+        [result] = list(results["grid"])
+        assert result.error is None and result.metrics["i"] >= 5
+        assert ran_on.read_text().split() == [spot.node_id, replacement.node_id]   # retried on the other node
+    finally:
+        metadata.server.shutdown()
+        ray.shutdown()
+        nodes.shutdown()

@@ -69,7 +69,8 @@ def node_cpus() -> int:
     return max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1) or 1
 
 
-__all__ = ["connect", "gpus_per_trial", "slots", "node_cpus", "GPU_SHARE"]
+__all__ = ["connect", "gpus_per_trial", "slots", "node_cpus", "GPU_SHARE", "trial_storage", "check_shared", "spot_notice",
+           "drain_for_preemption", "watch_spot"]
 
 
 BUCKET_ENV = "XFER_BUCKET"   # cluster.yaml's bucket (s3://...): Ray's trial storage defaults to <bucket>/ray there
@@ -98,3 +99,97 @@ def check_shared(storage: str, machines: set[str]) -> None:
             f"are on {len(machines)} machines ({', '.join(sorted(machines))}), so a trial restarted on another node "
             "could not resume. Give shared storage: --storage-path s3://BUCKET/ray (or set XFER_BUCKET, as "
             "cluster.yaml does), or an NFS path mounted on every node as file:///mnt/…")
+
+
+# ---- spot instances: a reclaim is a preemption, not a trial's failure ----------------------------------------------
+#
+# Ray Tune does not count a trial whose actor died with its node against FailureConfig.max_failures when Ray knows the
+# node was preempted (RayActorError.preempted: the node was drained with reason PREEMPTION before it died). Nothing on
+# a `ray up` AWS cluster tells Ray that: EC2 posts a two-minute notice in the instance metadata and then stops the
+# machine, so every spot reclaim cost a trial one of its --max-failures. cluster.yaml starts `watch_spot` on each
+# worker: at the notice it drains the node for preemption, Ray schedules nothing new there, and the trials it held are
+# retried elsewhere, each from its last checkpoint, with their failure budget untouched.
+
+IMDS = "http://169.254.169.254"   # EC2's instance metadata service
+SPOT_POLL_S = 5.0                  # the notice comes two minutes ahead; AWS suggests polling every 5 s
+
+
+def spot_notice(imds: str = IMDS, timeout_s: float = 2.0) -> float | None:
+    """Seconds until EC2 reclaims this spot instance, or None while no notice is posted (IMDSv2: a session token,
+    then /latest/meta-data/spot/instance-action, which answers 404 until the notice)."""
+    import datetime
+    import json
+    import urllib.error
+    import urllib.request
+
+    token = urllib.request.Request(f"{imds}/latest/api/token", method="PUT",
+                                   headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"})
+    with urllib.request.urlopen(token, timeout=timeout_s) as answer:
+        headers = {"X-aws-ec2-metadata-token": answer.read().decode()}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"{imds}/latest/meta-data/spot/instance-action",
+                                                           headers=headers), timeout=timeout_s) as answer:
+            action = json.load(answer)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise
+    when = datetime.datetime.strptime(action["time"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+
+
+def drain_for_preemption(address: str, seconds: float, node_id: str | None = None) -> None:
+    """Tell Ray's GCS at `address` that node `node_id` (default: this machine's) will be preempted in `seconds`
+    (Ray's own `ray drain-node`, as its autoscaler does for a preemption)."""
+    import subprocess
+    import sys
+
+    from xfer.errors import XferError
+
+    command = [sys.executable, "-m", "ray.scripts.scripts", "drain-node", "--address", address,
+               "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "EC2 spot interruption notice",
+               "--deadline-remaining-seconds", str(int(seconds)), *(["--node-id", node_id] if node_id else [])]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise XferError(f"Ray refused to drain {node_id or 'this node'} for a spot interruption: "
+                        f"{(done.stderr or done.stdout).strip()[-500:]}")
+
+
+def watch_spot(address: str, node_id: str | None = None, imds: str = IMDS, poll_s: float = SPOT_POLL_S,
+               echo: Any = print, stop: Any = None) -> float | None:
+    """Poll the instance metadata until a spot interruption notice, then drain this node for preemption; returns the
+    seconds the notice gave (None if `stop()` ended the watch first). Metadata that does not answer is said once and
+    polled again: a node is never drained on a guess."""
+    import time
+
+    quiet = False
+    while stop is None or not stop():
+        try:
+            left = spot_notice(imds)
+            quiet = False
+        except OSError as exc:
+            if not quiet:
+                echo(f"spot watch: the instance metadata at {imds} does not answer ({exc}); polling on")
+                quiet = True
+            left = None
+        if left is not None:
+            drain_for_preemption(address, left, node_id)
+            echo(f"spot watch: EC2 reclaims this node in {left:.0f} s; drained it for preemption, so its trials are "
+                 "retried elsewhere without spending --max-failures")
+            return left
+        time.sleep(poll_s)
+    return None
+
+
+if __name__ == "__main__":   # cluster.yaml: python -m xfer.cluster watch-spot --address $RAY_HEAD_IP:6379
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m xfer.cluster", description="xfer's cluster-side helpers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    spot = sub.add_parser("watch-spot", help="drain this node for preemption at an EC2 spot interruption notice")
+    spot.add_argument("--address", required=True, help="the Ray head's GCS address (host:port)")
+    spot.add_argument("--node-id", default=None, help="the node to drain (default: this machine's)")
+    spot.add_argument("--imds", default=IMDS, help="the instance metadata service's URL")
+    spot.add_argument("--poll-s", type=float, default=SPOT_POLL_S)
+    args = parser.parse_args()
+    watch_spot(args.address, args.node_id, args.imds, args.poll_s, echo=lambda line: print(line, flush=True))

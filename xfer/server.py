@@ -106,9 +106,16 @@ def recorded(root: str | Path | None = None) -> bool:
     return bool(os.environ.get(TRACKING_URI_ENV)) or (runs_dir(root) / "mlflow.db").exists()
 
 
+# Ray (2.60, as installed here; ray-project/ray#54868) leaves CUDA_VISIBLE_DEVICES as the node has it for a task or actor that asks for no GPU, so a
+# `--gpus-per-trial 0` trial on a GPU node would see every GPU, and torch would put it on cuda:0, beside the trials
+# the scheduler gave that GPU. With this set, Ray hides them (CUDA_VISIBLE_DEVICES="") as it did before.
+HIDE_UNASSIGNED_GPUS = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}
+
+
 def worker_env() -> dict[str, str]:
-    """Environment for Ray workers (``runtime_env={"env_vars": ...}``): the tracking URI, runs folder, retry settings."""
-    env = {TRACKING_URI_ENV: ensure_server(), RUNS_ENV: str(runs_dir())}
+    """Environment for Ray workers (``runtime_env={"env_vars": ...}``): the tracking URI, runs folder, retry settings,
+    and no GPU visible to a worker Ray gave none (`HIDE_UNASSIGNED_GPUS`)."""
+    env = {TRACKING_URI_ENV: ensure_server(), RUNS_ENV: str(runs_dir()), **HIDE_UNASSIGNED_GPUS}
     return env | {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_HTTP_REQUEST_")}
 
 
