@@ -238,3 +238,27 @@ def test_a_running_cell_reports_where_it_is_within_its_epoch(experiment: str, di
         assert all(m["epochs"] == 2 and 0 <= m[names.TRAIN_ERROR] <= 1 for m in within)
         ends = [m for m in sent if names.VAL_ERROR in m and m["cell"] == label]
         assert sorted({m[names.EPOCH] for m in ends}) == [1.0, 2.0]   # and each epoch's end, with its val error
+
+
+def test_a_training_pack_is_cut_to_what_fits_its_trials_memory(local_ray, digits, monkeypatch) -> None:
+    """Four trials sharing a GPU: each pack holds no more cells than fit a quarter of the GPU's memory (less
+    headroom) by the plan's estimate, and the stage's note says so; a larger GPU keeps the device's pack size."""
+    from xfer import cluster
+    from xfer import plan as plans
+
+    cells = [tiny(s, arch="alexnet_mini", batch_size=128, size=1000) for s in range(32)]
+    options = stages.RunOptions(experiment="unused", gpus_per_trial=0.25)
+    per_cell = plans.pack_memory("alexnet_mini", (1, 28, 28), 10, 1, 128, "adamw")["total_bytes"]
+    monkeypatch.setenv(cluster.GPU_MEMORY_ENV, str(10.5 * per_cell / 2**30 / 0.25 / cluster.MEMORY_HEADROOM))
+    budget, where = cluster.trial_memory(0.25, 1.0)
+    assert budget == pytest.approx(10.5 * per_cell) and where.startswith("0.25 of a")
+    chosen, note = stages.plan_packs(cells, stages.TRAINING, options, {"mnist5k": digits})
+    assert [len(p) for p in chosen] == [8, 8, 8, 8]   # at most 10 a pack: 32 cells in four packs of eight
+    assert note == f"packs of at most 10 alexnet_mini cells, what fits {where} (plan.pack_memory)"
+    assert plans.pack_memory("alexnet_mini", (1, 28, 28), 10, 10, 128, "adamw")["total_bytes"] <= budget
+    monkeypatch.setenv(cluster.GPU_MEMORY_ENV, "1000")
+    chosen, note = stages.plan_packs(cells, stages.TRAINING, options, {"mnist5k": digits})
+    assert [len(p) for p in chosen] == [packs.PACK_SIZE["cuda"]] and note == ""
+    # On CPUs: the memory Ray gives the largest node, over the trials it runs at once.
+    budget, where = cluster.trial_memory(0.0, 1.0)
+    assert 0 < budget < 64 * 2**30 and where.startswith("1/2 of the")

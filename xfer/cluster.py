@@ -62,6 +62,36 @@ def slots(cpus_per_trial: float, gpus_per_trial: float) -> int:
     return max(1, count)
 
 
+GPU_MEMORY_ENV = "XFER_GPU_MEMORY_GB"   # a GPU's memory on the cluster's GPU nodes (cluster.yaml sets it per instance type)
+MEMORY_HEADROOM = 0.8   # of a trial's share: the CUDA context, the allocator's fragmentation, what the estimate omits
+
+
+def trial_memory(gpus_per_trial: float, cpus_per_trial: float) -> tuple[float, str] | None:
+    """Bytes one trial's pack may hold, and whence the figure, or None where it is not known. On GPUs: the trial's
+    share of one GPU's memory ($XFER_GPU_MEMORY_GB, else the GPU this process sees); on CPUs: the memory Ray gives
+    the largest node (its `memory` resource) over the trials it runs at once. Both × MEMORY_HEADROOM."""
+    import ray
+
+    if gpus_per_trial:
+        if os.environ.get(GPU_MEMORY_ENV):
+            total, where = float(os.environ[GPU_MEMORY_ENV]) * 2**30, f"${GPU_MEMORY_ENV}"
+        else:
+            import torch
+
+            if not torch.cuda.is_available():
+                return None   # a CPU head planning for GPU workers it cannot see: cluster.yaml sets the variable
+            total, where = float(torch.cuda.get_device_properties(0).total_memory), torch.cuda.get_device_name(0)
+        share = min(1.0, gpus_per_trial)
+        return total * share * MEMORY_HEADROOM, f"{share:g} of a {total / 2**30:.0f} GiB GPU ({where})"
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
+    if not nodes:
+        return None
+    node = max(nodes, key=lambda r: r.get("memory", 0.0))
+    trials = max(1, int(node["CPU"] // max(cpus_per_trial, 1e-3)))
+    return (node.get("memory", 0.0) / trials * MEMORY_HEADROOM,
+            f"1/{trials} of the {node.get('memory', 0.0) / 2**30:.1f} GiB Ray gives a node")
+
+
 def node_cpus() -> int:
     """The CPUs of the largest live node: the most one trial can use (a trial runs on one node)."""
     import ray
@@ -69,7 +99,7 @@ def node_cpus() -> int:
     return max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1) or 1
 
 
-__all__ = ["connect", "gpus_per_trial", "slots", "node_cpus", "GPU_SHARE", "trial_storage", "check_shared", "spot_notice",
+__all__ = ["connect", "gpus_per_trial", "slots", "node_cpus", "GPU_SHARE", "trial_memory", "trial_storage", "check_shared", "spot_notice",
            "drain_for_preemption", "watch_spot"]
 
 

@@ -61,17 +61,19 @@ def pack_key(kind: Kind, spec: Any) -> tuple[Any, ...]:
             t.precision)
 
 
-def plan(cells: Sequence[Any], key: Callable[[Any], Hashable], pack_size: int, slots: int = 1) -> list[tuple[Any, ...]]:
-    """Packs: cells of equal `key` (for training cells, `pack_key`) cut into packs of ≤ `pack_size`, then the
-    largest packs halved until there are `slots` packs (or every pack is one cell). Cells keep their order, so
-    neighbours (fine-tunes of one pretrained model, attacks from one surrogate) tend to share a pack and what
-    it loads once."""
+def plan(cells: Sequence[Any], key: Callable[[Any], Hashable], pack_size: int, slots: int = 1,
+         limit: Callable[[Any], int] | None = None) -> list[tuple[Any, ...]]:
+    """Packs: cells of equal `key` (for training cells, `pack_key`) cut into packs of ≤ `pack_size` (and ≤
+    `limit(cell)` of the group's first cell: what fits a trial's memory), then the largest packs halved until there
+    are `slots` packs (or every pack is one cell). Cells keep their order, so neighbours (fine-tunes of one
+    pretrained model, attacks from one surrogate) tend to share a pack and what it loads once."""
     if pack_size < 1:
         raise XferError(f"--pack-size {pack_size}: a pack holds at least one cell (1 = one cell per trial).")
     groups: dict[Hashable, list[Any]] = {}
     for cell in cells:
         groups.setdefault(key(cell), []).append(cell)
-    chosen = [piece for group in groups.values() for piece in _split(group, math.ceil(len(group) / pack_size))]
+    sizes = {k: min(pack_size, max(1, limit(group[0]))) if limit is not None else pack_size for k, group in groups.items()}
+    chosen = [piece for k, group in groups.items() for piece in _split(group, math.ceil(len(group) / sizes[k]))]
     while len(chosen) < slots and max(map(len, chosen), default=1) > 1:
         largest = max(chosen, key=len)
         chosen.remove(largest)

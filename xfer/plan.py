@@ -188,20 +188,37 @@ def activation_bytes(arch: str, in_shape: tuple[int, int, int], classes: int) ->
     return 4 * total
 
 
+ACTIVATION_FACTOR = 1.5
+"""What a batched training step keeps beyond its leaf modules' outputs (BatchNorm's normalised input, a residual's
+sum, vmap's batched copies). Measured on the 2-core CPU, float32, batch 128, as the growth of the process's peak RSS
+from 4 to 16 cells (2026-12-07): per cell 129 MiB for resnet_mini (leaf outputs alone: 85), 54 for mlp_mixer (47),
+148 for alexnet_mini (166); 1.5 keeps resnet_mini's right and the others' over, which costs a smaller pack, not an
+out-of-memory trial."""
+
+
 def pack_memory(arch: str, in_shape: tuple[int, int, int], classes: int, cells: int, batch: int,
                 optimizer: str = "adamw") -> dict[str, float]:
     """Estimated bytes a batched pack of `cells` cells of `arch` holds while it trains at `batch`: per cell its
     parameters, gradients and optimiser state (SGD's momentum, Adam's two moments: 4 bytes an element each) and two
-    parameter-sized transients of the batched update, plus `batch` examples' activations (`activation_bytes`) and
-    input. Bytes in float32; bf16 autocast keeps some activations at half that, so on a GPU it is an upper bound.
-    xfer bench --gpu-report prints it beside the peak CUDA memory it measures for each pack."""
+    parameter-sized transients of the batched update, plus `batch` examples' activations (`activation_bytes` ×
+    ACTIVATION_FACTOR) and input. Bytes in float32; bf16 autocast keeps some activations at half that. Not counted:
+    the process's own (torch's runtime, ~0.3-0.5 GiB of RSS on a CPU; the CUDA context on a GPU), which
+    cluster.MEMORY_HEADROOM leaves room for. xfer bench --gpu-report prints it beside the peak it measures."""
     from xfer import models
 
     params = sum(p.numel() for p in models.build(arch, in_shape, classes).parameters())
     states = 1 if optimizer == "sgd" else 2
     weights = cells * params * 4 * (2 + states + 2)
-    activations = cells * batch * (activation_bytes(arch, in_shape, classes) + 4 * math.prod(in_shape))
+    per_example = ACTIVATION_FACTOR * activation_bytes(arch, in_shape, classes) + 4 * math.prod(in_shape)
+    activations = cells * batch * per_example
     return {"weights_bytes": float(weights), "activation_bytes": float(activations), "total_bytes": float(weights + activations)}
+
+
+def fitting_pack(arch: str, in_shape: tuple[int, int, int], classes: int, cells: int, batch: int, optimizer: str,
+                 budget: float) -> int:
+    """The most cells, at most `cells` and at least one, whose batched pack fits `budget` bytes (`pack_memory`)."""
+    per_cell = pack_memory(arch, in_shape, classes, 1, batch, optimizer)["total_bytes"]
+    return max(1, min(cells, int(budget // per_cell)))
 
 
 def _memory_words(todo: Sequence[Any], infos: dict[str, Any], pack: int, where: str) -> str:
@@ -498,4 +515,5 @@ def _known(cache: Path, arch: str) -> bool:
     return any(f"/{arch}/" in key for key in calibration.read(cache))
 
 
-__all__ = ["Plan", "StagePlan", "plan", "attack_sets", "throughput", "score_rate", "flops_per_example", "duration", "GPU_TFLOPS"]
+__all__ = ["Plan", "StagePlan", "plan", "attack_sets", "throughput", "score_rate", "flops_per_example", "duration", "GPU_TFLOPS",
+           "activation_bytes", "pack_memory", "fitting_pack"]

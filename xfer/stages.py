@@ -205,7 +205,7 @@ def run_stage(stage: str, cells: Sequence[Any], kind: packs.Kind, options: RunOp
     since = invocation_start(options)
     ray = cluster.connect(options.address, options.log_file)
     options = resolved(options)
-    chosen = plan_packs(todo, kind, options)
+    chosen, fitted = plan_packs(todo, kind, options, datasets)
     slots = cluster.slots(options.cpus_per_trial, options.gpus_per_trial or 0.0)
     options = widened(options, len(chosen))
     with stage_run(stage, options) as parent:
@@ -216,7 +216,7 @@ def run_stage(stage: str, cells: Sequence[Any], kind: packs.Kind, options: RunOp
         trainable = _pack_trial if options.workers_per_trial <= 1 else _distributed_pack
         ended = launch(stage, trainable, chosen, [packs.describe(p, kind) for p in chosen], options, view, len(todo),
                        kind=kind, refs=refs, since=since, parent_run_id=parent.run_id, reopen=reopen)
-        summary.packs, summary.slots = len(chosen), slots
+        summary.packs, summary.slots, summary.note = len(chosen), slots, fitted
         for _, last in ended:
             if last.get("mode"):
                 summary.modes.setdefault(str(last["mode"]), str(last.get("why", "")))
@@ -269,10 +269,32 @@ def resolved(options: RunOptions) -> RunOptions:
     return dataclasses.replace(options, gpus_per_trial=cluster.gpus_per_trial(options.gpus_per_trial))
 
 
-def plan_packs(todo: Sequence[Any], kind: packs.Kind, options: RunOptions) -> list[tuple[Any, ...]]:
-    """The stage's packs: `options.pack_size` (or the device's default) cells each, spread over the free slots."""
+def plan_packs(todo: Sequence[Any], kind: packs.Kind, options: RunOptions,
+               datasets: dict[str, data.Dataset] | None = None) -> tuple[list[tuple[Any, ...]], str]:
+    """The stage's packs: `options.pack_size` (or the device's default) cells each, spread over the free slots; a
+    batched training pack no larger than fits one trial's memory (`cluster.trial_memory`, `plan.pack_memory`), and
+    a note saying so where that cut a pack."""
     size, cpus = pack_size(options), options.cpus_per_trial * max(1, options.workers_per_trial)
-    return packs.plan(todo, functools.partial(packs.pack_key, kind), size, cluster.slots(cpus, options.gpus_per_trial or 0.0))
+    slots = cluster.slots(cpus, options.gpus_per_trial or 0.0)
+    budget = cluster.trial_memory(options.gpus_per_trial or 0.0, options.cpus_per_trial) if datasets else None
+    cut: dict[str, int] = {}
+
+    def fits(cell: Any) -> int:
+        from xfer import plan as plans
+
+        t = kind.train(cell)
+        ds = datasets[t.dataset]
+        most = plans.fitting_pack(t.arch, ds.in_shape, ds.num_classes, size, min(t.batch_size, len(ds.train)),
+                                  t.optimizer, budget[0])
+        if most < size:
+            cut[t.arch] = min(most, cut.get(t.arch, most))
+        return most
+
+    chosen = packs.plan(todo, functools.partial(packs.pack_key, kind), size, slots,
+                        limit=fits if budget is not None and kind is TRAINING else None)
+    note = "; ".join(f"packs of at most {most} {arch} cells, what fits {budget[1]} (plan.pack_memory)"
+                     for arch, most in sorted(cut.items()))
+    return chosen, note
 
 
 def widened(options: RunOptions, packs_: int) -> RunOptions:
