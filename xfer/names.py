@@ -74,6 +74,9 @@ TAG_SAME_SOURCE = "same_source"   # "true" / "false": surrogate's pretraining so
 TAG_IS_PARENT = "is_parent"       # "true" / "false": surrogate is exactly the target's pretrain run
 TAG_EXPERIMENT = "xfer.experiment"
 TAG_STAND_INS = "xfer.stand_ins"  # experiment tag: datasets a --fast-dev-run replaced by synthetic stand-ins ("" if none)
+# On the grid invocation's run (stage GRID):
+TAG_REPORT_DIR = "xfer.report_dir"            # where its report was written
+TAG_SKIPPED_IMAGES = "xfer.skipped_images"    # images --skip-bad-images left out (listed in skipped_images.txt)
 
 # Estimate runs (stage ESTIMATE): one per pretrained model × target, tagged TAG_SOURCE / TAG_TARGET / TAG_ARCH /
 # TAG_SEED / TAG_PRETRAIN_RUN; metrics: each of xfer.estimators.ESTIMATORS by its own name ("leep", "nce", "h_score",

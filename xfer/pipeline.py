@@ -304,7 +304,7 @@ def run_grid(grid: grids.Grid, options: RunOptions, only: tuple[str, ...] = STAG
             report_dir = str(result.out)
             summaries.append(StageSummary(names.REPORT, 1, ran=int(not result.cached), cached=int(result.cached),
                                           seconds=time.perf_counter() - start))
-            grid_run.set_tags({"xfer.report_dir": report_dir})
+            grid_run.set_tags({names.TAG_REPORT_DIR: report_dir})
             echo(summaries[-1].line() + f" → {report_dir}/index.html")
         skipped = datasets.skipped() if isinstance(datasets, Datasets) else {}
         if skipped:
@@ -354,7 +354,7 @@ def _record_skipped(run: tracking.Run, skipped: dict[str, tuple[str, ...]], echo
         path = Path(tmp) / "skipped_images.txt"
         path.write_text("".join(f"{name}\t{file}\n" for name, files in skipped.items() for file in files))
         run.log_artifact(path)
-    run.set_tags({"xfer.skipped_images": str(sum(map(len, skipped.values())))})
+    run.set_tags({names.TAG_SKIPPED_IMAGES: str(sum(map(len, skipped.values())))})
     for name, files in skipped.items():
         shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
         echo(f"skipped {len(files)} unreadable image(s) of {name} (--skip-bad-images): {shown}; the full list is "
