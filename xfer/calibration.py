@@ -6,10 +6,10 @@ throughput (the plan's attack row): each measured once on a few steps, then read
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
+
+from xfer import jsonfile
 
 FILE = "calibration.json"
 
@@ -23,25 +23,13 @@ def path() -> Path:
 
 def read(where: Path | None) -> dict[str, Any]:
     """Every measurement kept in `where` ({} when there is none, or the file is unreadable)."""
-    if where is None:
-        return {}
-    try:
-        known = json.loads(Path(where).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return known if isinstance(known, dict) else {}
+    return jsonfile.read_dict(where)
 
 
 def remember(where: Path, key: str, entry: dict[str, Any]) -> None:
     """Add one measurement, atomically: read again just before writing (another process may have added its own),
     then replace the file whole."""
-    where = Path(where)
-    known = read(where)
-    known[key] = entry
-    where.parent.mkdir(parents=True, exist_ok=True)
-    partial = where.with_suffix(f".{os.getpid()}.partial")
-    partial.write_text(json.dumps(known, indent=2, sort_keys=True))
-    partial.replace(where)
+    jsonfile.update(where, key, entry)
 
 
 __all__ = ["FILE", "path", "read", "remember"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import signal
 import socket
@@ -25,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from xfer import jsonfile
 from xfer.errors import XferError
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
@@ -335,16 +335,11 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def read_server_file(root: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((root / SERVER_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    return jsonfile.read(root / SERVER_FILE)
 
 
 def _write_server_file(root: Path, info: dict[str, Any]) -> None:
-    partial = root / (SERVER_FILE + ".partial")
-    partial.write_text(json.dumps(info, indent=2))
-    partial.replace(root / SERVER_FILE)
+    jsonfile.write(root / SERVER_FILE, info)
 
 
 def _tail(path: Path, lines: int = 5) -> str:

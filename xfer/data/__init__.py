@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
-import json
 import math
 import os
 import re
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from xfer import jsonfile
 from xfer.errors import XferError
 
 
@@ -277,12 +277,8 @@ def info(name: str, root: str | Path | None = None, cache: Path | None = None, s
     ds = load(name, root, download, skip_bad_images)
     found = Info(name, len(ds.train), len(ds.test), ds.in_shape, ds.num_classes, class_names=tuple(ds.class_names))
     if cache is not None and signature:
-        known = _read_cache(cache)   # another process may have written meanwhile
-        known[key] = {"signature": signature, "info": {k: v for k, v in vars(found).items() if k != "source"}}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_suffix(f".{os.getpid()}.partial")
-        partial.write_text(json.dumps(known, indent=1, sort_keys=True))
-        partial.replace(cache)
+        jsonfile.update(cache, key, {"signature": signature, "info": {k: v for k, v in vars(found).items() if k != "source"}},
+                        indent=1)
     return found
 
 
@@ -352,10 +348,7 @@ def _signature(name: str, root: Path) -> str:
 
 
 def _read_cache(cache: Path | None) -> dict[str, Any]:
-    try:
-        return json.loads(cache.read_text()) if cache is not None else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
+    return jsonfile.read_dict(cache)
 
 
 def missing(names: Iterable[str], root: str | Path | None = None) -> list[str]:
