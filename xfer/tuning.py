@@ -479,7 +479,7 @@ def _search(context: TrialContext, ot_study: optuna.Study, ot_storage: optuna.st
         stopped += early
         reason = (f"stopped early by ASHA after epoch {metrics.get(names.EPOCH, math.nan):.0f} of {epochs} "
                   f"(val_error {metrics.get(names.VAL_ERROR, math.nan):.4f})" if early
-                  else f"the trial crashed: {type(result.error).__name__}: {str(result.error).strip()[-300:]}")
+                  else f"the trial crashed: {stages.failure_reason(result)}")
         tracking.end_stale_runs(context.experiment, trial_key(study, result.config), reason)
     return stopped
 
