@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tracking_fixtures import Server
-from xfer import attack, data, names, scores, specs, stages, tracking
+from xfer import attack, bench, data, names, scores, specs, stages, tracking
 from xfer.errors import XferError
 from xfer.models import XferModel, build
 from xfer.specs import AttackSpec, FinetuneSpec, PretrainSpec, TrainSpec
@@ -387,7 +387,7 @@ def test_plan_with_ensembles_adds_one_set_whose_surrogate_is_every_pretrained_ru
 
 
 def test_bench_prints_examples_per_second(capsys: pytest.CaptureFixture) -> None:
-    rows = attack.bench(n=16, steps=2, devices=["cpu"])
+    rows = bench.attack_rows(n=16, steps=2, devices=["cpu"])
     assert rows[0]["examples"] == 16 and rows[0]["examples_per_s"] > 0
     assert "examples/s" in capsys.readouterr().out
 

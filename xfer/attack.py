@@ -753,33 +753,3 @@ def model_label(m: _Model) -> str:
     freeze = f" f{tags.get(names.TAG_FREEZE)}" if m.record.stage == names.FINETUNE else ""
     size = f" n={tags.get(names.TAG_SIZE)}" if m.record.stage != names.PRETRAIN else ""
     return f"{m.record.stage} {where} {tags.get(names.TAG_ARCH, '')}{size}{freeze} seed={tags.get(names.TAG_SEED, '')}"
-
-
-# ---- benchmark ------------------------------------------------------------------------------------
-
-def bench(n: int = 1000, steps: int = 10, arch: str = "resnet_mini", devices: Sequence[str] | None = None,
-          echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Time generating `n` PGD examples (eps 0.3, `steps` steps) on `arch` over mnist5k, per device."""
-    from xfer import models
-
-    devices = list(devices) if devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    test = data.load("mnist5k").test
-    images, labels = test.images[:n], test.labels[:n]
-    model = models.build(arch, tuple(images.shape[1:]), 10)
-    spec = AttackSpec(attack="pgd", eps=0.3, steps=steps, n=len(labels), dataset="mnist5k")
-    rows = []
-    echo(f"PGD generation, {arch}, {len(labels)} examples, {steps} steps, torch {torch.__version__}, "
-         f"{torch.get_num_threads()} CPU threads")
-    echo(f"{'device':<28} {'seconds':>8} {'examples/s':>11}")
-    for name in devices:
-        device = torch.device(name)
-        generate(model, images[:32], labels[:32], spec, device)  # warm-up: kernel selection, allocator
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        began = time.perf_counter()
-        generate(model, images, labels, spec, device)  # returns on the CPU: the copy back synchronises
-        seconds = time.perf_counter() - began
-        label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        rows.append({"device": label, "examples": len(labels), "seconds": seconds, "examples_per_s": len(labels) / seconds})
-        echo(f"{label:<28} {seconds:>8.2f} {len(labels) / seconds:>11.1f}")
-    return rows

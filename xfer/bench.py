@@ -21,7 +21,7 @@ the same `n` random images, one target after another against one stacked model (
 it prints target-examples scored per second both ways and their ratio (`--json`: rows ``{"arch", "device",
 "targets", "examples", "loop_per_s", "stacked_per_s", "ratio"}``).
 
-`--estimate` times the estimate stage's work per (pretrained model, target) pair (`xfer.estimate.bench`): the
+`--estimate` times the estimate stage's work per (pretrained model, target) pair (`estimate_rows`): the
 forward pass over `n` of the target's training images that gives the body's features and the source head's softmax,
 then LEEP, NCE, H-score and LogME each, on one CPU thread (`--json`: rows ``{"arch", "device", "examples",
 "feature_dim", "features_s", "leep_s", "nce_s", "h_score_s", "logme_s", "total_s"}``).
@@ -291,6 +291,76 @@ def _runs_folder(runs: str) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+# ---- the attack stage's generation: PGD examples per second ------------------------------------------
+
+def attack_rows(n: int = 1000, steps: int = 10, arch: str = "resnet_mini", devices: Sequence[str] | None = None,
+                echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Time generating `n` PGD examples (eps 0.3, `steps` steps) on `arch` over mnist5k, per device."""
+    from xfer.attack import generate
+    from xfer.specs import AttackSpec
+
+    devices = list(devices) if devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    test = data.load("mnist5k").test
+    images, labels = test.images[:n], test.labels[:n]
+    model = models.build(arch, tuple(images.shape[1:]), 10)
+    spec = AttackSpec(attack="pgd", eps=0.3, steps=steps, n=len(labels), dataset="mnist5k")
+    rows = []
+    echo(f"PGD generation, {arch}, {len(labels)} examples, {steps} steps, torch {torch.__version__}, "
+         f"{torch.get_num_threads()} CPU threads")
+    echo(f"{'device':<28} {'seconds':>8} {'examples/s':>11}")
+    for name in devices:
+        device = torch.device(name)
+        generate(model, images[:32], labels[:32], spec, device)  # warm-up: kernel selection, allocator
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        generate(model, images, labels, spec, device)  # returns on the CPU: the copy back synchronises
+        seconds = time.perf_counter() - began
+        label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        rows.append({"device": label, "examples": len(labels), "seconds": seconds, "examples_per_s": len(labels) / seconds})
+        echo(f"{label:<28} {seconds:>8.2f} {len(labels) / seconds:>11.1f}")
+    return rows
+
+
+# ---- the estimate stage's work: seconds per (pretrained model, target) pair ------------------------------
+
+ESTIMATE_ARCHS = ("resnet_mini", "alexnet_mini", "mlp_mixer")
+ESTIMATE_N = 5000         # target images per pair (MNIST-5k's training pool)
+
+
+def estimate_rows(archs: Sequence[str], n: int = 5000, dataset: str = "mnist5k", devices: Sequence[str] = ("cpu",),
+                  threads: int = 1, echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Seconds per (model, target) pair for each estimator and for the forward pass, per arch: an untrained model
+    of each arch (the cost does not depend on the weights) scored on `n` images of `dataset`'s training pool, after
+    a warm-up pass. Rows ``{"arch", "device", "examples", "feature_dim", "features_s", "leep_s", …, "total_s"}``."""
+    from xfer import estimators, names
+    from xfer.estimate import BATCH, measure, pool
+
+    target = data.load(dataset)
+    images, labels = pool(target, n)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rows = []
+    try:
+        for device in devices:
+            for arch in archs:
+                torch.manual_seed(0)
+                model = models.build(arch, target.in_shape, 10).to(device)
+                estimators.features_and_probs(model, images[:BATCH["cpu"]])   # warm-up: kernels, allocator
+                metrics = measure(model, images, labels, len(target.class_names))
+                row = {"arch": arch, "device": device, "examples": len(labels), "feature_dim": model.head.in_features,
+                       "features_s": metrics[names.FEATURES_SECONDS],
+                       **{f"{name}_s": metrics[f"{name}_seconds"] for name in estimators.ESTIMATORS}}
+                row["total_s"] = row["features_s"] + sum(row[f"{name}_s"] for name in estimators.ESTIMATORS)
+                rows.append(row)
+                echo(f"{arch:<15} {device:<5} n={len(labels):,} D={row['feature_dim']:<4} forward {row['features_s']:.2f} s  "
+                     + "  ".join(f"{name} {row[f'{name}_s']:.3f} s" for name in estimators.ESTIMATORS)
+                     + f"  = {row['total_s']:.2f} s per pair")
+    finally:
+        torch.set_num_threads(before)
+    return rows
 
 
 # ---- the GPU report: everything a lent GPU should measure, in one call ---------------------------------

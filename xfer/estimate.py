@@ -36,8 +36,6 @@ PACK_FACTOR = 8        # an estimate pack holds 8× a training pack's cells: a f
 # Images per forward pass: on a CPU small batches stay in cache (resnet_mini, 4,000 images, one thread: 1.25 s at 128,
 # 2.4 s at 512; 2026-12-07); a GPU wants large ones.
 BATCH = {"cpu": 128, "cuda": 1024}
-BENCH_N = 5000         # `xfer bench --estimate`: target images per pair (MNIST-5k's training pool)
-BENCH_ARCHS = ("resnet_mini", "alexnet_mini", "mlp_mixer")
 
 
 # ---- one model ------------------------------------------------------------------------------------------
@@ -326,39 +324,5 @@ def planned(grid: grids.Grid, cells: grids.Cells, records: Sequence[tracking.Run
                   "per arch ranked lowest (known once the estimate stage has run)")
 
 
-# ---- benchmark ------------------------------------------------------------------------------------------
-
-def bench(archs: Sequence[str], n: int = 5000, dataset: str = "mnist5k", devices: Sequence[str] = ("cpu",),
-          threads: int = 1, echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Seconds per (model, target) pair for each estimator and for the forward pass, per arch: an untrained model
-    of each arch (the cost does not depend on the weights) scored on `n` images of `dataset`'s training pool, after
-    a warm-up pass. Rows ``{"arch", "device", "examples", "feature_dim", "features_s", "leep_s", …, "total_s"}``."""
-    from xfer import models
-
-    target = data.load(dataset)
-    images, labels = pool(target, n)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    rows = []
-    try:
-        for device in devices:
-            for arch in archs:
-                torch.manual_seed(0)
-                model = models.build(arch, target.in_shape, 10).to(device)
-                estimators.features_and_probs(model, images[:BATCH["cpu"]])   # warm-up: kernels, allocator
-                metrics = measure(model, images, labels, len(target.class_names))
-                row = {"arch": arch, "device": device, "examples": len(labels), "feature_dim": model.head.in_features,
-                       "features_s": metrics[names.FEATURES_SECONDS],
-                       **{f"{name}_s": metrics[f"{name}_seconds"] for name in estimators.ESTIMATORS}}
-                row["total_s"] = row["features_s"] + sum(row[f"{name}_s"] for name in estimators.ESTIMATORS)
-                rows.append(row)
-                echo(f"{arch:<15} {device:<5} n={len(labels):,} D={row['feature_dim']:<4} forward {row['features_s']:.2f} s  "
-                     + "  ".join(f"{name} {row[f'{name}_s']:.3f} s" for name in estimators.ESTIMATORS)
-                     + f"  = {row['total_s']:.2f} s per pair")
-    finally:
-        torch.set_num_threads(before)
-    return rows
-
-
 __all__ = ["EstimateSpec", "Cell", "Group", "Pruning", "pool", "measure", "estimate", "estimate_pack", "run_stage",
-           "rank", "prune", "applies", "planned", "bench", "label"]
+           "rank", "prune", "applies", "planned", "label"]

@@ -73,7 +73,7 @@ def stop(argv: list[str]) -> int:
 
 
 def bench_parser() -> argparse.ArgumentParser:
-    from xfer import bench, estimate, stacked
+    from xfer import bench, stacked
 
     cuda = _cuda()
     p = argparse.ArgumentParser(prog="xfer bench", description=bench.__doc__,
@@ -92,7 +92,7 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--pack", action="store_true", help="a trial per cell against packed trials (cells/hour)")
     p.add_argument("--archs", nargs="+", default=None,
                    help=f"--pack, --score, --estimate: the archs to measure (default --pack: {' '.join(bench.PACK_ARCHS)}; "
-                        f"--score: {' '.join(stacked.SCORE_ARCHS)}; --estimate: {' '.join(estimate.BENCH_ARCHS)})")
+                        f"--score: {' '.join(stacked.SCORE_ARCHS)}; --estimate: {' '.join(bench.ESTIMATE_ARCHS)})")
     p.add_argument("--cells", type=int, default=6, help="--pack: cells per arch")
     p.add_argument("--pack-cell-size", type=int, default=1000, help="--pack: training examples per cell")
     p.add_argument("--pack-epochs", type=int, default=1, help="--pack: epochs per cell")
@@ -129,13 +129,11 @@ def bench_parser() -> argparse.ArgumentParser:
 
 
 def run_bench(argv: list[str]) -> int:
-    from xfer import attack, bench, stacked
-
-    from xfer import estimate
+    from xfer import bench, stacked
 
     args = bench_parser().parse_args(argv)
     echo = (lambda line: print(line, file=sys.stderr)) if args.json else print
-    n = args.n or (estimate.BENCH_N if args.estimate else 1000)
+    n = args.n or (bench.ESTIMATE_N if args.estimate else 1000)
     if args.gpu_report:
         if args.device == "cuda" and not _cuda():
             raise XferError("--gpu-report needs a CUDA GPU, and torch sees none here; --device cpu --quick checks the "
@@ -155,11 +153,11 @@ def run_bench(argv: list[str]) -> int:
         if args.json:
             print(json.dumps(rows, indent=2))
     elif args.estimate:
-        rows = estimate.bench(args.archs or list(estimate.BENCH_ARCHS), n, args.dataset, args.devices, echo=echo)
+        rows = bench.estimate_rows(args.archs or list(bench.ESTIMATE_ARCHS), n, args.dataset, args.devices, echo=echo)
         if args.json:
             print(json.dumps(rows, indent=2))
     elif args.attack:
-        attack.bench(n, args.steps, args.arch, args.devices)
+        bench.attack_rows(n, args.steps, args.arch, args.devices)
     elif args.transfer:
         print(bench.transfer(args.sources, args.arch, args.size, args.seeds, args.epochs, args.pretrain_epochs,
                              args.pretrain_size))
