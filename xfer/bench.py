@@ -848,8 +848,8 @@ def _timed_pack(arch: str, cells: int, steps: int, batch: int, device: str,
     from xfer import vectorised
 
     dev = torch.device(device)
-    vectorised.train_many(*_synthetic_pack(arch, cells, 1, batch), device=dev)
-    specs, splits, cell_models = _synthetic_pack(arch, cells, steps, batch)
+    vectorised.train_many(*vectorised.synthetic_pack(arch, cells, 1, batch), device=dev)
+    specs, splits, cell_models = vectorised.synthetic_pack(arch, cells, steps, batch)
     _reset_peak(device)
     if ready is not None:
         ready()
@@ -858,19 +858,6 @@ def _timed_pack(arch: str, cells: int, steps: int, batch: int, device: str,
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return {"began": began, "ended": time.perf_counter(), "samples": cells * steps * batch, **_peak_memory(device)}
-
-
-def _synthetic_pack(arch: str, cells: int, steps: int, batch: int) -> tuple[list[TrainSpec], list[data.Splits], list[Any]]:
-    """vectorised.bench_pack's pack: cells differing in lr, head lr and seed, on `steps` batches of random digits."""
-    generator = torch.Generator().manual_seed(0)
-    size = steps * batch
-    train = data.Split(torch.randint(0, 256, (size, 1, 28, 28), dtype=torch.uint8, generator=generator),
-                       torch.randint(0, 10, (size,), generator=generator))
-    empty = train.subset(torch.arange(0))
-    splits = data.Splits(train, empty, empty, tuple(str(c) for c in range(10)))
-    specs = [TrainSpec(arch=arch, dataset="synthetic", size=size, val_size=0, epochs=1, batch_size=batch,
-                       lr=1e-3 * (1 + cell), head_lr_mult=1 + cell % 2, seed=cell) for cell in range(cells)]
-    return specs, [splits] * cells, [loop.prepare_model(s, splits) for s in specs]
 
 
 def _reset_peak(device: str) -> None:

@@ -188,6 +188,13 @@ def activation_bytes(arch: str, in_shape: tuple[int, int, int], classes: int) ->
     return 4 * total
 
 
+@functools.lru_cache(maxsize=None)
+def _parameters(arch: str, in_shape: tuple[int, int, int], classes: int) -> int:
+    from xfer import models
+
+    return sum(p.numel() for p in models.build(arch, in_shape, classes).parameters())
+
+
 ACTIVATION_FACTOR = 1.5
 """What a batched training step keeps beyond its leaf modules' outputs (BatchNorm's normalised input, a residual's
 sum, vmap's batched copies). Measured on the 2-core CPU, float32, batch 128, as the growth of the process's peak RSS
@@ -204,9 +211,7 @@ def pack_memory(arch: str, in_shape: tuple[int, int, int], classes: int, cells: 
     ACTIVATION_FACTOR) and input. Bytes in float32; bf16 autocast keeps some activations at half that. Not counted:
     the process's own (torch's runtime, ~0.3-0.5 GiB of RSS on a CPU; the CUDA context on a GPU), which
     cluster.MEMORY_HEADROOM leaves room for. xfer bench --gpu-report prints it beside the peak it measures."""
-    from xfer import models
-
-    params = sum(p.numel() for p in models.build(arch, in_shape, classes).parameters())
+    params = _parameters(arch, in_shape, classes)
     states = 1 if optimizer == "sgd" else 2
     weights = cells * params * 4 * (2 + states + 2)
     per_example = ACTIVATION_FACTOR * activation_bytes(arch, in_shape, classes) + 4 * math.prod(in_shape)

@@ -276,7 +276,8 @@ def plan_packs(todo: Sequence[Any], kind: packs.Kind, options: RunOptions,
     a note saying so where that cut a pack."""
     size, cpus = pack_size(options), options.cpus_per_trial * max(1, options.workers_per_trial)
     slots = cluster.slots(cpus, options.gpus_per_trial or 0.0)
-    budget = cluster.trial_memory(options.gpus_per_trial or 0.0, options.cpus_per_trial) if datasets else None
+    training = datasets is not None and kind is TRAINING
+    budget = cluster.trial_memory(options.gpus_per_trial or 0.0, options.cpus_per_trial) if training else None
     cut: dict[str, int] = {}
 
     def fits(cell: Any) -> int:
@@ -291,7 +292,7 @@ def plan_packs(todo: Sequence[Any], kind: packs.Kind, options: RunOptions,
         return most
 
     chosen = packs.plan(todo, functools.partial(packs.pack_key, kind), size, slots,
-                        limit=fits if budget is not None and kind is TRAINING else None)
+                        limit=fits if budget is not None else None)
     note = "; ".join(f"packs of at most {most} {arch} cells, what fits {budget[1]} (plan.pack_memory)"
                      for arch, most in sorted(cut.items()))
     return chosen, note

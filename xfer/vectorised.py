@@ -655,12 +655,6 @@ class _Optimiser:
     def state_numel(self) -> int:
         return next(iter(self.state.values())).numel()
 
-    def nbytes(self) -> int:
-        """Bytes the optimiser keeps between steps (its state buffers and per-block tables)."""
-        tensors = [*self.state.values(), self.slots, self.lengths,
-                   *(t for t in (self.weight_decay, self.momentum) if isinstance(t, torch.Tensor))]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
 
 @dataclass(frozen=True)
 class _Coefficients:
@@ -863,16 +857,8 @@ def bench_pack(arch: str, n_cells: int, device: torch.device | str | None, steps
     1×28×28 10-class data (the seed's shape). A "cell" here is `steps` steps of `batch_size`; the cells
     differ in lr, head_lr_mult and seed (so in batch order), as a grid's pack does."""
     device = torch.device(device) if device is not None else loop._default_device()
-    generator = torch.Generator().manual_seed(0)
-    size = steps * batch_size
-    train = Split(torch.randint(0, 256, (size, 1, 28, 28), dtype=torch.uint8, generator=generator),
-                  torch.randint(0, 10, (size,), generator=generator))
-    empty = train.subset(torch.arange(0))
-    data = Splits(train, empty, empty, tuple(str(c) for c in range(10)))
-    specs = [TrainSpec(arch=arch, dataset="synthetic", size=size, val_size=0, epochs=1, batch_size=batch_size,
-                       lr=1e-3 * (1 + cell), head_lr_mult=1 + cell % 2, seed=cell) for cell in range(n_cells)]
-    cells = [loop.prepare_model(spec, data) for spec in specs]
-    timing = measure(specs, [data] * n_cells, cells, device, steps)
+    specs, data, cells = synthetic_pack(arch, n_cells, steps, batch_size)
+    timing = measure(specs, data, cells, device, steps)
     return {
         "arch": arch, "n_cells": n_cells, "device": str(device), "steps": timing.steps, "batch_size": batch_size,
         "sequential_samples_per_s": timing.samples / timing.sequential_s,
@@ -881,6 +867,21 @@ def bench_pack(arch: str, n_cells: int, device: torch.device | str | None, steps
         "vectorised_cells_per_hour": n_cells * 3600 / timing.vectorised_s,
         "speedup": timing.speedup, **optimiser_memory(cells[0], n_cells, specs[0].optimizer),
     }
+
+
+def synthetic_pack(arch: str, n_cells: int, steps: int, batch_size: int) -> tuple[list[TrainSpec], list[Splits],
+                                                                                 list[XferModel]]:
+    """A benchmark's pack: `n_cells` cells of `arch` differing in lr, head lr and seed (so in batch order), as a
+    grid's pack does, each `steps` batches of the same random 1×28×28 10-class digits (the seed's shape)."""
+    generator = torch.Generator().manual_seed(0)
+    size = steps * batch_size
+    train = Split(torch.randint(0, 256, (size, 1, 28, 28), dtype=torch.uint8, generator=generator),
+                  torch.randint(0, 10, (size,), generator=generator))
+    empty = train.subset(torch.arange(0))
+    data = Splits(train, empty, empty, tuple(str(c) for c in range(10)))
+    specs = [TrainSpec(arch=arch, dataset="synthetic", size=size, val_size=0, epochs=1, batch_size=batch_size,
+                       lr=1e-3 * (1 + cell), head_lr_mult=1 + cell % 2, seed=cell) for cell in range(n_cells)]
+    return specs, [data] * n_cells, [loop.prepare_model(spec, data) for spec in specs]
 
 
 def optimiser_memory(model: XferModel, n_cells: int, optimizer: str) -> dict[str, float]:
