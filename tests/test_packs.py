@@ -262,3 +262,12 @@ def test_a_training_pack_is_cut_to_what_fits_its_trials_memory(local_ray, digits
     # On CPUs: the memory Ray gives the largest node, over the trials it runs at once.
     budget, where = cluster.trial_memory(0.0, 1.0)
     assert 0 < budget < 64 * 2**30 and where.startswith("1/2 of the")
+
+
+@pytest.mark.parametrize("value", ["24GB", "0", "-3"])
+def test_a_gpu_memory_that_is_not_a_positive_number_is_refused_by_name(monkeypatch, value: str) -> None:
+    from xfer import cluster
+
+    monkeypatch.setenv(cluster.GPU_MEMORY_ENV, value)
+    with pytest.raises(XferError, match=rf"XFER_GPU_MEMORY_GB='{value}' is not a GPU's memory in GiB; set it"):
+        cluster.trial_memory(0.25, 1.0)

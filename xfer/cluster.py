@@ -7,6 +7,7 @@ environment, so every trial logs to the same MLflow server.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,20 @@ GPU_MEMORY_ENV = "XFER_GPU_MEMORY_GB"   # a GPU's memory on the cluster's GPU no
 MEMORY_HEADROOM = 0.8   # of a trial's share: the CUDA context, the allocator's fragmentation, what the estimate omits
 
 
+def _gib(text: str) -> float:
+    """$XFER_GPU_MEMORY_GB as a positive number of GiB, or a refusal naming it."""
+    from xfer.errors import XferError
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise XferError(f"{GPU_MEMORY_ENV}={text!r} is not a GPU's memory in GiB; set it to a positive number, e.g. 22 "
+                        f"for the 24 GB A10G of a g5.xlarge (cluster.yaml), or unset it on a machine whose GPU torch sees.")
+    return value
+
+
 def trial_memory(gpus_per_trial: float, cpus_per_trial: float) -> tuple[float, str] | None:
     """Bytes one trial's pack may hold, and whence the figure, or None where it is not known. On GPUs: the trial's
     share of one GPU's memory ($XFER_GPU_MEMORY_GB, else the GPU this process sees); on CPUs: the memory Ray gives
@@ -74,7 +89,7 @@ def trial_memory(gpus_per_trial: float, cpus_per_trial: float) -> tuple[float, s
 
     if gpus_per_trial:
         if os.environ.get(GPU_MEMORY_ENV):
-            total, where = float(os.environ[GPU_MEMORY_ENV]) * 2**30, f"${GPU_MEMORY_ENV}"
+            total, where = _gib(os.environ[GPU_MEMORY_ENV]) * 2**30, f"${GPU_MEMORY_ENV}"
         else:
             import torch
 
