@@ -8,16 +8,10 @@ rendered from its fonts (`embedded`), and a user's image folders (`folders`).
 
 from __future__ import annotations
 
-import contextlib
-import gzip
 import hashlib
 import math
 import os
 import re
-import shutil
-import tempfile
-import zipfile
-import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +35,6 @@ COLOUR_GRID = 32                # colour sets (CIFAR-10, colour image folders) a
 LUMA = (0.299, 0.587, 0.114)    # ITU-R BT.601 weights for R, G, B -> gray
 EMBEDDED_SPLIT_SEED = 0         # seed of the fixed train/test split of mnist5k, uci_digits and image folders
 _CHUNK = 4096                   # images converted per batch: bounds the float copy of a big split to ~50 MB
-_COPY_CHUNK = 1 << 20           # bytes per read when decompressing torchvision's archives: bounded memory
 
 
 
@@ -391,12 +384,12 @@ def _entry(name: str) -> _Entry:
 
 def _absent_files(entry: _Entry, root: Path) -> list[str]:
     """`entry`'s files that are under the root neither as they are nor as torchvision's download of them."""
-    return [f for f in entry.files if not (root / f).is_file() and _archive_of(entry, root, f) is None]
+    return [f for f in entry.files if not (root / f).is_file() and torchvision_sets._archive_of(entry, root, f) is None]
 
 
 def _call(name: str, entry: _Entry, root: Path, download: bool) -> Dataset:
     """Run a loader, turning torchvision's missing-file and download failures into one readable paragraph."""
-    _unpack(entry, root)
+    torchvision_sets._unpack(entry, root)
     try:
         return entry.load(root, download)
     except (RuntimeError, OSError) as exc:
@@ -446,86 +439,6 @@ def _describe(entry: _Entry, root: Path, files: Iterable[str]) -> str:
             text += f" (or {', '.join(n + '.gz' for n in names)}, as torchvision downloads them{inside})"
         described.append(text)
     return "; ".join(described)
-
-
-# ---------------------------------------------------------------------------------------------- torchvision's archives
-
-def _archive_sources(entry: _Entry, file: str) -> list[tuple[str, str | None]]:
-    """Where torchvision's download may hold `file`: (path under the root, member of that zip or None), best first.
-
-    torchvision downloads FILE.gz next to FILE; for EMNIST it downloads gzip.zip, extracts it to a gzip/
-    folder of NAME.gz files, decompresses those next to gzip.zip and deletes the folder.
-    """
-    if not entry.gzipped:
-        return []
-    folder, _, name = file.rpartition("/")
-    sources: list[tuple[str, str | None]] = [(f"{file}.gz", None)]
-    if entry.zip_name:
-        sources += [(f"{folder}/gzip/{name}.gz", None), (f"{folder}/{entry.zip_name}", f"gzip/{name}.gz")]
-    return sources
-
-
-def _archive_of(entry: _Entry, root: Path, file: str) -> tuple[Path, str | None] | None:
-    for path, member in _archive_sources(entry, file):
-        if (root / path).is_file() and (member is None or _zip_holds(root / path, member)):
-            return root / path, member
-    return None
-
-
-def _zip_holds(archive: Path, member: str) -> bool:
-    """Whether `archive` lists `member`; a damaged zip counts as holding it, so that the load names the damage."""
-    try:
-        with zipfile.ZipFile(archive) as opened:
-            return member in opened.namelist()
-    except zipfile.BadZipFile:
-        return True
-
-
-def _unpack(entry: _Entry, root: Path) -> None:
-    """Decompress torchvision's downloaded archives of `entry`'s absent files next to them, as its download does.
-
-    torchvision's loaders read only decompressed files and decompress only inside download(); doing that step
-    here lets a root of torchvision's downloads load offline through torchvision's own code, and leaves the
-    root as torchvision's download would (archives kept). Decompressing once beats reading the archives on
-    every load: a decompressed IDX file is read at disk speed, and every trial on a node loads the set.
-    """
-    for file in entry.files:
-        source = None if (root / file).is_file() else _archive_of(entry, root, file)
-        if source is not None:
-            _decompress(*source, root / file)
-
-
-def _decompress(archive: Path, member: str | None, target: Path) -> None:
-    """gunzip `archive` (or its zip `member`) to `target`, via a temporary name so no reader sees half a file."""
-    where = f"{member} inside {archive}" if member else str(archive)
-    part: Path | None = None
-    try:
-        with contextlib.ExitStack() as stack:
-            if member:
-                packed = stack.enter_context(stack.enter_context(zipfile.ZipFile(archive)).open(member))
-            else:
-                packed = stack.enter_context(open(archive, "rb"))
-            unpacked = stack.enter_context(gzip.GzipFile(fileobj=packed))
-            out = stack.enter_context(
-                tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".part", delete=False)
-            )
-            part = Path(out.name)
-            shutil.copyfileobj(unpacked, out, _COPY_CHUNK)
-        os.replace(part, target)  # atomic: trials on one node may decompress the same file at once
-    except (EOFError, zlib.error, zipfile.BadZipFile, gzip.BadGzipFile) as exc:
-        raise XferError(
-            f"{where} is damaged ({exc}), perhaps a partial download; delete it and run once with network and "
-            f"--download, or replace it with torchvision's original."
-        ) from None
-    except OSError as exc:
-        raise XferError(
-            f"cannot decompress {where} to {target} ({exc}); xfer decompresses torchvision's archives next to them, "
-            f"as torchvision's download does. Make {target.parent} writable, or decompress the archive there "
-            f"yourself (e.g. gunzip -k)."
-        ) from None
-    finally:
-        if part is not None and part.exists():
-            part.unlink()
 
 
 # ---------------------------------------------------------------------------------------------- conversions
@@ -660,5 +573,6 @@ __all__ = [
     "make_splits", "stratified_indices", "channel_stats", "DATA_ENV", "IMAGEFOLDER",
 ]
 
-# The sets register themselves on import (each module's @dataset loaders).
-from xfer.data import embedded as _embedded_sets, folders, torchvision_sets  # noqa: E402,F401
+# The sets register themselves on import (each module's @dataset loaders). Last, as they import the registry above:
+# so the functions here reach their modules (torchvision_sets' archives too) through these names, at call time.
+from xfer.data import embedded as _embedded_sets, folders, torchvision_sets  # noqa: E402

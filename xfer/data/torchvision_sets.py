@@ -1,16 +1,26 @@
-"""torchvision's sets in xfer's canonical shapes, read by torchvision's own loaders from its on-disk layout."""
+"""torchvision's sets in xfer's canonical shapes, read by torchvision's own loaders from its on-disk layout, and the
+archives its download leaves there (FILE.gz, EMNIST's gzip.zip), decompressed so that those loaders read them offline."""
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import os
+import shutil
 import string
+import tempfile
+import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from xfer.data import (COLOUR_GRID, GRID, Dataset, Published, Split, _labels, _to_grid, _tv, _uint8, dataset)
+from xfer.data import (COLOUR_GRID, GRID, Dataset, Published, Split, _Entry, _labels, _to_grid, _tv, _uint8, dataset)
+from xfer.errors import XferError
 
 _DIGIT_SHAPE = (1, GRID, GRID)
+_COPY_CHUNK = 1 << 20   # bytes per read when decompressing torchvision's archives: bounded memory
 # torchvision learns CIFAR-10's names from batches.meta; these are that file's label_names.
 _CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -144,3 +154,83 @@ def _cifar10_gray(root: Path, download: bool) -> Dataset:
     colour = _cifar10(root, download)  # not load(): a missing file should be reported under this set's name
     splits = [Split(_to_grid(part.images, gray=True, size=COLOUR_GRID), part.labels) for part in (colour.train, colour.test)]
     return Dataset("cifar10_gray", *splits, colour.class_names)
+
+
+# ---------------------------------------------------------------------------------------------- torchvision's archives
+
+def _archive_sources(entry: _Entry, file: str) -> list[tuple[str, str | None]]:
+    """Where torchvision's download may hold `file`: (path under the root, member of that zip or None), best first.
+
+    torchvision downloads FILE.gz next to FILE; for EMNIST it downloads gzip.zip, extracts it to a gzip/
+    folder of NAME.gz files, decompresses those next to gzip.zip and deletes the folder.
+    """
+    if not entry.gzipped:
+        return []
+    folder, _, name = file.rpartition("/")
+    sources: list[tuple[str, str | None]] = [(f"{file}.gz", None)]
+    if entry.zip_name:
+        sources += [(f"{folder}/gzip/{name}.gz", None), (f"{folder}/{entry.zip_name}", f"gzip/{name}.gz")]
+    return sources
+
+
+def _archive_of(entry: _Entry, root: Path, file: str) -> tuple[Path, str | None] | None:
+    for path, member in _archive_sources(entry, file):
+        if (root / path).is_file() and (member is None or _zip_holds(root / path, member)):
+            return root / path, member
+    return None
+
+
+def _zip_holds(archive: Path, member: str) -> bool:
+    """Whether `archive` lists `member`; a damaged zip counts as holding it, so that the load names the damage."""
+    try:
+        with zipfile.ZipFile(archive) as opened:
+            return member in opened.namelist()
+    except zipfile.BadZipFile:
+        return True
+
+
+def _unpack(entry: _Entry, root: Path) -> None:
+    """Decompress torchvision's downloaded archives of `entry`'s absent files next to them, as its download does.
+
+    torchvision's loaders read only decompressed files and decompress only inside download(); doing that step
+    here lets a root of torchvision's downloads load offline through torchvision's own code, and leaves the
+    root as torchvision's download would (archives kept). Decompressing once beats reading the archives on
+    every load: a decompressed IDX file is read at disk speed, and every trial on a node loads the set.
+    """
+    for file in entry.files:
+        source = None if (root / file).is_file() else _archive_of(entry, root, file)
+        if source is not None:
+            _decompress(*source, root / file)
+
+
+def _decompress(archive: Path, member: str | None, target: Path) -> None:
+    """gunzip `archive` (or its zip `member`) to `target`, via a temporary name so no reader sees half a file."""
+    where = f"{member} inside {archive}" if member else str(archive)
+    part: Path | None = None
+    try:
+        with contextlib.ExitStack() as stack:
+            if member:
+                packed = stack.enter_context(stack.enter_context(zipfile.ZipFile(archive)).open(member))
+            else:
+                packed = stack.enter_context(open(archive, "rb"))
+            unpacked = stack.enter_context(gzip.GzipFile(fileobj=packed))
+            out = stack.enter_context(
+                tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".part", delete=False)
+            )
+            part = Path(out.name)
+            shutil.copyfileobj(unpacked, out, _COPY_CHUNK)
+        os.replace(part, target)  # atomic: trials on one node may decompress the same file at once
+    except (EOFError, zlib.error, zipfile.BadZipFile, gzip.BadGzipFile) as exc:
+        raise XferError(
+            f"{where} is damaged ({exc}), perhaps a partial download; delete it and run once with network and "
+            f"--download, or replace it with torchvision's original."
+        ) from None
+    except OSError as exc:
+        raise XferError(
+            f"cannot decompress {where} to {target} ({exc}); xfer decompresses torchvision's archives next to them, "
+            f"as torchvision's download does. Make {target.parent} writable, or decompress the archive there "
+            f"yourself (e.g. gunzip -k)."
+        ) from None
+    finally:
+        if part is not None and part.exists():
+            part.unlink()
