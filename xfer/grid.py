@@ -11,10 +11,8 @@ import copy
 import dataclasses
 import itertools
 import json
-import math
 import tomllib
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,8 @@ import yaml
 from xfer import data, models, names
 from xfer.errors import XferError
 from xfer.estimators import ESTIMATORS
-from xfer.specs import OPTIMIZERS, PRECISIONS, AttackSpec, EstimateSpec, FinetuneSpec, PretrainSpec, TrainSpec
+from xfer.specs import (AT_LEAST_0, COUNT, EPS, LR, MULTIPLIER, OPTIMIZERS, PRECISIONS, AttackSpec, EstimateSpec,
+                        FinetuneSpec, PretrainSpec, Range, TrainSpec)
 
 ALL = 0  # a fine-tune size of 0 means "the whole training pool" (the seed's 60,000 less the validation split)
 PRESET_DIR = Path(__file__).resolve().parent.parent / "sweeps" / "presets"  # preset grid files, by file name
@@ -484,42 +483,37 @@ def _type_problems(grid: Grid) -> list[str]:
     return problems
 
 
-def _at_least(low: float) -> Callable[[float], bool]:
-    return lambda value: value >= low
-
-
-# The numbers a person sets, what each accepts (NaN never does), and how to say so.
-_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
-    "sizes": (_at_least(0), "must be at least 0 (fine-tune examples per cell; 0 = the whole pool)"),
-    "seeds": (_at_least(0), "must be at least 0"),
-    "lrs": (lambda lr: 0 < lr < 10, "must lie in (0, 10), e.g. 0.001"),
-    "eps": (lambda eps: 0 <= eps <= 1, "must lie in [0, 1] (images are in [0, 1]: e.g. 0.3 for MNIST, 0.031 = 8/255 "
-                                       "for CIFAR-10)"),
-    "epochs": (_at_least(1), "must be at least 1"),
-    "pretrain_epochs": (_at_least(1), "must be at least 1"),
-    "batch_size": (_at_least(1), "must be at least 1"),
-    "attack_n": (_at_least(1), "must be at least 1 (test examples each attack perturbs)"),
-    "attack_steps": (_at_least(1), "must be at least 1"),
-    "val_size": (_at_least(0), "must be at least 0 (validation examples held out of each training pool)"),
-    "pretrain_size": (_at_least(0), "must be at least 0 (0 = each source's whole pool)"),
-    "unfreeze_epoch": (_at_least(0), "must be at least 0 (0 = half of epochs)"),
-    "unfreeze_lr_mult": (lambda mult: mult > 0, "must be more than 0 (every layer's lr after unfreezing = lr × this)"),
-    "sgd_lrs": (lambda lr: 0 < lr < 10, "must lie in (0, 10), e.g. 0.05"),
-    "steps": (_at_least(0), "must be at least 0 (optimiser steps per cell; 0 = one pass over the data an epoch)"),
-    "estimate_n": (_at_least(0), "must be at least 0 (target images each pretrained model is scored on; 0 = the whole "
-                                 "pool)"),
-    "prune_sources": (_at_least(0), "must be at least 0 (sources kept for fine-tuning per arch; 0 = every source)"),
+# The numbers a person sets, each with its range from xfer.specs (shared with the specs' own checks) and what the
+# grid adds to the refusal: an example, or what 0 means where the grid's 0 stands for a spec's None.
+_RANGES: dict[str, tuple[Range, str]] = {
+    "sizes": (AT_LEAST_0, " (fine-tune examples per cell; 0 = the whole pool)"),
+    "seeds": (AT_LEAST_0, ""),
+    "lrs": (LR, ", e.g. 0.001"),
+    "eps": (EPS, " (images are in [0, 1]: e.g. 0.3 for MNIST, 0.031 = 8/255 for CIFAR-10)"),
+    "epochs": (COUNT, ""),
+    "pretrain_epochs": (COUNT, ""),
+    "batch_size": (COUNT, ""),
+    "attack_n": (COUNT, " (test examples each attack perturbs)"),
+    "attack_steps": (COUNT, ""),
+    "val_size": (AT_LEAST_0, " (validation examples held out of each training pool)"),
+    "pretrain_size": (AT_LEAST_0, " (0 = each source's whole pool)"),
+    "unfreeze_epoch": (AT_LEAST_0, " (0 = half of epochs)"),
+    "unfreeze_lr_mult": (MULTIPLIER, " (every layer's lr after unfreezing = lr × this)"),
+    "sgd_lrs": (LR, ", e.g. 0.05"),
+    "steps": (AT_LEAST_0, " (optimiser steps per cell; 0 = one pass over the data an epoch)"),
+    "estimate_n": (AT_LEAST_0, " (target images each pretrained model is scored on; 0 = the whole pool)"),
+    "prune_sources": (AT_LEAST_0, " (sources kept for fine-tuning per arch; 0 = every source)"),
 }
 _AXES = ("sources", "archs", "sizes", "steps", "lrs", "sgd_lrs", "seeds", "recipes", "attacks", "eps")  # each value makes its own cells
 
 
 def _range_problems(grid: Grid) -> list[str]:
     problems = []
-    for key, (ok, rule) in _RANGES.items():
+    for key, (allowed, hint) in _RANGES.items():
         value = getattr(grid, key)
-        bad = [v for v in (value if isinstance(value, tuple) else (value,)) if math.isnan(v) or not ok(v)]
+        bad = [v for v in (value if isinstance(value, tuple) else (value,)) if not allowed.admits(v)]
         if bad:
-            problems.append(f"{_setting(key)} {', '.join(map(str, bad))} {rule}")
+            problems.append(f"{_setting(key)} {', '.join(map(str, bad))} {allowed.rule}{hint}")
     for key in _AXES:
         values = getattr(grid, key)
         twice = sorted({str(v) for v in values if values.count(v) > 1})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -25,6 +26,48 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 # autocast on any device (a CPU too: how a GPU cell's numerics are checked without a GPU).
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("cosine", "plateau", "none")
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take, and how to tell a person so."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False          # (low, ... rather than [low, ...
+    high_open: bool = False         # ..., high) rather than ..., high]
+
+    def admits(self, value: float) -> bool:
+        # Every comparison with NaN is False, so NaN lies in no range.
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    @property
+    def span(self) -> str:
+        """Interval notation, e.g. "(0, 10)"."""
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+    @property
+    def rule(self) -> str:
+        """What a refusal says, e.g. "must lie in (0, 10)" or "must be at least 1"."""
+        if self.high == math.inf:
+            return f"must be {'more than' if self.low_open else 'at least'} {self.low:g}"
+        return f"must lie in {self.span}"
+
+
+# Every number's allowed range, in one place: the specs' checks below and xfer.grid's settings (which add an example
+# or what 0 means) both read these, so changing a range here changes what both refuse.
+LR = Range(0, 10, low_open=True, high_open=True)   # a learning rate: TrainSpec.lr; the grid's lrs and sgd_lrs
+EPS = Range(0, 1)                                  # an L-inf budget in pixel units (images are in [0, 1]): both eps
+ALPHA = Range(0, 1, low_open=True)                 # an attack's step size: AttackSpec.alpha
+LABEL_SMOOTHING = Range(0, 1, high_open=True)      # TrainSpec.label_smoothing
+MULTIPLIER = Range(0, low_open=True)               # an lr multiplier: the grid's unfreeze_lr_mult
+# How many of something. Where grid and spec differ, it is on purpose: a spec's size, epoch_steps and estimate n are
+# a COUNT or None (the whole pool, one pass), and the grid spells that None as 0, so its sizes, steps, pretrain_size
+# and estimate_n are AT_LEAST_0 (as are its unfreeze_epoch, 0 = half of epochs, and prune_sources, 0 = every source).
+COUNT = Range(1)                                   # epochs, batch_size, log_every, attack steps and n
+AT_LEAST_0 = Range(0)                              # seeds, val_size, freeze_depth; the grid's counts above
 
 
 IMAGENET = "imagenet"  # the source of cells that start from published ImageNet weights (TrainSpec.weights)
@@ -83,22 +126,22 @@ class TrainSpec:
             problems.append(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             problems.append(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
-        if not (self.lr > 0 and self.lr < 10):
-            problems.append(f"lr {self.lr} must be in (0, 10)")
-        if self.epochs < 1 or self.batch_size < 1 or self.log_every < 1:
-            problems.append("epochs, batch_size and log_every must be positive")
-        if self.epoch_steps is not None and self.epoch_steps < 1:
-            problems.append(f"epoch_steps {self.epoch_steps} must be positive (or None for one pass over the data)")
-        if self.size is not None and self.size < 1:
-            problems.append(f"size {self.size} must be positive (or None for the whole pool)")
-        if self.val_size < 0 or self.freeze_depth < 0:
-            problems.append("val_size and freeze_depth must be >= 0")
+        if not LR.admits(self.lr):
+            problems.append(f"lr {self.lr} must be in {LR.span}")
+        if not all(COUNT.admits(n) for n in (self.epochs, self.batch_size, self.log_every)):
+            problems.append(f"epochs, batch_size and log_every {COUNT.rule}")
+        if self.epoch_steps is not None and not COUNT.admits(self.epoch_steps):
+            problems.append(f"epoch_steps {self.epoch_steps} {COUNT.rule} (or None for one pass over the data)")
+        if self.size is not None and not COUNT.admits(self.size):
+            problems.append(f"size {self.size} {COUNT.rule} (or None for the whole pool)")
+        if not (AT_LEAST_0.admits(self.val_size) and AT_LEAST_0.admits(self.freeze_depth)):
+            problems.append(f"val_size and freeze_depth {AT_LEAST_0.rule}")
         if self.unfreeze_epoch is not None and not 0 < self.unfreeze_epoch < self.epochs:
             problems.append(f"unfreeze_epoch {self.unfreeze_epoch} must lie in 1..epochs-1 ({self.epochs - 1})")
         if not self.unfreeze_body and self.unfreeze_epoch is None:
             problems.append("unfreeze_body False (keep the body frozen at unfreeze_epoch) needs an unfreeze_epoch")
-        if not 0 <= self.label_smoothing < 1:
-            problems.append(f"label_smoothing {self.label_smoothing} must be in [0, 1)")
+        if not LABEL_SMOOTHING.admits(self.label_smoothing):
+            problems.append(f"label_smoothing {self.label_smoothing} must be in {LABEL_SMOOTHING.span}")
         if problems:
             raise XferError("invalid training spec: " + "; ".join(problems) + ".")
 
@@ -144,7 +187,7 @@ class EstimateSpec:
     n: int | None = None
 
     def __post_init__(self) -> None:
-        if self.n is not None and self.n < 1:
+        if self.n is not None and not COUNT.admits(self.n):
             raise XferError(f"an estimate scores at least one target image, not n={self.n}; None scores the whole pool.")
 
     @property
@@ -166,12 +209,12 @@ class AttackSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.eps <= 1:
-            raise XferError(f"attack eps {self.eps} is outside [0, 1]; images are in [0, 1], so use e.g. 0.3 for MNIST or 8/255 for CIFAR.")
-        if self.alpha is not None and not 0 < self.alpha <= 1:
-            raise XferError(f"attack alpha {self.alpha} must lie in (0, 1].")
-        if self.steps < 1 or self.n < 1:
-            raise XferError("attack steps and n must be positive.")
+        if not EPS.admits(self.eps):
+            raise XferError(f"attack eps {self.eps} is outside {EPS.span}; images are in [0, 1], so use e.g. 0.3 for MNIST or 8/255 for CIFAR.")
+        if self.alpha is not None and not ALPHA.admits(self.alpha):
+            raise XferError(f"attack alpha {self.alpha} {ALPHA.rule}.")
+        if not (COUNT.admits(self.steps) and COUNT.admits(self.n)):
+            raise XferError(f"attack steps and n {COUNT.rule}.")
 
 
 @dataclass(frozen=True)
