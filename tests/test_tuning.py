@@ -22,6 +22,7 @@ from ray.tune.schedulers import TrialScheduler
 from tracking_fixtures import Server
 from xfer import data, models, names, server, specs, stages, tracking, tuning
 from xfer import grid as grids
+from xfer import tuned as tuned_settings   # a test below names its tuned grid `tuned`
 from xfer import train as loop
 from xfer.errors import XferError
 from xfer.specs import FinetuneSpec, PretrainSpec, TrainSpec
@@ -303,7 +304,7 @@ def test_the_grid_gets_the_best_configuration_per_arch_and_size(smoke_study: dic
     grid = grids.make(name="g", sources=["glyph_letters", "uci_digits"], archs=["mlp_mixer", "lenet5"],
                       target="mnist5k", sizes=[200, 500], lrs=[1e-3], freeze=[0])
 
-    found = tuning.best_settings(grid, experiment)
+    found = tuned_settings.best_settings(grid, experiment)
     (smoke,) = tracking.query(experiment, stage=names.TUNE, tags={names.TAG_KEY: smoke_study["study"].key})
     assert set(found) == {("mlp_mixer", 200), ("mlp_mixer", 500), ("lenet5", 200)}
     # n=500: the smoke study beats the uci_digits study (0.99); n=200: uci_digits (0.20) beats glyph_letters (0.30),
@@ -312,9 +313,9 @@ def test_the_grid_gets_the_best_configuration_per_arch_and_size(smoke_study: dic
     assert found[("mlp_mixer", 500)].settings["lr"] == float(smoke.tags[names.TAG_BEST_PREFIX + "lr"])
     assert (found[("mlp_mixer", 200)].source, found[("mlp_mixer", 200)].settings["lr"]) == ("uci_digits", 5e-3)
     assert (found[("lenet5", 200)].settings["lr"], found[("lenet5", 200)].settings["batch_size"]) == (7e-3, 64)
-    assert all(set(f.settings) == set(tuning.GRID_SETTINGS) for f in found.values())
+    assert all(set(f.settings) == set(tuned_settings.GRID_SETTINGS) for f in found.values())
 
-    lines = tuning.choice_lines(grid, found, experiment)   # what `full_grid.py --tuned` prints, in grid order
+    lines = tuned_settings.choice_lines(grid, found, experiment)   # what `full_grid.py --tuned` prints, in grid order
     assert len(lines) == 4
     assert lines[0].startswith("mlp_mixer n=200: tuned lr=0.005 ") and "uci_digits→mnist5k" in lines[0]
     assert lines[1].startswith("mlp_mixer n=500: tuned lr=") and "glyph_letters→mnist5k" in lines[1]
@@ -327,11 +328,11 @@ def test_apply_best_puts_the_tuned_settings_into_the_grid_cells(smoke_study: dic
     grid = grids.make(name="g", sources=["glyph_letters"], archs=["mlp_mixer"], target="mnist5k", sizes=[500, 1000],
                       lrs=[1e-3], freeze=[0])
     lines: list[str] = []
-    tuned = tuning.apply_best(grid, echo=lines.append, experiment=smoke_study["experiment"])
-    settings = tuning.best_settings(grid, smoke_study["experiment"])[("mlp_mixer", 500)].settings
+    tuned = tuned_settings.apply_best(grid, echo=lines.append, experiment=smoke_study["experiment"])
+    settings = tuned_settings.best_settings(grid, smoke_study["experiment"])[("mlp_mixer", 500)].settings
     assert tuned.tuned == {"mlp_mixer/500": settings} and len(lines) == 2
     by_size = {c.train.size: c.train for c in grids.cells(tuned).finetune}
-    assert {k: getattr(by_size[500], k) for k in tuning.GRID_SETTINGS} == settings and by_size[1000].lr == 1e-3
+    assert {k: getattr(by_size[500], k) for k in tuned_settings.GRID_SETTINGS} == settings and by_size[1000].lr == 1e-3
 
 
 def test_default_storage_lives_in_the_runs_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

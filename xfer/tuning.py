@@ -1,11 +1,12 @@
-"""Optuna search over fine-tune hyperparameters as Ray Tune trials: the study, its best configuration, `apply_best`.
+"""Optuna search over fine-tune hyperparameters as Ray Tune trials: the study, its storage, its best configuration.
 
 A study is one default fine-tune cell (source → target, arch, size, epochs) whose hyperparameters
 Optuna's TPE searches (seeded), with the default itself as the first trial; trials are Ray Tune trials
 that ASHA stops early by validation error. The study lives in Optuna's RDB storage, so running the
 same command again continues it. Trials never see the test split: it is removed before the data
 reaches Ray, and the best and the default models meet it once, at the end. MLflow holds one parent run
-per study (stage names.TUNE) with a child run per trial; `apply_best` hands the grid the best settings.
+per study (stage names.TUNE) with a child run per trial; reports.studies writes the study's files and
+xfer.tuned hands the grid the best settings.
 
 `OptunaSearch` refuses `tune.grid_search`, so this is its own entry point (sweeps/tune_finetune.py)
 over the same loop the grid runs (xfer.train.train).
@@ -14,9 +15,6 @@ over the same loop the grid runs (xfer.train.train).
 from __future__ import annotations
 
 import copy
-import csv
-import dataclasses
-import itertools
 import json
 import math
 import tempfile
@@ -29,8 +27,6 @@ from typing import Any, Protocol
 
 import optuna
 import sqlalchemy
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 from ray import tune
@@ -39,7 +35,6 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from xfer import checkpoint, cluster, data, models, names, server, specs, stages, tracking
-from xfer import grid as grids
 from xfer import train as loop
 from xfer.cells import Cell, live
 from xfer.errors import XferError
@@ -48,7 +43,6 @@ from xfer.specs import FinetuneSpec
 DEFAULT_EXPERIMENT = "tune"        # MLflow experiment of all studies: a grid's experiment holds only its own cells
 STUDY_DB = "optuna.db"             # default Optuna storage: SQLite in the runs folder (server.runs_dir())
 SEARCHED = ("lr", "weight_decay", "head_lr_mult", "freeze_depth", "unfreeze_epoch", "batch_size", "label_smoothing")
-GRID_SETTINGS = grids.TUNABLE  # what a study hands the grid; freeze depth stays a grid axis
 LR_RANGE = (1e-4, 3e-2)            # AdamW; above ~3e-2 the small nets diverge on MNIST-scale data
 WEIGHT_DECAY_RANGE = (1e-6, 1e-1)
 HEAD_LR_MULT_RANGE = (1.0, 30.0)   # the new head may learn faster than the pretrained body (the seed used 10)
@@ -639,11 +633,11 @@ def record(run: tracking.Run, study: StudySpec, ot_study: optuna.Study, outcome:
         "importance": outcome.importance, "notes": outcome.notes,
     }
     (out / names.BEST_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True, default=float))
-    _write_importance(out, outcome.importance)
-    _save(study_figure(ot_study, outcome), out / names.STUDY_FIGURE)
-    trials = ot_study.trials_dataframe()
-    trials["ran_every_epoch"] = trials["number"].isin(outcome.full_length)
-    trials.to_csv(out / names.TRIALS_FILE, index=False)
+    # Imported here: the report package (pandas, pyarrow, matplotlib) is for the end of a study, not for every
+    # Ray worker that imports this module to run a trial.
+    from reports import studies
+
+    studies.write(out, ot_study, outcome)
     for path in sorted(out.iterdir()):
         run.log_artifact(path)
     run.set_tags({names.TAG_BEST_PREFIX + k: getattr(best_cell.train, k) for k in SEARCHED}
@@ -659,66 +653,6 @@ def _as_dict(evaluated: Evaluated) -> dict[str, Any]:
             names.TEST_ERROR: evaluated.test_error, "mlflow_run_id": evaluated.run_id}
 
 
-def _write_importance(out: Path, importance: Mapping[str, float]) -> None:
-    table, markdown, figure = names.IMPORTANCE_FILES
-    with open(out / table, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["param", "importance"])
-        writer.writerows((k, f"{v:.6f}") for k, v in importance.items())
-    rows = [f"| {k} | {v:.3f} |" for k, v in importance.items()] or ["| (too few completed trials) | |"]
-    (out / markdown).write_text(f"Optuna fANOVA importance for validation error after epoch {IMPORTANCE_RUNG}\n\n"
-                                "| parameter | importance |\n|---|---|\n" + "\n".join(rows) + "\n")
-    _save(importance_figure(importance), out / figure)
-
-
-def importance_figure(importance: Mapping[str, float]) -> Figure:
-    """Horizontal bars, most important on top."""
-    fig = Figure(figsize=(7, 0.45 * max(len(importance), 2) + 1), layout="constrained")  # room for the names
-    ax = fig.subplots()
-    ordered = sorted(importance.items(), key=lambda kv: kv[1])
-    ax.barh([k for k, _ in ordered], [v for _, v in ordered], color="tab:blue")
-    ax.set_xlabel(f"importance for validation error after epoch {IMPORTANCE_RUNG} (Optuna fANOVA, sums to 1)")
-    ax.set_title("hyperparameter importance" if importance else "hyperparameter importance: too few trials")
-    return fig
-
-
-def study_figure(ot_study: optuna.Study, outcome: StudyOutcome) -> Figure:
-    """Left: each trial's validation error (full-length, or when ASHA stopped it) and the running best of the
-    full-length trials. Right: default vs best, validation and test."""
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    history, bars = fig.subplots(1, 2)
-    done = [t for t in ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    full = [t for t in done if t.number in outcome.full_length]
-    stopped = [t for t in done if t.number not in outcome.full_length]
-    history.scatter([t.number for t in full], [t.value for t in full], s=18, color="tab:blue", label="ran every epoch")
-    history.scatter([t.number for t in stopped], [t.value for t in stopped], s=18, facecolors="none",
-                    edgecolors="tab:gray", label="stopped early (error then)")
-    running = [min(t.value for t in full[:i + 1]) for i in range(len(full))]
-    history.step([t.number for t in full], running, where="post", color="tab:blue", label="best so far")
-    if outcome.default:
-        history.scatter([outcome.default.number], [outcome.default.val_error], marker="*", s=140, color="tab:orange",
-                        label="default", zorder=3)
-    history.set_xlabel("trial")
-    history.set_ylabel("validation error")
-    history.legend(fontsize="small")
-    rows = [("default", outcome.default), ("best", outcome.best)] if outcome.default else [("best", outcome.best)]
-    for offset, (split, colour) in enumerate(((names.VAL_ERROR, "tab:blue"), (names.TEST_ERROR, "tab:green"))):
-        values = [getattr(e, split) for _, e in rows]
-        positions = [i + (offset - 0.5) * 0.38 for i in range(len(rows))]
-        bars.bar(positions, values, width=0.38, color=colour, label=split.replace("_", " "))
-        for x, v in zip(positions, values):
-            bars.annotate(f"{v:.3f}", (x, v), ha="center", va="bottom", fontsize=8)
-    bars.set_xticks(range(len(rows)), [name for name, _ in rows])
-    bars.set_ylabel("error")
-    bars.legend()
-    fig.suptitle(f"{outcome.name}: {outcome.trials} trials")
-    return fig
-
-
-def _save(fig: Figure, path: Path) -> None:
-    FigureCanvasAgg(fig).print_png(str(path))   # Agg explicitly: no pyplot, no display needed
-
-
 def _shown(url: str) -> str:
     """A storage URL fit for logs and tags: any password hidden."""
     try:
@@ -727,96 +661,13 @@ def _shown(url: str) -> str:
         return url
 
 
-# ---- the grid's view: the best configuration per (arch, size) -------------------------------------------
-
-@dataclass(frozen=True)
-class Found:
-    """The best configuration a finished study recorded for one (arch, size)."""
-
-    arch: str
-    size: int
-    source: str
-    settings: dict[str, Any]           # GRID_SETTINGS → values
-    freeze_depth: int
-    val_error: float
-    default_val_error: float
-    trials: int
-    run_id: str
-
-
-def best_settings(grid: grids.Grid, experiment: str = DEFAULT_EXPERIMENT) -> dict[tuple[str, int], Found]:
-    """(arch, size) → the best configuration among finished studies of the grid's target, archs, sizes and sources.
-
-    Each study's newest parent run counts; with several sources for one (arch, size), the lowest best
-    validation error wins (the grid has one setting per arch and size, whatever the source).
-    """
-    sizes = {str(size or "all"): size for size in grid.sizes}
-    newest: dict[str, tracking.RunRecord] = {}
-    studies = {names.TAG_TUNE_ROLE: names.TUNE_ROLE_STUDY, names.TAG_TARGET: grid.target}
-    for record in tracking.query(experiment, stage=names.TUNE, tags=studies):
-        if record.tags.get(names.TAG_ARCH) in grid.archs and record.tags.get(names.TAG_SIZE) in sizes \
-                and record.tags.get(names.TAG_SOURCE) in grid.sources and names.TAG_BEST_PREFIX + "lr" in record.tags:
-            newest[record.key] = record
-    found: dict[tuple[str, int], Found] = {}
-    for record in newest.values():
-        cell = _best_cell(record)
-        item = Found(
-            arch=cell.train.arch, size=sizes[record.tags[names.TAG_SIZE]], source=cell.source,
-            settings={k: getattr(cell.train, k) for k in GRID_SETTINGS}, freeze_depth=cell.train.freeze_depth,
-            val_error=record.metrics.get(names.BEST_VAL_ERROR, math.nan),
-            default_val_error=record.metrics.get(names.DEFAULT_VAL_ERROR, math.nan),
-            trials=int(record.tags.get(names.TAG_TRIALS, 0)), run_id=record.run_id,
-        )
-        slot = (item.arch, item.size)
-        if slot not in found or item.val_error < found[slot].val_error:
-            found[slot] = item
-    return found
-
-
-def _best_cell(record: tracking.RunRecord) -> FinetuneSpec:
-    """The best cell of a study's parent run: its params (the default cell) with the xfer.best.* tags applied."""
-    best = {f"train.{k}": record.tags[names.TAG_BEST_PREFIX + k] for k in SEARCHED}
-    return specs.from_flat(FinetuneSpec, {**record.params, **best})
-
-
-def apply_best(grid: grids.Grid, echo: Callable[[str], None] = print, experiment: str = DEFAULT_EXPERIMENT) -> grids.Grid:
-    """The grid with each (arch, size)'s tuned settings where a finished study exists; echoes one line per (arch, size).
-
-    Studies are looked up in MLflow experiment `experiment` (default "tune"). The settings travel in the
-    field ``Grid.tuned: dict[str, dict[str, Any]]`` keyed ``"arch/size"`` (size 0 = the whole pool), each
-    value the GRID_SETTINGS of that arch and size; `grid.cells` uses the tuned lr instead of the lrs axis
-    and the other settings in place of the grid's, for that arch and size's fine-tune and scratch cells.
-    Freeze depth stays the grid's axis: the study's best depth is reported, not imposed.
-    """
-    found = best_settings(grid, experiment)
-    for line in choice_lines(grid, found, experiment):
-        echo(line)
-    tuned = {f"{arch}/{size}": item.settings for (arch, size), item in found.items()}
-    return dataclasses.replace(grid, tuned={**grid.tuned, **tuned})
-
-
-def choice_lines(grid: grids.Grid, found: Mapping[tuple[str, int], Found], experiment: str) -> list[str]:
-    """What --tuned uses, one line per (arch, size) of the grid: a study's best settings, or the grid's lrs."""
-    lines = []
-    for arch, size in itertools.product(grid.archs, grid.sizes):
-        where, item = f"{arch} n={size or 'all'}", found.get((arch, size))
-        if item is None:
-            lines.append(f"{where}: no finished tune study for target {grid.target} in MLflow experiment "
-                         f"{experiment!r}; using the grid's lrs {', '.join(map(str, grid.lrs))}")
-            continue
-        lines.append(f"{where}: tuned " + " ".join(f"{k}={_short(v)}" for k, v in item.settings.items())
-                     + f" from study {item.source}→{grid.target} ({item.trials} trials, val_error {item.val_error:.4f}"
-                     f" vs default {item.default_val_error:.4f}; its best freeze depth {item.freeze_depth} is not "
-                     f"imposed; run {item.run_id})")
-    return lines
-
-
 def _short(value: Any) -> str:
+    """A hyperparameter's value as a line shows it: a trial's point (`TrialLines`), a tuned grid's (xfer.tuned)."""
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 __all__ = [
-    "StudySpec", "TrialContext", "StudyOutcome", "Evaluated", "Found", "search_space", "default_params", "cell_of",
+    "StudySpec", "TrialContext", "StudyOutcome", "Evaluated", "search_space", "default_params", "cell_of",
     "withhold_test", "run_trial", "run_study", "ensure_pretrained", "best_trial", "evaluate_on_test",
-    "param_importances", "asha", "free_slots", "study_run", "record", "best_settings", "choice_lines", "apply_best", "DEFAULT_EXPERIMENT",
+    "param_importances", "asha", "free_slots", "study_run", "record", "DEFAULT_EXPERIMENT",
 ]

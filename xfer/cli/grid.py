@@ -107,11 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     options = run_options(args, grid.name, skip_bad_images=args.skip_bad_images, workers_per_trial=args.workers_per_trial,
                           checkpoint_interval_s=args.checkpoint_every, vectorise=args.vectorise)
     if args.tuned:
-        from xfer import tuning
+        from xfer import tuned
 
         grids.validate(grid)   # a bad grid is refused before the tuning look-up starts the MLflow server
         server.ensure_server()
-        grid = tuning.apply_best(grid, echo=print)
+        grid = tuned.apply_best(grid, echo=print)
     if args.dry_run:   # the plan and its cost, with or without the data; starts no Ray and no trial
         pipeline.dry_run(grid, options, gpus=args.gpus, only=tuple(args.stages))
         return 0
