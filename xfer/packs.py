@@ -190,7 +190,7 @@ def run_pack(pack: Sequence[Any], kind: Kind, experiment: str, datasets: dict[st
             outcome.skipped.append(specs.key(spec))
         else:
             todo.append(spec)
-    device = torch.device(device) if device is not None else loop._default_device()
+    device = torch.device(device) if device is not None else loop.default_device()
     if len(todo) > 1 and vectorise != "never" and loop.dist_world()[1] == 1:
         _together(todo, kind, context, store, device, is_chief, node, vectorise, outcome)
     else:

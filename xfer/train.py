@@ -1,6 +1,8 @@
 """The one training loop: pretraining, fine-tuning and scratch training differ only by their TrainSpec.
 
-Knows nothing of Ray or MLflow: it reports through a callable it is handed and returns its metrics.
+Knows nothing of Ray or MLflow: it reports through a callable it is handed and returns its metrics. Its pieces
+(device and precision, steps and seeds of an epoch, the phase's optimiser and schedule, the step, what a cell writes)
+are public: xfer.vectorised trains a pack of cells with the same ones, and xfer.plan times `train_step`.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def train(
     `resume` continues from such a state instead of epoch 0. `stop`, asked before every optimiser step, ends
     training early with a "stopped" result (the grid is stopping: the cell resumes from its last epoch state).
     """
-    device = torch.device(device) if device is not None else _default_device()
+    device = torch.device(device) if device is not None else default_device()
     cuda = device.type == "cuda"
     low = bf16(spec.precision, device)
     model.to(device)
@@ -88,14 +90,12 @@ def train(
 
     rank, world = dist_world()
     shard = len(data.train) // world
-    phase = _Phase.build(spec, model, start_epoch=resume.epoch if resume else 0, steps_per_epoch=_steps(shard, spec))
+    phase = Phase.build(spec, model, start_epoch=resume.epoch if resume else 0,
+                        steps_per_epoch=steps_per_epoch(shard, spec))
     curve: list[dict[str, Any]] = list(resume.curve) if resume else []
     step, seconds_before = (resume.step, resume.seconds) if resume else (0, 0.0)
     if resume:
-        model.load_state_dict(resume.model)
-        phase.optimizer.load_state_dict(resume.optimizer)
-        if resume.scheduler is not None and phase.scheduler is not None:
-            phase.scheduler.load_state_dict(resume.scheduler)
+        restore(model, phase, resume)
     start = time.perf_counter()
 
     def now() -> float:
@@ -104,10 +104,9 @@ def train(
     errors: dict[str, float] | None = None
     for epoch in range(resume.epoch if resume else 0, spec.epochs):
         if spec.unfreeze_epoch is not None and epoch == spec.unfreeze_epoch:
-            phase = _Phase.build(spec, model, start_epoch=epoch, steps_per_epoch=phase.steps_per_epoch)
+            phase = Phase.build(spec, model, start_epoch=epoch, steps_per_epoch=phase.steps_per_epoch)
         model.train()
-        # Per-epoch seeds make the batch order and dropout masks of epoch e the same with or without a resume.
-        torch.manual_seed(spec.seed * 100_003 + epoch)
+        torch.manual_seed(epoch_seed(spec, epoch))  # dropout and augmentation draws
         batch = min(spec.batch_size, shard)
         order = epoch_order(len(train_y), spec, epoch, phase.steps_per_epoch * batch * world)
         # Data-parallel ranks take disjoint shards of one order.
@@ -119,20 +118,12 @@ def train(
             if stop is not None and stop():
                 return stopped(spec, step, epoch, curve, now())
             idx = order[begin:begin + batch]
-            x = _as_float(train_x[idx], cuda)
+            x = as_float(train_x[idx], channels_last=cuda)
             if spec.augment:
                 x = augment_batch(x)
             y = train_y[idx]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=low):
-                logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=spec.label_smoothing)
-            phase.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1:
-                _average_gradients(model)
-            phase.optimizer.step()
-            if phase.scheduler is not None and spec.schedule == "cosine":
-                phase.scheduler.step()
+            logits, loss = train_step(model, phase.optimizer, x, y, spec.label_smoothing, low, world)
+            phase.after_step()
             step += 1
             # Accumulate on the device; read back (one sync) only every `log_every` steps.
             correct += (logits.argmax(1) == y).sum()
@@ -141,122 +132,51 @@ def train(
             if step % spec.log_every == 0:
                 total_loss, right, examples = window(loss_sum, correct, seen, world)
                 if not math.isfinite(total_loss):
-                    return _failed(spec, step, epoch, curve, now())
-                row = _row(step, epoch + (begin + len(idx)) / len(order), now(), "train", 1 - right / examples)
+                    return failed(spec, step, epoch, curve, now())
+                row = curve_row(step, epoch + (begin + len(idx)) / len(order), now(), "train", 1 - right / examples)
                 curve.append(row)
-                report({"kind": "train", **_metrics_of(row), names.TRAIN_LOSS: total_loss / examples})
+                report(train_record(row, total_loss / examples))
                 correct.zero_()
                 loss_sum.zero_()
                 seen = 0
         if seen:
             total_loss, right, examples = window(loss_sum, correct, seen, world)
             if not math.isfinite(total_loss):
-                return _failed(spec, step, epoch, curve, now())
+                return failed(spec, step, epoch, curve, now())
             if epoch == spec.epochs - 1:
                 # The steps since the last full `log_every` window: a cell always ends with a train error, even one
                 # with fewer steps than `log_every`.
-                row = _row(step, epoch + 1, now(), "train", 1 - right / examples)
+                row = curve_row(step, epoch + 1, now(), "train", 1 - right / examples)
                 curve.append(row)
-                report({"kind": "train", **_metrics_of(row), names.TRAIN_LOSS: total_loss / examples})
+                report(train_record(row, total_loss / examples))
         errors = {split: error(model, *tensors, cuda=cuda, low=low) for split, tensors in eval_sets.items()}
-        if phase.scheduler is not None and spec.schedule == "plateau":
-            phase.scheduler.step(errors["val"])
+        phase.after_evaluation(errors["val"])
         for split, err in errors.items():
-            curve.append(_row(step, epoch + 1, now(), split, err))
-        report({
-            "kind": "epoch", "step": step, names.EPOCH: epoch + 1, names.SECONDS: now(),
-            names.VAL_ERROR: errors["val"], names.TEST_ERROR: errors["test"],
-        })
+            curve.append(curve_row(step, epoch + 1, now(), split, err))
+        report(epoch_record(step, epoch + 1, now(), errors))
         if on_epoch_end is not None:
-            # A snapshot, not live references: training goes on mutating the model and optimiser tensors.
-            on_epoch_end(TrainState(
-                epoch=epoch + 1, step=step, seconds=now(),
-                model={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
-                optimizer=copy.deepcopy(phase.optimizer.state_dict()),
-                scheduler=copy.deepcopy(phase.scheduler.state_dict()) if phase.scheduler is not None else None,
-                curve=list(curve),
-            ))
+            on_epoch_end(snapshot(epoch + 1, step, now(), model, copy.deepcopy(phase.optimizer.state_dict()),
+                                  phase.scheduler, curve))
     # Evaluation is deterministic and nothing changes the model after the last epoch's: its errors are the final ones
     # (a cell resumed from its last epoch's state evaluates once here).
     final = errors if errors is not None else {split: error(model, *tensors, cuda=cuda, low=low)
                                                for split, tensors in eval_sets.items()}
-    last_train = [r["error"] for r in curve if r["split"] == "train"]
-    metrics = {
-        names.TEST_ERROR: final["test"], names.TEST_ACC: 1 - final["test"],
-        names.VAL_ERROR: final["val"], names.VAL_ACC: 1 - final["val"],
-        names.TRAIN_ERROR: last_train[-1] if last_train else math.nan,
-        names.EPOCH: float(spec.epochs), names.SECONDS: now(), "steps": float(step),
-    }
-    return Result("ok", "", metrics, curve)
+    return finished(spec, step, final, curve, now())
 
 
-@dataclass
-class _Phase:
-    """Optimiser and schedule for one phase (before / after unfreezing)."""
+# ---- a cell's set-up: device, precision, steps, seeds, data order, optimiser and schedule ------------
 
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    steps_per_epoch: int
-
-    @staticmethod
-    def build(spec: TrainSpec, model: models.XferModel, start_epoch: int, steps_per_epoch: int) -> _Phase:
-        unfrozen = spec.unfreeze_epoch is not None and start_epoch >= spec.unfreeze_epoch
-        models.unfreeze(model)
-        if not (unfrozen and spec.unfreeze_body):   # the control keeps its body frozen through the second phase
-            models.freeze(model, spec.freeze_depth)
-        lr = spec.lr * (spec.unfreeze_lr_mult if unfrozen else 1.0)
-        head = [p for p in models.head_parameters(model) if p.requires_grad]
-        backbone = [p for p in models.backbone_parameters(model) if p.requires_grad]
-        groups = [g for g in ({"params": backbone, "lr": lr}, {"params": head, "lr": lr * spec.head_lr_mult}) if g["params"]]
-        optimizer = _optimizer(spec, groups)
-        phase_end = spec.unfreeze_epoch if (spec.unfreeze_epoch is not None and not unfrozen) else spec.epochs
-        phase_start = spec.unfreeze_epoch if unfrozen else 0
-        if spec.schedule == "cosine":
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, (phase_end - phase_start) * steps_per_epoch))
-        elif spec.schedule == "plateau":
-            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=1)
-        else:
-            scheduler = None
-        return _Phase(optimizer, scheduler, steps_per_epoch)
+def default_device() -> torch.device:
+    """Where a cell trains when its caller names no device: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _optimizer(spec: TrainSpec, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    if spec.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-    cls = torch.optim.AdamW if spec.optimizer == "adamw" else torch.optim.Adam
-    return cls(groups, lr=spec.lr, weight_decay=spec.weight_decay)
+def bf16(precision: str, device: torch.device | str) -> bool:
+    """Whether a cell of `precision` (TrainSpec.precision) runs its forward passes under bf16 autocast on `device`."""
+    return precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
 
 
-def dist_world() -> tuple[int, int]:
-    """(rank, world size) under torch.distributed (Ray Train's workers), else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def window(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, world: int) -> tuple[float, float, int]:
-    """A logging window's summed loss, correct predictions and examples, over every data-parallel rank (one
-    all-reduce when there are several), so that all ranks see one loss and decide alike whether it is finite: a rank
-    that stopped on a NaN alone would leave the others blocked in their next gradient all-reduce."""
-    totals = torch.stack([loss_sum.float(), correct.float(), torch.full((), float(seen), device=loss_sum.device)])
-    if world > 1:
-        torch.distributed.all_reduce(totals)
-    total_loss, right, examples = totals.tolist()
-    return total_loss, right, int(examples)
-
-
-def _average_gradients(model: torch.nn.Module) -> None:
-    # One flat all-reduce per step instead of one per tensor; works across freeze/unfreeze phases,
-    # which DistributedDataParallel (fixed at wrap time) would not.
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch._utils._flatten_dense_tensors(grads)
-    torch.distributed.all_reduce(flat)
-    flat /= torch.distributed.get_world_size()
-    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        grad.copy_(synced)
-
-
-def _steps(n: int, spec: TrainSpec) -> int:
+def steps_per_epoch(n: int, spec: TrainSpec) -> int:
     """Optimiser steps per epoch over `n` training examples: one under fast_dev_run, `epoch_steps` when set, else one
     pass (the last partial batch dropped)."""
     if spec.fast_dev_run:
@@ -266,11 +186,19 @@ def _steps(n: int, spec: TrainSpec) -> int:
     return max(1, n // min(spec.batch_size, n))
 
 
+def epoch_seed(spec: TrainSpec, epoch: int) -> int:
+    """The seed of epoch `epoch` of `spec`'s cell, for its batch order (`epoch_order`) and its dropout and
+    augmentation draws: a function of the cell's seed and the epoch only, so epoch e draws the same with or without a
+    resume, and alone or in a vectorised pack. Fixed: a kept epoch state resumes on the draws it was made with."""
+    # 100_003 exceeds any epoch count, so each (seed, epoch) gets a seed of its own (that it is prime plays no part).
+    return spec.seed * 100_003 + epoch
+
+
 def epoch_order(n: int, spec: TrainSpec, epoch: int, needed: int = 0) -> torch.Tensor:
     """The order in which epoch `epoch` draws `n` training examples: a permutation seeded by the cell's seed and the
     epoch (the same with or without a resume), followed by further permutations of the same generator until it holds
     `needed` indices (an `epoch_steps` epoch longer than one pass over the data)."""
-    generator = torch.Generator().manual_seed(spec.seed * 100_003 + epoch)
+    generator = torch.Generator().manual_seed(epoch_seed(spec, epoch))
     orders = [torch.randperm(n, generator=generator)]
     while len(orders) * n < needed:
         orders.append(torch.randperm(n, generator=generator))
@@ -289,23 +217,77 @@ def evaluation_splits(spec: TrainSpec, data: Splits) -> Splits:
     return dataclasses.replace(data, val=first_batch(data.val), test=first_batch(data.test))
 
 
-@torch.no_grad()
-def error(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cuda: bool = False,
-          low: bool | None = None) -> float:
-    """Classification error of `model` on uint8 `images` (already on the model's device); under bf16 autocast when
-    `low` (default: on CUDA, the "auto" precision)."""
-    low = cuda if low is None else low
-    if len(labels) == 0:
-        return math.nan
-    was_training = model.training
-    model.eval()
-    wrong = torch.zeros((), device=labels.device)
-    for begin in range(0, len(labels), EVAL_BATCH):
-        x = _as_float(images[begin:begin + EVAL_BATCH], cuda)
-        with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=low):
-            wrong += (model(x).argmax(1) != labels[begin:begin + EVAL_BATCH]).sum()
-    model.train(was_training)
-    return wrong.item() / len(labels)
+@dataclass
+class Phase:
+    """Optimiser and schedule for one phase (before / after unfreezing)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    steps_per_epoch: int
+    schedule: str                        # TrainSpec.schedule: when `scheduler` moves
+
+    @staticmethod
+    def build(spec: TrainSpec, model: models.XferModel, start_epoch: int, steps_per_epoch: int) -> Phase:
+        """The phase `start_epoch` lies in: `model` frozen to `spec.freeze_depth` (but in the unfrozen phase of a
+        cell that unfreezes its body), its trainable backbone and head as torch.optim param groups (the head's lr
+        times `head_lr_mult`), and the schedule (a cosine one spans the phase's steps)."""
+        unfrozen = spec.unfreeze_epoch is not None and start_epoch >= spec.unfreeze_epoch
+        models.unfreeze(model)
+        if not (unfrozen and spec.unfreeze_body):   # the control keeps its body frozen through the second phase
+            models.freeze(model, spec.freeze_depth)
+        lr = spec.lr * (spec.unfreeze_lr_mult if unfrozen else 1.0)
+        head = [p for p in models.head_parameters(model) if p.requires_grad]
+        backbone = [p for p in models.backbone_parameters(model) if p.requires_grad]
+        groups = [g for g in ({"params": backbone, "lr": lr}, {"params": head, "lr": lr * spec.head_lr_mult}) if g["params"]]
+        optimizer = build_optimizer(spec, groups)
+        phase_end = spec.unfreeze_epoch if (spec.unfreeze_epoch is not None and not unfrozen) else spec.epochs
+        phase_start = spec.unfreeze_epoch if unfrozen else 0
+        if spec.schedule == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, (phase_end - phase_start) * steps_per_epoch))
+        elif spec.schedule == "plateau":
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=1)
+        else:
+            scheduler = None
+        return Phase(optimizer, scheduler, steps_per_epoch, spec.schedule)
+
+    def after_step(self) -> None:
+        """After every optimiser step: the cosine schedule moves per step."""
+        if self.scheduler is not None and self.schedule == "cosine":
+            self.scheduler.step()
+
+    def after_evaluation(self, val_error: float) -> None:
+        """After every epoch's evaluation: the plateau schedule reads the validation error."""
+        if self.scheduler is not None and self.schedule == "plateau":
+            self.scheduler.step(val_error)
+
+
+def build_optimizer(spec: TrainSpec, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """The torch.optim optimiser `spec.optimizer` names, over `groups` (each may set its own lr)."""
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    cls = torch.optim.AdamW if spec.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def restore(model: models.XferModel, phase: Phase, state: TrainState) -> None:
+    """Load an epoch's `state` (from `snapshot`) into `model` and the `phase` freshly built for that epoch."""
+    model.load_state_dict(state.model)
+    phase.optimizer.load_state_dict(state.optimizer)
+    if state.scheduler is not None and phase.scheduler is not None:
+        phase.scheduler.load_state_dict(state.scheduler)
+
+
+# ---- one optimiser step ------------------------------------------------------------------------------
+
+def _to_device(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # The whole split moves once, as uint8 (4x smaller than float); batches are index slices on the device.
+    return split.images.to(device, non_blocking=True), split.labels.to(device, non_blocking=True)
+
+
+def as_float(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 images as the float [0, 1] batch a model takes, in channels_last layout where asked (CUDA's NHWC convs)."""
+    x = images.float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def augment_batch(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -326,26 +308,130 @@ def augment_batch(x: torch.Tensor, pad: int = 4, generator: torch.Generator | No
     return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
 
 
-def _to_device(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # The whole split moves once, as uint8 (4x smaller than float); batches are index slices on the device.
-    return split.images.to(device, non_blocking=True), split.labels.to(device, non_blocking=True)
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """The training loss, in float32 whatever precision the logits came in (bf16 under autocast): a bf16 log-softmax
+    would round the loss and its gradient."""
+    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
 
-def _as_float(images: torch.Tensor, cuda: bool) -> torch.Tensor:
-    x = images.float().div_(255)
-    return x.contiguous(memory_format=torch.channels_last) if cuda else x
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               label_smoothing: float, low: bool, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step of `model` on the batch (`x`, `y`); returns the batch's logits and loss.
+
+    The forward runs under bf16 autocast when `low` (`bf16`); with several data-parallel ranks (`world`), the
+    gradients are averaged over them before the step."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=low):
+        logits = model(x)
+        loss = cross_entropy(logits, y, label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if world > 1:
+        _average_gradients(model)
+    optimizer.step()
+    return logits, loss
 
 
-def _row(step: int, epoch: float, seconds: float, split: str, err: float) -> dict[str, Any]:
+def dist_world() -> tuple[int, int]:
+    """(rank, world size) under torch.distributed (Ray Train's workers), else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _average_gradients(model: torch.nn.Module) -> None:
+    # One flat all-reduce per step instead of one per tensor; works across freeze/unfreeze phases,
+    # which DistributedDataParallel (fixed at wrap time) would not.
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        grad.copy_(synced)
+
+
+def window(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, world: int) -> tuple[float, float, int]:
+    """A logging window's summed loss, correct predictions and examples, over every data-parallel rank (one
+    all-reduce when there are several), so that all ranks see one loss and decide alike whether it is finite: a rank
+    that stopped on a NaN alone would leave the others blocked in their next gradient all-reduce."""
+    totals = torch.stack([loss_sum.float(), correct.float(), torch.full((), float(seen), device=loss_sum.device)])
+    if world > 1:
+        torch.distributed.all_reduce(totals)
+    total_loss, right, examples = totals.tolist()
+    return total_loss, right, int(examples)
+
+
+# ---- evaluation --------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def error(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cuda: bool = False,
+          low: bool | None = None) -> float:
+    """Classification error of `model` on uint8 `images` (already on the model's device); under bf16 autocast when
+    `low` (default: on CUDA, the "auto" precision)."""
+    low = cuda if low is None else low
+    if len(labels) == 0:
+        return math.nan
+    was_training = model.training
+    model.eval()
+    wrong = torch.zeros((), device=labels.device)
+    for begin in range(0, len(labels), EVAL_BATCH):
+        x = as_float(images[begin:begin + EVAL_BATCH], channels_last=cuda)
+        with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=low):
+            wrong += (model(x).argmax(1) != labels[begin:begin + EVAL_BATCH]).sum()
+    model.train(was_training)
+    return wrong.item() / len(labels)
+
+
+# ---- what a cell writes: curve rows, report records, epoch states, results ---------------------------
+
+def curve_row(step: int, epoch: float, seconds: float, split: str, err: float) -> dict[str, Any]:
+    """One row of a cell's error curve (Result.curve): `split`'s error at `step`, `epoch` (fractional mid-epoch)."""
     return {"step": step, "epoch": float(epoch), "seconds": float(seconds), "split": split, "error": float(err)}
 
 
-def _metrics_of(row: dict[str, Any]) -> dict[str, Any]:
-    key = {"train": names.TRAIN_ERROR, "val": names.VAL_ERROR, "test": names.TEST_ERROR}[row["split"]]
-    return {"step": row["step"], names.EPOCH: row["epoch"], names.SECONDS: row["seconds"], key: row["error"]}
+def train_record(row: dict[str, Any], loss: float) -> dict[str, Any]:
+    """The report record of a train-error `row` (`curve_row`) and the mean loss of its logging window."""
+    return {"kind": "train", "step": row["step"], names.EPOCH: row["epoch"], names.SECONDS: row["seconds"],
+            names.TRAIN_ERROR: row["error"], names.TRAIN_LOSS: loss}
 
 
-def _failed(spec: TrainSpec, step: int, epoch: int, curve: list[dict[str, Any]], seconds: float) -> Result:
+def epoch_record(step: int, epoch: int, seconds: float, errors: dict[str, float]) -> dict[str, Any]:
+    """The report record of an epoch's end: `errors` holds its "val" and "test" errors."""
+    return {
+        "kind": "epoch", "step": step, names.EPOCH: epoch, names.SECONDS: seconds,
+        names.VAL_ERROR: errors["val"], names.TEST_ERROR: errors["test"],
+    }
+
+
+def snapshot(epoch: int, step: int, seconds: float, model: models.XferModel, optimizer: dict[str, Any],
+             scheduler: Any, curve: list[dict[str, Any]]) -> TrainState:
+    """A cell's state after `epoch` epochs, for `on_epoch_end`; `optimizer` is a state dict the caller already copied.
+
+    A snapshot, not live references: training goes on mutating the model and optimiser tensors."""
+    return TrainState(
+        epoch=epoch, step=step, seconds=seconds,
+        model={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+        optimizer=optimizer,
+        scheduler=copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None,
+        curve=list(curve),
+    )
+
+
+def finished(spec: TrainSpec, step: int, errors: dict[str, float], curve: list[dict[str, Any]],
+             seconds: float) -> Result:
+    """The result of a cell that trained all its epochs: `errors` are its final val and test errors, its train error
+    the curve's last."""
+    last_train = [r["error"] for r in curve if r["split"] == "train"]
+    metrics = {
+        names.TEST_ERROR: errors["test"], names.TEST_ACC: 1 - errors["test"],
+        names.VAL_ERROR: errors["val"], names.VAL_ACC: 1 - errors["val"],
+        names.TRAIN_ERROR: last_train[-1] if last_train else math.nan,
+        names.EPOCH: float(spec.epochs), names.SECONDS: seconds, "steps": float(step),
+    }
+    return Result("ok", "", metrics, curve)
+
+
+def failed(spec: TrainSpec, step: int, epoch: int, curve: list[dict[str, Any]], seconds: float) -> Result:
+    """The result of a cell whose loss went non-finite in epoch `epoch` (0-based)."""
     reason = (
         f"non-finite loss at step {step} (epoch {epoch + 1}) with lr {spec.lr} and optimizer {spec.optimizer}; "
         "lower the learning rate or check the data"
@@ -357,12 +443,3 @@ def stopped(spec: TrainSpec, step: int, epoch: int, curve: list[dict[str, Any]],
     """The result of a cell stopped mid-training (its grid is stopping): it resumes from its last epoch state."""
     return Result("stopped", f"stopped at step {step} (epoch {epoch + 1}) because the grid is stopping; the rerun "
                   "resumes it from its last epoch state", {names.SECONDS: seconds, "steps": float(step)}, curve)
-
-
-def bf16(precision: str, device: torch.device | str) -> bool:
-    """Whether a cell of `precision` (TrainSpec.precision) runs its forward passes under bf16 autocast on `device`."""
-    return precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

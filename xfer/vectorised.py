@@ -4,7 +4,9 @@ Cell i follows `train.train` step for step (batch order, dropout and augmentatio
 maths, curve rows, failures, epoch states), but each step runs every cell at once: `torch.func.vmap`
 over `functional_call` of one template module, the cells' tensors stacked along a leading axis. On a
 GPU one small model per step leaves the device idle (kernel launches dominate); N models per step is
-where the speed is.
+where the speed is. All but the step itself is train.py's own pieces, called per cell: the epoch's seed
+and order, the phase's optimiser and schedule, the loss, the curve rows, report records, epoch states
+and results.
 
 Why vmap and not a hand-built wide model (grouped convolutions, block-diagonal linears): vmap runs
 each arch's own forward code, so every registered arch, and the next one, is covered and equal to
@@ -29,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from xfer import names
 from xfer import train as loop
 from xfer.checkpoint import TrainState
 from xfer.data import Split, Splits
@@ -108,7 +109,7 @@ class _Cell:
     model: XferModel
     report: Report
     on_epoch_end: Callable[[TrainState], None] | None
-    phase: Any                           # train._Phase: the torch.optim optimiser and scheduler train.py would use
+    phase: loop.Phase                    # the torch.optim optimiser and scheduler train.py would use
     curve: list[dict[str, Any]]
     seconds_before: float
     result: Result | None = None         # set when the cell fails
@@ -140,12 +141,12 @@ def train_many(
     if reason is not None:
         raise XferError(f"these {n} cells cannot train as one batched model: {reason}. "
                         "Train them one at a time with xfer.train.train.")
-    device = torch.device(device) if device is not None else loop._default_device()
+    device = torch.device(device) if device is not None else loop.default_device()
     resumes = list(resumes) if resumes is not None else [None] * n
     start_epoch, step = _resume_position(resumes)
     store = _Store.build([loop.evaluation_splits(s, d) for s, d in zip(specs, data)], device)
     spec = specs[0]
-    steps_per_epoch = loop._steps(store.lengths["train"], spec)
+    steps_per_epoch = loop.steps_per_epoch(store.lengths["train"], spec)
     reports = list(reports) if reports is not None else [loop.noop] * n
     callbacks = list(on_epoch_end) if on_epoch_end is not None else [None] * n
     cells = [_start_cell(specs[i], models[i], reports[i], callbacks[i], resumes[i], device, start_epoch, steps_per_epoch)
@@ -187,18 +188,15 @@ def _start_cell(spec: TrainSpec, model: XferModel, report: Report, on_epoch_end:
     model.to(device)
     phase = _phase(spec, model, start_epoch, steps_per_epoch)
     if resume is not None:
-        model.load_state_dict(resume.model)
-        phase.optimizer.load_state_dict(resume.optimizer)
-        if resume.scheduler is not None and phase.scheduler is not None:
-            phase.scheduler.load_state_dict(resume.scheduler)
+        loop.restore(model, phase, resume)
     curve = list(resume.curve) if resume is not None else []
     return _Cell(spec, model, report, on_epoch_end, phase, curve, resume.seconds if resume is not None else 0.0)
 
 
-def _phase(spec: TrainSpec, model: XferModel, epoch: int, steps_per_epoch: int) -> Any:
+def _phase(spec: TrainSpec, model: XferModel, epoch: int, steps_per_epoch: int) -> loop.Phase:
     """train.py's optimiser and scheduler for this phase: the pack reads their learning rates and writes
     their states, so both follow torch.optim exactly; the optimiser itself never sees a gradient."""
-    phase = loop._Phase.build(spec, model, start_epoch=epoch, steps_per_epoch=steps_per_epoch)
+    phase = loop.Phase.build(spec, model, start_epoch=epoch, steps_per_epoch=steps_per_epoch)
     for param in model.parameters():
         param.grad = None
     phase.optimizer.step()  # an empty step: tells the scheduler it is stepped after its optimiser, as in train.py
@@ -210,7 +208,7 @@ def _train_epoch(pack: _Pack, optim: _Optimiser, cells: list[_Cell], store: _Sto
     """One epoch of every cell, one batched step at a time; returns the step count after it."""
     spec, n, device = cells[0].spec, len(cells), store.images.device
     size = store.lengths["train"]
-    seeds = [cell.spec.seed * 100_003 + epoch for cell in cells]  # train.py's per-epoch seed, per cell
+    seeds = [loop.epoch_seed(cell.spec, epoch) for cell in cells]
     batch = min(spec.batch_size, size)
     orders = torch.stack([loop.epoch_order(size, cell.spec, epoch, steps_per_epoch * batch) for cell in cells])
     orders = orders.to(device) + store.starts["train"][:, None]  # one upload per epoch; batches are slices
@@ -228,7 +226,7 @@ def _train_epoch(pack: _Pack, optim: _Optimiser, cells: list[_Cell], store: _Sto
                     cell.result = loop.stopped(cell.spec, step, epoch, cell.curve, _now(cell, start))
             return step
         idx = orders[:, begin:begin + batch]
-        x = store.images[idx].float().div_(255)  # N×B×C×H×W; the dataset stays uint8 on the device
+        x = loop.as_float(store.images[idx], channels_last=False)  # N×B×C×H×W; the data stays uint8 on the device
         if spec.augment:
             x = draws.augment(x)
         y = store.labels[idx]
@@ -263,16 +261,16 @@ def _log_train(pack: _Pack, cells: list[_Cell], loss_sum: torch.Tensor, correct:
         if not math.isfinite(mean_loss):
             _fail(pack, i, cell, step, epoch, start)
             continue
-        row = loop._row(step, position, _now(cell, start), "train", 1 - rights[i] / seen)
+        row = loop.curve_row(step, position, _now(cell, start), "train", 1 - rights[i] / seen)
         cell.curve.append(row)
-        cell.report({"kind": "train", **loop._metrics_of(row), names.TRAIN_LOSS: mean_loss})
+        cell.report(loop.train_record(row, mean_loss))
 
 
 def _fail(pack: _Pack, i: int, cell: _Cell, step: int, epoch: int, start: float) -> None:
     # The cell's model keeps its weights at the failing step, as train.py returns with it; its slot in the pack
     # goes on computing (cells never mix) and its optimiser coefficients are zero from the next epoch.
     _write_back(pack, i, cell.model)
-    cell.result = loop._failed(cell.spec, step, epoch, cell.curve, _now(cell, start))
+    cell.result = loop.failed(cell.spec, step, epoch, cell.curve, _now(cell, start))
 
 
 def _end_epoch(pack: _Pack, optim: _Optimiser, cells: list[_Cell], store: _Store, epoch: int, step: int,
@@ -282,23 +280,14 @@ def _end_epoch(pack: _Pack, optim: _Optimiser, cells: list[_Cell], store: _Store
         if not cell.live:
             continue
         cell.errors = {split: errors[split][i] for split in errors}
-        if cell.phase.scheduler is not None and cell.spec.schedule == "plateau":
-            cell.phase.scheduler.step(cell.errors["val"])
+        cell.phase.after_evaluation(cell.errors["val"])
         for split, err in cell.errors.items():
-            cell.curve.append(loop._row(step, epoch + 1, _now(cell, start), split, err))
-        cell.report({
-            "kind": "epoch", "step": step, names.EPOCH: epoch + 1, names.SECONDS: _now(cell, start),
-            names.VAL_ERROR: cell.errors["val"], names.TEST_ERROR: cell.errors["test"],
-        })
+            cell.curve.append(loop.curve_row(step, epoch + 1, _now(cell, start), split, err))
+        cell.report(loop.epoch_record(step, epoch + 1, _now(cell, start), cell.errors))
         if cell.on_epoch_end is not None:
             _write_back(pack, i, cell.model)
-            cell.on_epoch_end(TrainState(
-                epoch=epoch + 1, step=step, seconds=_now(cell, start),
-                model={k: v.detach().to("cpu", copy=True) for k, v in cell.model.state_dict().items()},
-                optimizer=_optimiser_state(pack, optim, i, cell),
-                scheduler=copy.deepcopy(cell.phase.scheduler.state_dict()) if cell.phase.scheduler is not None else None,
-                curve=list(cell.curve),
-            ))
+            cell.on_epoch_end(loop.snapshot(epoch + 1, step, _now(cell, start), cell.model,
+                                            _optimiser_state(pack, optim, i, cell), cell.phase.scheduler, cell.curve))
 
 
 def _finish(pack: _Pack, i: int, cell: _Cell, step: int, start: float) -> Result:
@@ -306,15 +295,7 @@ def _finish(pack: _Pack, i: int, cell: _Cell, step: int, start: float) -> Result
         return cell.result
     _write_back(pack, i, cell.model)
     # Evaluation is deterministic, so the last epoch's errors are the final ones (as in train.py).
-    final = cell.errors
-    last_train = [r["error"] for r in cell.curve if r["split"] == "train"]
-    metrics = {
-        names.TEST_ERROR: final["test"], names.TEST_ACC: 1 - final["test"],
-        names.VAL_ERROR: final["val"], names.VAL_ACC: 1 - final["val"],
-        names.TRAIN_ERROR: last_train[-1] if last_train else math.nan,
-        names.EPOCH: float(cell.spec.epochs), names.SECONDS: _now(cell, start), "steps": float(step),
-    }
-    return Result("ok", "", metrics, cell.curve)
+    return loop.finished(cell.spec, step, cell.errors, cell.curve, _now(cell, start))
 
 
 def _now(cell: _Cell, start: float) -> float:
@@ -511,10 +492,9 @@ _AUTOCAST = {"cpu": {**_LOW_PRECISION, nn.LayerNorm: _Bf16LayerNorm},
 
 def _cell_loss(template: nn.Module, label_smoothing: float, params: dict[str, torch.Tensor],
                buffers: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One cell's step, as train.py computes it; vmap runs it for every cell at once."""
+    """One cell's loss and correct predictions, as train.train_step computes them; vmap runs it for every cell."""
     logits = functional_call(template, (params, buffers), (x,))
-    loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-    return loss, (logits.argmax(1) == y).sum()
+    return loop.cross_entropy(logits, y, label_smoothing), (logits.argmax(1) == y).sum()
 
 
 def _cell_wrong(template: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
@@ -610,7 +590,7 @@ def _errors(pack: _Pack, store: _Store, split: str) -> list[float]:
     chunk = max(64, _eval_images(device) // pack.n_cells)
     for begin in range(0, size, chunk):
         idx = store.starts[split][:, None] + torch.arange(begin, min(begin + chunk, size), device=device)
-        x = store.images[idx].float().div_(255)
+        x = loop.as_float(store.images[idx], channels_last=False)
         wrong += vmap(lambda p, b, xi, yi: _cell_wrong(pack.template, p, b, xi, yi))(
             pack.params, pack.buffers, x, store.labels[idx])
     return [w / size for w in wrong.tolist()]
@@ -717,8 +697,7 @@ def _coefficients(cells: list[_Cell], optim: _Optimiser, steps: int, device: tor
                 lr, slot = group["lr"], i * _SLOTS + g + 1
                 scale[t][slot] = -lr if optim.kind == "sgd" else -(lr / bias_correction1)
                 decay[t][slot] = 1 - lr * group["weight_decay"] if optim.kind == "adamw" else 1.0
-            if cell.spec.schedule == "cosine":
-                cell.phase.scheduler.step()
+            cell.phase.after_step()
     return _Coefficients(
         torch.tensor(scale, dtype=torch.float64).float().to(device),
         torch.tensor(decay, dtype=torch.float64).float().to(device),
@@ -823,7 +802,7 @@ def measure(specs: Sequence[TrainSpec], data: Sequence[Splits], models: Sequence
     data cut to `steps` batches without validation or test splits, so it costs about 2·steps·N·repeats single
     steps. The pack runner calls it where the batched model is not always faster (CPU) and prints the choice.
     """
-    device = torch.device(device) if device is not None else loop._default_device()
+    device = torch.device(device) if device is not None else loop.default_device()
     batch = min(specs[0].batch_size, len(data[0].train))
     # fast_dev_run off: it would cut every cell to one step, and `steps` steps are what is timed.
     timed = [dataclasses.replace(s, epochs=1, unfreeze_epoch=None, fast_dev_run=False) for s in specs]
@@ -856,7 +835,7 @@ def bench_pack(arch: str, n_cells: int, device: torch.device | str | None, steps
     """Samples/s and cells/hour of `n_cells` cells of `arch` trained one by one vs batched, on synthetic
     1×28×28 10-class data (the seed's shape). A "cell" here is `steps` steps of `batch_size`; the cells
     differ in lr, head_lr_mult and seed (so in batch order), as a grid's pack does."""
-    device = torch.device(device) if device is not None else loop._default_device()
+    device = torch.device(device) if device is not None else loop.default_device()
     specs, data, cells = synthetic_pack(arch, n_cells, steps, batch_size)
     timing = measure(specs, data, cells, device, steps)
     return {
