@@ -65,6 +65,25 @@ def test_resume_from_epoch_state_matches_uninterrupted(digits: data.Splits, tmp_
     assert [r["error"] for r in resumed.curve] == [r["error"] for r in full.curve]
 
 
+@pytest.mark.parametrize("unfreeze_body", [True, False])
+def test_resume_from_the_state_saved_just_before_unfreezing_matches_uninterrupted(
+        digits: data.Splits, tmp_path, unfreeze_body: bool) -> None:
+    # The state saved after epoch 2 holds the frozen phase's optimiser and schedule (fewer parameters in its groups
+    # when the body unfreezes); the uninterrupted run starts epoch 3 with a fresh optimiser and schedule, and so must
+    # the resumed one. The control (unfreeze_body False) keeps its groups but restarts its lr and schedule.
+    s = spec(epochs=3, freeze_depth=4, unfreeze_epoch=2, unfreeze_body=unfreeze_body, optimizer="sgd",
+             schedule="cosine")
+    straight = loop.prepare_model(s, digits)
+    states: list[loop.TrainState] = []
+    full = loop.train(s, digits, straight, on_epoch_end=states.append)
+    boundary = checkpoint.load_state(checkpoint.save_state(tmp_path / "state", states[1]))
+    assert boundary.epoch == s.unfreeze_epoch
+    resumed_model = loop.prepare_model(s, digits)
+    resumed = loop.train(s, digits, resumed_model, resume=boundary)
+    assert resumed.ok and [r["error"] for r in resumed.curve] == [r["error"] for r in full.curve]
+    assert all(torch.equal(a, b) for a, b in zip(resumed_model.state_dict().values(), straight.state_dict().values()))
+
+
 def test_non_finite_loss_fails_the_cell_not_the_process(digits: data.Splits) -> None:
     s = spec()
     model = loop.prepare_model(s, digits)

@@ -256,6 +256,29 @@ def test_epoch_states_resume_either_loop(pool: data.Dataset, tmp_path) -> None:
         assert_same_cell(seq_full[i], from_sequential[i], seq_models[i], crossed[i], ADAM_ATOL)
 
 
+def test_a_pack_resumes_from_the_states_saved_just_before_unfreezing(pool: data.Dataset, tmp_path) -> None:
+    # The states saved after epoch 2 hold the frozen phase's optimiser and schedule; the uninterrupted pack starts
+    # epoch 3 with fresh ones, and so must a resumed pack, or train.train resuming one cell: the cell that unfreezes
+    # its body (whose groups grow) and the control that keeps it frozen (whose lr and schedule restart) alike.
+    common = {"epochs": 3, "unfreeze_epoch": 2, "freeze_depth": 4, "optimizer": "sgd", "schedule": "cosine"}
+    specs = [spec(lr=0.05, seed=0, **common), spec(lr=0.05, seed=1, unfreeze_body=False, **common)]
+    cell_data = [splits(pool, s.seed) for s in specs]
+    fresh = [loop.prepare_model(s, d) for s, d in zip(specs, cell_data)]
+    states: list[list[loop.TrainState]] = [[], []]
+    full_models = [copy.deepcopy(m) for m in fresh]
+    full = vec.train_many(specs, cell_data, full_models, device="cpu", on_epoch_end=[s.append for s in states])
+    resumes = [checkpoint.load_state(checkpoint.save_state(tmp_path / f"cell{i}", s[1])) for i, s in enumerate(states)]
+    assert [r.epoch for r in resumes] == [2, 2]
+    again = [copy.deepcopy(m) for m in fresh]
+    resumed = vec.train_many(specs, cell_data, again, device="cpu", resumes=resumes)
+    for i in range(2):
+        assert [r["error"] for r in resumed[i].curve] == [r["error"] for r in full[i].curve]
+        assert all(torch.equal(a, b) for a, b in zip(again[i].state_dict().values(), full_models[i].state_dict().values()))
+        alone = copy.deepcopy(fresh[i])
+        result = loop.train(specs[i], cell_data[i], alone, device="cpu", resume=resumes[i])
+        assert_same_cell(full[i], result, full_models[i], alone, SGD_ATOL)
+
+
 def test_fast_dev_run_cells_train_as_they_would_alone(pool: data.Dataset) -> None:
     # One step an epoch and the first batch (16) of val and test, in both loops: the errors' windows are a batch.
     specs = [spec(optimizer="sgd", lr=0.05, seed=0, epochs=3, fast_dev_run=True),

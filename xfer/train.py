@@ -225,6 +225,7 @@ class Phase:
     scheduler: Any
     steps_per_epoch: int
     schedule: str                        # TrainSpec.schedule: when `scheduler` moves
+    first_epoch: int                     # where the phase begins: 0, or TrainSpec.unfreeze_epoch once unfrozen
 
     @staticmethod
     def build(spec: TrainSpec, model: models.XferModel, start_epoch: int, steps_per_epoch: int) -> Phase:
@@ -248,7 +249,7 @@ class Phase:
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=1)
         else:
             scheduler = None
-        return Phase(optimizer, scheduler, steps_per_epoch, spec.schedule)
+        return Phase(optimizer, scheduler, steps_per_epoch, spec.schedule, phase_start)
 
     def after_step(self) -> None:
         """After every optimiser step: the cosine schedule moves per step."""
@@ -270,8 +271,14 @@ def build_optimizer(spec: TrainSpec, groups: list[dict[str, Any]]) -> torch.opti
 
 
 def restore(model: models.XferModel, phase: Phase, state: TrainState) -> None:
-    """Load an epoch's `state` (from `snapshot`) into `model` and the `phase` freshly built for that epoch."""
+    """Load an epoch's `state` (from `snapshot`) into `model` and the `phase` freshly built for that epoch.
+
+    A state saved at the end of the epoch before `phase` begins (the last frozen epoch of a freeze-then-unfreeze
+    cell) holds the previous phase's optimiser and schedule, which an uninterrupted run drops there for fresh ones:
+    only its weights load, and `phase` stays as built."""
     model.load_state_dict(state.model)
+    if state.epoch == phase.first_epoch:
+        return
     phase.optimizer.load_state_dict(state.optimizer)
     if state.scheduler is not None and phase.scheduler is not None:
         phase.scheduler.load_state_dict(state.scheduler)
