@@ -188,7 +188,7 @@ def one_torch_thread() -> Iterator[None]:
     """One intra-op thread in the test process: its models are tiny, and two OpenMP threads on two cores mostly
     wait for each other at barriers, all the more while Ray workers or other jobs hold the cores. Measured back to
     back on a shared 2-core machine, test_packs + test_train + test_targets took 161 s and 134 CPU-s with two
-    threads, 53 s and 64 CPU-s with one. Ray trials size their own (`stages.start_trial`)."""
+    threads, 53 s and 64 CPU-s with one. Ray trials size their own (`tune_adapter.start_trial`)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

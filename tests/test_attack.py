@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tracking_fixtures import Server
-from xfer import attack, bench, data, names, scores, specs, stages, tracking
+from xfer import attack, bench, data, names, scores, specs, tracking, training_cells
 from xfer.errors import XferError
 from xfer.models import XferModel, build
 from xfer.specs import AttackSpec, FinetuneSpec, PretrainSpec, TrainSpec
@@ -53,7 +53,7 @@ def lineage(mlflow_server: Server) -> Lineage:  # noqa: F811
     runs = {}
     for name, spec in (("digits_pre", digits_pre), ("digits_pre2", digits_pre2), ("letters_pre", letters_pre),
                        ("child", child), ("scratch", scratch)):
-        assert stages.train_cell(spec, experiment, data.load(spec.train.dataset), device="cpu").ok
+        assert training_cells.train_cell(spec, experiment, data.load(spec.train.dataset), device="cpu").ok
         runs[name] = tracking.find_finished(experiment, specs.key(spec))
     return Lineage(experiment, runs)
 
@@ -285,7 +285,7 @@ def test_a_partly_scored_set_resumes_scoring_only_its_missing_targets_and_a_retr
     pre, tune, alone = (PretrainSpec(_train("glyph_digits", 300, epochs=1)), FinetuneSpec(_train(TASK, 300, epochs=1),
                         PretrainSpec(_train("glyph_digits", 300, epochs=1))), FinetuneSpec(_train(TASK, 300, epochs=1)))
     for spec in (pre, tune, alone):
-        assert stages.train_cell(spec, experiment, data.load(spec.train.dataset), device="cpu").ok
+        assert training_cells.train_cell(spec, experiment, data.load(spec.train.dataset), device="cpu").ok
     setting = AttackSpec(attack="fgsm", eps=EPS, n=40, dataset=TASK)
     [cell] = [c for c in attack.plan(experiment, [setting], surrogate_stages=[names.SCRATCH])]
     child = tracking.find_finished(experiment, specs.key(tune)).run_id
@@ -308,7 +308,7 @@ def test_a_partly_scored_set_resumes_scoring_only_its_missing_targets_and_a_retr
 
     # The scratch model trained again (as --force does): a new run of the same cell. Its set is made again on the
     # new model, and both targets are scored on it; the old set and its rows stay as they were.
-    assert stages.train_cell(alone, experiment, data.load(TASK), device="cpu").ok
+    assert training_cells.train_cell(alone, experiment, data.load(TASK), device="cpu").ok
     retrained = tracking.find_finished(experiment, specs.key(alone)).run_id
     [fresh] = attack.plan(experiment, [setting], surrogate_stages=[names.SCRATCH])
     assert fresh.key == cell.key and fresh.surrogate_run_ids == (retrained,) and set(fresh.target_run_ids) == {child, retrained}

@@ -117,14 +117,14 @@ def test_a_trial_holding_a_gpu_that_torch_cannot_see_stops_with_the_reason() -> 
     import pytest
     import torch
 
-    from xfer import stages
+    from xfer import tune_adapter
     from xfer.errors import XferError
 
     if torch.cuda.is_available():
         pytest.skip("torch sees a CUDA device here, so a GPU share is usable")
-    stages.check_gpu([])   # no GPU share: CPU training is what was asked for
+    tune_adapter.check_gpu([])   # no GPU share: CPU training is what was asked for
     with pytest.raises(XferError, match=r"holds GPU\(s\) 0 on .* sees no CUDA device there .*--gpus-per-trial 0"):
-        stages.check_gpu(["0"])
+        tune_adapter.check_gpu(["0"])
 
 
 def test_trial_storage_defaults_to_the_bucket_and_refuses_a_local_folder_across_machines(tmp_path: Path,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from xfer import data, names, packs, server, specs, stages, tracking
+from xfer import data, names, packs, server, specs, stages, tracking, training_cells
 from xfer import train as loop
 from xfer.cells import Cell
 from xfer.errors import XferError
@@ -38,7 +38,7 @@ def history(run_id: str, metric: str) -> list[tuple[int, float]]:
 
 def test_packs_group_compatible_cells_and_fill_every_slot() -> None:
     cells = [tiny(s) for s in range(5)] + [tiny(s, size=400) for s in range(3)] + [tiny(0, arch="resnet_mini")]
-    key = lambda c: packs.pack_key(stages.TRAINING, c)  # noqa: E731
+    key = lambda c: packs.pack_key(training_cells.TRAINING, c)  # noqa: E731
     chosen = packs.plan(cells, key, pack_size=4)
     assert sorted(map(len, chosen)) == [1, 2, 3, 3]   # 5 alike → 3 + 2; 3 of size 400; the resnet alone
     assert all(len({key(c) for c in pack}) == 1 for pack in chosen)    # never two training lengths or archs in one
@@ -54,8 +54,8 @@ def test_packs_group_compatible_cells_and_fill_every_slot() -> None:
 
 def test_a_packed_cell_is_the_cell_trained_alone_and_each_point_is_logged_once(experiment: str, digits) -> None:
     cells = [tiny(0), tiny(1, lr=1e-2, freeze_depth=2)]
-    alone = stages.train_cell(cells[0], experiment + "-alone", digits)
-    result = packs.run_pack(cells, stages.TRAINING, experiment, {"mnist5k": digits}, vectorise="never")
+    alone = training_cells.train_cell(cells[0], experiment + "-alone", digits)
+    result = packs.run_pack(cells, training_cells.TRAINING, experiment, {"mnist5k": digits}, vectorise="never")
     assert result.ran == [specs.key(c) for c in cells] and not result.failed and result.mode == "packed_sequential"
     records = [tracking.find_finished(experiment, specs.key(c)) for c in cells]
     assert all(r is not None and names.TAG_CHECKPOINT_SHA in r.tags for r in records)
@@ -70,13 +70,13 @@ def test_a_packed_cell_is_the_cell_trained_alone_and_each_point_is_logged_once(e
     assert records[0].metrics[names.TEST_ACC] == pytest.approx(1 - alone.metrics[names.TEST_ERROR])
     assert records[0].tags[names.TAG_IN_SHAPE] == "1x28x28" and "7" in records[0].tags[names.TAG_CLASSES]
     # Run again: every cell is found finished in MLflow, nothing trains.
-    again = packs.run_pack(cells, stages.TRAINING, experiment, {"mnist5k": digits})
+    again = packs.run_pack(cells, training_cells.TRAINING, experiment, {"mnist5k": digits})
     assert again.skipped == [specs.key(c) for c in cells] and not again.ran
 
 
 def test_a_vectorised_pack_records_each_cell_as_if_trained_alone(experiment: str, digits) -> None:
     cells = [tiny(0), tiny(1, lr=1e-2, freeze_depth=2, weight_decay=1e-3), tiny(2, lr=5e-3)]
-    result = packs.run_pack(cells, stages.TRAINING, experiment, {"mnist5k": digits}, vectorise="always")
+    result = packs.run_pack(cells, training_cells.TRAINING, experiment, {"mnist5k": digits}, vectorise="always")
     assert result.mode == "packed_vectorised" and result.ran == [specs.key(c) for c in cells], result.why
     # Each error is a share of its window's examples: the last epoch's 9 batches of 32 (log_every is 50, so a train
     # point is that epoch's window), the 100 validation examples, the 1,000 of the test split.
@@ -92,7 +92,7 @@ def test_a_vectorised_pack_records_each_cell_as_if_trained_alone(experiment: str
             assert abs(packed["error"] - single["error"]) <= 1 / window[single["split"]] + 1e-9, (packed, single)
         assert [step for step, _ in history(record.run_id, names.VAL_ERROR)] == [9, 18]
     # --vectorise auto on a CPU measures once, keeps the answer in the runs folder, and says why it chose.
-    auto = packs.run_pack([tiny(3), tiny(4)], stages.TRAINING, experiment, {"mnist5k": digits})
+    auto = packs.run_pack([tiny(3), tiny(4)], training_cells.TRAINING, experiment, {"mnist5k": digits})
     assert auto.mode in ("packed_sequential", "packed_vectorised") and auto.why
     calibration = json.loads((server.runs_dir() / "calibration.json").read_text())
     [(key, measured)] = [(k, v) for k, v in calibration.items()
@@ -115,13 +115,13 @@ def test_auto_batches_only_a_clear_win(experiment: str, digits, speedup: float, 
     store = packs.PackCheckpoint({}, 3600.0, lambda metrics, state_dir: sent.append(metrics), 3, report_interval_s=1e-9)
     cells = [tiny(5), tiny(6), tiny(7)]
     try:
-        result = packs.run_pack(cells, stages.TRAINING, experiment, {"mnist5k": digits}, store, device="cpu")
+        result = packs.run_pack(cells, training_cells.TRAINING, experiment, {"mnist5k": digits}, store, device="cpu")
     finally:
         kept = calibration.read(calibration.path())
         kept.pop(key, None)   # no made-up figure outlives the test
         calibration.path().write_text(json.dumps(kept, indent=2, sort_keys=True))
     assert result.mode == mode and len(result.ran) == 3, result.why
-    labels = [stages.TRAINING.label(c) for c in cells]
+    labels = [training_cells.TRAINING.label(c) for c in cells]
     ended = [next(i for i, m in enumerate(sent) if label in m.get(ENDED, "")) for label in labels]
     last_started = next(i for i, m in enumerate(sent) if m.get("cell") == labels[2] and names.EPOCH in m)
     if mode == "packed_sequential":
@@ -137,7 +137,7 @@ def _broken_for(seeds_nan: set[int], seeds_refused: set[int]) -> packs.Kind:
     """The training kind, except that some seeds start from NaN weights and some are refused as bad input."""
 
     def cell(spec: PretrainSpec, context: packs.Context) -> Cell:
-        made = stages.training_cell(spec, context)
+        made = training_cells.training_cell(spec, context)
         seed = spec.train.seed
 
         def prepare():
@@ -151,7 +151,7 @@ def _broken_for(seeds_nan: set[int], seeds_refused: set[int]) -> packs.Kind:
 
         return dataclasses.replace(made, prepare=prepare)
 
-    return dataclasses.replace(stages.TRAINING, name="broken", cell=cell)
+    return dataclasses.replace(training_cells.TRAINING, name="broken", cell=cell)
 
 
 @pytest.mark.parametrize("vectorise", ["never", "always"])
@@ -181,14 +181,14 @@ def test_a_crashed_pack_resumes_each_cell_from_its_last_epoch(experiment: str, d
 
     store = packs.PackCheckpoint({}, 0.0, report, len(cells))
     with pytest.raises(RuntimeError, match="went away"):
-        packs.run_pack(cells, stages.TRAINING, experiment, {"mnist5k": digits}, store, vectorise="never")
+        packs.run_pack(cells, training_cells.TRAINING, experiment, {"mnist5k": digits}, store, vectorise="never")
     crashed = tracking.query(experiment, status=None, tags={names.TAG_KEY: keys[1]})
     restored = packs.PackCheckpoint.load(handed[-1])
     assert set(restored) == {keys[1]} and restored[keys[1]].epoch == 2
 
     # Tune restarts the trial with its last checkpoint: cell 0 is done, cell 1 resumes at epoch 2, cell 2 starts.
     retry = packs.PackCheckpoint(restored, 0.0, lambda metrics, state_dir: None, len(cells))
-    result = packs.run_pack(cells, stages.TRAINING, experiment, {"mnist5k": digits}, retry, vectorise="never")
+    result = packs.run_pack(cells, training_cells.TRAINING, experiment, {"mnist5k": digits}, retry, vectorise="never")
     assert result.skipped == [keys[0]] and result.ran == keys[1:]
     record = tracking.find_finished(experiment, keys[1])
     assert record.run_id == crashed[0].run_id and record.tags[names.TAG_RESUMED] == "2"   # the same MLflow run
@@ -203,13 +203,13 @@ def test_a_damaged_checkpoint_fails_its_cell_once_naming_the_file(experiment: st
     from xfer.specs import FinetuneSpec
 
     parent = tiny(0, epochs=1)
-    assert stages.train_cell(parent, experiment, digits).ok
+    assert training_cells.train_cell(parent, experiment, digits).ok
     record = tracking.find_finished(experiment, specs.key(parent))
     [stored] = (mlflow_server.root / "artifacts").glob(f"*/{record.run_id}/artifacts/checkpoint/weights.safetensors")
     stored.write_bytes(stored.read_bytes()[:-1] + b"\x00")   # one byte changed after it was logged
     child = FinetuneSpec(dataclasses.replace(parent.train, size=200, freeze_depth=2), parent)
     other = tiny(5, epochs=1)
-    result = packs.run_pack([child, other], stages.TRAINING, experiment, {"mnist5k": digits}, vectorise="never")
+    result = packs.run_pack([child, other], training_cells.TRAINING, experiment, {"mnist5k": digits}, vectorise="never")
     assert result.ran == [specs.key(other)]
     reason = result.failed[specs.key(child)]
     assert "does not match its recorded sha256" in reason and str(stored.parent) in reason
@@ -227,11 +227,11 @@ def test_a_running_cell_reports_where_it_is_within_its_epoch(experiment: str, di
                                  report_interval_s=1e-9)
     # 300 images at batch 32: 9 full steps an epoch, windows of 3 steps (96 images)
     cells = [tiny(0, log_every=3), tiny(1, log_every=3)]
-    result = packs.run_pack(cells, stages.TRAINING, experiment, {"mnist5k": digits}, store, vectorise=vectorise)
+    result = packs.run_pack(cells, training_cells.TRAINING, experiment, {"mnist5k": digits}, store, vectorise=vectorise)
     assert result.ran == [specs.key(c) for c in cells]
     assert result.mode == ("packed_vectorised" if vectorise == "always" else "packed_sequential")
     for cell in cells:
-        label = stages.TRAINING.label(cell)
+        label = training_cells.TRAINING.label(cell)
         within = [m for m in sent if names.TRAIN_ERROR in m and m["cell"] == label]
         # 3, 6 and 9 steps into each epoch (96, 192 and 288 of its 300 images)
         assert [m[names.EPOCH] for m in within] == pytest.approx([e + k * 96 / 300 for e in (0, 1) for k in (1, 2, 3)])
@@ -252,12 +252,12 @@ def test_a_training_pack_is_cut_to_what_fits_its_trials_memory(local_ray, digits
     monkeypatch.setenv(cluster.GPU_MEMORY_ENV, str(10.5 * per_cell / 2**30 / 0.25 / cluster.MEMORY_HEADROOM))
     budget, where = cluster.trial_memory(0.25, 1.0)
     assert budget == pytest.approx(10.5 * per_cell) and where.startswith("0.25 of a")
-    chosen, note = stages.plan_packs(cells, stages.TRAINING, options, {"mnist5k": digits})
+    chosen, note = stages.plan_packs(cells, training_cells.TRAINING, options, {"mnist5k": digits})
     assert [len(p) for p in chosen] == [8, 8, 8, 8]   # at most 10 a pack: 32 cells in four packs of eight
     assert note == f"packs of at most 10 alexnet_mini cells, what fits {where} (plan.pack_memory)"
     assert plans.pack_memory("alexnet_mini", (1, 28, 28), 10, 10, 128, "adamw")["total_bytes"] <= budget
     monkeypatch.setenv(cluster.GPU_MEMORY_ENV, "1000")
-    chosen, note = stages.plan_packs(cells, stages.TRAINING, options, {"mnist5k": digits})
+    chosen, note = stages.plan_packs(cells, training_cells.TRAINING, options, {"mnist5k": digits})
     assert [len(p) for p in chosen] == [packs.PACK_SIZE["cuda"]] and note == ""
     # On CPUs: the memory Ray gives the largest node, over the trials it runs at once.
     budget, where = cluster.trial_memory(0.0, 1.0)

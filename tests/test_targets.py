@@ -2,7 +2,7 @@
 
 CIFAR-10 and its grayscale view come from `tiny_root` (30 train / 10 test images in torchvision's layout),
 the hot-dog folder is PNGs written here, and ResNet-18's "ImageNet" weights are torchvision's state dict
-saved to a file. Cells train for one or two short epochs through `stages.train_cell` into a real MLflow.
+saved to a file. Cells train for one or two short epochs through `training_cells.train_cell` into a real MLflow.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from xfer import data, names, pipeline, specs, stages, tracking
+from xfer import data, names, pipeline, specs, tracking, training_cells
 from xfer import grid as grids
 from xfer import train as loop
 from xfer.errors import XferError
@@ -58,7 +58,7 @@ def prepare(grid: grids.Grid, root: Path, experiment: str) -> tuple[grids.Cells,
 
 def train(spec, experiment: str, datasets: dict) -> tracking.RunRecord:
     """Train one cell into MLflow and return its finished run."""
-    result = stages.train_cell(spec, experiment, datasets[spec.train.dataset])
+    result = training_cells.train_cell(spec, experiment, datasets[spec.train.dataset])
     assert result.ok, result.reason
     record = tracking.find_finished(experiment, specs.key(spec))
     assert record is not None

@@ -20,7 +20,7 @@ from optuna.trial import TrialState, create_trial
 from ray.tune.schedulers import TrialScheduler
 
 from tracking_fixtures import Server
-from xfer import data, models, names, server, specs, stages, tracking, tuning
+from xfer import data, models, names, server, specs, stages, tracking, tune_adapter, tuning
 from xfer import grid as grids
 from xfer import tuned as tuned_settings   # a test below names its tuned grid `tuned`
 from xfer import train as loop
@@ -154,7 +154,7 @@ def test_trials_never_see_the_test_split(mlflow_server: Server, spy_on_forward: 
     result = tuning.run_trial(context, {"lr": 3e-3}, tuning.withhold_test(ds), pretrained, session)
     assert result.ok and len(spy_on_forward) > 5 and sum(spy_on_forward) == 0   # the model ran, never on a test image
     assert [r[names.EPOCH] for r in session.reports] == [1.0, 2.0]               # one report per epoch, for ASHA
-    assert session.reports[-1][stages.STATUS] == 1.0 and 0 <= session.reports[-1][names.VAL_ERROR] <= 1
+    assert session.reports[-1][tune_adapter.STATUS] == 1.0 and 0 <= session.reports[-1][names.VAL_ERROR] <= 1
     (run,) = tracking.query(experiment, stage=names.TUNE)
     assert names.TEST_ERROR not in run.metrics and run.tags[names.TAG_TUNE_ROLE] == names.TUNE_ROLE_TRIAL
 

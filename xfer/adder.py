@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from xfer import data, models, names, packs, specs, stages
+from xfer import data, models, names, packs, specs, stages, training_cells
 from xfer import train as loop
 from xfer.cells import Cell, Session, live
 from xfer.errors import XferError
@@ -305,8 +305,8 @@ def adder_cell(spec: AdderSpec, context: packs.Context) -> Cell:
         parent = specs.key(spec.pretrain)
         record = context.finished(names.PRETRAIN, [parent]).get(parent)
         if record is None:
-            raise XferError(f"{label(spec)} needs the digit classifier of {stages.label(spec.pretrain)}, which has no "
-                            f"finished run in MLflow experiment {context.experiment!r} (if it failed above, its reason "
+            raise XferError(f"{label(spec)} needs the digit classifier of {training_cells.label(spec.pretrain)}, "
+                            f"which has no finished run in MLflow experiment {context.experiment!r} (if it failed above, its reason "
                             "is there); run the same command again (sweeps/adder.py, or the grid with an `adder:` "
                             "section), which trains it first.")
         pretrain_run = record.run_id
@@ -356,7 +356,7 @@ def run_stage(adder_cells: Sequence[AdderSpec], options: stages.RunOptions,
         check(adder_cells, datasets[adder_cells[0].dataset])
     summaries = []
     if pretrain:
-        summaries.append(stages.run_stage(names.PRETRAIN, pretrain, stages.TRAINING, options, datasets, view))
+        summaries.append(stages.run_stage(names.PRETRAIN, pretrain, training_cells.TRAINING, options, datasets, view))
     summaries.append(stages.run_stage(names.ADDER, adder_cells, ADDER, options, datasets, view))
     return summaries
 

@@ -228,7 +228,7 @@ def pack_rows(archs: Sequence[str], cells: int, size: int, epochs: int, devices:
 
     import ray
 
-    from xfer import names, progress, stages, vectorised
+    from xfer import names, progress, stages, training_cells, vectorised
     from xfer.specs import PretrainSpec
 
     rows = []
@@ -253,7 +253,7 @@ def pack_rows(archs: Sequence[str], cells: int, size: int, epochs: int, devices:
                             gpus_per_trial=(gpu_share if path == "trial_per_cell" else 1.0) if cuda else 0.0,
                             pack_size=1 if path == "trial_per_cell" else cells, vectorise="always" if batched else "never")
                         began = time.perf_counter()
-                        summary = stages.run_stage(names.PRETRAIN, grid, stages.TRAINING, options, {"mnist5k": dataset})
+                        summary = stages.run_stage(names.PRETRAIN, grid, training_cells.TRAINING, options, {"mnist5k": dataset})
                         wall = time.perf_counter() - began
                         if summary.ran != cells:
                             raise RuntimeError(f"bench cells failed: {summary.failed}")
@@ -719,11 +719,11 @@ def _pack_units(sizes: ReportSizes) -> list[tuple[str, int]]:
 
 def _seed_pack_sizes() -> tuple[int, ...]:
     """The cell counts of the seed grid's training packs on a GPU (packs.plan at packs.PACK_SIZE["cuda"])."""
-    from xfer import packs, stages
+    from xfer import packs, training_cells
 
     grid, cells, _ = _seed_grid()
     made = {len(pack) for group in (cells.pretrain, cells.finetune, cells.scratch)
-            for pack in packs.plan(list(group), lambda spec: packs.pack_key(stages.TRAINING, spec), packs.PACK_SIZE["cuda"])}
+            for pack in packs.plan(list(group), lambda spec: packs.pack_key(training_cells.TRAINING, spec), packs.PACK_SIZE["cuda"])}
     return tuple(sorted(made))
 
 
@@ -947,7 +947,7 @@ def _projection(done: dict[str, dict[str, Any]], echo: Callable[[str], None]) ->
     together/alone ratio), the estimate stage's forward passes, and the attack stage — every adversarial set generated
     (attack_n examples × its attack's steps) and scored on its targets. Work only: no trial start-up or MLflow records.
     Beside it, the same work in the plan's FLOP model (plan.GPU_TFLOPS), the figure `--dry-run --gpus 1` is built on."""
-    from xfer import packs, stages
+    from xfer import packs, training_cells
     from xfer import plan as plans
 
     rates = {
@@ -981,7 +981,7 @@ def _projection(done: dict[str, dict[str, Any]], echo: Callable[[str], None]) ->
     by_arch: dict[str, float] = {}
     pack_sizes: dict[str, dict[int, int]] = {}
     for stage, group in (("pretrain", cells.pretrain), ("finetune", cells.finetune), ("scratch", cells.scratch)):
-        for pack in packs.plan(list(group), lambda spec: packs.pack_key(stages.TRAINING, spec), packs.PACK_SIZE["cuda"]):
+        for pack in packs.plan(list(group), lambda spec: packs.pack_key(training_cells.TRAINING, spec), packs.PACK_SIZE["cuda"]):
             pack_sizes.setdefault(stage, {}).setdefault(len(pack), 0)
             pack_sizes[stage][len(pack)] += 1
             for spec in pack:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from xfer import cluster, data, estimators, grid as grids, names, packs, specs, stages, stopping, tracking
+from xfer import data, estimators, grid as grids, names, packs, specs, stages, stopping, tracking, tune_adapter
 from xfer.errors import XferError
 from xfer.specs import EstimateSpec
 from xfer.stages import RunOptions, StageSummary
@@ -159,25 +159,17 @@ def run_stage(cells: Sequence[EstimateSpec], options: RunOptions, datasets: Mapp
             summary.seconds = time.perf_counter() - start
             parent.log_metrics(summary.metrics())
         return summary
-    ray = cluster.connect(options.address, options.log_file)
-    options = stages.resolved(options)
-    slots = cluster.slots(options.cpus_per_trial, options.gpus_per_trial or 0.0)
-    chosen = packs.plan(ready, lambda c: c.spec.pretrain.train.arch, PACK_FACTOR * stages.pack_size(options), slots)
-    options = stages.widened(options, len(chosen))
-    with stages.stage_run(names.ESTIMATE, options) as parent:
-        refs = {name: ray.put(datasets[name]) for name in {c.spec.target for c in ready}}
-        ended = stages.launch(names.ESTIMATE, _trial, chosen,
+    with stages.launched(names.ESTIMATE, summary, options) as stage_:
+        chosen = packs.plan(ready, lambda c: c.spec.pretrain.train.arch, PACK_FACTOR * stages.pack_size(stage_.options),
+                            stage_.slots)
+        options = stages.widened(stage_.options, len(chosen))
+        refs = {name: stage_.ray.put(datasets[name]) for name in {c.spec.target for c in ready}}
+        ended = tune_adapter.launch(names.ESTIMATE, _trial, chosen,
                               [f"estimates {p[0].spec.pretrain.train.arch} ×{len(p)}" for p in chosen], options, view,
-                              len(ready), refs=refs, parent_run_id=parent.run_id, since=since)
-        reported = {}
-        for pack, (error, last) in zip(chosen, ended):
-            failed = json.loads(last.get("failed_json", "{}") or "{}")
-            reported |= {c.key: failed.get(c.key) or error for c in pack}
+                              len(ready), refs=refs, parent_run_id=stage_.run.run_id, since=since)
         stages.summarise(summary, names.ESTIMATE, {c.key: label(c.spec) for c in ready},
-                         {k: v for k, v in reported.items() if v}, options, since)
-        summary.packs, summary.slots = len(chosen), slots
-        summary.seconds = time.perf_counter() - start
-        parent.log_metrics(summary.metrics())
+                         tune_adapter.member_failures(chosen, ended, key=lambda c: c.key), options, since)
+        summary.packs = len(chosen)
     return summary
 
 
@@ -206,18 +198,13 @@ def _trial(config: dict[str, Any], packs_: list[tuple[Cell, ...]], options: RunO
            parent_run_id: str | None, since: float | None) -> None:
     """One pack of estimates: the target's data from the object store, each model loaded, run once and dropped."""
     import ray
-    from ray import tune
 
-    from xfer.progress import Throttled
-
-    stages.start_trial(options)
-    pack = packs_[config["cell"]["pack"]]
     device = "cuda" if options.gpus_per_trial and torch.cuda.is_available() else "cpu"
-    progress = Throttled(lambda metrics, _: tune.report(metrics))
-    with stopping.Watcher(options.grid_run_id):
+    progress = tune_adapter.progress()
+    with tune_adapter.pack_trial(config, packs_, options) as pack:
         failed = estimate_pack(options.experiment, pack, ray.get(refs[pack[0].spec.target]), parent_run_id, device,
                                progress=lambda m: progress.ended(m["cell"], m["reason"], m), since=since)
-    progress.flush({stages.STATUS: 1.0, "cells_failed": float(len(failed)), "failed_json": json.dumps(failed)})
+    progress.flush(tune_adapter.last_report(failed))
 
 
 # ---- --prune-sources ------------------------------------------------------------------------------------

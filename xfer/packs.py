@@ -43,7 +43,7 @@ CHECKPOINT_INTERVAL_S = 10.0   # a killed pack loses at most this much of each r
 
 @dataclass(frozen=True)
 class Kind:
-    """How one kind of spec becomes a recorded cell; each adapter defines one (stages.TRAINING, adder.ADDER)."""
+    """How one kind of spec becomes a recorded cell; each adapter defines one (training_cells.TRAINING, adder.ADDER)."""
 
     name: str
     cell: Callable[[Any, Context], Cell]      # the recorded cell of a spec, in its pack's context

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from xfer import cluster, data, estimate, grid as grids, names, packs, server, specs, stages, stopping, tracking
+from xfer import training_cells, tune_adapter
 from xfer.errors import XferError
 from xfer.stages import RunOptions, StageSummary
 
@@ -242,7 +243,7 @@ def dry_run(grid: grids.Grid, options: RunOptions, echo: Callable[[str], None] =
             continue
         todo, _ = stages.pending(options.experiment, group, options.force, stage, listed) if listed else (list(group), 0)
         for spec in todo[:10]:
-            echo(f"  {stage}: {stages.label(spec)}  key={specs.key(spec)}")
+            echo(f"  {stage}: {training_cells.label(spec)}  key={specs.key(spec)}")
         if len(todo) > 10:
             echo(f"  {stage}: … and {len(todo) - 10} more")
 
@@ -382,31 +383,30 @@ def run_attack_stage(attack_specs: tuple[Any, ...], options: RunOptions, view: A
         if state.untagged and state.table is not None:   # scored, but a stopped stage never said so on the set runs
             scores.summarise(state, state.table)
         return summary
-    start = time.perf_counter()
-    ray = cluster.connect(options.address, options.log_file)
-    options = stages.resolved(options)
-    slots = cluster.slots(options.cpus_per_trial, options.gpus_per_trial or 0.0)
-    per_pack = ATTACK_PACK_FACTOR * stages.pack_size(options)
-    with stages.stage_run(names.ATTACK, options) as parent:
+    with stages.launched(names.ATTACK, summary, options) as stage_:
+        options, slots = stage_.options, stage_.slots
+        per_pack = ATTACK_PACK_FACTOR * stages.pack_size(options)
+
         def make(todo: list[Any]) -> dict[str, str]:
             wanted = {c.spec.attack.dataset for c in todo}
             loaded = datasets if datasets is not None else stages.load_datasets(wanted, options)
-            refs = {name: ray.put(loaded[name]) for name in wanted}
+            refs = {name: stage_.ray.put(loaded[name]) for name in wanted}
             # One surrogate's cells side by side: a pack loads each surrogate once.
             chosen = packs.plan(sorted(todo, key=lambda c: c.surrogate_run_ids), lambda c: (), per_pack, slots)
             summary.packs += len(chosen)
-            ended = stages.launch(names.ATTACK, _sets_trial, chosen, [f"adversarial sets ×{len(p)}" for p in chosen],
+            ended = tune_adapter.launch(names.ATTACK, _sets_trial, chosen, [f"adversarial sets ×{len(p)}" for p in chosen],
                                   stages.widened(options, len(chosen)), view, refs=refs, runs=runs,
-                                  parent_run_id=parent.run_id)
-            return _failures(chosen, ended, key=lambda c: c.key)
+                                  parent_run_id=stage_.run.run_id)
+            return tune_adapter.member_failures(chosen, ended, key=lambda c: c.key)
 
         def score(work: list[Any], facts: dict[str, Any]) -> list[Any]:
             chosen = packs.plan(work, lambda j: (j.arch, j.target.in_shape), per_pack, slots)
             summary.packs += len(chosen)
-            ended = stages.launch("scoring", _score_trial, chosen,
+            ended = tune_adapter.launch("scoring", _score_trial, chosen,
                                   [f"scoring {p[0].arch} ×{len(p)} targets" for p in chosen],
-                                  stages.widened(options, len(chosen)), view, sets=facts, parent_run_id=parent.run_id)
-            failed = _failures(chosen, ended, key=lambda j: j.target.run_id)
+                                  stages.widened(options, len(chosen)), view, sets=facts,
+                                  parent_run_id=stage_.run.run_id)
+            failed = tune_adapter.member_failures(chosen, ended, key=lambda j: j.target.run_id)
             return [scores.Scored(int(last.get("pairs", 0)), float(last.get("work_seconds", 0.0)),
                                   str(last.get("mode", "")), str(last.get("why", "")),
                                   {j.target.run_id: failed[j.target.run_id] for j in pack if j.target.run_id in failed})
@@ -424,69 +424,37 @@ def run_attack_stage(attack_specs: tuple[Any, ...], options: RunOptions, view: A
             summary.failed.append((labels.get(key, key), reason))
             tracking.end_stale_runs(options.experiment, key, reason)
         summary.ran = len(state.unfinished) - len(result.failed) - len(result.stopped)
-        summary.seconds = time.perf_counter() - start
-        summary.slots = slots
-        parent.log_metrics({**summary.metrics(), "pairs_scored": float(result.pairs)})
+        stage_.run.log_metrics({"pairs_scored": float(result.pairs)})
     return summary
 
 
 ATTACK_PACK_FACTOR = 8   # an attack pack holds 8× a training pack's cells: a set or a target is cheap beside training
 
 
-def _failures(chosen: list[tuple[Any, ...]], ended: list[tuple[str, dict[str, Any]]],
-              key: Callable[[Any], str]) -> dict[str, str]:
-    """Each pack member's failure: the reason its trial reported for it, else its trial's crash."""
-    import json
-
-    out: dict[str, str] = {}
-    for pack, (error, last) in zip(chosen, ended):
-        reported = json.loads(last.get("failed_json", "{}") or "{}")
-        for member in pack:
-            reason = reported.get(key(member)) or error
-            if reason:
-                out[key(member)] = reason
-    return out
-
-
 def _sets_trial(config: dict[str, Any], packs_: list[tuple[Any, ...]], options: RunOptions, refs: dict[str, Any],
                 runs: dict[str, Any], parent_run_id: str | None) -> None:
     """One pack of adversarial sets: the attacked data from the object store, each surrogate loaded once."""
-    import json
-
     import ray
-    from ray import tune
 
     from xfer import attack
 
-    from xfer.progress import Throttled
-
-    stages.start_trial(options)
-    pack = packs_[config["cell"]["pack"]]
-    context = attack.Context(options.experiment, {name: ray.get(ref) for name, ref in refs.items()},
-                             parent_run_id=parent_run_id, runs=runs)
-    progress = Throttled(lambda metrics, _: tune.report(metrics))
-    with stopping.Watcher(options.grid_run_id):
+    progress = tune_adapter.progress()
+    with tune_adapter.pack_trial(config, packs_, options) as pack:
+        context = attack.Context(options.experiment, {name: ray.get(ref) for name, ref in refs.items()},
+                                 parent_run_id=parent_run_id, runs=runs)
         failed = attack.make_sets(options.experiment, pack, context=context,
                                   progress=lambda m: progress.ended(m["cell"], m["reason"], m))
-    progress.flush({stages.STATUS: 1.0, "cells_failed": float(len(failed)), "failed_json": json.dumps(failed)})
+    progress.flush(tune_adapter.last_report(failed))
 
 
 def _score_trial(config: dict[str, Any], packs_: list[tuple[Any, ...]], options: RunOptions, sets: dict[str, Any],
                  parent_run_id: str | None) -> None:
     """One pack of targets scored on their sets; its rows go to the stage run as Parquet parts."""
-    import json
-
-    from ray import tune
-
     from xfer import scores
 
-    from xfer.progress import Throttled
-
-    stages.start_trial(options)
-    pack = packs_[config["cell"]["pack"]]
-    progress = Throttled(lambda metrics, _: tune.report(metrics))
-    with stopping.Watcher(options.grid_run_id):
+    progress = tune_adapter.progress()
+    with tune_adapter.pack_trial(config, packs_, options) as pack:
         done = scores.score_pack(pack, sets, parent_run_id, block=stages.pack_size(options),
                                  progress=lambda m: progress.ended(m["cell"], m["reason"], m))
-    progress.flush({stages.STATUS: 1.0, "pairs": float(done.pairs), "work_seconds": done.seconds, "mode": done.mode,
-                    "why": done.why, "cells_failed": float(len(done.failed)), "failed_json": json.dumps(done.failed)})
+    progress.flush(tune_adapter.last_report(done.failed, pairs=float(done.pairs), work_seconds=done.seconds, mode=done.mode,
+                                      why=done.why))

@@ -1,30 +1,24 @@
-"""Stage runners: a stage's cells → packs → one Ray Tune run → one MLflow run per cell, finished cells skipped.
+"""The stage runner: a stage's cells → packs → one Ray Tune run → one MLflow run per cell, finished cells skipped.
 
 `run_stage` is the one path from cells to Tune and back: it asks MLflow once which cells are finished, starts
-Ray only when something is left, plans packs (`xfer.packs`), builds the Tuner (`tuner`, also what tuning
-builds its search on) and turns Tune's results into a `StageSummary` (`summarise`). The grid's training cells
-(pretrain, fine-tune, scratch) are the `TRAINING` kind, defined here; `train_cell` runs one without Ray.
+Ray only when something is left, plans packs (`xfer.packs`), launches a trial per pack (`xfer.tune_adapter`) and turns
+the trials' results into a `StageSummary` (`summarise`). `launched` is the frame every stage with work runs in
+(training here, estimates in `xfer.estimate`, attacks in `xfer.pipeline`): Ray joined, the stage's MLflow run,
+its time and metrics. What a training cell is lives in `xfer.training_cells`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from xfer import checkpoint, cluster, data, names, packs, server, specs, stopping, tracking
-from xfer import train as loop
-from xfer.cells import Cell, Session, live
-from xfer.errors import XferError
-from xfer.specs import FinetuneSpec, PretrainSpec, TrainSpec
-
-TrainingCell = PretrainSpec | FinetuneSpec
-STATUS = "xfer_status"   # the metric a trial reports last: 1.0 finished (its cells' fates are in MLflow)
+from xfer import cluster, data, names, packs, specs, stopping, tracking, tune_adapter
+from xfer.training_cells import TRAINING, TrainingCell
+from xfer.tune_adapter import STATUS
 
 
 @dataclass(frozen=True)
@@ -82,87 +76,6 @@ class StageSummary:
                 f"{len(self.failed)} failed{stopped}, {self.seconds:.0f} s{note}")
 
 
-# ---- the grid's training cells ----------------------------------------------------------------------
-
-def tags_of(spec: TrainingCell, pretrain_run: str | None = None) -> dict[str, str]:
-    """The searchable tags of a training run (source = pretraining dataset, target = dataset fine-tuned on)."""
-    t = spec.train
-    is_pretrain = isinstance(spec, PretrainSpec)
-    tags = {
-        names.TAG_SOURCE: t.dataset if is_pretrain else spec.source,
-        names.TAG_TARGET: "" if is_pretrain else t.dataset,
-        names.TAG_ARCH: t.arch, names.TAG_SIZE: str(t.size or "all"), names.TAG_FREEZE: str(t.freeze_depth),
-        names.TAG_SEED: str(t.seed),   # the lr is the param train.lr: each value under one name
-    }
-    if pretrain_run:
-        tags[names.TAG_PRETRAIN_RUN] = pretrain_run
-    return tags
-
-
-def label(spec: TrainingCell) -> str:
-    """A cell by its axes, e.g. "kmnist→mnist resnet_mini n=500 freeze=20 lr=1e-3 seed=1" (its run's name too)."""
-    t = spec.train
-    if isinstance(spec, PretrainSpec):
-        head = f"pretrain {t.dataset}"
-    else:
-        head = f"{spec.source}→{t.dataset}" if spec.source else f"scratch {t.dataset}"
-    recipe = "".join([f" {t.optimizer}" if t.optimizer != "adamw" else "",
-                      f" head×{t.head_lr_mult:g}" if t.head_lr_mult != 1 else "",
-                      f" unfreeze@{t.unfreeze_epoch}" if t.unfreeze_epoch else ""])
-    freeze = f" freeze={t.freeze_depth}" if isinstance(spec, FinetuneSpec) and spec.source else ""
-    return f"{head} {t.arch} n={t.size or 'all'}{freeze} lr={number(t.lr)} seed={t.seed}{recipe}"
-
-
-def number(value: float) -> str:
-    """A learning rate the way people write it: 1e-3, 2.5e-4, 0.1."""
-    if value == 0 or 1e-2 <= abs(value) < 10:
-        return f"{value:g}"
-    mantissa, exponent = f"{value:.2e}".split("e")
-    return f"{float(mantissa):g}e{int(exponent)}"
-
-
-def training_cell(spec: TrainingCell, context: packs.Context) -> Cell:
-    """A grid training cell: its data split by seed; a fine-tune starts from its pretrain cell's model (MLflow)."""
-    t = spec.train
-    pretrain_run, record = None, None
-    if isinstance(spec, FinetuneSpec) and spec.pretrain is not None:
-        parent = specs.key(spec.pretrain)
-        record = context.finished(names.PRETRAIN, [parent]).get(parent)
-        if record is None:
-            raise XferError(f"{label(spec)} needs the pretrained model of {label(spec.pretrain)}, which has no "
-                            "finished run in MLflow; run the pretrain stage first (sweeps/full_grid.py does).")
-        pretrain_run = record.run_id
-
-    def prepare() -> tuple[data.Splits, Any]:
-        splits = data.make_splits(context.datasets[t.dataset], t.size, t.val_size, t.seed)
-        pretrained = context.model(pretrain_run, record) if pretrain_run else None
-        if pretrained is not None and tuple(pretrained.in_shape) != splits.in_shape:
-            raise XferError(f"pretrained {t.arch} expects inputs {tuple(pretrained.in_shape)} but {t.dataset} has "
-                            f"{splits.in_shape}; pretrain and fine-tune on data of one canonical shape.")
-        return splits, loop.prepare_model(t, splits, pretrained)
-
-    return Cell(spec, spec.stage, label(spec), t, tags_of(spec, pretrain_run), prepare,
-                parent_run_id=context.parent_run_id)
-
-
-def _training_spec(spec: TrainingCell) -> TrainSpec:
-    return spec.train
-
-
-def _training_stage(spec: TrainingCell) -> str:
-    return spec.stage
-
-
-TRAINING = packs.Kind("training", training_cell, _training_spec, _training_stage, label)
-
-
-def train_cell(spec: TrainingCell, experiment: str, dataset: data.Dataset, session: Session | None = None,
-               device: str | torch.device | None = None) -> loop.Result:
-    """Train one grid cell and record it in MLflow, without Ray (tests, notebooks, tuning's pretrain cell)."""
-    context = packs.Context(experiment, {spec.train.dataset: dataset})
-    return live(training_cell(spec, context), experiment, session, device)
-
-
 # ---- stages on Ray Tune -----------------------------------------------------------------------------
 
 def pending(experiment: str, cells: Sequence[Any], force: bool = False, stage: str | None = None,
@@ -201,30 +114,51 @@ def run_stage(stage: str, cells: Sequence[Any], kind: packs.Kind, options: RunOp
     summary = StageSummary(stage, len(cells), cached=cached)
     if not todo:
         return summary
-    start = time.perf_counter()
     since = invocation_start(options)
-    ray = cluster.connect(options.address, options.log_file)
-    options = resolved(options)
-    chosen, fitted = plan_packs(todo, kind, options, datasets)
-    slots = cluster.slots(options.cpus_per_trial, options.gpus_per_trial or 0.0)
-    options = widened(options, len(chosen))
-    with stage_run(stage, options) as parent:
+    with launched(stage, summary, options) as stage_:
+        chosen, summary.note = plan_packs(todo, kind, stage_.options, datasets)
+        options = widened(stage_.options, len(chosen))
         # Datasets go to the object store once per stage; each trial reads its pack's from its node's store.
-        refs = {name: ray.put(datasets[name]) for name in {kind.train(c).dataset for c in todo}}
+        refs = {name: stage_.ray.put(datasets[name]) for name in {kind.train(c).dataset for c in todo}}
         # Cells an earlier invocation left unfinished (failed, stopped, killed) continue in their runs.
         reopen = {} if options.force else tracking.unfinished_runs(options.experiment, stage, {specs.key(c) for c in todo})
         trainable = _pack_trial if options.workers_per_trial <= 1 else _distributed_pack
-        ended = launch(stage, trainable, chosen, [packs.describe(p, kind) for p in chosen], options, view, len(todo),
-                       kind=kind, refs=refs, since=since, parent_run_id=parent.run_id, reopen=reopen)
-        summary.packs, summary.slots, summary.note = len(chosen), slots, fitted
+        ended = tune_adapter.launch(stage, trainable, chosen, [packs.describe(p, kind) for p in chosen], options, view,
+                              len(todo), kind=kind, refs=refs, since=since, parent_run_id=stage_.run.run_id,
+                              reopen=reopen)
+        summary.packs = len(chosen)
         for _, last in ended:
             if last.get("mode"):
                 summary.modes.setdefault(str(last["mode"]), str(last.get("why", "")))
         trial_error = {specs.key(c): ended[i][0] for i, p in enumerate(chosen) for c in p}
         summarise(summary, stage, {specs.key(c): kind.label(c) for c in todo}, trial_error, options, since)
-        summary.seconds = time.perf_counter() - start
-        parent.log_metrics(summary.metrics())
     return summary
+
+
+@dataclass(frozen=True)
+class Launched:
+    """A stage with work to do, under way: Ray joined, its options settled for the cluster, its MLflow run open."""
+
+    ray: Any
+    options: RunOptions
+    run: tracking.Run
+    slots: int     # trials the cluster runs at once at the options' CPUs and GPUs per trial
+
+
+@contextlib.contextmanager
+def launched(stage: str, summary: StageSummary, options: RunOptions) -> Iterator[Launched]:
+    """The frame every stage with work runs in (training, estimates, attacks): join Ray, settle the GPUs per trial
+    (`resolved`), open the stage's MLflow run (`stage_run`); on the way out, the stage's time and slots in `summary`,
+    and `summary` logged as the run's metrics."""
+    start = time.perf_counter()
+    ray = cluster.connect(options.address, options.log_file)
+    options = resolved(options)
+    slots = cluster.slots(options.cpus_per_trial, options.gpus_per_trial or 0.0)
+    with stage_run(stage, options) as run:
+        yield Launched(ray, options, run, slots)
+        summary.seconds = time.perf_counter() - start
+        summary.slots = slots
+        run.log_metrics(summary.metrics())
 
 
 def stage_run(stage: str, options: RunOptions) -> Any:
@@ -232,27 +166,6 @@ def stage_run(stage: str, options: RunOptions) -> Any:
     grid's to handle (`xfer.stopping`): a stopping grid ends its stage runs itself."""
     return tracking.start_run(options.experiment, names.GRID, "", tags={names.TAG_GRID_STAGE: stage},
                               run_name=stage, parent_run_id=options.grid_run_id, sigterm=False)
-
-
-def launch(stage: str, trainable: Callable[..., None], chosen: list[tuple[Any, ...]], names_: list[str],
-           options: RunOptions, view: Any = None, cells: int = 0, **shared: Any) -> list[tuple[str, dict[str, Any]]]:
-    """One Tune run of `trainable(config, packs_=chosen, options=options, **shared)`, a trial per pack; returns
-    each pack's trial error ('' for a trial that ended normally) and last report. `view` shows its `cells`
-    cells' progress."""
-    from ray import tune
-
-    progress = view.stage(stage, cells or sum(map(len, chosen))) if view is not None else None
-    trial = tune.with_parameters(trainable, packs_=chosen, options=options, **shared)
-    try:
-        results = fit(stage, trial, [{"pack": i, "cells": name} for i, name in enumerate(names_)], options,
-                      callbacks=[progress.callback()] if progress is not None else [])
-    finally:
-        if progress is not None:
-            view.finish_stage(progress)
-    ended: list[tuple[str, dict[str, Any]]] = [("", {})] * len(chosen)
-    for result in results:
-        ended[result.config["cell"]["pack"]] = (failure_reason(result), dict(result.metrics or {}))
-    return ended
 
 
 def run_training_stage(stage: str, cells: Sequence[TrainingCell], options: RunOptions,
@@ -345,121 +258,7 @@ def summarise(summary: StageSummary, stage: str, todo: dict[str, str], trial_err
             tracking.end_stale_runs(options.experiment, record.key, failed[record.key])
 
 
-def resources(options: RunOptions) -> dict[str, float]:
-    if options.workers_per_trial > 1:
-        # The trial only drives a TorchTrainer whose workers hold the CPUs/GPUs. Ray refuses an empty
-        # request, so the driver asks for a little memory instead of a CPU it would keep from the workers.
-        return {"cpu": 0, "memory": 256 * 2**20}
-    return {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial or 0.0}
-
-
-def tuner(name: str, trainable: Any, options: RunOptions, tune_config: Any, param_space: dict[str, Any] | None = None,
-          callbacks: Sequence[Any] = (), stop: Any = None) -> Any:
-    """The one Tuner xfer builds: a stage's grid of packs, or a tuning study's search (with its own TuneConfig).
-
-    Tune's own tables print only with `options.verbose`: the grid's progress view (`xfer.progress`) says what
-    runs, and Tune's messages go to the log file.
-    """
-    from ray import tune
-
-    if not options.verbose:
-        # Tune's newer console output prints every run's configuration box whatever its verbosity; its classic
-        # reporter at verbosity 0 prints nothing (the grid's own progress view says what runs).
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    # Tune's per-trial CSV / JSON / TensorBoard result files: every result written three times by the driver (Tune's
-    # scalability guide: ~500 results/s without loggers, 50-100 with), for data MLflow already holds.
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    if stop is not None:
-        # The grid stops itself on Ctrl-C (`xfer.stopping`); Tune's own handler would end every trial mid-step.
-        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    return tune.Tuner(
-        tune.with_resources(trainable, resources(options)),
-        param_space=param_space,
-        tune_config=tune_config,
-        run_config=tune.RunConfig(
-            name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=storage(options),
-            failure_config=tune.FailureConfig(max_failures=options.max_failures),
-            # Two kept, not one: Tune forces an experiment snapshot every `num_to_keep` checkpoints of a trial.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=list(callbacks),
-            stop=stop,
-            verbose=1 if options.verbose else 0,
-        ),
-    )
-
-
-def fit(stage: str, trainable: Any, configs: list[dict[str, Any]], options: RunOptions,
-        callbacks: Sequence[Any] = ()) -> Any:
-    """Run `trainable` once per config (a pack, an attack group) as one Tune run; returns Tune's ResultGrid. In a
-    grid that may stop (`stopping.current`), a stop ends the Tune run once its running trials saved their cells."""
-    from ray import tune
-
-    stop, stopper = stopping.current(), None
-    if stop is not None:
-        stopper, running = stopping.tune_hooks(stop)
-        callbacks = [*callbacks, running]
-
-    config = tune.TuneConfig(
-        trial_name_creator=lambda trial: f"{stage}_{trial.trial_id}",
-        trial_dirname_creator=lambda trial: f"{stage}_{trial.trial_id}",
-        max_concurrent_trials=_max_concurrent(options),
-        # A trial's process starts Python, imports torch, Ray and MLflow: ~4 s of a slot per pack. Reused, each slot
-        # pays it once per stage, and a pack's models and data caches stay warm for the next.
-        reuse_actors=True,
-    )
-    return tuner(f"{options.experiment}-{stage}", trainable, options, config,
-                 param_space={"cell": tune.grid_search(configs)}, callbacks=callbacks, stop=stopper).fit()
-
-
-def storage(options: RunOptions) -> str:
-    """Ray Tune's trial storage (`cluster.trial_storage`): --storage-path, $XFER_BUCKET/ray, else <runs>/ray."""
-    return cluster.trial_storage(options.storage_path, (server.runs_dir() / "ray").resolve())
-
-
-def _max_concurrent(options: RunOptions) -> int | None:
-    if options.workers_per_trial <= 1:
-        return None
-    return cluster.slots(options.workers_per_trial * options.cpus_per_trial, 0.0)
-
-
-def failure_reason(result: Any) -> str:
-    """Why a trial failed ('' if it did not): a crash that outlived its retries."""
-    if result.error is None:
-        return ""
-    return f"{type(result.error).__name__}: {str(result.error).strip().splitlines()[-1][:300]}"
-
-
-def start_trial(options: RunOptions) -> None:
-    """What every trial does first. It owns `cpus_per_trial` cores: torch would otherwise start a thread per core
-    of the node in every trial, and two trials on two cores would fight over four threads. And it refuses to train
-    on the CPU while holding a GPU share (`check_gpu`)."""
-    torch.set_num_threads(max(1, int(options.cpus_per_trial)))
-    check_gpu()
-
-
-def check_gpu(gpu_ids: Sequence[Any] | None = None) -> None:
-    """Stop a trial that Ray gave GPUs (`gpu_ids`, default `ray.get_gpu_ids()`) but where torch sees no CUDA
-    device: it would otherwise train on the node's CPU without a word, many times slower."""
-    if gpu_ids is None:
-        import ray
-
-        gpu_ids = ray.get_gpu_ids()
-    if gpu_ids and not torch.cuda.is_available():
-        import platform
-
-        raise XferError(
-            f"this trial holds GPU(s) {', '.join(map(str, gpu_ids))} on {platform.node()}, but torch "
-            f"{torch.__version__} sees no CUDA device there (torch.cuda.is_available() is False), so it would train on "
-            "the CPU. Check the node's NVIDIA driver against the CUDA version torch was built for (nvidia-smi; "
-            f"torch.version.cuda is {torch.version.cuda}), or run with --gpus-per-trial 0 to train on CPUs on purpose.")
-
-
-def _node_id() -> str:
-    import ray
-
-    return ray.get_runtime_context().get_node_id()
-
+# ---- the trainables: a pack of cells in one Tune trial ---------------------------------------------------
 
 def _pack_trial(config: dict[str, Any], packs_: list[tuple[Any, ...]], kind: packs.Kind, refs: dict[str, Any],
                 options: RunOptions, since: float | None, parent_run_id: str | None,
@@ -468,13 +267,11 @@ def _pack_trial(config: dict[str, Any], packs_: list[tuple[Any, ...]], kind: pac
     import ray
     from ray import tune
 
-    start_trial(options)
-    pack = packs_[config["cell"]["pack"]]
-    with stopping.Watcher(options.grid_run_id):
+    with tune_adapter.pack_trial(config, packs_, options) as pack:
         datasets = {name: ray.get(refs[name]) for name in {kind.train(c).dataset for c in pack}}
-        restored = _restored(tune.get_checkpoint())
-        store = packs.PackCheckpoint(restored, options.checkpoint_interval_s, _tune_report, len(pack))
-        result = packs.run_pack(pack, kind, options.experiment, datasets, store, since=since, node=_node_id(),
+        restored = tune_adapter.restored(tune.get_checkpoint(), packs.PackCheckpoint.load) or {}
+        store = packs.PackCheckpoint(restored, options.checkpoint_interval_s, tune_adapter.report, len(pack))
+        result = packs.run_pack(pack, kind, options.experiment, datasets, store, since=since, node=tune_adapter.node_id(),
                                 parent_run_id=parent_run_id, vectorise=options.vectorise, reopen=_of(pack, reopen))
     store.flush({STATUS: 1.0, **result.metrics()})
 
@@ -482,19 +279,6 @@ def _pack_trial(config: dict[str, Any], packs_: list[tuple[Any, ...]], kind: pac
 def _of(pack: Sequence[Any], runs: dict[str, tracking.RunRecord]) -> dict[str, tracking.RunRecord]:
     """The unfinished runs of this pack's cells."""
     return {key: runs[key] for key in (specs.key(c) for c in pack) if key in runs}
-
-
-def _tune_report(metrics: dict[str, Any], state_dir: Any) -> None:
-    from ray import tune
-
-    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(state_dir)) if state_dir else None)
-
-
-def _restored(ckpt: Any) -> dict[str, checkpoint.TrainState]:
-    if ckpt is None:
-        return {}
-    with ckpt.as_directory() as directory:
-        return packs.PackCheckpoint.load(directory)
 
 
 def _distributed_pack(config: dict[str, Any], packs_: list[tuple[Any, ...]], kind: packs.Kind, refs: dict[str, Any],
@@ -513,7 +297,7 @@ def _distributed_pack(config: dict[str, Any], packs_: list[tuple[Any, ...]], kin
                            "parent_run_id": parent_run_id, "reopen": _of(pack, reopen)},
         scaling_config=ScalingConfig(num_workers=options.workers_per_trial, use_gpu=bool(options.gpus_per_trial),
                                      resources_per_worker={"CPU": options.cpus_per_trial}),
-        run_config=RunConfig(name=f"{options.experiment}-{specs.key(pack[0])}", storage_path=storage(options),
+        run_config=RunConfig(name=f"{options.experiment}-{specs.key(pack[0])}", storage_path=tune_adapter.storage(options),
                              callbacks=[TuneReportCallback()]),
         resume_from_checkpoint=tune.get_checkpoint(),
     )
@@ -527,7 +311,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     pack, kind, options = config["pack"], config["kind"], config["options"]
-    start_trial(options)
+    tune_adapter.start_trial(options)
     chief = ray.train.get_context().get_world_rank() == 0
     datasets = {name: ray.get(config["refs"][name]) for name in {kind.train(c).dataset for c in pack}}
 
@@ -536,10 +320,11 @@ def _worker_loop(config: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=ckpt)
 
     # Every rank must report equally often: checkpoints and progress go out per event on all ranks (0 s), not per clock.
-    store = packs.PackCheckpoint(_restored(ray.train.get_checkpoint()), 0.0, report, len(pack), report_interval_s=0.0)
+    restored = tune_adapter.restored(ray.train.get_checkpoint(), packs.PackCheckpoint.load) or {}
+    store = packs.PackCheckpoint(restored, 0.0, report, len(pack), report_interval_s=0.0)
     result = packs.run_pack(pack, kind, options.experiment, datasets, store, device=ray.train.torch.get_device(),
-                            since=config["since"], is_chief=chief, node=_node_id(), parent_run_id=config["parent_run_id"],
-                            reopen=config["reopen"] if chief else None)
+                            since=config["since"], is_chief=chief, node=tune_adapter.node_id(),
+                            parent_run_id=config["parent_run_id"], reopen=config["reopen"] if chief else None)
     store.flush({STATUS: 1.0, **result.metrics()})
 
 
@@ -547,6 +332,5 @@ def load_datasets(names_: set[str], options: RunOptions) -> dict[str, data.Datas
     return {name: data.load(name, options.data_root, options.download, options.skip_bad_images) for name in sorted(names_)}
 
 
-__all__ = ["RunOptions", "StageSummary", "TRAINING", "training_cell", "train_cell", "run_stage", "run_training_stage",
-           "pending", "plan_packs", "summarise", "tuner", "fit", "load_datasets", "label", "tags_of", "failure_reason",
-           "STATUS"]
+__all__ = ["RunOptions", "StageSummary", "Launched", "run_stage", "run_training_stage", "launched", "pending",
+           "plan_packs", "summarise", "load_datasets"]

@@ -34,7 +34,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from xfer import checkpoint, cluster, data, models, names, server, specs, stages, tracking
+from xfer import checkpoint, cluster, data, models, names, server, specs, stages, tracking, training_cells, tune_adapter
 from xfer import train as loop
 from xfer.cells import Cell, live
 from xfer.errors import XferError
@@ -168,17 +168,13 @@ class TrialSession(Protocol):
 
 
 class TuneSession:
-    """Reports to Ray Tune; resumes from Tune's last checkpoint of this trial."""
+    """Reports to Ray Tune; resumes from Tune's last checkpoint of this trial (`xfer.tune_adapter`)."""
 
     def report(self, metrics: dict[str, float], state_dir: Path | None = None) -> None:
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(state_dir)) if state_dir else None)
+        tune_adapter.report(metrics, state_dir)
 
     def restore(self) -> checkpoint.TrainState | None:
-        ckpt = tune.get_checkpoint()
-        if ckpt is None:
-            return None
-        with ckpt.as_directory() as directory:
-            return checkpoint.load_state(Path(directory))
+        return tune_adapter.restored(tune.get_checkpoint(), checkpoint.load_state)
 
 
 class _AshaSession:
@@ -200,7 +196,7 @@ class _AshaSession:
     def done(self, result: loop.Result) -> None:
         val = result.metrics[names.VAL_ERROR] if result.ok else FAILED_VAL_ERROR
         self.trial.report({names.VAL_ERROR: val, names.EPOCH: result.metrics.get(names.EPOCH, math.nan),
-                           stages.STATUS: float(result.ok)})
+                           tune_adapter.STATUS: float(result.ok)})
 
 
 def run_trial(context: TrialContext, params: Mapping[str, Any], dataset: data.Dataset,
@@ -220,9 +216,9 @@ def run_trial(context: TrialContext, params: Mapping[str, Any], dataset: data.Da
         splits = data.make_splits(dataset, t.size, t.val_size, t.seed)
         return splits, loop.prepare_model(t, splits, copy.deepcopy(pretrained))
 
-    tags = {**stages.tags_of(cell, context.pretrain_run), names.TAG_STUDY: context.study.key,
+    tags = {**training_cells.tags_of(cell, context.pretrain_run), names.TAG_STUDY: context.study.key,
             names.TAG_TUNE_ROLE: names.TUNE_ROLE_TRIAL}
-    trial = Cell(TrialSpec(context.study.key, cell), names.TUNE, f"trial:{stages.label(cell)}", t, tags, prepare,
+    trial = Cell(TrialSpec(context.study.key, cell), names.TUNE, f"trial:{training_cells.label(cell)}", t, tags, prepare,
                  params=cell, parent_run_id=context.parent_run_id, log_test=False)
     return live(trial, context.experiment, _AshaSession(session, t.epochs))
 
@@ -258,12 +254,12 @@ def _tune_trial(config: dict[str, Any], context: TrialContext, dataset: data.Dat
     Bad input (`XferError`: a damaged checkpoint, say) is permanent: the trial reports the failure score once
     instead of crashing, so Tune does not retry it; its run already ended FAILED with the reason.
     """
-    stages.check_gpu()
+    tune_adapter.check_gpu()
     session = TuneSession()
     try:
         run_trial(context, config, dataset, pretrained, session)
     except XferError:
-        session.report({names.VAL_ERROR: FAILED_VAL_ERROR, stages.STATUS: 0.0})
+        session.report({names.VAL_ERROR: FAILED_VAL_ERROR, tune_adapter.STATUS: 0.0})
 
 
 class SparingASHA(ASHAScheduler):
@@ -390,12 +386,12 @@ def ensure_pretrained(study: StudySpec, experiment: str, options: stages.RunOpti
     spec = study.default.pretrain
     record = tracking.find_finished(experiment, specs.key(spec))
     if record is None:
-        echo(f"pretraining {stages.label(spec)} first: no finished run in MLflow experiment {experiment!r}")
+        echo(f"pretraining {training_cells.label(spec)} first: no finished run in MLflow experiment {experiment!r}")
         source = data.load(spec.train.dataset, options.data_root, options.download)
-        result = stages.train_cell(spec, experiment, source)
+        result = training_cells.train_cell(spec, experiment, source)
         record = tracking.find_finished(experiment, specs.key(spec))
         if not result.ok or record is None:
-            raise XferError(f"pretraining {stages.label(spec)} failed ({result.reason or 'no checkpoint recorded'}); "
+            raise XferError(f"pretraining {training_cells.label(spec)} failed ({result.reason or 'no checkpoint recorded'}); "
                             "fix it (e.g. a lower --pretrain-lr) before tuning.")
     return record.run_id
 
@@ -452,7 +448,7 @@ def _search(context: TrialContext, ot_study: optuna.Study, ot_storage: optuna.st
         study_name=study.name, storage=ot_storage,
     )
     epochs = study.default.train.epochs
-    tuner = stages.tuner(
+    tuner = tune_adapter.tuner(
         study.name, tune.with_parameters(_tune_trial, context=context, dataset=dataset, pretrained=pretrained), options,
         tune.TuneConfig(
             metric=names.VAL_ERROR, mode="min", num_samples=todo,
@@ -467,13 +463,13 @@ def _search(context: TrialContext, ot_study: optuna.Study, ot_storage: optuna.st
     stopped = 0
     for result in tuner.fit():
         metrics = result.metrics or {}
-        if result.error is None and stages.STATUS in metrics:
+        if result.error is None and tune_adapter.STATUS in metrics:
             continue  # finished, and its run says so
         early = result.error is None
         stopped += early
         reason = (f"stopped early by ASHA after epoch {metrics.get(names.EPOCH, math.nan):.0f} of {epochs} "
                   f"(val_error {metrics.get(names.VAL_ERROR, math.nan):.4f})" if early
-                  else f"the trial crashed: {stages.failure_reason(result)}")
+                  else f"the trial crashed: {tune_adapter.failure_reason(result)}")
         tracking.end_stale_runs(context.experiment, trial_key(study, result.config), reason)
     return stopped
 
@@ -481,7 +477,7 @@ def _search(context: TrialContext, ot_study: optuna.Study, ot_storage: optuna.st
 class TrialLines(tune.Callback):
     """The study's view on the terminal: a line when a trial starts (its point of the space), after each epoch but
     the last (its validation error) and when it ends (finished, stopped early by ASHA, failed or crashed). Tune's
-    own trial table prints only with --verbose (`stages.tuner`)."""
+    own trial table prints only with --verbose (`tune_adapter.tuner`)."""
 
     def __init__(self, echo: Callable[[str], None], trials: int, epochs: int) -> None:
         self.echo, self.trials, self.epochs = echo, trials, epochs
@@ -499,16 +495,16 @@ class TrialLines(tune.Callback):
         self.echo(f"  {self._name(trial)} started: {point}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        if stages.STATUS not in result and names.EPOCH in result:
+        if tune_adapter.STATUS not in result and names.EPOCH in result:
             self.echo(f"  {self._name(trial)} epoch {result[names.EPOCH]:.0f}/{self.epochs}: "
                       f"val_error {result[names.VAL_ERROR]:.4f}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
         val_error, epoch = last.get(names.VAL_ERROR, math.nan), last.get(names.EPOCH, math.nan)
-        if stages.STATUS not in last:
+        if tune_adapter.STATUS not in last:
             ended = f"stopped early by ASHA after epoch {epoch:.0f} of {self.epochs} (val_error {val_error:.4f})"
-        elif last[stages.STATUS]:
+        elif last[tune_adapter.STATUS]:
             ended = f"finished: val_error {val_error:.4f} after {epoch:.0f} epoch(s)"
         else:
             ended = "failed (its MLflow run's xfer.failure tag says why)"
@@ -528,8 +524,7 @@ class TrialLines(tune.Callback):
 
 def _error(trial: Any) -> str:
     """A crashed trial's error in one line (the traceback is in the log)."""
-    lines = str(getattr(trial, "error_msg", "") or "").strip().splitlines()
-    return lines[-1][:200] if lines else "see the log"
+    return tune_adapter.last_line(str(getattr(trial, "error_msg", "") or "")) or "see the log"
 
 
 # ---- after the search: best vs default, test error once, importances, artifacts -------------------------
