@@ -288,14 +288,9 @@ def digit_classifier(model: models.XferModel) -> nn.Module:
 # ---- one cell ------------------------------------------------------------------------------------
 
 def tags_of(spec: AdderSpec, pretrain_run: str | None) -> dict[str, str]:
-    tags = {
-        names.TAG_VARIANT: spec.variant, names.TAG_SIZE: str(spec.size), names.TAG_SEED: str(spec.seed),
-        names.TAG_ARCH: ARCHS[spec.variant], names.TAG_TARGET: spec.dataset,
-        names.TAG_SOURCE: spec.pretrain.train.dataset if spec.pretrain is not None else "",
-    }
-    if pretrain_run:
-        tags[names.TAG_PRETRAIN_RUN] = pretrain_run
-    return tags
+    source = spec.pretrain.train.dataset if spec.pretrain is not None else ""
+    return {**training_cells.axis_tags(source, spec.dataset, ARCHS[spec.variant], spec.size, spec.seed, pretrain_run),
+            names.TAG_VARIANT: spec.variant}
 
 
 def adder_cell(spec: AdderSpec, context: packs.Context) -> Cell:

@@ -19,19 +19,27 @@ from xfer.specs import FinetuneSpec, PretrainSpec, TrainSpec
 TrainingCell = PretrainSpec | FinetuneSpec
 
 
-def tags_of(spec: TrainingCell, pretrain_run: str | None = None) -> dict[str, str]:
-    """The searchable tags of a training run (source = pretraining dataset, target = dataset fine-tuned on)."""
-    t = spec.train
-    is_pretrain = isinstance(spec, PretrainSpec)
-    tags = {
-        names.TAG_SOURCE: t.dataset if is_pretrain else spec.source,
-        names.TAG_TARGET: "" if is_pretrain else t.dataset,
-        names.TAG_ARCH: t.arch, names.TAG_SIZE: str(t.size or "all"), names.TAG_FREEZE: str(t.freeze_depth),
-        names.TAG_SEED: str(t.seed),   # the lr is the param train.lr: each value under one name
-    }
+def axis_tags(source: str, target: str, arch: str, size: int | None, seed: int,
+              pretrain_run: str | None = None) -> dict[str, str]:
+    """The tags every recorded cell with a lineage carries, so runs are searched by the same names whatever made
+    them (grid training cells, adder cells, tuning studies): source = the pretraining dataset, target = the dataset
+    trained on last, size None = the whole pool ("all"), and the run its model started from."""
+    tags = {names.TAG_SOURCE: source, names.TAG_TARGET: target, names.TAG_ARCH: arch,
+            names.TAG_SIZE: str(size or "all"), names.TAG_SEED: str(seed)}
     if pretrain_run:
         tags[names.TAG_PRETRAIN_RUN] = pretrain_run
     return tags
+
+
+def tags_of(spec: TrainingCell, pretrain_run: str | None = None) -> dict[str, str]:
+    """The searchable tags of a training run (`axis_tags` and its freeze depth; the lr is the param train.lr: each
+    value under one name)."""
+    t = spec.train
+    if isinstance(spec, PretrainSpec):
+        source, target = t.dataset, ""
+    else:
+        source, target = spec.source, t.dataset
+    return {**axis_tags(source, target, t.arch, t.size, t.seed, pretrain_run), names.TAG_FREEZE: str(t.freeze_depth)}
 
 
 def label(spec: TrainingCell) -> str:
@@ -98,4 +106,4 @@ def train_cell(spec: TrainingCell, experiment: str, dataset: data.Dataset, sessi
     return live(training_cell(spec, context), experiment, session, device)
 
 
-__all__ = ["TrainingCell", "TRAINING", "tags_of", "label", "lr_text", "training_cell", "train_cell"]
+__all__ = ["TrainingCell", "TRAINING", "axis_tags", "tags_of", "label", "lr_text", "training_cell", "train_cell"]

@@ -412,9 +412,8 @@ def _parent_run(experiment: str, study: StudySpec) -> str | None:
 
 def _study_tags(study: StudySpec, url: str) -> dict[str, str]:
     t = study.default.train
-    return {names.TAG_SOURCE: study.default.source, names.TAG_TARGET: t.dataset, names.TAG_ARCH: t.arch,
-            names.TAG_SIZE: str(t.size or "all"), names.TAG_SEED: str(t.seed), names.TAG_STUDY: study.key,
-            names.TAG_TUNE_ROLE: names.TUNE_ROLE_STUDY, names.TAG_OPTUNA_STUDY: study.name,
+    return {**training_cells.axis_tags(study.default.source, t.dataset, t.arch, t.size, t.seed),
+            names.TAG_STUDY: study.key, names.TAG_TUNE_ROLE: names.TUNE_ROLE_STUDY, names.TAG_OPTUNA_STUDY: study.name,
             names.TAG_OPTUNA_STORAGE: _shown(url)}
 
 
