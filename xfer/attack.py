@@ -44,6 +44,7 @@ from torch import nn
 
 from xfer import checkpoint, data, names, specs, stopping, tracking
 from xfer.errors import XferError
+from xfer.registry import Registry
 from xfer.models import XferModel
 from xfer.specs import AttackCellSpec, AttackSpec
 
@@ -70,29 +71,25 @@ class AttackKind:
     linf: bool = True        # bounded by eps in L∞ (CW is an L2 attack and ignores eps)
 
 
-_ATTACKS: dict[str, AttackKind] = {}
+_ATTACKS: Registry[AttackKind] = Registry("attack", "attacks", "the attack")
 
 
 def attack(name: str, loss: str = "logits", targeted: bool = True, linf: bool = True) -> Callable[[Builder], Builder]:
     """Register `fn(model, spec) -> Attack` under `name`; `model` takes [0, 1] pixels."""
 
     def register(fn: Builder) -> Builder:
-        if name in _ATTACKS:
-            raise XferError(f"attack name {name!r} is already taken; register the attack under another name.")
-        _ATTACKS[name] = AttackKind(name, fn, loss, targeted, linf)
+        _ATTACKS.add(name, AttackKind(name, fn, loss, targeted, linf))
         return fn
 
     return register
 
 
 def list_attacks() -> list[str]:
-    return sorted(_ATTACKS)
+    return _ATTACKS.names()
 
 
 def kind(name: str) -> AttackKind:
-    if name not in _ATTACKS:
-        raise XferError(f"unknown attack {name!r}; known attacks are {', '.join(list_attacks())}.")
-    return _ATTACKS[name]
+    return _ATTACKS.get(name)
 
 
 def _alpha(spec: AttackSpec, budget_multiple: float) -> float:
@@ -355,7 +352,7 @@ def _check_surrogate(members: list[nn.Module], x: torch.Tensor, labels: torch.Te
         _check_shape(m, x, "surrogate")
     if spec.targeted and not atk_kind.targeted:
         raise XferError(f"attack {spec.attack!r} has no targeted mode; attacks that do: "
-                        f"{', '.join(n for n in list_attacks() if _ATTACKS[n].targeted)}.")
+                        f"{', '.join(n for n in list_attacks() if _ATTACKS.get(n).targeted)}.")
     if atk_kind.loss == "features":
         if not all(isinstance(m, XferModel) for m in members):
             raise XferError(f"{spec.attack} attacks a model's body features, so its surrogate must be an xfer model.")

@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from xfer.errors import XferError
+from xfer.registry import Registry
 
 Shape = tuple[int, int, int]
 Builder = Callable[..., tuple[nn.Module, int]]   # (in_shape, **kwargs) -> (body, feature_dim)
 
-_ARCHS: dict[str, Builder] = {}
+_ARCHS: Registry[Builder] = Registry("architecture", "architectures", "the architecture", short="arch")
 # Archs registered by another module, imported on first use: any process (a Ray worker rebuilding a recorded
 # model, the report) can build every arch without knowing which module defines it.
 _REGISTERED_ELSEWHERE = {"adder_transfer": "xfer.adder", "adder_features": "xfer.adder", "adder_scratch": "xfer.adder"}
@@ -30,9 +31,7 @@ def arch(name: str) -> Callable[[Builder], Builder]:
     """Register a body builder under `name`; the head is added by `build`."""
 
     def register(fn: Builder) -> Builder:
-        if name in _ARCHS:
-            raise XferError(f"arch name {name!r} is already taken; register the architecture under another name.")
-        _ARCHS[name] = fn
+        _ARCHS.add(name, fn)
         return fn
 
     return register
@@ -73,8 +72,7 @@ def build(name: str, in_shape: Shape, num_classes: int, mean: tuple[float, ...] 
         import importlib
 
         importlib.import_module(_REGISTERED_ELSEWHERE[name])
-    if name not in _ARCHS:
-        raise XferError(f"unknown architecture {name!r}; known architectures are {', '.join(list_archs())}.")
+    body_of = _ARCHS.get(name, known=list_archs())
     in_shape = tuple(int(v) for v in in_shape)
     if len(in_shape) != 3 or min(in_shape) < 1 or num_classes < 2:
         raise XferError(f"cannot build {name} for input shape {in_shape} and {num_classes} classes; "
@@ -85,7 +83,7 @@ def build(name: str, in_shape: Shape, num_classes: int, mean: tuple[float, ...] 
     if len(mean) != channels or len(std) != channels or min(std) <= 0:
         raise XferError(f"normalisation mean {mean} / std {std} does not fit {channels} input channel(s).")
     extra = {"weights": weights} if weights is not None else {}
-    body, feature_dim = _ARCHS[name](in_shape, **kwargs, **extra)
+    body, feature_dim = body_of(in_shape, **kwargs, **extra)
     return XferModel(name, in_shape, num_classes, body, feature_dim, mean, std, kwargs)
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from xfer import jsonfile
 from xfer.errors import XferError
+from xfer.registry import Registry
 
 
 DATA_ENV = "XFER_DATA"          # environment variable naming the data root when none is passed
@@ -161,7 +162,7 @@ class _Entry:
     zip_name: str | None        # ... or inside this zip (in the files' folder) as gzip/NAME.gz: EMNIST's gzip.zip
 
 
-_REGISTRY: dict[str, _Entry] = {}
+_REGISTRY: Registry[_Entry] = Registry("dataset", "datasets", "the loader")
 
 PUBLISHED: dict[str, Published] = {}
 """The published facts of the sets registered with them (torchvision's), by name: a grid is planned and costed
@@ -181,9 +182,9 @@ def dataset(
     `published` states what the loader would return (sizes, shape, classes) without its files.
     """
     def register(loader: Loader) -> Loader:
-        if name in _REGISTRY or name.startswith(IMAGEFOLDER):
-            raise XferError(f"dataset name {name!r} is already taken; register the loader under another name.")
-        _REGISTRY[name] = _Entry(loader, files, embedded, gzipped, zip_name)
+        if name.startswith(IMAGEFOLDER):   # taken by the user's own folders
+            _REGISTRY.refuse_taken(name)
+        _REGISTRY.add(name, _Entry(loader, files, embedded, gzipped, zip_name))
         if published is not None:
             PUBLISHED[name] = published
         return loader
@@ -192,7 +193,7 @@ def dataset(
 
 def list_datasets() -> list[str]:
     """Registered dataset names (``imagefolder:PATH`` is accepted on top of these)."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def data_root(root: str | Path | None = None) -> Path:
@@ -374,12 +375,7 @@ def describe_missing(name: str, root: str | Path | None = None) -> str:
 
 
 def _entry(name: str) -> _Entry:
-    if name not in _REGISTRY:
-        raise XferError(
-            f"unknown dataset {name!r}; known datasets are {', '.join(list_datasets())}, "
-            f"or {IMAGEFOLDER}PATH for a folder with one subfolder of images per class."
-        )
-    return _REGISTRY[name]
+    return _REGISTRY.get(name, also=f", or {IMAGEFOLDER}PATH for a folder with one subfolder of images per class")
 
 
 def _absent_files(entry: _Entry, root: Path) -> list[str]:
@@ -405,7 +401,7 @@ def _call(name: str, entry: _Entry, root: Path, download: bool) -> Dataset:
 def _unavailable(name: str, entry: _Entry, root: Path, download_failed: bool, exc: Exception) -> XferError:
     absent = _absent_files(entry, root)
     files = _describe(entry, root, absent or entry.files)
-    offline = "with no network, use a set that needs no files: " + ", ".join(n for n in list_datasets() if _REGISTRY[n].embedded)
+    offline = "with no network, use a set that needs no files: " + ", ".join(n for n in list_datasets() if _REGISTRY.get(n).embedded)
     if download_failed:
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
         return XferError(
