@@ -65,6 +65,22 @@ def test_resume_from_epoch_state_matches_uninterrupted(digits: data.Splits, tmp_
     assert [r["error"] for r in resumed.curve] == [r["error"] for r in full.curve]
 
 
+def test_an_epoch_snapshot_stays_on_the_models_device_and_is_saved_from_it(tmp_path) -> None:
+    """A GPU pack's epoch states are copies on the GPU (no wait for the device each epoch); the CPU copy is made only
+    when one is saved. The meta device stands in for a GPU here: a copy to the CPU fails on it."""
+    model = models.build("lenet5", (1, 28, 28), 10)
+    on_meta = models.build("lenet5", (1, 28, 28), 10).to("meta")
+    state = loop.snapshot(1, 5, 0.0, on_meta, {"state": {}, "param_groups": []}, None, [])
+    assert {v.device.type for v in state.model.values()} == {"meta"}
+    live = loop.snapshot(1, 5, 0.0, model, {"state": {}, "param_groups": []}, None, [])
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)   # training goes on: the snapshot must not move with it
+    name = next(iter(dict(model.named_parameters())))
+    assert not torch.equal(live.model[name], model.state_dict()[name])
+    checkpoint.save_state(tmp_path / "state", live)
+    assert torch.equal(checkpoint.load_state(tmp_path / "state").model[name], live.model[name])
+
+
 @pytest.mark.parametrize("unfreeze_body", [True, False])
 def test_resume_from_the_state_saved_just_before_unfreezing_matches_uninterrupted(
         digits: data.Splits, tmp_path, unfreeze_body: bool) -> None:

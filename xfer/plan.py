@@ -208,14 +208,15 @@ out-of-memory trial."""
 def pack_memory(arch: str, in_shape: tuple[int, int, int], classes: int, cells: int, batch: int,
                 optimizer: str = "adamw") -> dict[str, float]:
     """Estimated bytes a batched pack of `cells` cells of `arch` holds while it trains at `batch`: per cell its
-    parameters, gradients and optimiser state (SGD's momentum, Adam's two moments: 4 bytes an element each) and two
-    parameter-sized transients of the batched update, plus `batch` examples' activations (`activation_bytes` ×
+    parameters, gradients and optimiser state (SGD's momentum, Adam's two moments: 4 bytes an element each), two
+    parameter-sized transients of the batched update and its last epoch's state (`train.snapshot`: parameters and
+    optimiser state again, on the device), plus `batch` examples' activations (`activation_bytes` ×
     ACTIVATION_FACTOR) and input. Bytes in float32; bf16 autocast keeps some activations at half that. Not counted:
     the process's own (torch's runtime, ~0.3-0.5 GiB of RSS on a CPU; the CUDA context on a GPU), which
     cluster.MEMORY_HEADROOM leaves room for. xfer bench --gpu-report prints it beside the peak it measures."""
     params = _parameters(arch, in_shape, classes)
     states = 1 if optimizer == "sgd" else 2
-    weights = cells * params * 4 * (2 + states + 2)
+    weights = cells * params * 4 * (2 + states + 2 + (1 + states))
     per_example = ACTIVATION_FACTOR * activation_bytes(arch, in_shape, classes) + 4 * math.prod(in_shape)
     activations = cells * batch * per_example
     return {"weights_bytes": float(weights), "activation_bytes": float(activations), "total_bytes": float(weights + activations)}

@@ -413,10 +413,13 @@ def snapshot(epoch: int, step: int, seconds: float, model: models.XferModel, opt
              scheduler: Any, curve: list[dict[str, Any]]) -> TrainState:
     """A cell's state after `epoch` epochs, for `on_epoch_end`; `optimizer` is a state dict the caller already copied.
 
-    A snapshot, not live references: training goes on mutating the model and optimiser tensors."""
+    A snapshot, not live references: training goes on mutating the model and optimiser tensors. Copies stay on the
+    model's device, as the optimiser's do: a copy there needs no wait for the device, where one to the CPU would stop
+    every cell of a GPU pack each epoch. `checkpoint.save_state` moves them to the CPU when a checkpoint is due
+    (`packs.CHECKPOINT_INTERVAL_S`), and `plan.pack_memory` counts them."""
     return TrainState(
         epoch=epoch, step=step, seconds=seconds,
-        model={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+        model={k: v.detach().clone() for k, v in model.state_dict().items()},
         optimizer=optimizer,
         scheduler=copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None,
         curve=list(curve),
