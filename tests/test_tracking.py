@@ -242,6 +242,27 @@ def test_the_curve_is_a_parquet_artifact_and_a_metric_history(experiment: str) -
     assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(r["step"], r["error"]) for r in rows if r["split"] == "val"]
 
 
+def test_points_sent_behind_land_in_order_and_a_lost_request_fails_the_run_at_its_next_write(experiment: str) -> None:
+    """An epoch's points go from a background thread (a GPU pack does not wait for the server); every one lands before
+    the run ends, and a request the server refused is raised at the run's next write, so the run ends FAILED."""
+    rows = [{"step": 10 * i, "epoch": i, "seconds": 0.1 * i, "split": "val", "error": 1.0 / (i + 1)} for i in range(1, 6)]
+    with tracking.start_run(experiment, names.PRETRAIN, "behind") as run:
+        for row in rows:
+            run.log_points([row], behind=True)
+        assert run.last_step(names.VAL_ERROR) == 50   # a read waits for what is in flight
+        run.log_points(rows[-1:], behind=True)
+    history = MlflowClient(server.ensure_server()).get_metric_history(run.run_id, names.VAL_ERROR)
+    assert sorted((m.step, m.value) for m in history) == [(r["step"], r["error"]) for r in rows] + [(50, 1 / 6)]
+    assert tracking.query(experiment, status="FINISHED")[0].run_id == run.run_id
+
+    with pytest.raises(Exception, match="INVALID_PARAMETER_VALUE"):
+        with tracking.start_run(experiment, names.PRETRAIN, "lost") as run:
+            run.log_points(rows[:1], {"no good//..": 1.0}, behind=True)   # MLflow refuses the name: HTTP 400
+            run.log_metrics({"seconds": 1.0})
+    [failed] = tracking.query(experiment, status="FAILED")
+    assert failed.run_id == run.run_id and "no good//.." in failed.tags[names.TAG_FAILURE]
+
+
 def test_an_interrupted_run_ends_killed_and_the_sigterm_handler_is_restored(experiment: str) -> None:
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):

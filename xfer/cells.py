@@ -155,7 +155,7 @@ class Life:
                    "epochs": float(self.cell.train.epochs), "cell": self.cell.label}
         if self.cell.log_test:
             metrics[names.TEST_ERROR] = errors.get("test", math.nan)
-        self._log_rows(state.curve)
+        self._log_rows(state.curve, behind=True)   # the next epoch trains while they go
         self.session.epoch_end(state, metrics)
 
     def finish(self, result: loop.Result) -> loop.Result:
@@ -221,12 +221,13 @@ class Life:
         return rows if self.cell.log_test else [r for r in rows if r["split"] != "test"]
 
     def _log_rows(self, curve: list[dict[str, Any]], metrics: dict[str, float] | None = None, step: int = 0,
-                  tags: dict[str, str] | None = None) -> None:
-        """The curve's points past the last logged step (and `metrics` at `step`, and `tags`), in one batch."""
+                  tags: dict[str, str] | None = None, behind: bool = False) -> None:
+        """The curve's points past the last logged step (and `metrics` at `step`, and `tags`), in one batch; `behind`:
+        without waiting for the server (`tracking.Run.log_points`)."""
         if self.run is None:
             return
         rows = [r for r in self._shown(curve) if r["step"] > self._through]
-        self.run.log_points(rows, metrics, step, tags)
+        self.run.log_points(rows, metrics, step, tags, behind=behind)
         self._through = max([self._through, *(r["step"] for r in rows)])
 
     def _catch_up(self) -> None:

@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -195,6 +196,7 @@ class Run:
         self._client = client
         self._artifact_uri = artifact_uri
         self._repo: Any = None
+        self._inflight: Future[None] | None = None   # points sent behind the cell's back (`log_points(behind=True)`)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         now = _now_ms()
@@ -228,16 +230,34 @@ class Run:
             self.log_points(rows)
 
     def log_points(self, rows: Sequence[Mapping[str, Any]], metrics: Mapping[str, float] | None = None,
-                   step: int = 0, tags: Mapping[str, Any] | None = None) -> None:
-        """Curve rows as metric points, and `metrics` at `step` (and `tags`), in one batch (a request per 1,000 values)."""
+                   step: int = 0, tags: Mapping[str, Any] | None = None, behind: bool = False) -> None:
+        """Curve rows as metric points, and `metrics` at `step` (and `tags`), in one batch (a request per 1,000 values).
+
+        `behind`: sent from a background thread, so the caller goes on training meanwhile: a pack ending an epoch
+        sends its cells' points side by side instead of one request after another while its device waits (an epoch
+        of a small GPU cell lasts a few requests' time). One request is in flight per run, in order; the run's next
+        write waits for it and raises what it raised, so a lost request fails the cell, one epoch later at most."""
         _check_splits(rows)
         now = _now_ms()
-        self._log_batch([_ml().Metric(SPLIT_METRICS[r["split"]], float(r["error"]), now, int(r["step"])) for r in rows]
-                        + [_ml().Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
-                        tags=[_ml().RunTag(k, _text(v)) for k, v in (tags or {}).items()])
+        points = ([_ml().Metric(SPLIT_METRICS[r["split"]], float(r["error"]), now, int(r["step"])) for r in rows]
+                  + [_ml().Metric(k, float(v), now, step) for k, v in (metrics or {}).items()])
+        labels = [_ml().RunTag(k, _text(v)) for k, v in (tags or {}).items()]
+        if not behind:
+            self._log_batch(points, tags=labels)
+            return
+        self.settle()
+        if points or labels:
+            self._inflight = _sender().submit(self._send, points, (), labels)
+
+    def settle(self) -> None:
+        """Wait for the points sent behind (`log_points(behind=True)`), raising what their request raised."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            inflight.result()
 
     def last_step(self, metric: str) -> int | None:
         """The largest step at which `metric` was logged in this run, or None (what a resumed cell has already logged)."""
+        self.settle()
         history = self._client.get_metric_history(self.run_id, metric)
         return max((m.step for m in history), default=None)
 
@@ -256,6 +276,7 @@ class Run:
         fails alone, its run stays unfinished (no sha256 tag, so nothing reads what was half written), and the rerun
         continues it in the same run."""
         path = Path(path)
+        self.settle()
         try:
             if path.is_dir():
                 self._artifacts().log_artifacts(str(path), artifact_path if artifact_path is not None else path.name)
@@ -300,6 +321,10 @@ class Run:
         if self.ended:
             return
         self.ended = True
+        try:
+            self.settle()   # a FINISHED run has settled already (`start_run`): this is a run failing or stopping
+        except Exception as exc:  # its end is recorded whatever became of the points sent behind
+            log.warning("points sent to run %s were lost: %s", self.run_id, exc)
         if reason:
             self._client.set_tag(self.run_id, names.TAG_FAILURE, reason[:_ml().MAX_TAG_VAL_LENGTH])
         self._client.set_terminated(self.run_id, _ml().RunStatus.to_string(status))
@@ -311,6 +336,10 @@ class Run:
             log.warning("could not mark run %s %s: %s", self.run_id, _ml().RunStatus.to_string(status), exc)
 
     def _log_batch(self, metrics: Sequence[Any] = (), params: Sequence[Any] = (), tags: Sequence[Any] = ()) -> None:
+        self.settle()
+        self._send(metrics, params, tags)
+
+    def _send(self, metrics: Sequence[Any] = (), params: Sequence[Any] = (), tags: Sequence[Any] = ()) -> None:
         # One request per chunk instead of one per value: fewer SQLite write transactions under many writers; and one
         # request for all three when they fit MLflow's limits for one batch.
         m = _ml()
@@ -326,6 +355,15 @@ class Run:
             self._client.log_batch(self.run_id, params=chunk)
         for chunk in _chunks(list(tags), _ml().MAX_PARAMS_TAGS_PER_BATCH):
             self._client.log_batch(self.run_id, tags=chunk)
+
+
+SENDER_THREADS = 8   # requests a process has in flight at once for points sent behind (a GPU pack's cells' epochs)
+
+
+@functools.lru_cache(maxsize=1)
+def _sender() -> ThreadPoolExecutor:
+    """The process's threads for points sent behind (`Run.log_points`); MLflow's REST client is safe across threads."""
+    return ThreadPoolExecutor(SENDER_THREADS, thread_name_prefix="xfer-mlflow")
 
 
 @contextmanager
@@ -365,6 +403,7 @@ def start_run(
         if params is not None:
             run.log_params(params)
         yield run
+        run.settle()   # what was sent behind has landed (or fails the run) before the run ends FINISHED
     except Terminated as exc:
         run._end_quietly(_ml().RunStatus.KILLED, f"terminated by {signal.Signals(exc.signum).name}")
         _restore_sigterm(previous)
