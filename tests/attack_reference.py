@@ -34,7 +34,7 @@ def cases() -> list[tuple[str, bool]]:
     from xfer import attack
 
     return [(name, targeted) for name in attack.list_attacks()
-            for targeted in ((False, True) if attack.kind(name).targeted else (False,))]
+            for targeted in ((False, True) if attack.registered(name).targeted else (False,))]
 
 
 def examples() -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tracking_fixtures import Server
-from xfer import attack, bench, data, names, scores, specs, tracking, training_cells
+from xfer import attack, attack_sets, bench, data, names, scores, specs, tracking, training_cells
 from xfer.errors import XferError
 from xfer.models import XferModel, build
 from xfer.specs import AttackSpec, FinetuneSpec, PretrainSpec, TrainSpec
@@ -144,7 +144,7 @@ def test_every_attack_fools_its_surrogate_within_budget_and_leaves_the_model_as_
     adv = attack.generate(mixer, images, labels, spec, "cpu")
     assert mixer.training and all(p.requires_grad for p in mixer.parameters())
     assert adv.dtype == torch.float32 and adv.shape == images.shape and 0 <= adv.min() and adv.max() <= 1
-    if attack.kind(name).linf:
+    if attack.registered(name).linf:
         assert (adv - images / 255).abs().max() <= EPS + 1e-6
     clean, fooled = _accuracy(mixer, images, labels), _accuracy(mixer, adv, labels)
     assert clean > 0.6 and fooled < clean - 0.3, f"{name}: accuracy {clean:.2f} -> {fooled:.2f}"
@@ -159,7 +159,7 @@ def test_pgd_at_eps_03_drives_whitebox_accuracy_below_10_percent(sample: tuple[t
     assert metrics[names.CLEAN_ACC] > 0.6 and metrics[names.ADV_ACC] < 0.10 and metrics[names.SUCCESS_RATE] > 0.9
 
 
-@pytest.mark.parametrize("name", [n for n in attack.list_attacks() if attack.kind(n).targeted])
+@pytest.mark.parametrize("name", [n for n in attack.list_attacks() if attack.registered(n).targeted])
 def test_targeted_attacks_hit_their_random_wrong_labels_far_more_often_than_chance(
         name: str, sample: tuple[torch.Tensor, torch.Tensor], mixer: XferModel) -> None:
     images, labels = sample[0][:50], sample[1][:50]
@@ -210,7 +210,7 @@ def test_attack_stage_makes_each_set_once_and_scores_it_on_every_target_in_one_t
         lineage: Lineage, monkeypatch: pytest.MonkeyPatch) -> None:
     experiment = lineage.experiment
     settings = [AttackSpec(attack="fgsm", eps=EPS, n=N, dataset=TASK), AttackSpec(attack="pgd", eps=EPS, n=N, dataset=TASK)]
-    cells = attack.plan(experiment, settings)
+    cells = attack_sets.plan(experiment, settings)
     by = {(c.surrogate_run_ids, c.spec.attack.attack): c for c in cells}
     targets = {lineage.id("child"), lineage.id("scratch")}
     # Digit-pretrained and scratch surrogates: both settings on both targets; the letters model has no digit
@@ -287,7 +287,7 @@ def test_a_partly_scored_set_resumes_scoring_only_its_missing_targets_and_a_retr
     for spec in (pre, tune, alone):
         assert training_cells.train_cell(spec, experiment, data.load(spec.train.dataset), device="cpu").ok
     setting = AttackSpec(attack="fgsm", eps=EPS, n=40, dataset=TASK)
-    [cell] = [c for c in attack.plan(experiment, [setting], surrogate_stages=[names.SCRATCH])]
+    [cell] = [c for c in attack_sets.plan(experiment, [setting], surrogate_stages=[names.SCRATCH])]
     child = tracking.find_finished(experiment, specs.key(tune)).run_id
     scratch = tracking.find_finished(experiment, specs.key(alone)).run_id
     assert set(cell.target_run_ids) == {child, scratch}
@@ -310,7 +310,7 @@ def test_a_partly_scored_set_resumes_scoring_only_its_missing_targets_and_a_retr
     # new model, and both targets are scored on it; the old set and its rows stay as they were.
     assert training_cells.train_cell(alone, experiment, data.load(TASK), device="cpu").ok
     retrained = tracking.find_finished(experiment, specs.key(alone)).run_id
-    [fresh] = attack.plan(experiment, [setting], surrogate_stages=[names.SCRATCH])
+    [fresh] = attack_sets.plan(experiment, [setting], surrogate_stages=[names.SCRATCH])
     assert fresh.key == cell.key and fresh.surrogate_run_ids == (retrained,) and set(fresh.target_run_ids) == {child, retrained}
     assert [c.key for c in scores.pending(experiment, [fresh]).to_make] == [cell.key]
     third = scores.local(experiment, [fresh])
@@ -327,7 +327,7 @@ def test_scoring_runs_each_target_once_per_clean_sample_and_small_sets_together(
     experiment = lineage.experiment
     # Two settings on the seed-0 examples and one on the seed-1 examples: two clean samples, three sets.
     settings = [AttackSpec(attack=a, eps=0.15, n=N, dataset=TASK, seed=seed) for a, seed in (("fgsm", 0), ("pgd", 0), ("fgsm", 1))]
-    cells = [c for c in attack.plan(experiment, settings) if c.surrogate_run_ids == (lineage.id("digits_pre"),)]
+    cells = [c for c in attack_sets.plan(experiment, settings) if c.surrogate_run_ids == (lineage.id("digits_pre"),)]
     assert len(cells) == 3 and all(set(c.target_run_ids) == {lineage.id("child"), lineage.id("scratch")} for c in cells)
     passes: list[str] = []
     real_predict = stacked.Stack.predict
@@ -348,11 +348,11 @@ def test_scoring_runs_each_target_once_per_clean_sample_and_small_sets_together(
 def test_the_attack_stage_refuses_models_that_do_not_fit_the_task(lineage: Lineage) -> None:
     experiment = lineage.experiment
     pgd = AttackSpec(attack="pgd", eps=EPS, n=N, dataset=TASK, seed=7)
-    logits_on_letters = attack.AttackCell(specs.AttackCellSpec(lineage.runs["letters_pre"].key, pgd), (lineage.id("letters_pre"),), (lineage.id("child"),))
+    logits_on_letters = attack_sets.AttackCell(specs.AttackCellSpec(lineage.runs["letters_pre"].key, pgd), (lineage.id("letters_pre"),), (lineage.id("child"),))
     with pytest.raises(XferError, match=f"classifies other classes than {TASK}.*feature_pgd"):
-        attack.make_set(logits_on_letters, attack.Context(experiment), "cpu")
+        attack_sets.make_set(logits_on_letters, attack_sets.AttackContext(experiment), "cpu")
     assert not [r for r in tracking.query(experiment, names.ATTACK, status=None) if r.params.get("attack.seed") == "7"]
-    letters_target = attack.AttackCell(specs.AttackCellSpec(lineage.runs["scratch"].key, pgd), (lineage.id("scratch"),),
+    letters_target = attack_sets.AttackCell(specs.AttackCellSpec(lineage.runs["scratch"].key, pgd), (lineage.id("scratch"),),
                                        (lineage.id("letters_pre"),))
     result = scores.local(experiment, [letters_target])
     assert result.made == 1 and result.pairs == 0
@@ -362,8 +362,8 @@ def test_the_attack_stage_refuses_models_that_do_not_fit_the_task(lineage: Linea
 def test_plan_with_ensembles_adds_one_set_whose_surrogate_is_every_pretrained_run_of_a_source(lineage: Lineage) -> None:
     experiment = lineage.experiment
     setting = AttackSpec(attack="mifgsm", eps=EPS, n=N, dataset=TASK, seed=11)
-    alone = attack.plan(experiment, [setting])
-    with_ensembles = attack.plan(experiment, [setting], ensembles=True)
+    alone = attack_sets.plan(experiment, [setting])
+    with_ensembles = attack_sets.plan(experiment, [setting], ensembles=True)
     # The two digit pretrains make one ensemble; the letters pretrain is alone in its source and makes none.
     [ensemble] = [c for c in with_ensembles if c not in alone]
     assert len(with_ensembles) == len(alone) + 1
@@ -430,5 +430,5 @@ def test_digits_are_digits_whatever_torchvision_calls_them() -> None:
         assert not data.same_labels(names_[other], mnist), other
     assert not data.same_labels(tuple(reversed(mnist)), mnist)   # the same names in another order: other labels
     pgd = AttackSpec(attack="pgd", eps=0.3, dataset="mnist")
-    assert attack._attack_for(pgd, [plan._Surrogate(names_["usps"])], mnist) == pgd
-    assert attack._attack_for(pgd, [plan._Surrogate(names_["kmnist"])], mnist).attack == attack.FEATURE_ATTACK
+    assert attack_sets._attack_for(pgd, [plan._Surrogate(names_["usps"])], mnist) == pgd
+    assert attack_sets._attack_for(pgd, [plan._Surrogate(names_["kmnist"])], mnist).attack == attack_sets.FEATURE_ATTACK

@@ -536,11 +536,11 @@ def _infos(class_names: bool = True) -> dict[str, data.Info]:
 
 
 def _trained(cells: grids.Cells, infos: dict[str, data.Info]) -> dict:
-    """The grid's training cells as the attack stage finds them in MLflow (`attack.training_runs`): finished runs
+    """The grid's training cells as the attack stage finds them in MLflow (`attack_sets.training_runs`): finished runs
     with a checkpoint, their stage, key, target tag and their model's label set and input shape."""
     from datetime import datetime, timezone
 
-    from xfer import attack, tracking
+    from xfer import attack_sets, tracking
 
     runs = {}
     for stage, group in pipeline.training_stages(cells):
@@ -549,7 +549,7 @@ def _trained(cells: grids.Cells, infos: dict[str, data.Info]) -> dict:
             record = tracking.RunRecord(f"run-{key}", "x", stage, key, "FINISHED",
                                         {names.TAG_TARGET: cell.train.dataset, names.TAG_CHECKPOINT_SHA: "0"}, {}, {},
                                         datetime.now(timezone.utc), None)
-            runs[record.run_id] = attack._Model(record, infos[cell.train.dataset].class_names, (1, 28, 28))
+            runs[record.run_id] = attack_sets._Model(record, infos[cell.train.dataset].class_names, (1, 28, 28))
     return runs
 
 
@@ -560,13 +560,13 @@ def _trained(cells: grids.Cells, infos: dict[str, data.Info]) -> dict:
     (("fgsm", "pgd", "cw"), (0.1, 0.3), 2 + 6 * (1 + 1 + 4)),
 ])
 def test_the_plan_counts_the_attack_sets_the_run_makes(attacks: tuple, eps: tuple, expected: int) -> None:
-    from xfer import attack, plan
+    from xfer import attack_sets, plan
 
     grid = grids.from_preset("smoke", attacks=attacks, eps=eps)
     cells = grids.cells(grid, SMOKE_POOLS)
     made, exact = plan.attack_sets(grid, cells, _infos())
-    # What the attack stage will plan (attack.plan, the label-set rule) from the runs training will leave in MLflow.
-    ran = attack.plan("x", list(cells.attacks), surrogate_stages=grid.attack_surrogates, runs=_trained(cells, _infos()))
+    # What the attack stage will plan (attack_sets.plan, the label-set rule) from the runs training will leave in MLflow.
+    ran = attack_sets.plan("x", list(cells.attacks), surrogate_stages=grid.attack_surrogates, runs=_trained(cells, _infos()))
     assert exact and sum(sets for _, sets in made) == len(ran) == expected
     # Before the class names were kept (a datasets.json of before): every setting counts, and the plan says "at most".
     made, exact = plan.attack_sets(grid, cells, _infos(class_names=False))

@@ -133,10 +133,10 @@ def test_auto_batches_only_a_clear_win(experiment: str, digits, speedup: float, 
         assert result.why == "3 lenet5 cells as one batched model on cpu"
 
 
-def _broken_for(seeds_nan: set[int], seeds_refused: set[int]) -> packs.Kind:
-    """The training kind, except that some seeds start from NaN weights and some are refused as bad input."""
+def _broken_for(seeds_nan: set[int], seeds_refused: set[int]) -> packs.CellAdapter:
+    """The training adapter, except that some seeds start from NaN weights and some are refused as bad input."""
 
-    def cell(spec: PretrainSpec, context: packs.Context) -> Cell:
+    def cell(spec: PretrainSpec, context: packs.PackContext) -> Cell:
         made = training_cells.training_cell(spec, context)
         seed = spec.train.seed
 

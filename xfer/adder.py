@@ -293,18 +293,14 @@ def tags_of(spec: AdderSpec, pretrain_run: str | None) -> dict[str, str]:
             names.TAG_VARIANT: spec.variant}
 
 
-def adder_cell(spec: AdderSpec, context: packs.Context) -> Cell:
+def adder_cell(spec: AdderSpec, context: packs.PackContext) -> Cell:
     """An adder cell (stage names.ADDER): pairs by seed; a transfer cell finds its digit classifier in MLflow by key."""
     pretrain_run = None
     if spec.pretrain is not None:
-        parent = specs.key(spec.pretrain)
-        record = context.finished(names.PRETRAIN, [parent]).get(parent)
-        if record is None:
-            raise XferError(f"{label(spec)} needs the digit classifier of {training_cells.label(spec.pretrain)}, "
-                            f"which has no finished run in MLflow experiment {context.experiment!r} (if it failed above, its reason "
-                            "is there); run the same command again (sweeps/adder.py, or the grid with an `adder:` "
-                            "section), which trains it first.")
-        pretrain_run = record.run_id
+        pretrain_run = context.pretrained(spec.pretrain, (
+            f"{label(spec)} needs the digit classifier of {training_cells.label(spec.pretrain)}, which has no finished "
+            f"run in MLflow experiment {context.experiment!r} (if it failed above, its reason is there); run the same "
+            "command again (sweeps/adder.py, or the grid with an `adder:` section), which trains it first.")).run_id
 
     def prepare() -> tuple[data.Splits, models.XferModel]:
         dataset = context.datasets[spec.dataset]
@@ -327,13 +323,13 @@ def _stage(spec: AdderSpec) -> str:
     return names.ADDER
 
 
-ADDER = packs.Kind(names.ADDER, adder_cell, _train_spec, _stage, label)
+ADDER = packs.CellAdapter(names.ADDER, adder_cell, _train_spec, _stage, label)
 
 
 def run_cell(spec: AdderSpec, experiment: str, dataset: data.Dataset, session: Session | None = None,
              device: str | torch.device | None = None) -> loop.Result:
     """Train one adder cell and record it in MLflow, without Ray."""
-    return live(adder_cell(spec, packs.Context(experiment, {dataset.name: dataset})), experiment, session, device)
+    return live(adder_cell(spec, packs.PackContext(experiment, {dataset.name: dataset})), experiment, session, device)
 
 
 # ---- the stage on Ray Tune -----------------------------------------------------------------------

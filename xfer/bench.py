@@ -887,11 +887,11 @@ def _device_memory(device: str) -> dict[str, float | None]:
 
 def _attack_names() -> tuple[str, ...]:
     """The seed grid's attacks, and the feature attack its surrogates of another label set run instead."""
-    from xfer import attack
+    from xfer import attack_sets
 
     from xfer import grid as grids
 
-    return (*grids.Grid().attacks, attack.FEATURE_ATTACK)
+    return (*grids.Grid().attacks, attack_sets.FEATURE_ATTACK)
 
 
 def _attack_row(arch: str, name: str, device: str, sizes: ReportSizes, echo: Callable[[str], None]) -> dict[str, Any]:
@@ -1055,9 +1055,9 @@ def _trained_examples(t: TrainSpec, info: data.Info) -> float:
 
 def _attack_sets(grid: Any, cells: Any, infos: dict[str, data.Info]) -> dict[tuple[str, str], int]:
     """The attack stage's adversarial sets by surrogate arch and attack: plan.attack_sets' count, split by the attack
-    each set runs (the label-set rule, attack._attack_for: a pretrained surrogate of another label set runs feature_pgd
+    each set runs (the label-set rule, attack_sets._attack_for: a pretrained surrogate of another label set runs feature_pgd
     once for the L∞ settings) — FGSM's one step and PGD's ten cost ten times apart."""
-    from xfer import attack
+    from xfer import attack_sets
     from xfer import plan as plans
 
     task = infos[grid.target].class_names
@@ -1066,7 +1066,7 @@ def _attack_sets(grid: Any, cells: Any, infos: dict[str, data.Info]) -> dict[tup
     surrogates += [(c.train.arch, task) for c in cells.finetune] if "self" in grid.attack_surrogates else []
     made: dict[tuple[str, str], int] = {}
     for arch, classes in surrogates:
-        chosen = {attack._attack_for(spec, [plans._Surrogate(classes)], task) for spec in cells.attacks} - {None}
+        chosen = {attack_sets._attack_for(spec, [plans._Surrogate(classes)], task) for spec in cells.attacks} - {None}
         for spec in chosen:
             made[(arch, spec.attack)] = made.get((arch, spec.attack), 0) + 1
     counted = sum(sets for _, sets in plans.attack_sets(grid, cells, infos)[0])

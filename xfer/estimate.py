@@ -28,6 +28,7 @@ import torch
 
 from xfer import data, estimators, grid as grids, names, packs, specs, stages, stopping, tracking, tune_adapter
 from xfer.errors import XferError
+from xfer.models import check_input_shape
 from xfer.specs import EstimateSpec
 from xfer.stages import RunOptions, StageSummary
 
@@ -91,9 +92,8 @@ def estimate(cell: Cell, experiment: str, dataset: data.Dataset, parent_run_id: 
              device: str | torch.device = "cpu") -> dict[str, float]:
     """Score one pretrained model on the target and record it as its MLflow run; returns the metrics logged."""
     model = tracking.load_model(cell.pretrain_run_id)[0].to(device)
-    if tuple(model.in_shape) != tuple(dataset.in_shape):
-        raise XferError(f"{label(cell.spec)}: the pretrained {model.arch} takes {tuple(model.in_shape)} images but "
-                        f"{dataset.name} has {tuple(dataset.in_shape)}; estimate on a target of the sources' shape.")
+    check_input_shape(model, dataset.in_shape, dataset.name, "estimate on a target of the sources' shape",
+                      who=f"{label(cell.spec)}: ")
     images, labels = pool(dataset, cell.spec.n)
     with tracking.start_run(experiment, names.ESTIMATE, cell.key, tags=tags_of(cell), params=cell.spec,
                             run_name=label(cell.spec), parent_run_id=parent_run_id, sigterm=False) as run:
@@ -194,14 +194,14 @@ def _in_process(cells: Sequence[Cell], datasets: Mapping[str, data.Dataset]) -> 
     return True
 
 
-def _trial(config: dict[str, Any], packs_: list[tuple[Cell, ...]], options: RunOptions, refs: dict[str, Any],
+def _trial(config: dict[str, Any], stage_packs: list[tuple[Cell, ...]], options: RunOptions, refs: dict[str, Any],
            parent_run_id: str | None, since: float | None) -> None:
     """One pack of estimates: the target's data from the object store, each model loaded, run once and dropped."""
     import ray
 
     device = "cuda" if options.gpus_per_trial and torch.cuda.is_available() else "cpu"
     progress = tune_adapter.progress()
-    with tune_adapter.pack_trial(config, packs_, options) as pack:
+    with tune_adapter.pack_trial(config, stage_packs, options) as pack:
         failed = estimate_pack(options.experiment, pack, ray.get(refs[pack[0].spec.target]), parent_run_id, device,
                                progress=lambda m: progress.ended(m["cell"], m["reason"], m), since=since)
     progress.flush(tune_adapter.last_report(failed))

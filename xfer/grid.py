@@ -31,6 +31,14 @@ PRESET_SUFFIXES = (".yaml", ".yml", ".toml")
 IMAGENET_ARCH = "resnet18"  # the one arch models.build can start from ImageNet weights (`Grid.weights`)
 
 
+class InvalidGrid(XferError):
+    """Every problem a grid has, in one paragraph, before anything starts (one refusal, not the first of several)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("the grid is not valid: " + "; ".join(self.problems) + ". Nothing was launched.")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """How the one loop fine-tunes a pretrained body; None leaves the grid's (or TrainSpec's) setting."""
@@ -241,7 +249,7 @@ def make(**values: Any) -> Grid:
         except XferError as exc:
             problems.append(str(exc))
     if problems:
-        raise XferError("the grid is not valid: " + "; ".join(problems) + ". Nothing was launched.")
+        raise InvalidGrid(problems)
     return Grid(**clean)
 
 
@@ -259,8 +267,7 @@ def adder_cells(grid: Grid) -> list[Any]:
     settings = dict(grid.adder)
     unknown = sorted(set(settings) - set(ADDER_SETTINGS))
     if unknown:
-        raise XferError(f"the grid is not valid: adder settings {', '.join(unknown)} are unknown; known: "
-                        f"{', '.join(ADDER_SETTINGS)}. Nothing was launched.")
+        raise InvalidGrid([f"adder settings {', '.join(unknown)} are unknown; known: {', '.join(ADDER_SETTINGS)}"])
     sizes, seeds = settings.pop("sizes", [5000]), settings.pop("seeds", grid.seeds)
     return adder.cells(sizes, seeds, dataset=grid.target, val_digits=grid.val_size, **settings)
 
@@ -273,8 +280,10 @@ def _attack_adder_problems(grid: Grid) -> list[str]:
                         "scratch and self (each target attacked on itself)")
     try:
         adder_cells(grid)
-    except XferError as exc:
-        problems.append(str(exc).removeprefix("the grid is not valid: ").removesuffix(". Nothing was launched.").rstrip("."))
+    except InvalidGrid as exc:
+        problems += exc.problems
+    except XferError as exc:   # an adder spec's own refusal
+        problems.append(str(exc).rstrip("."))
     except TypeError as exc:
         problems.append(f"{_setting('adder')} {exc}")
     return problems
@@ -294,14 +303,14 @@ _KIND_WORDS = {int: "a whole number", float: "a number", str: "text (a name)", b
 _WRONG = object()  # what `_scalar` returns for a value that is not of the kind
 
 
-def _scalar(value: Any, kind: type) -> Any:
-    """`value` as `kind` (int, float, str or bool), or _WRONG."""
-    if kind is bool or isinstance(value, bool):  # YAML's yes / no are neither numbers nor names
-        return value if kind is bool and isinstance(value, bool) else _WRONG
-    if kind is int:
+def _scalar(value: Any, type_: type) -> Any:
+    """`value` as `type_` (int, float, str or bool), or _WRONG."""
+    if type_ is bool or isinstance(value, bool):  # YAML's yes / no are neither numbers nor names
+        return value if type_ is bool and isinstance(value, bool) else _WRONG
+    if type_ is int:
         whole = isinstance(value, float) and value.is_integer()
         return int(value) if whole else value if isinstance(value, int) else _WRONG
-    if kind is float:
+    if type_ is float:
         if isinstance(value, str):
             try:
                 return float(value)
@@ -461,7 +470,7 @@ def validate(grid: Grid) -> None:
         problems += _recipe_problems(grid) + _weights_problems(grid) + _tuned_problems(grid) + _attack_adder_problems(grid)
         problems += _only_problems(grid) if not problems else []
     if problems:
-        raise XferError("the grid is not valid: " + "; ".join(problems) + ". Nothing was launched.")
+        raise InvalidGrid(problems)
 
 
 def check_pools(grid: Grid, pool_sizes: dict[str, int]) -> None:
@@ -469,7 +478,7 @@ def check_pools(grid: Grid, pool_sizes: dict[str, int]) -> None:
     it after `validate`."""
     problems = _pool_problems(grid, pool_sizes)
     if problems:
-        raise XferError("the grid is not valid: " + "; ".join(problems) + ". Nothing was launched.")
+        raise InvalidGrid(problems)
 
 
 def _type_problems(grid: Grid) -> list[str]:
@@ -539,8 +548,8 @@ def _name_problems(grid: Grid) -> list[str]:
     """Unknown datasets, archs and attacks, and freeze depths beyond an arch's tensors."""
     problems: list[str] = []
     known_data, known_archs = set(data.list_datasets()), set(models.list_archs())
-    for key, names_ in (("sources", grid.sources), ("target", (grid.target,))):
-        for name in names_:
+    for key, wanted in (("sources", grid.sources), ("target", (grid.target,))):
+        for name in wanted:
             if name not in known_data and not name.startswith(data.IMAGEFOLDER):
                 problems.append(f"{_setting(key)} unknown dataset {name!r} (known: {', '.join(sorted(known_data))}, "
                                 f"or {data.IMAGEFOLDER}PATH for a folder of class subfolders)")

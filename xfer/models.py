@@ -8,7 +8,7 @@ and biases; "ResNet freeze 20 / 23"). ``xfer archs NAME`` prints an arch's tenso
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,14 @@ def build(name: str, in_shape: Shape, num_classes: int, mean: tuple[float, ...] 
     extra = {"weights": weights} if weights is not None else {}
     body, feature_dim = body_of(in_shape, **kwargs, **extra)
     return XferModel(name, in_shape, num_classes, body, feature_dim, mean, std, kwargs)
+
+
+def check_input_shape(model: XferModel, in_shape: Sequence[int], data_name: str, remedy: str, who: str = "") -> None:
+    """Refuse data whose images are not the shape `model` was built for (a pretrained model meeting another task's
+    data), naming both shapes and what to do; `who` prefixes the cell it is about."""
+    if tuple(model.in_shape) != tuple(in_shape):
+        raise XferError(f"{who}the pretrained {model.arch} expects inputs {tuple(model.in_shape)} but {data_name} has "
+                        f"{tuple(in_shape)}; {remedy}.")
 
 
 # ---- freezing and heads -------------------------------------------------------------------------

@@ -42,22 +42,23 @@ CHECKPOINT_INTERVAL_S = 10.0   # a killed pack loses at most this much of each r
 
 
 @dataclass(frozen=True)
-class Kind:
-    """How one kind of spec becomes a recorded cell; each adapter defines one (training_cells.TRAINING, adder.ADDER)."""
+class CellAdapter:
+    """How one kind of spec becomes a recorded cell: the small adapter each stage's cells have
+    (training_cells.TRAINING, adder.ADDER); packs and the stage runner take any."""
 
     name: str
-    cell: Callable[[Any, Context], Cell]      # the recorded cell of a spec, in its pack's context
+    cell: Callable[[Any, PackContext], Cell]  # the recorded cell of a spec, in its pack's context
     train: Callable[[Any], TrainSpec]         # what the one loop trains (the pack key reads it)
     stage: Callable[[Any], str]               # the stage of the spec's MLflow run
     label: Callable[[Any], str]               # the spec in words, for summaries and progress
 
 
-def pack_key(kind: Kind, spec: Any) -> tuple[Any, ...]:
+def pack_key(adapter: CellAdapter, spec: Any) -> tuple[Any, ...]:
     """Cells with equal keys may share a pack: same kind, arch, dataset and training length (a rehearsal's cells all
     train one batch an epoch, whatever their size)."""
-    t = kind.train(spec)
+    t = adapter.train(spec)
     size = None if t.fast_dev_run else t.size
-    return (kind.name, kind.stage(spec), t.arch, t.dataset, size, t.batch_size, t.epochs, t.epoch_steps, t.augment,
+    return (adapter.name, adapter.stage(spec), t.arch, t.dataset, size, t.batch_size, t.epochs, t.epoch_steps, t.augment,
             t.precision)
 
 
@@ -92,16 +93,16 @@ def _split(items: list[Any], parts: int) -> list[list[Any]]:
     return out
 
 
-def describe(pack: Sequence[Any], kind: Kind) -> str:
+def describe(pack: Sequence[Any], adapter: CellAdapter) -> str:
     """A pack in words: what its cells share, and how many there are."""
-    t = kind.train(pack[0])
+    t = adapter.train(pack[0])
     n = f"n={t.size or 'all'}"
-    return f"{kind.stage(pack[0])} {t.dataset} {t.arch} {n} ×{len(pack)}"
+    return f"{adapter.stage(pack[0])} {t.dataset} {t.arch} {n} ×{len(pack)}"
 
 
 # ---- one pack, no Ray -------------------------------------------------------------------------------
 
-class Context:
+class PackContext:
     """What the cells of one pack share in their process: datasets, MLflow look-ups made once, models loaded once."""
 
     def __init__(self, experiment: str, datasets: dict[str, data.Dataset], parent_run_id: str | None = None) -> None:
@@ -118,6 +119,15 @@ class Context:
             found = tracking.finished_for(self.experiment, wanted, stage, since)
             self._finished.update({(stage, since, k): found.get(k) for k in wanted})
         return {k: record for k in keys if (record := self._finished[stage, since, k]) is not None}
+
+    def pretrained(self, pretrain: Any, missing: str) -> tracking.RunRecord:
+        """The finished run of the pretrain cell `pretrain` a cell starts from, else an XferError saying `missing`
+        (which model the cell needs, and how to get it)."""
+        key = specs.key(pretrain)
+        record = self.finished(names.PRETRAIN, [key]).get(key)
+        if record is None:
+            raise XferError(missing)
+        return record
 
     def model(self, run_id: str, record: tracking.RunRecord | None = None) -> XferModel:
         """A fresh copy of the model run `run_id` published (verified and loaded once per process; `record`: the run
@@ -154,7 +164,7 @@ VECTORISE = ("auto", "always", "never")   # --vectorise: batched where it measur
 VECTORISED_MUST_WIN = 1.2
 
 
-def run_pack(pack: Sequence[Any], kind: Kind, experiment: str, datasets: dict[str, data.Dataset],
+def run_pack(pack: Sequence[Any], adapter: CellAdapter, experiment: str, datasets: dict[str, data.Dataset],
              store: PackCheckpoint | None = None, device: str | torch.device | None = None,
              since: float | None = None, is_chief: bool = True, node: str = "",
              parent_run_id: str | None = None, vectorise: str = "auto",
@@ -180,38 +190,38 @@ def run_pack(pack: Sequence[Any], kind: Kind, experiment: str, datasets: dict[st
         raise XferError(f"--vectorise {vectorise!r} is not one of {', '.join(VECTORISE)}.")
     store = store or PackCheckpoint({}, math.inf, lambda metrics, state_dir: None, len(pack))
     store.adopt(reopen or {})
-    context = Context(experiment, datasets, parent_run_id)
+    context = PackContext(experiment, datasets, parent_run_id)
     outcome = PackResult()
     todo = []
-    done = {stage: context.finished(stage, [specs.key(s) for s in pack if kind.stage(s) == stage], since)
-            for stage in {kind.stage(s) for s in pack}}
+    done = {stage: context.finished(stage, [specs.key(s) for s in pack if adapter.stage(s) == stage], since)
+            for stage in {adapter.stage(s) for s in pack}}
     for spec in pack:
-        if specs.key(spec) in done[kind.stage(spec)]:
+        if specs.key(spec) in done[adapter.stage(spec)]:
             outcome.skipped.append(specs.key(spec))
         else:
             todo.append(spec)
     device = torch.device(device) if device is not None else loop.default_device()
     if len(todo) > 1 and vectorise != "never" and loop.dist_world()[1] == 1:
-        _together(todo, kind, context, store, device, is_chief, node, vectorise, outcome)
+        _together(todo, adapter, context, store, device, is_chief, node, vectorise, outcome)
     else:
         outcome.why = "one cell" if len(todo) <= 1 else "--vectorise never" if vectorise == "never" else "data-parallel"
         for spec in todo:
             if stopping.requested():
                 outcome.stopped.append(specs.key(spec))   # never started: the rerun runs it
                 continue
-            _alone(spec, kind, context, store, device, is_chief, node, outcome)
+            _alone(spec, adapter, context, store, device, is_chief, node, outcome)
     return outcome
 
 
-def _alone(spec: Any, kind: Kind, context: Context, store: PackCheckpoint, device: torch.device, is_chief: bool,
+def _alone(spec: Any, adapter: CellAdapter, context: PackContext, store: PackCheckpoint, device: torch.device, is_chief: bool,
            node: str, outcome: PackResult) -> None:
     key = specs.key(spec)
     try:
-        result = live(kind.cell(spec, context), context.experiment, store.session(key), device, is_chief, node)
+        result = live(adapter.cell(spec, context), context.experiment, store.session(key), device, is_chief, node)
         reason, status = result.reason, result.status
     except XferError as exc:
         reason, status = str(exc), "failed"
-    _record(outcome, store, key, kind.label(spec), reason, status)
+    _record(outcome, store, key, adapter.label(spec), reason, status)
 
 
 def _record(outcome: PackResult, store: PackCheckpoint, key: str, label: str, reason: str, status: str = "") -> None:
@@ -224,7 +234,7 @@ def _record(outcome: PackResult, store: PackCheckpoint, key: str, label: str, re
     store.cell_finished(key, label, reason, stopped=status == "stopped")
 
 
-def _together(todo: Sequence[Any], kind: Kind, context: Context, store: PackCheckpoint, device: torch.device,
+def _together(todo: Sequence[Any], adapter: CellAdapter, context: PackContext, store: PackCheckpoint, device: torch.device,
               is_chief: bool, node: str, vectorise: str, outcome: PackResult) -> None:
     """The pack's cells with their runs open side by side, trained as one batched model if that is the choice."""
     from xfer import vectorised
@@ -235,7 +245,7 @@ def _together(todo: Sequence[Any], kind: Kind, context: Context, store: PackChec
         for spec in todo:
             key = specs.key(spec)
             try:
-                lives.append((spec, stack.enter_context(Life(kind.cell(spec, context), context.experiment,
+                lives.append((spec, stack.enter_context(Life(adapter.cell(spec, context), context.experiment,
                                                               store.session(key), is_chief, node))))
             except XferError as exc:
                 refused[key] = str(exc)
@@ -244,14 +254,14 @@ def _together(todo: Sequence[Any], kind: Kind, context: Context, store: PackChec
         for spec in todo:
             key = specs.key(spec)
             if key in refused:
-                _record(outcome, store, key, kind.label(spec), refused[key])
+                _record(outcome, store, key, adapter.label(spec), refused[key])
         if why:
             # One after another: each cell's run ends, and its end is reported, as soon as it has trained, so the
             # progress view counts it then (not when the pack ends) and a later cell's crash cannot take its run with it.
             for spec, life in lives:
                 result = life.train(device)
                 life.__exit__(None, None, None)
-                _record(outcome, store, specs.key(spec), kind.label(spec), result.reason, result.status)
+                _record(outcome, store, specs.key(spec), adapter.label(spec), result.reason, result.status)
             return
         trained = vectorised.train_many(
             [life.cell.train for _, life in lives], [life.splits for _, life in lives],
@@ -260,15 +270,15 @@ def _together(todo: Sequence[Any], kind: Kind, context: Context, store: PackChec
             stop=stopping.requested)
         results = [life.finish(result) for (_, life), result in zip(lives, trained)]
     for (spec, _), result in zip(lives, results):
-        _record(outcome, store, specs.key(spec), kind.label(spec), result.reason, result.status)
+        _record(outcome, store, specs.key(spec), adapter.label(spec), result.reason, result.status)
 
 
 def _why_not(lives: list[tuple[Any, Life]], device: torch.device, vectorise: str) -> str:
     """Why these cells train one after another ("" when they train as one batched model)."""
     from xfer import vectorised
 
-    models_ = [life.model for _, life in lives]
-    refused = vectorised.vectorisable([life.cell.train for _, life in lives], models_)
+    built = [life.model for _, life in lives]
+    refused = vectorised.vectorisable([life.cell.train for _, life in lives], built)
     if refused:
         return refused
     if len({life.resume.epoch if life.resume else 0 for _, life in lives}) > 1:
@@ -410,5 +420,5 @@ class _CellSession:
         self.pack.cell_done(self.key)
 
 
-__all__ = ["Kind", "Context", "PackResult", "PackCheckpoint", "PACK_SIZE", "CHECKPOINT_INTERVAL_S", "pack_key", "plan",
+__all__ = ["CellAdapter", "PackContext", "PackResult", "PackCheckpoint", "PACK_SIZE", "CHECKPOINT_INTERVAL_S", "pack_key", "plan",
            "describe", "run_pack", "VECTORISED_MUST_WIN"]

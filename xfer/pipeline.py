@@ -211,10 +211,10 @@ def _attack_state(attack_specs: tuple[Any, ...], options: RunOptions, keys: set[
                   listed: tracking.Snapshot | None = None) -> tuple[dict[str, Any], Any]:
     """The experiment's training runs, and the attack stage's cells as MLflow's training runs make them with what
     each still needs (`scores.Pending`); from `listed` when given."""
-    from xfer import attack, scores
+    from xfer import attack_sets, scores
 
-    runs = attack.training_runs(options.experiment, listed)
-    planned = attack.plan(options.experiment, list(attack_specs), keys=keys, surrogate_stages=surrogate_stages, runs=runs)
+    runs = attack_sets.training_runs(options.experiment, listed)
+    planned = attack_sets.plan(options.experiment, list(attack_specs), keys=keys, surrogate_stages=surrogate_stages, runs=runs)
     records = listed.query(names.ATTACK) if listed is not None else None
     return runs, scores.pending(options.experiment, planned, since, records)
 
@@ -373,7 +373,7 @@ def run_attack_stage(attack_specs: tuple[Any, ...], options: RunOptions, view: A
     `keys`: the grid's training cells (the models attacked); `surrogate_stages`: whose examples are scored on every
     target (`Grid.attack_surrogates`); `datasets`: the attacked task's data, handed to the packs through Ray's object
     store (loaded here when not given); `listed`: the experiment's runs when nothing has run since they were listed."""
-    from xfer import attack, scores
+    from xfer import attack_sets, scores
 
     since = stages.invocation_start(options)   # forced: only sets made by this invocation count
     runs, state = _attack_state(attack_specs, options, keys, surrogate_stages, since, listed)
@@ -419,7 +419,7 @@ def run_attack_stage(attack_specs: tuple[Any, ...], options: RunOptions, view: A
         summary.modes = {f"scoring {mode}": why for mode, why in result.modes.items()}
         summary.note = (f"{result.made} set(s) made, {result.pairs:,} (set, target) score(s) on {result.targets} "
                         "target(s) in one table")
-        labels = {c.key: attack.label(c) for c in planned}
+        labels = {c.key: attack_sets.label(c) for c in planned}
         for key, reason in result.failed.items():
             summary.failed.append((labels.get(key, key), reason))
             tracking.end_stale_runs(options.experiment, key, reason)
@@ -431,29 +431,29 @@ def run_attack_stage(attack_specs: tuple[Any, ...], options: RunOptions, view: A
 ATTACK_PACK_FACTOR = 8   # an attack pack holds 8× a training pack's cells: a set or a target is cheap beside training
 
 
-def _sets_trial(config: dict[str, Any], packs_: list[tuple[Any, ...]], options: RunOptions, refs: dict[str, Any],
+def _sets_trial(config: dict[str, Any], stage_packs: list[tuple[Any, ...]], options: RunOptions, refs: dict[str, Any],
                 runs: dict[str, Any], parent_run_id: str | None) -> None:
     """One pack of adversarial sets: the attacked data from the object store, each surrogate loaded once."""
     import ray
 
-    from xfer import attack
+    from xfer import attack_sets
 
     progress = tune_adapter.progress()
-    with tune_adapter.pack_trial(config, packs_, options) as pack:
-        context = attack.Context(options.experiment, {name: ray.get(ref) for name, ref in refs.items()},
+    with tune_adapter.pack_trial(config, stage_packs, options) as pack:
+        context = attack_sets.AttackContext(options.experiment, {name: ray.get(ref) for name, ref in refs.items()},
                                  parent_run_id=parent_run_id, runs=runs)
-        failed = attack.make_sets(options.experiment, pack, context=context,
+        failed = attack_sets.make_sets(options.experiment, pack, context=context,
                                   progress=lambda m: progress.ended(m["cell"], m["reason"], m))
     progress.flush(tune_adapter.last_report(failed))
 
 
-def _score_trial(config: dict[str, Any], packs_: list[tuple[Any, ...]], options: RunOptions, sets: dict[str, Any],
+def _score_trial(config: dict[str, Any], stage_packs: list[tuple[Any, ...]], options: RunOptions, sets: dict[str, Any],
                  parent_run_id: str | None) -> None:
     """One pack of targets scored on their sets; its rows go to the stage run as Parquet parts."""
     from xfer import scores
 
     progress = tune_adapter.progress()
-    with tune_adapter.pack_trial(config, packs_, options) as pack:
+    with tune_adapter.pack_trial(config, stage_packs, options) as pack:
         done = scores.score_pack(pack, sets, parent_run_id, block=stages.pack_size(options),
                                  progress=lambda m: progress.ended(m["cell"], m["reason"], m))
     progress.flush(tune_adapter.last_report(done.failed, pairs=float(done.pairs), work_seconds=done.seconds, mode=done.mode,

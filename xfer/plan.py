@@ -457,7 +457,7 @@ def _attack_plan(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any], sl
 
 
 class _Surrogate(NamedTuple):
-    """What the label-set rule (`attack._attack_for`) reads of a surrogate: the classes its head knows."""
+    """What the label-set rule (`attack_sets._attack_for`) reads of a surrogate: the classes its head knows."""
 
     class_names: tuple[str, ...]
 
@@ -466,13 +466,13 @@ def attack_sets(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any]) -> 
     """The attack stage's adversarial sets before anything is trained: each surrogate's arch and how many sets it
     makes, and whether every count is exact.
 
-    `attack.plan` makes them from MLflow's runs; here the same label-set rule (`attack._attack_for`) reads the
+    `attack_sets.plan` makes them from MLflow's runs; here the same label-set rule (`attack_sets._attack_for`) reads the
     datasets' class names (`data.Info.class_names`): a pretrained surrogate whose classes are not the target's runs
     `feature_pgd` for every L∞ setting (so FGSM and PGD at one eps are one set) and none for targeted or L2 ones.
     A dataset whose class names are not known (a datasets.json written before they were kept) counts every setting:
     then the count is an upper bound. Scratch models are trained on the target; each fine-tuned target attacks itself.
     """
-    from xfer import attack
+    from xfer import attack_sets
 
     task = tuple(infos[grid.target].class_names)
     settings = len(cells.attacks)
@@ -484,7 +484,7 @@ def attack_sets(grid: grids.Grid, cells: grids.Cells, infos: dict[str, Any]) -> 
             exact = False
             made.append((c.train.arch, settings))
             continue
-        chosen = {a for spec in cells.attacks if (a := attack._attack_for(spec, [_Surrogate(classes)], task)) is not None}
+        chosen = {a for spec in cells.attacks if (a := attack_sets._attack_for(spec, [_Surrogate(classes)], task)) is not None}
         made.append((c.train.arch, len(chosen)))
     made += [(c.train.arch, settings) for c in cells.scratch] if "scratch" in grid.attack_surrogates else []
     made += [(c.train.arch, settings) for c in cells.finetune] if "self" in grid.attack_surrogates else []
@@ -508,9 +508,9 @@ def score_rate(arch: str, in_shape: tuple[int, int, int], classes: int, threads:
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            models_ = [models.build(arch, in_shape, classes) for _ in range(targets)]
+            built = [models.build(arch, in_shape, classes) for _ in range(targets)]
             x = torch.randint(0, 256, (images, *in_shape), dtype=torch.uint8)
-        loop_s, stacked_s = stacked.timed(models_, "cpu", x)
+        loop_s, stacked_s = stacked.timed(built, "cpu", x)
     finally:
         torch.set_num_threads(before)
     rate = targets * images / min(loop_s, stacked_s if math.isfinite(stacked_s) else loop_s)

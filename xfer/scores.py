@@ -1,6 +1,6 @@
 """Score tables: how each adversarial set does on each target, as rows of Parquet, never an MLflow run per pair.
 
-The attack stage (`run`) makes its sets first (`xfer.attack`: one MLflow run per set), then scores them:
+The attack stage (`run`) makes its sets first (`xfer.attack_sets`: one MLflow run per set), then scores them:
 targets of one arch are taken in blocks, each target model loaded once per block and every set it has not
 been scored on streamed through it (one forward pass per set, one clean pass per clean set), as one stacked
 model where that measures faster (`xfer.stacked`). A block's rows go to MLflow as one Parquet part, an artifact
@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xfer import attack, data, names, stopping, tracking
-from xfer.attack import AttackCell, _Model
+from xfer import attack, attack_sets, data, names, stopping, tracking
+from xfer.attack_sets import AttackCell, _Model
 from xfer.errors import XferError
 
 if TYPE_CHECKING:
@@ -217,7 +217,7 @@ def pending(experiment: str, cells: Sequence[AttackCell], since: float | None = 
     attack runs; the score table is read only when a set's tag does not already say it is scored on every target."""
     cells = list(cells)
     records = tracking.query(experiment, names.ATTACK) if records is None else records
-    made = attack.made(records, cells, since)
+    made = attack_sets.made(records, cells, since)
     state = Pending(cells, made, {})
     unsure = {c.key for c in cells if c.key in made and made[c.key].tags.get(names.TAG_SCORED) != targets_hash(c.target_run_ids)}
     scored: set[tuple[str, str]] = set()
@@ -275,7 +275,7 @@ def score_pack(pack: Sequence[Job], sets: Mapping[str, SetFacts], stage_run_id: 
 
     from xfer import stacked
 
-    device = torch.device(device) if device is not None else attack._device(None)
+    device = torch.device(device) if device is not None else attack.device_of(None)
     block = block or BLOCK[device.type]
     name = targets_hash([job.target.run_id for job in pack])   # the pack's name on its parts
     done = _already(stage_run_id, name) if stage_run_id else set()
@@ -285,19 +285,19 @@ def score_pack(pack: Sequence[Job], sets: Mapping[str, SetFacts], stage_run_id: 
     for begin in range(0, len(ordered), block):
         if stopping.requested():
             break   # the grid is stopping: the rows written so far stay, the rerun scores the rest
-        group, models_ = [], []
+        group, loaded = [], []
         for job in ordered[begin:begin + block]:
             try:
-                models_.append(tracking.load_model(job.target.run_id, job.target.record)[0])
+                loaded.append(tracking.load_model(job.target.run_id, job.target.record)[0])
                 group.append(job)
             except XferError as exc:
                 outcome.failed[job.target.run_id] = str(exc)
         rows: list[dict[str, Any]] = []
         if group:
-            chosen = _mode(mode, models_, device, examples, group)
+            chosen = _mode(mode, loaded, device, examples, group)
             if not outcome.mode or len(group) > 1:   # a block of one target says little of how the pack ran
                 outcome.mode, outcome.why = chosen
-            rows = _score_block(group, stacked.Stack(models_, device, chosen[0]), examples, done, outcome)
+            rows = _score_block(group, stacked.Stack(loaded, device, chosen[0]), examples, done, outcome)
         if stage_run_id:
             write_part(stage_run_id, rows, name)
         if rows_out is not None:
@@ -307,7 +307,7 @@ def score_pack(pack: Sequence[Job], sets: Mapping[str, SetFacts], stage_run_id: 
             finished += 1
             if progress is not None:
                 reason = outcome.failed.get(job.target.run_id, "")
-                progress({"cell": attack.model_label(job.target), "cell_finished": float(not reason), "reason": reason,
+                progress({"cell": attack_sets.model_label(job.target), "cell_finished": float(not reason), "reason": reason,
                           "cells_done": float(finished), "cells": float(len(ordered))})
     return outcome
 
@@ -399,18 +399,18 @@ def _score_chunk(group: list[Job], stack: Any, who: list[int], chunk: list[tuple
     return rows
 
 
-def _mode(mode: str, models_: list[Any], device: Any, examples: _Examples, group: list[Job]) -> tuple[str, str]:
+def _mode(mode: str, loaded: list[Any], device: Any, examples: _Examples, group: list[Job]) -> tuple[str, str]:
     """How a block's targets run: "stacked" or "loop" as asked, or for "auto" as measured (`stacked.choose`)."""
     from xfer import calibration, stacked
 
     if mode != "auto":
         return mode, f"scoring mode {mode}"
-    if len(models_) == 1:
+    if len(loaded) == 1:
         return "loop", "one target"
-    reason = stacked.stackable(models_)
+    reason = stacked.stackable(loaded)
     if reason:
         return "loop", reason
-    return stacked.choose(models_, device, calibration.path(), examples[group[0].set_run_ids[0]].adv)
+    return stacked.choose(loaded, device, calibration.path(), examples[group[0].set_run_ids[0]].adv)
 
 
 def _already(stage_run_id: str, pack: str) -> set[tuple[str, str]]:
@@ -499,7 +499,7 @@ def run(experiment: str, cells: Sequence[AttackCell], runs: Mapping[str, _Model]
     to_make = state.to_make
     failed_sets = make(to_make) if to_make else {}
     if to_make:
-        state.made.update(attack.made(tracking.query(experiment, names.ATTACK), to_make, since))
+        state.made.update(attack_sets.made(tracking.query(experiment, names.ATTACK), to_make, since))
         result.made = sum(c.key in state.made for c in to_make)
         result.work_seconds += sum(state.made[c.key].metrics.get(names.SECONDS, 0.0) for c in to_make if c.key in state.made)
     for cell in to_make:
@@ -537,12 +537,12 @@ def run(experiment: str, cells: Sequence[AttackCell], runs: Mapping[str, _Model]
 def local(experiment: str, cells: Sequence[AttackCell], device: torch.device | str | None = "cpu",
           parent_run_id: str | None = None, mode: str = "auto", since: float | None = None) -> StageResult:
     """The attack stage in this process, without Ray (tests, notebooks): a stage run is opened to hold the parts."""
-    runs = attack.training_runs(experiment)
+    runs = attack_sets.training_runs(experiment)
     with tracking.start_run(experiment, names.GRID, "", tags={names.TAG_GRID_STAGE: names.ATTACK}, run_name="attack",
                             parent_run_id=parent_run_id) as stage:
-        context = attack.Context(experiment, parent_run_id=stage.run_id, runs=runs, device=device)
+        context = attack_sets.AttackContext(experiment, parent_run_id=stage.run_id, runs=runs, device=device)
         return run(experiment, cells, runs,
-                   make=lambda todo: attack.make_sets(experiment, todo, device, context),
+                   make=lambda todo: attack_sets.make_sets(experiment, todo, device, context),
                    score=lambda work, facts: [score_pack(work, facts, stage.run_id, device, mode=mode)],
                    since=since)
 

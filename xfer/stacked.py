@@ -224,13 +224,13 @@ def bench(archs: Sequence[str], targets: int, n: int, devices: Sequence[str],
     echo(f"{'arch':<13} {'device':<6} {'targets':>7} {'loop/s':>10} {'stacked/s':>10} {'ratio':>6}")
     for device in devices:
         for arch in archs:
-            models_ = [untrained(arch, seed) for seed in range(targets)]
-            loop_s, stacked_s = timed(models_, device, images)
+            built = [untrained(arch, seed) for seed in range(targets)]
+            loop_s, stacked_s = timed(built, device, images)
             row = {"arch": arch, "device": str(device), "targets": targets, "examples": n,
                    "loop_per_s": targets * n / loop_s, "stacked_per_s": targets * n / stacked_s,
                    "ratio": loop_s / stacked_s}
             rows.append(row)
-            refused = stackable(models_)
+            refused = stackable(built)
             echo(f"{arch:<13} {device:<6} {targets:>7} {row['loop_per_s']:>10,.0f} {row['stacked_per_s']:>10,.0f} "
                  f"{row['ratio']:>5.2f}×" + (f"  (not stacked: {refused})" if refused else ""))
     return rows

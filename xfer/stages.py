@@ -102,7 +102,7 @@ def invocation_start(options: RunOptions) -> float | None:
     return time.time() - CLOCK_SKEW_S if options.force else None
 
 
-def run_stage(stage: str, cells: Sequence[Any], kind: packs.Kind, options: RunOptions,
+def run_stage(stage: str, cells: Sequence[Any], adapter: packs.CellAdapter, options: RunOptions,
               datasets: dict[str, data.Dataset], view: Any = None, snapshot: tracking.Snapshot | None = None) -> StageSummary:
     """A stage's cells as packs, one Tune trial each; failures are listed, never fatal to the stage.
 
@@ -116,22 +116,22 @@ def run_stage(stage: str, cells: Sequence[Any], kind: packs.Kind, options: RunOp
         return summary
     since = invocation_start(options)
     with launched(stage, summary, options) as stage_:
-        chosen, summary.note = plan_packs(todo, kind, stage_.options, datasets)
+        chosen, summary.note = plan_packs(todo, adapter, stage_.options, datasets)
         options = widened(stage_.options, len(chosen))
         # Datasets go to the object store once per stage; each trial reads its pack's from its node's store.
-        refs = {name: stage_.ray.put(datasets[name]) for name in {kind.train(c).dataset for c in todo}}
+        refs = {name: stage_.ray.put(datasets[name]) for name in {adapter.train(c).dataset for c in todo}}
         # Cells an earlier invocation left unfinished (failed, stopped, killed) continue in their runs.
         reopen = {} if options.force else tracking.unfinished_runs(options.experiment, stage, {specs.key(c) for c in todo})
         trainable = _pack_trial if options.workers_per_trial <= 1 else _distributed_pack
-        ended = tune_adapter.launch(stage, trainable, chosen, [packs.describe(p, kind) for p in chosen], options, view,
-                              len(todo), kind=kind, refs=refs, since=since, parent_run_id=stage_.run.run_id,
+        ended = tune_adapter.launch(stage, trainable, chosen, [packs.describe(p, adapter) for p in chosen], options, view,
+                              len(todo), adapter=adapter, refs=refs, since=since, parent_run_id=stage_.run.run_id,
                               reopen=reopen)
         summary.packs = len(chosen)
         for _, last in ended:
             if last.get("mode"):
                 summary.modes.setdefault(str(last["mode"]), str(last.get("why", "")))
         trial_error = {specs.key(c): ended[i][0] for i, p in enumerate(chosen) for c in p}
-        summarise(summary, stage, {specs.key(c): kind.label(c) for c in todo}, trial_error, options, since)
+        summarise(summary, stage, {specs.key(c): adapter.label(c) for c in todo}, trial_error, options, since)
     return summary
 
 
@@ -182,21 +182,21 @@ def resolved(options: RunOptions) -> RunOptions:
     return dataclasses.replace(options, gpus_per_trial=cluster.gpus_per_trial(options.gpus_per_trial))
 
 
-def plan_packs(todo: Sequence[Any], kind: packs.Kind, options: RunOptions,
+def plan_packs(todo: Sequence[Any], adapter: packs.CellAdapter, options: RunOptions,
                datasets: dict[str, data.Dataset] | None = None) -> tuple[list[tuple[Any, ...]], str]:
     """The stage's packs: `options.pack_size` (or the device's default) cells each, spread over the free slots; a
     batched training pack no larger than fits one trial's memory (`cluster.trial_memory`, `plan.pack_memory`), and
     a note saying so where that cut a pack."""
     size, cpus = pack_size(options), options.cpus_per_trial * max(1, options.workers_per_trial)
     slots = cluster.slots(cpus, options.gpus_per_trial or 0.0)
-    training = datasets is not None and kind is TRAINING
+    training = datasets is not None and adapter is TRAINING
     budget = cluster.trial_memory(options.gpus_per_trial or 0.0, options.cpus_per_trial) if training else None
     cut: dict[str, int] = {}
 
     def fits(cell: Any) -> int:
         from xfer import plan as plans
 
-        t = kind.train(cell)
+        t = adapter.train(cell)
         ds = datasets[t.dataset]
         most = plans.fitting_pack(t.arch, ds.in_shape, ds.num_classes, size, min(t.batch_size, len(ds.train)),
                                   t.optimizer, budget[0])
@@ -204,25 +204,25 @@ def plan_packs(todo: Sequence[Any], kind: packs.Kind, options: RunOptions,
             cut[t.arch] = min(most, cut.get(t.arch, most))
         return most
 
-    chosen = packs.plan(todo, functools.partial(packs.pack_key, kind), size, slots,
+    chosen = packs.plan(todo, functools.partial(packs.pack_key, adapter), size, slots,
                         limit=fits if budget is not None else None)
     note = "; ".join(f"packs of at most {most} {arch} cells, what fits {budget[1]} (plan.pack_memory)"
                      for arch, most in sorted(cut.items()))
     return chosen, note
 
 
-def widened(options: RunOptions, packs_: int) -> RunOptions:
-    """`options` with each of a stage's `packs_` trials given the cores the stage would leave idle: a stage with fewer
+def widened(options: RunOptions, n_packs: int) -> RunOptions:
+    """`options` with each of a stage's `n_packs` trials given the cores the stage would leave idle: a stage with fewer
     packs than trial slots (a one-cell pretrain stage, the last packs of a grid) runs each on more torch threads, as
     many as one node holds. GPU and data-parallel trials keep theirs."""
     import dataclasses
 
-    if options.gpus_per_trial or options.workers_per_trial > 1 or packs_ < 1:
+    if options.gpus_per_trial or options.workers_per_trial > 1 or n_packs < 1:
         return options
     slots = cluster.slots(options.cpus_per_trial, 0.0)
-    if packs_ >= slots:
+    if n_packs >= slots:
         return options
-    cpus = min(float(cluster.node_cpus()), options.cpus_per_trial * (slots // packs_))
+    cpus = min(float(cluster.node_cpus()), options.cpus_per_trial * (slots // n_packs))
     return dataclasses.replace(options, cpus_per_trial=max(options.cpus_per_trial, cpus))
 
 
@@ -260,18 +260,18 @@ def summarise(summary: StageSummary, stage: str, todo: dict[str, str], trial_err
 
 # ---- the trainables: a pack of cells in one Tune trial ---------------------------------------------------
 
-def _pack_trial(config: dict[str, Any], packs_: list[tuple[Any, ...]], kind: packs.Kind, refs: dict[str, Any],
+def _pack_trial(config: dict[str, Any], stage_packs: list[tuple[Any, ...]], adapter: packs.CellAdapter, refs: dict[str, Any],
                 options: RunOptions, since: float | None, parent_run_id: str | None,
                 reopen: dict[str, tracking.RunRecord]) -> None:
     """Ray Tune's view of one pack: its datasets from the object store once, its cells' states in one checkpoint."""
     import ray
     from ray import tune
 
-    with tune_adapter.pack_trial(config, packs_, options) as pack:
-        datasets = {name: ray.get(refs[name]) for name in {kind.train(c).dataset for c in pack}}
+    with tune_adapter.pack_trial(config, stage_packs, options) as pack:
+        datasets = {name: ray.get(refs[name]) for name in {adapter.train(c).dataset for c in pack}}
         restored = tune_adapter.restored(tune.get_checkpoint(), packs.PackCheckpoint.load) or {}
         store = packs.PackCheckpoint(restored, options.checkpoint_interval_s, tune_adapter.report, len(pack))
-        result = packs.run_pack(pack, kind, options.experiment, datasets, store, since=since, node=tune_adapter.node_id(),
+        result = packs.run_pack(pack, adapter, options.experiment, datasets, store, since=since, node=tune_adapter.node_id(),
                                 parent_run_id=parent_run_id, vectorise=options.vectorise, reopen=_of(pack, reopen))
     store.flush({STATUS: 1.0, **result.metrics()})
 
@@ -281,7 +281,7 @@ def _of(pack: Sequence[Any], runs: dict[str, tracking.RunRecord]) -> dict[str, t
     return {key: runs[key] for key in (specs.key(c) for c in pack) if key in runs}
 
 
-def _distributed_pack(config: dict[str, Any], packs_: list[tuple[Any, ...]], kind: packs.Kind, refs: dict[str, Any],
+def _distributed_pack(config: dict[str, Any], stage_packs: list[tuple[Any, ...]], adapter: packs.CellAdapter, refs: dict[str, Any],
                       options: RunOptions, since: float | None, parent_run_id: str | None,
                       reopen: dict[str, tracking.RunRecord]) -> None:
     """A pack whose every cell trains data-parallel over `workers_per_trial` Ray Train workers."""
@@ -290,10 +290,10 @@ def _distributed_pack(config: dict[str, Any], packs_: list[tuple[Any, ...]], kin
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    pack = packs_[config["cell"]["pack"]]
+    pack = stage_packs[config["cell"]["pack"]]
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"pack": pack, "kind": kind, "refs": refs, "options": options, "since": since,
+        train_loop_config={"pack": pack, "adapter": adapter, "refs": refs, "options": options, "since": since,
                            "parent_run_id": parent_run_id, "reopen": _of(pack, reopen)},
         scaling_config=ScalingConfig(num_workers=options.workers_per_trial, use_gpu=bool(options.gpus_per_trial),
                                      resources_per_worker={"CPU": options.cpus_per_trial}),
@@ -310,10 +310,10 @@ def _worker_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    pack, kind, options = config["pack"], config["kind"], config["options"]
+    pack, adapter, options = config["pack"], config["adapter"], config["options"]
     tune_adapter.start_trial(options)
     chief = ray.train.get_context().get_world_rank() == 0
-    datasets = {name: ray.get(config["refs"][name]) for name in {kind.train(c).dataset for c in pack}}
+    datasets = {name: ray.get(config["refs"][name]) for name in {adapter.train(c).dataset for c in pack}}
 
     def report(metrics: dict[str, Any], state_dir: Any) -> None:
         ckpt = ray.train.Checkpoint.from_directory(str(state_dir)) if state_dir is not None and chief else None
@@ -322,14 +322,14 @@ def _worker_loop(config: dict[str, Any]) -> None:
     # Every rank must report equally often: checkpoints and progress go out per event on all ranks (0 s), not per clock.
     restored = tune_adapter.restored(ray.train.get_checkpoint(), packs.PackCheckpoint.load) or {}
     store = packs.PackCheckpoint(restored, 0.0, report, len(pack), report_interval_s=0.0)
-    result = packs.run_pack(pack, kind, options.experiment, datasets, store, device=ray.train.torch.get_device(),
+    result = packs.run_pack(pack, adapter, options.experiment, datasets, store, device=ray.train.torch.get_device(),
                             since=config["since"], is_chief=chief, node=tune_adapter.node_id(),
                             parent_run_id=config["parent_run_id"], reopen=config["reopen"] if chief else None)
     store.flush({STATUS: 1.0, **result.metrics()})
 
 
-def load_datasets(names_: set[str], options: RunOptions) -> dict[str, data.Dataset]:
-    return {name: data.load(name, options.data_root, options.download, options.skip_bad_images) for name in sorted(names_)}
+def load_datasets(wanted: set[str], options: RunOptions) -> dict[str, data.Dataset]:
+    return {name: data.load(name, options.data_root, options.download, options.skip_bad_images) for name in sorted(wanted)}
 
 
 __all__ = ["RunOptions", "StageSummary", "Launched", "run_stage", "run_training_stage", "launched", "pending",

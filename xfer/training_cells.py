@@ -1,6 +1,6 @@
 """The grid's training cells (pretrain, fine-tune, scratch) as recorded cells: their MLflow tags and labels, how
 one is built into a `Cell` (its data split by seed; a fine-tune starts from its pretrain cell's model), and the
-`TRAINING` pack kind the stage runner (`xfer.stages`) and packs (`xfer.packs`) take. `train_cell` runs one without
+`TRAINING` cell adapter the stage runner (`xfer.stages`) and packs (`xfer.packs`) take. `train_cell` runs one without
 Ray (tests, notebooks, tuning's pretrain cell).
 """
 
@@ -10,10 +10,9 @@ from typing import Any
 
 import torch
 
-from xfer import data, names, packs, specs
+from xfer import data, models, names, packs
 from xfer import train as loop
 from xfer.cells import Cell, Session, live
-from xfer.errors import XferError
 from xfer.specs import FinetuneSpec, PretrainSpec, TrainSpec
 
 TrainingCell = PretrainSpec | FinetuneSpec
@@ -64,24 +63,22 @@ def lr_text(value: float) -> str:
     return f"{float(mantissa):g}e{int(exponent)}"
 
 
-def training_cell(spec: TrainingCell, context: packs.Context) -> Cell:
+def training_cell(spec: TrainingCell, context: packs.PackContext) -> Cell:
     """A grid training cell: its data split by seed; a fine-tune starts from its pretrain cell's model (MLflow)."""
     t = spec.train
     pretrain_run, record = None, None
     if isinstance(spec, FinetuneSpec) and spec.pretrain is not None:
-        parent = specs.key(spec.pretrain)
-        record = context.finished(names.PRETRAIN, [parent]).get(parent)
-        if record is None:
-            raise XferError(f"{label(spec)} needs the pretrained model of {label(spec.pretrain)}, which has no "
-                            "finished run in MLflow; run the pretrain stage first (sweeps/full_grid.py does).")
+        record = context.pretrained(spec.pretrain, f"{label(spec)} needs the pretrained model of {label(spec.pretrain)}, "
+                                    "which has no finished run in MLflow; run the pretrain stage first "
+                                    "(sweeps/full_grid.py does).")
         pretrain_run = record.run_id
 
     def prepare() -> tuple[data.Splits, Any]:
         splits = data.make_splits(context.datasets[t.dataset], t.size, t.val_size, t.seed)
         pretrained = context.model(pretrain_run, record) if pretrain_run else None
-        if pretrained is not None and tuple(pretrained.in_shape) != splits.in_shape:
-            raise XferError(f"pretrained {t.arch} expects inputs {tuple(pretrained.in_shape)} but {t.dataset} has "
-                            f"{splits.in_shape}; pretrain and fine-tune on data of one canonical shape.")
+        if pretrained is not None:
+            models.check_input_shape(pretrained, splits.in_shape, t.dataset,
+                                     "pretrain and fine-tune on data of one canonical shape")
         return splits, loop.prepare_model(t, splits, pretrained)
 
     return Cell(spec, spec.stage, label(spec), t, tags_of(spec, pretrain_run), prepare,
@@ -96,13 +93,13 @@ def _training_stage(spec: TrainingCell) -> str:
     return spec.stage
 
 
-TRAINING = packs.Kind("training", training_cell, _training_spec, _training_stage, label)
+TRAINING = packs.CellAdapter("training", training_cell, _training_spec, _training_stage, label)
 
 
 def train_cell(spec: TrainingCell, experiment: str, dataset: data.Dataset, session: Session | None = None,
                device: str | torch.device | None = None) -> loop.Result:
     """Train one grid cell and record it in MLflow, without Ray (tests, notebooks, tuning's pretrain cell)."""
-    context = packs.Context(experiment, {spec.train.dataset: dataset})
+    context = packs.PackContext(experiment, {spec.train.dataset: dataset})
     return live(training_cell(spec, context), experiment, session, device)
 
 

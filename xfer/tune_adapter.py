@@ -101,17 +101,17 @@ def fit(stage: str, trainable: Any, configs: list[dict[str, Any]], options: RunO
                  param_space={"cell": tune.grid_search(configs)}, callbacks=callbacks, stop=stopper).fit()
 
 
-def launch(stage: str, trainable: Callable[..., None], chosen: list[tuple[Any, ...]], names_: list[str],
+def launch(stage: str, trainable: Callable[..., None], chosen: list[tuple[Any, ...]], labels: list[str],
            options: RunOptions, view: Any = None, cells: int = 0, **shared: Any) -> list[tuple[str, dict[str, Any]]]:
-    """One Tune run of `trainable(config, packs_=chosen, options=options, **shared)`, a trial per pack; returns
+    """One Tune run of `trainable(config, stage_packs=chosen, options=options, **shared)`, a trial per pack; returns
     each pack's trial error ('' for a trial that ended normally) and last report. `view` shows its `cells`
     cells' progress."""
     from ray import tune
 
     progress = view.stage(stage, cells or sum(map(len, chosen))) if view is not None else None
-    trial = tune.with_parameters(trainable, packs_=chosen, options=options, **shared)
+    trial = tune.with_parameters(trainable, stage_packs=chosen, options=options, **shared)
     try:
-        results = fit(stage, trial, [{"pack": i, "cells": name} for i, name in enumerate(names_)], options,
+        results = fit(stage, trial, [{"pack": i, "cells": name} for i, name in enumerate(labels)], options,
                       callbacks=[progress.callback()] if progress is not None else [])
     finally:
         if progress is not None:
@@ -170,12 +170,12 @@ def start_trial(options: RunOptions) -> None:
 
 
 @contextlib.contextmanager
-def pack_trial(config: dict[str, Any], packs_: Sequence[tuple[Any, ...]], options: RunOptions) -> Iterator[tuple[Any, ...]]:
+def pack_trial(config: dict[str, Any], stage_packs: Sequence[tuple[Any, ...]], options: RunOptions) -> Iterator[tuple[Any, ...]]:
     """A pack trial's frame: started (`start_trial`), its pack picked from the stage's packs by its config, and the
     grid's stop watched while its work runs (`stopping.Watcher`)."""
     start_trial(options)
     with stopping.Watcher(options.grid_run_id):
-        yield packs_[config["cell"]["pack"]]
+        yield stage_packs[config["cell"]["pack"]]
 
 
 def check_gpu(gpu_ids: Sequence[Any] | None = None) -> None:

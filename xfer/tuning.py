@@ -367,9 +367,7 @@ def run_study(study: StudySpec, trials: int, options: stages.RunOptions, storage
     target = data.load(study.default.train.dataset, options.data_root, options.download)
     pretrain_run = ensure_pretrained(study, pretrain_experiment or options.experiment, options, echo)
     pretrained, _ = tracking.load_model(pretrain_run)
-    if tuple(pretrained.in_shape) != target.in_shape:
-        raise XferError(f"the pretrained {study.default.train.arch} expects inputs {tuple(pretrained.in_shape)} but "
-                        f"{target.name} has {target.in_shape}; tune on data of one canonical shape.")
+    models.check_input_shape(pretrained, target.in_shape, target.name, "tune on data of one canonical shape")
     echo(f"study {study.name} in {_shown(url)}: {done} finished trial(s), running {todo} more (target {trials})")
     with study_run(study, options.experiment, url) as run:
         context = TrialContext(study, options.experiment, pretrain_run, run.run_id)
