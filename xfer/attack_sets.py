@@ -141,7 +141,7 @@ class AttackContext:
         self.device = attack.device_of(device)   # where its models live: loaded there once, never moved back and forth
         self.datasets = dict(datasets or {})
         self._runs = runs
-        self._models: dict[str, nn.Module] = {}
+        self._models = tracking.LoadedModels(self.device)
 
     def runs(self, ids: Sequence[str]) -> list[_Model]:
         """The training runs `ids`, in order; refused unless each is finished with a checkpoint."""
@@ -155,10 +155,8 @@ class AttackContext:
 
     def model(self, run_id: str) -> nn.Module:
         """The model run `run_id` published, downloaded and verified once per process (attacks never change it)."""
-        if run_id not in self._models:
-            known = self._runs.get(run_id) if self._runs is not None else None
-            self._models[run_id] = tracking.load_model(run_id, known.record if known else None)[0].to(self.device)
-        return self._models[run_id]
+        known = self._runs.get(run_id) if self._runs is not None else None
+        return self._models.get(run_id, known.record if known else None)
 
     def dataset(self, name: str) -> data.Dataset:
         """The attacked task's data: handed over by the stage (Ray's object store), else loaded here."""

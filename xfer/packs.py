@@ -110,7 +110,7 @@ class PackContext:
         self.datasets = datasets
         self.parent_run_id = parent_run_id   # the stage's run in MLflow: every cell's run is its child
         self._finished: dict[tuple[str, float | None, str], tracking.RunRecord | None] = {}
-        self._models: dict[str, XferModel] = {}
+        self._models = tracking.LoadedModels()
 
     def finished(self, stage: str, keys: Sequence[str], since: float | None = None) -> dict[str, tracking.RunRecord]:
         """The finished runs of these cells of `stage` by key (asked of MLflow once per key and process)."""
@@ -132,11 +132,9 @@ class PackContext:
     def model(self, run_id: str, record: tracking.RunRecord | None = None) -> XferModel:
         """A fresh copy of the model run `run_id` published (verified and loaded once per process; `record`: the run
         as a search returned it)."""
-        if run_id not in self._models:
-            self._models[run_id] = tracking.load_model(run_id, record)[0]
         import copy
 
-        return copy.deepcopy(self._models[run_id])
+        return copy.deepcopy(self._models.get(run_id, record))   # fine-tuning changes it
 
 
 @dataclass

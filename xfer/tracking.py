@@ -739,6 +739,22 @@ def load_model(run_id: str, record: RunRecord | None = None) -> tuple[torch.nn.M
     return checkpoint.load(download_checkpoint(run_id, record=record))
 
 
+class LoadedModels:
+    """The models runs published, each downloaded, verified and loaded once per process, onto `device` (None: where
+    the checkpoint loads them): a pack's pretrained models, an attack pack's surrogates."""
+
+    def __init__(self, device: Any = None) -> None:
+        self.device = device
+        self._loaded: dict[str, torch.nn.Module] = {}
+
+    def get(self, run_id: str, record: RunRecord | None = None) -> torch.nn.Module:
+        """Run `run_id`'s model, shared: a caller that changes it copies it first."""
+        if run_id not in self._loaded:
+            model = load_model(run_id, record)[0]
+            self._loaded[run_id] = model.to(self.device) if self.device is not None else model
+        return self._loaded[run_id]
+
+
 def _fetch(client: MlflowClient, run_id: str, artifact_path: str, dst: Path) -> Path:
     try:
         return Path(client.download_artifacts(run_id, artifact_path, str(dst)))
