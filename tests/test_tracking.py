@@ -263,6 +263,21 @@ def test_points_sent_behind_land_in_order_and_a_lost_request_fails_the_run_at_it
     assert failed.run_id == run.run_id and "no good//.." in failed.tags[names.TAG_FAILURE]
 
 
+def _send_from_child(answers) -> None:  # noqa: ANN001
+    answers.put(tracking._sender().submit(lambda: "sent").result(timeout=10))
+
+
+def test_a_forked_process_sends_behind_on_threads_of_its_own() -> None:
+    """A fork copies the parent's thread pool but none of its threads: the child must get its own, or wait forever."""
+    assert tracking._sender().submit(lambda: "parent").result() == "parent"
+    fork = multiprocessing.get_context("fork")
+    answers = fork.Queue()
+    child = fork.Process(target=_send_from_child, args=(answers,))
+    child.start()
+    assert answers.get(timeout=30) == "sent"
+    child.join(timeout=30)
+
+
 def test_an_interrupted_run_ends_killed_and_the_sigterm_handler_is_restored(experiment: str) -> None:
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):

@@ -360,9 +360,14 @@ class Run:
 SENDER_THREADS = 8   # requests a process has in flight at once for points sent behind (a GPU pack's cells' epochs)
 
 
-@functools.lru_cache(maxsize=1)
 def _sender() -> ThreadPoolExecutor:
     """The process's threads for points sent behind (`Run.log_points`); MLflow's REST client is safe across threads."""
+    return _sender_of(os.getpid())
+
+
+@functools.lru_cache(maxsize=1)
+def _sender_of(pid: int) -> ThreadPoolExecutor:
+    # Keyed by process: a forked child inherits the parent's executor but none of its threads, and would wait forever.
     return ThreadPoolExecutor(SENDER_THREADS, thread_name_prefix="xfer-mlflow")
 
 
